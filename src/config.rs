@@ -1,0 +1,718 @@
+//! The configuration file: its YAML schema, parsing with precise errors, validation,
+//! and the one home of every default.
+//!
+//! `FileConfig` mirrors the file (unknown keys are errors); `Config` is the validated form
+//! the rest of the gateway runs on. Values that can be checked on their own (addresses,
+//! URLs, sizes, durations) are checked while deserializing, so their errors carry the exact
+//! line and column; checks that need several keys name the key path and its line.
+
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Every default in one place. The comments say what each prevents.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+    /// Large prompts (long documents, many-shot) routinely exceed a few MiB.
+    pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+    /// A client that trickles its body this long is holding a slot for nothing.
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Short, so a dead replica is left quickly for another one.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Non-streaming requests send nothing until the whole generation is done.
+    pub const NON_STREAM_READ_TIMEOUT: Duration = Duration::from_secs(600);
+    /// For streams this bounds the wait for the first token (queueing included) and the
+    /// gap between chunks.
+    pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Below uvicorn's 5 s keep-alive, or pooled connections are closed under us.
+    pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+    /// One first try plus two retries on other replicas; more only hammers a sick fleet.
+    pub const MAX_ATTEMPTS: u32 = 3;
+    pub const MODELS_INTERVAL: Duration = Duration::from_secs(5);
+    pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+    /// SIGTERM waits this long for in-flight streams.
+    pub const GRACE_PERIOD: Duration = Duration::from_secs(30);
+    pub const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const UPSTREAM_KEEPALIVE_POOL: usize = 256;
+
+    pub fn threads() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// File schema
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listeners: Option<Vec<FileListener>>,
+    #[serde(default)]
+    admin: Option<FileAdmin>,
+    #[serde(default)]
+    backends: Vec<FileBackend>,
+    #[serde(default)]
+    routing: FileRouting,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    timeouts: FileTimeouts,
+    #[serde(default)]
+    upstream: FileUpstream,
+    #[serde(default)]
+    discovery: FileDiscovery,
+    #[serde(default)]
+    server: FileServer,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    address: ListenAddr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    address: ListenAddr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    url: BackendUrl,
+    #[serde(default)]
+    name: Option<String>,
+    /// Models this backend serves. When set, discovery through `/v1/models` is skipped.
+    #[serde(default)]
+    models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRouting {
+    #[serde(default)]
+    policy: Option<Policy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    #[serde(default)]
+    max_body_size: Option<ByteSize>,
+    #[serde(default)]
+    body_read_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTimeouts {
+    #[serde(default)]
+    connect: Option<HumanDuration>,
+    #[serde(default)]
+    non_stream_read: Option<HumanDuration>,
+    #[serde(default)]
+    stream_idle: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    #[serde(default)]
+    pool_idle_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    keepalive_pool_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDiscovery {
+    #[serde(default)]
+    models_interval: Option<HumanDuration>,
+    #[serde(default)]
+    timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    #[serde(default)]
+    threads: Option<usize>,
+    #[serde(default)]
+    grace_period: Option<HumanDuration>,
+    #[serde(default)]
+    graceful_shutdown_timeout: Option<HumanDuration>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Validated configuration
+// ---------------------------------------------------------------------------------------
+
+/// Selection policy names as written in `routing.policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    RoundRobin,
+    LeastRequest,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastRequest => "least-request",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the file came from, for messages.
+    pub source: PathBuf,
+    pub listeners: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub backends: Vec<BackendConfig>,
+    pub policy: Policy,
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub non_stream_read_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub max_attempts: u32,
+    pub keepalive_pool_size: usize,
+    pub models_interval: Duration,
+    pub discovery_timeout: Duration,
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub graceful_shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// A stable, human name: the configured one, or `host:port` of the URL.
+    pub name: String,
+    pub url: String,
+    pub addr: SocketAddr,
+    pub static_models: Option<Vec<String>>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: `{key}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        // An empty file is an empty mapping, which then fails validation with a clear key.
+        let text_or_empty = if text.trim().is_empty() { "{}" } else { text };
+        let de = serde_yaml::Deserializer::from_str(text_or_empty);
+        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let (line, column) = inner.location().map_or((1, 1), |l| (l.line(), l.column()));
+            ConfigError::Invalid {
+                path: shown.clone(),
+                line,
+                column,
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: strip_location(&inner.to_string()),
+            }
+        })?;
+        let invalid = |key: &str, message: String| {
+            let (line, column) = locate_key(text, key);
+            ConfigError::Invalid {
+                path: shown.clone(),
+                line,
+                column,
+                key: key.to_string(),
+                message,
+            }
+        };
+
+        let listeners: Vec<SocketAddr> = match file.listeners {
+            None => vec![defaults::LISTEN.parse().expect("default listen address")],
+            Some(l) if l.is_empty() => {
+                return Err(invalid(
+                    "listeners",
+                    "at least one listener is required".into(),
+                ))
+            }
+            Some(l) => l.into_iter().map(|l| l.address.0).collect(),
+        };
+        let admin = file.admin.map_or_else(
+            || {
+                defaults::ADMIN_LISTEN
+                    .parse()
+                    .expect("default admin address")
+            },
+            |a| a.address.0,
+        );
+        for (i, l) in listeners.iter().enumerate() {
+            if l.port() != 0 && listeners[..i].contains(l) {
+                return Err(invalid(
+                    &format!("listeners[{i}].address"),
+                    format!("{l} is listed twice"),
+                ));
+            }
+            if l.port() != 0 && *l == admin {
+                return Err(invalid(
+                    "admin.address",
+                    format!("{l} is also a data-plane listener; the admin API must be separate"),
+                ));
+            }
+        }
+
+        if file.backends.is_empty() {
+            return Err(invalid(
+                "backends",
+                "at least one backend is required (e.g. `- url: http://127.0.0.1:8000`)".into(),
+            ));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(file.backends.len());
+        for (i, b) in file.backends.into_iter().enumerate() {
+            let name = b.name.unwrap_or_else(|| b.url.addr.to_string());
+            if backends.iter().any(|o| o.name == name) {
+                return Err(invalid(
+                    &format!("backends[{i}]"),
+                    format!("backend `{name}` is listed twice (give each a distinct url or name)"),
+                ));
+            }
+            if let Some(models) = &b.models {
+                if models.is_empty() || models.iter().any(|m| m.is_empty()) {
+                    return Err(invalid(
+                        &format!("backends[{i}].models"),
+                        "list at least one non-empty model name, or omit the key to discover \
+                         models from /v1/models"
+                            .into(),
+                    ));
+                }
+            }
+            backends.push(BackendConfig {
+                name,
+                url: b.url.url,
+                addr: b.url.addr,
+                static_models: b.models,
+            });
+        }
+
+        let max_attempts = file.upstream.max_attempts.unwrap_or(defaults::MAX_ATTEMPTS);
+        if !(1..=10).contains(&max_attempts) {
+            return Err(invalid(
+                "upstream.max_attempts",
+                format!("must be between 1 and 10, got {max_attempts}"),
+            ));
+        }
+        let max_body_bytes = file
+            .limits
+            .max_body_size
+            .map_or(defaults::MAX_BODY_BYTES, |s| s.0);
+        if max_body_bytes == 0 {
+            return Err(invalid("limits.max_body_size", "must be above zero".into()));
+        }
+        let threads = file.server.threads.unwrap_or_else(defaults::threads);
+        if threads == 0 {
+            return Err(invalid("server.threads", "must be at least 1".into()));
+        }
+        let dur = |d: Option<HumanDuration>, default: Duration| d.map_or(default, |d| d.0);
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            listeners,
+            admin,
+            backends,
+            policy: file.routing.policy.unwrap_or(Policy::RoundRobin),
+            max_body_bytes,
+            body_read_timeout: dur(file.limits.body_read_timeout, defaults::BODY_READ_TIMEOUT),
+            connect_timeout: dur(file.timeouts.connect, defaults::CONNECT_TIMEOUT),
+            non_stream_read_timeout: dur(
+                file.timeouts.non_stream_read,
+                defaults::NON_STREAM_READ_TIMEOUT,
+            ),
+            stream_idle_timeout: dur(file.timeouts.stream_idle, defaults::STREAM_IDLE_TIMEOUT),
+            pool_idle_timeout: dur(file.upstream.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
+            max_attempts,
+            keepalive_pool_size: file
+                .upstream
+                .keepalive_pool_size
+                .unwrap_or(defaults::UPSTREAM_KEEPALIVE_POOL),
+            models_interval: dur(file.discovery.models_interval, defaults::MODELS_INTERVAL),
+            discovery_timeout: dur(file.discovery.timeout, defaults::DISCOVERY_TIMEOUT),
+            threads,
+            grace_period: dur(file.server.grace_period, defaults::GRACE_PERIOD),
+            graceful_shutdown_timeout: dur(
+                file.server.graceful_shutdown_timeout,
+                defaults::GRACEFUL_SHUTDOWN_TIMEOUT,
+            ),
+        })
+    }
+
+    /// A configuration for `demo` and tests: the given backends, everything else default.
+    pub fn with_backends(listen: SocketAddr, admin: SocketAddr, urls: &[String]) -> Config {
+        let backends = urls
+            .iter()
+            .map(|u| format!("  - url: {u}\n"))
+            .collect::<String>();
+        let text = format!(
+            "listeners:\n  - address: {listen}\nadmin:\n  address: {admin}\nbackends:\n{backends}"
+        );
+        Config::parse(&text, Path::new("<built-in>")).expect("built-in config is valid")
+    }
+}
+
+/// serde_yaml appends " at line L column C" to its messages; we print the location first.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Best-effort line and column of a key path like `backends[1].url` for checks made after
+/// parsing (serde_yaml keeps no spans): follows the path's names and indices through the
+/// indentation of the text, stopping at the deepest part it can find.
+fn locate_key(text: &str, key: &str) -> (usize, usize) {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0usize;
+    let mut min_indent = 0usize;
+    let mut found = (1usize, 1usize);
+    for part in key.split('.') {
+        let (name, index) = match part.find('[') {
+            Some(i) => (
+                &part[..i],
+                part[i + 1..part.len() - 1].parse::<usize>().ok(),
+            ),
+            None => (part, None),
+        };
+        let needle = format!("{name}:");
+        let Some(pos) = (from..lines.len()).find(|&i| {
+            let l = lines[i];
+            let indent = l.len() - l.trim_start().len();
+            let t = l.trim_start().trim_start_matches("- ");
+            indent >= min_indent && t.starts_with(&needle)
+        }) else {
+            break;
+        };
+        let indent = lines[pos].len() - lines[pos].trim_start().len();
+        found = (pos + 1, indent + 1);
+        from = pos + 1;
+        min_indent = indent;
+        if let Some(index) = index {
+            // The index-th "- " item after the key.
+            let items: Vec<usize> = (from..lines.len())
+                .filter(|&i| lines[i].trim_start().starts_with("- "))
+                .collect();
+            if let Some(&item) = items.get(index) {
+                let ind = lines[item].len() - lines[item].trim_start().len();
+                found = (item + 1, ind + 1);
+                from = item;
+                min_indent = ind;
+            }
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------
+// Value types checked while deserializing
+// ---------------------------------------------------------------------------------------
+
+/// A listen address: `IP:PORT` (port 0 picks a free port, for tests).
+#[derive(Debug)]
+struct ListenAddr(SocketAddr);
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<SocketAddr>().map(ListenAddr).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not an IP:PORT address (e.g. 127.0.0.1:8080 or [::]:8080)"
+            ))
+        })
+    }
+}
+
+/// A backend URL `http://HOST:PORT` with an optional trailing `/`. Host names are resolved
+/// once, at load time, so the request path never does DNS.
+#[derive(Debug)]
+struct BackendUrl {
+    url: String,
+    addr: SocketAddr,
+}
+
+impl<'de> Deserialize<'de> for BackendUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_backend_url(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
+    let rest = if let Some(rest) = s.strip_prefix("http://") {
+        rest
+    } else if s.starts_with("https://") {
+        return Err(format!(
+            "`{s}`: https:// backends are not supported yet; use http://"
+        ));
+    } else {
+        return Err(format!(
+            "`{s}` must start with http:// (e.g. http://127.0.0.1:8000)"
+        ));
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.is_empty() || hostport.contains('/') || hostport.contains('?') {
+        return Err(format!(
+            "`{s}`: give only scheme, host and port (vLLM serves at the root; no path)"
+        ));
+    }
+    let with_port = if hostport
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !hostport.ends_with(']')
+    {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("`{s}`: cannot resolve `{hostport}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{s}`: `{hostport}` resolves to no address"))?;
+    Ok(BackendUrl {
+        url: format!("http://{hostport}"),
+        addr,
+    })
+}
+
+/// A size: an integer number of bytes, or a string with a unit (`64KiB`, `32MiB`, `1GiB`,
+/// `500kB`, `2MB`).
+#[derive(Debug, Clone, Copy)]
+struct ByteSize(usize);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n as usize)),
+            Raw::S(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 32MiB, 512KiB or a number of bytes)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "`{s}`: unknown size unit `{u}` (use B, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .map(|v| v as usize)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// A duration: `250ms`, `2s`, `5m`, `1h`, or a bare number of seconds.
+#[derive(Debug, Clone, Copy)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(f64),
+            S(String),
+        }
+        let d = match Raw::deserialize(d)? {
+            Raw::N(n) if n.is_finite() && n >= 0.0 => Duration::from_secs_f64(n),
+            Raw::N(n) => return Err(serde::de::Error::custom(format!("{n} is not a duration"))),
+            Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom)?,
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 250ms, 2s, 5m)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        u => {
+            return Err(format!(
+                "`{s}`: unknown duration unit `{u}` (use ms, s, m, h)"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("`{s}` is too large"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.yaml"))
+    }
+
+    const MINIMAL: &str = "listeners:\n  - address: 127.0.0.1:8080\nadmin:\n  address: 127.0.0.1:9090\nbackends:\n  - url: http://127.0.0.1:8001\n  - url: http://127.0.0.1:8002\nrouting:\n  policy: round-robin\n";
+
+    #[test]
+    fn the_issue_example_parses_with_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listeners, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[1].name, "127.0.0.1:8002");
+        assert_eq!(c.policy, Policy::RoundRobin);
+        assert_eq!(c.max_body_bytes, defaults::MAX_BODY_BYTES);
+        assert!(c.pool_idle_timeout < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = MINIMAL.replace(
+            "  - url: http://127.0.0.1:8002",
+            "  - urll: http://127.0.0.1:8002",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("test.yaml:7:"), "{e}");
+        assert!(e.contains("backends[1]"), "{e}");
+        assert!(e.contains("unknown field `urll`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        let e = parse(&MINIMAL.replace("127.0.0.1:9090", "localhost-ish"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.yaml:4:"), "{e}");
+        assert!(e.contains("admin.address"), "{e}");
+        let e = parse(&MINIMAL.replace("round-robin", "fastest"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.yaml:9:"), "{e}");
+        assert!(e.contains("routing.policy"), "{e}");
+        let e = parse(&format!("{MINIMAL}limits:\n  max_body_size: 12 parsecs\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("test.yaml:11:") && e.contains("limits.max_body_size"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key_and_its_line() {
+        let e = parse("listeners:\n  - address: 127.0.0.1:8080\nbackends: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.yaml:3:1: `backends`"), "{e}");
+        let dup = MINIMAL.replace("8002", "8001");
+        let e = parse(&dup).unwrap_err().to_string();
+        assert!(
+            e.contains("`backends[1]`") && e.contains("test.yaml:7:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn urls_sizes_and_durations() {
+        assert!(parse_backend_url("http://127.0.0.1:8000/").is_ok());
+        assert_eq!(
+            parse_backend_url("http://127.0.0.1").unwrap().addr.port(),
+            80
+        );
+        assert!(parse_backend_url("127.0.0.1:8000").is_err());
+        assert!(parse_backend_url("http://127.0.0.1:8000/v1").is_err());
+        assert_eq!(parse_size("32MiB").unwrap(), 32 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("-1").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("2 fortnights").is_err());
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        for f in ["conf/vllm-edge.yaml", "conf/minimal.yaml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `vllm-edge demo`: starts a few simulated vLLM replicas and the gateway in front of them,
+//! in one process, and prints what to try.
+
+use std::net::SocketAddr;
+
+use crate::config::Config;
+use crate::sim::{self, SimArgs};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Data-plane address of the gateway.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Admin address of the gateway.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+    /// Number of simulated replicas (each on a free loopback port).
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// Model the replicas serve.
+    #[arg(long, default_value = "sim-llama")]
+    pub model: String,
+    /// Output tokens per second of each simulated request.
+    #[arg(long, default_value_t = 40.0)]
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("--replicas must be between 1 and 64")]
+    Replicas,
+    #[error("starting the simulated replicas: {0}")]
+    Sim(std::io::Error),
+    #[error(transparent)]
+    Start(#[from] crate::server::StartError),
+}
+
+pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
+    if !(1..=64).contains(&args.replicas) {
+        return Err(DemoError::Replicas);
+    }
+    // The replicas get their own runtime on a background thread; Pingora owns the main one.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let replicas = args.replicas;
+    let model = args.model.clone();
+    let tokens_per_s = args.tokens_per_s;
+    std::thread::Builder::new()
+        .name("sim-fleet".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let mut handles = Vec::new();
+                for i in 0..replicas {
+                    let mut a = SimArgs::defaults();
+                    a.port = 0;
+                    a.models = vec![model.clone()];
+                    a.tokens_per_s = tokens_per_s;
+                    a.name = Some(format!("replica-{i}"));
+                    match sim::spawn(a).await {
+                        Ok(h) => handles.push(h),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Ok(handles.iter().map(|h| h.url()).collect::<Vec<_>>()));
+                std::future::pending::<()>().await;
+            });
+        })
+        .map_err(DemoError::Sim)?;
+    let urls = rx
+        .recv()
+        .map_err(|_| DemoError::Sim(std::io::Error::other("sim thread exited")))?
+        .map_err(DemoError::Sim)?;
+
+    let config = Config::with_backends(args.listen, args.admin, &urls);
+    println!(
+        "vllm-edge demo: {} simulated replicas of `{}` ({})\n\
+         gateway on http://{} (admin http://{})\n\n\
+         Try:\n\
+         \x20 curl -s http://{listen}/v1/models\n\
+         \x20 curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n\
+         \x20      -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16}}'\n\
+         \x20 curl -sN http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n\
+         \x20      -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16,\"stream\":true}}'\n\
+         \x20 curl -s http://{admin}/metrics\n\n\
+         Ctrl-C stops everything.",
+        urls.len(),
+        args.model,
+        urls.join(", "),
+        args.listen,
+        args.admin,
+        listen = args.listen,
+        admin = args.admin,
+        model = args.model,
+    );
+    Ok(crate::server::run(config)?)
+}

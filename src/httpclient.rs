@@ -1,0 +1,174 @@
+//! A minimal HTTP/1.1 client for the gateway's own background requests to backends
+//! (`/v1/models`, `/health`, later `/metrics`): one request per connection, a deadline
+//! for the whole exchange, and a cap on the response size so a hostile backend cannot
+//! exhaust memory.
+
+use bytes::{Buf, Bytes, BytesMut};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    #[error("response larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+/// `GET path` on `addr`, the whole exchange bounded by `timeout`.
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<Response, FetchError> {
+    tokio::time::timeout(timeout, get_inner(addr, path, max_body))
+        .await
+        .map_err(|_| FetchError::Timeout(timeout))?
+}
+
+async fn get_inner(addr: SocketAddr, path: &str, max_body: usize) -> Result<Response, FetchError> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(FetchError::Connect)?;
+    stream.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vllm-edge\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+
+    let mut buf = BytesMut::with_capacity(8192);
+    // Header.
+    let (status, header_len, framing) = loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(FetchError::Malformed(
+                "connection closed before the header".into(),
+            ));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let status = resp.code.unwrap_or(0);
+                let framing = framing_of(resp.headers)?;
+                break (status, n, framing);
+            }
+            Ok(httparse::Status::Partial) if buf.len() > 64 * 1024 => {
+                return Err(FetchError::Malformed("header larger than 64 KiB".into()))
+            }
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Err(FetchError::Malformed(e.to_string())),
+        }
+    };
+    buf.advance(header_len);
+
+    let body = match framing {
+        Framing::Length(n) => {
+            if n > max_body {
+                return Err(FetchError::TooLarge(max_body));
+            }
+            while buf.len() < n {
+                if stream.read_buf(&mut buf).await? == 0 {
+                    return Err(FetchError::Malformed(
+                        "body shorter than Content-Length".into(),
+                    ));
+                }
+            }
+            buf.truncate(n);
+            buf.freeze()
+        }
+        Framing::Close => {
+            while stream.read_buf(&mut buf).await? != 0 {
+                if buf.len() > max_body {
+                    return Err(FetchError::TooLarge(max_body));
+                }
+            }
+            buf.freeze()
+        }
+        Framing::Chunked => read_chunked(&mut stream, buf, max_body).await?,
+    };
+    Ok(Response { status, body })
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    Close,
+}
+
+fn framing_of(headers: &[httparse::Header]) -> Result<Framing, FetchError> {
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding")
+            && String::from_utf8_lossy(h.value)
+                .to_ascii_lowercase()
+                .contains("chunked")
+        {
+            return Ok(Framing::Chunked);
+        }
+    }
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| FetchError::Malformed("bad Content-Length".into()))?;
+            return Ok(Framing::Length(n));
+        }
+    }
+    Ok(Framing::Close)
+}
+
+async fn read_chunked(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+    max_body: usize,
+) -> Result<Bytes, FetchError> {
+    let mut out = BytesMut::new();
+    loop {
+        // Chunk size line.
+        let line_end = loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            if buf.len() > 1024 {
+                return Err(FetchError::Malformed("chunk size line too long".into()));
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(FetchError::Malformed("truncated chunked body".into()));
+            }
+        };
+        let line = std::str::from_utf8(&buf[..line_end])
+            .map_err(|_| FetchError::Malformed("bad chunk size".into()))?;
+        let size_hex = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_hex, 16)
+            .map_err(|_| FetchError::Malformed(format!("bad chunk size `{size_hex}`")))?;
+        buf.advance(line_end + 2);
+        if size == 0 {
+            return Ok(out.freeze());
+        }
+        if out.len() + size > max_body {
+            return Err(FetchError::TooLarge(max_body));
+        }
+        while buf.len() < size + 2 {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(FetchError::Malformed("truncated chunk".into()));
+            }
+        }
+        out.extend_from_slice(&buf[..size]);
+        buf.advance(size + 2);
+    }
+}

@@ -1,0 +1,42 @@
+//! vllm-edge: a vLLM-aware OpenAI gateway on Pingora.
+//!
+//! ```text
+//!  client ──h1/h2c──▶ proxy::Gateway (Pingora ProxyHttp)
+//!                       request_filter: openai::route → local answers (/health, /v1/models)
+//!                                       or proxy::body::read_full_body (capped, replayable)
+//!                                       → openai::inspect → RoutingInfo {model, stream, ...}
+//!                       upstream_peer:  selection::Selector::candidates(fleet.load(), model,
+//!                                       tried) → HttpPeer (pooled) + fleet::InFlightGuard
+//!                       request_body_filter: replay the full body on every attempt
+//!                       fail_to_connect / error_while_proxy: retry on another replica while
+//!                                       nothing has reached the client
+//!                       fail_to_proxy:  OpenAI-shaped JSON error
+//!  background: scraper::Scraper ── /v1/models of every backend ──▶ Fleet (ArcSwap snapshot)
+//!  admin listener: admin::AdminApp (/health /ready /metrics)
+//! ```
+//!
+//! Modules, one concept each:
+//! - [`config`]: the YAML schema, precise errors, validation, every default;
+//! - [`openai`]: routes, request inspection, error bodies;
+//! - [`fleet`]: backend identity, live state snapshot, in-flight counting;
+//! - [`selection`]: replica selection policies (pure);
+//! - [`scraper`]: the background service that observes backends;
+//! - [`httpclient`]: the small HTTP client the background services use;
+//! - [`proxy`]: the data plane;
+//! - [`admin`], [`metrics`]: the admin listener and the gateway's metrics;
+//! - [`server`]: wiring the Pingora server from a `Config`;
+//! - [`sim`]: the simulated vLLM server;
+//! - [`demo`]: a simulated fleet plus the gateway in one process.
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod fleet;
+pub mod httpclient;
+pub mod metrics;
+pub mod openai;
+pub mod proxy;
+pub mod scraper;
+pub mod selection;
+pub mod server;
+pub mod sim;

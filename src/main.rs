@@ -1,0 +1,127 @@
+//! The `vllm-edge` binary: parses the command line and wires the library together.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use vllm_edge::config::Config;
+use vllm_edge::{demo, server, sim};
+
+#[derive(Parser)]
+#[command(
+    name = "vllm-edge",
+    version,
+    about = "A vLLM-aware OpenAI gateway on Pingora"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway from a configuration file.
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit (non-zero with the file, line and key on error).
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Start simulated vLLM replicas and the gateway in front of them, in one process.
+    Demo(demo::DemoArgs),
+    /// Run one simulated vLLM server.
+    Sim(sim::SimArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listener(s), {} backend(s), policy {})",
+                    config.display(),
+                    c.listeners.len(),
+                    c.backends.len(),
+                    c.policy
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match server::run(c) {
+                Ok(never) => match never {},
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo(args) => match demo::run(args) {
+            Ok(never) => match never {},
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sim(args) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: tokio runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                let handle = match sim::spawn(args).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        eprintln!("error: cannot listen: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "ready", "listen": handle.addr.to_string()})
+                );
+                tracing::info!(addr = %handle.addr, "simulated vLLM server ready");
+                match tokio::signal::ctrl_c().await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: waiting for Ctrl-C: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Reading a whole request body before choosing the upstream, in a way Pingora 0.9.1 can
+//! forward byte-exactly on the first attempt and on every retry.
+//!
+//! Pingora forwards a body that was already read only from its retry buffer, which holds
+//! at most 64 KiB (`BODY_BUF_LIMIT`); past that it is marked truncated and nothing is sent.
+//! So we keep the full body ourselves and turn the retry buffer on only once at most
+//! 64 KiB remain to be read: the buffer then ends up holding exactly the tail, Pingora
+//! calls `request_body_filter` once per attempt with that tail and `end_of_stream`, and the
+//! filter substitutes the full body (see ARCHITECTURE §3).
+//!
+//! A body without a length (HTTP/1.1 chunked, HTTP/2 without `content-length`) can only be
+//! buffered from its first byte, so it is accepted up to 64 KiB and answered 411 above.
+
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+use std::time::Duration;
+
+use crate::openai::ApiError;
+
+/// Pingora's fixed retry-buffer size (`BODY_BUF_LIMIT` in pingora-core 0.9.1).
+pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub enum BodyError {
+    /// Answer the client with this error (and close the connection: the rest of the body
+    /// may still be unread).
+    Reply(ApiError),
+    /// The client went away or broke the protocol; there is nobody to answer.
+    ClientGone(Box<pingora::Error>),
+}
+
+/// Reads the whole body of the request, at most `max_bytes`, within `timeout`.
+pub async fn read_full_body(
+    session: &mut Session,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
+    let declared = content_length(session)?;
+    if let Some(n) = declared {
+        if n > max_bytes {
+            return Err(BodyError::Reply(ApiError::body_too_large(max_bytes)));
+        }
+    }
+    if expects_continue(session) {
+        // Pingora only answers `Expect: 100-continue` itself when it reads the body; we
+        // read early, so a strict client would wait for this.
+        session
+            .write_continue_response()
+            .await
+            .map_err(BodyError::ClientGone)?;
+    }
+    if declared.is_none_or(|n| n <= RETRY_BUFFER_LIMIT) {
+        session.enable_retry_buffering();
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(max_bytes));
+    let read_all = async {
+        loop {
+            if let Some(n) = declared {
+                if n.saturating_sub(body.len()) <= RETRY_BUFFER_LIMIT {
+                    session.enable_retry_buffering();
+                }
+            }
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > max_bytes {
+                        return Err(BodyError::Reply(ApiError::body_too_large(max_bytes)));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(BodyError::ClientGone(e)),
+            }
+        }
+    };
+    // HTTP/2 body reads have no timeout of their own in Pingora 0.9.1.
+    match tokio::time::timeout(timeout, read_all).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(BodyError::Reply(ApiError::body_timeout())),
+    }
+    let body = body.freeze();
+    if body.is_empty() {
+        return Ok(body);
+    }
+    // The replay depends on the retry buffer holding exactly the tail of what we read.
+    match session.get_retry_buffer() {
+        Some(tail) if !tail.is_empty() && body.ends_with(&tail) => Ok(body),
+        _ if declared.is_none() => Err(BodyError::Reply(ApiError::length_required(
+            RETRY_BUFFER_LIMIT,
+        ))),
+        _ => {
+            tracing::error!(
+                len = body.len(),
+                "request body could not be kept for replay; refusing rather than forwarding a \
+                 truncated body"
+            );
+            Err(BodyError::Reply(ApiError::new(
+                500,
+                "InternalServerError",
+                "The gateway could not buffer the request body for forwarding.",
+            )))
+        }
+    }
+}
+
+/// The declared body length, if any. Conflicting or malformed values are a client error.
+fn content_length(session: &Session) -> Result<Option<usize>, BodyError> {
+    let mut values = session
+        .req_header()
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    let bad = || {
+        BodyError::Reply(ApiError::bad_request(
+            "The Content-Length header is malformed or repeated.",
+            None,
+        ))
+    };
+    if values.next().is_some() {
+        return Err(bad());
+    }
+    let n = first
+        .to_str()
+        .ok()
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<usize>().ok())
+        .ok_or_else(bad)?;
+    Ok(Some(n))
+}
+
+fn expects_continue(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}

@@ -1,0 +1,438 @@
+//! The data plane: the `ProxyHttp` implementation that answers local routes, reads and
+//! inspects the body, picks a replica for the request's model, forwards the body
+//! byte-exactly, retries on another replica while nothing has reached the client, and
+//! writes OpenAI-shaped errors.
+
+pub mod body;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType, RetryType};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::fleet::{Backend, Fleet, InFlightGuard};
+use crate::openai::{self, ApiError, Route, RoutingInfo};
+use crate::selection::{NoCandidate, Selector};
+use body::BodyError;
+
+/// A dead pooled connection (the backend closed it while idle) is retried on the same
+/// backend at most this many times per request, without counting as a failed attempt.
+const MAX_STALE_CONNECTION_RETRIES: u32 = 2;
+
+pub struct Gateway {
+    config: Arc<Config>,
+    fleet: Arc<Fleet>,
+    selector: Selector,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<Config>, fleet: Arc<Fleet>) -> Gateway {
+        Gateway {
+            config,
+            fleet,
+            selector: Selector::default(),
+        }
+    }
+}
+
+/// Per-request state; one lives across all attempts of a request.
+pub struct RequestCtx {
+    started: Instant,
+    route: Route,
+    /// The full request body: the replay source for every attempt.
+    body: Option<Bytes>,
+    info: Option<RoutingInfo>,
+    /// Backends that failed this request, not to be picked again.
+    tried: Vec<Arc<Backend>>,
+    /// Counts the current attempt's in-flight request on its backend.
+    in_flight: Option<InFlightGuard>,
+    attempts: u32,
+    stale_retries: u32,
+    /// The error to answer with if the request fails before any response byte.
+    error: Option<ApiError>,
+    status: u16,
+}
+
+impl RequestCtx {
+    fn backend_name(&self) -> &str {
+        self.in_flight
+            .as_ref()
+            .map_or("-", |g| g.backend().name.as_str())
+    }
+}
+
+/// Writes a complete JSON response.
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    keepalive: bool,
+    extra: &[(&'static str, &str)],
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    for (k, v) in extra {
+        resp.insert_header(*k, *v)?;
+    }
+    if keepalive {
+        session.write_response_header(Box::new(resp), false).await?;
+        let head = session.req_header().method == http::Method::HEAD;
+        session
+            .write_response_body(if head { None } else { Some(body) }, true)
+            .await?;
+        Ok(())
+    } else {
+        // Also closes the connection: part of the request body may be unread.
+        session.write_error_response(resp, body).await
+    }
+}
+
+async fn respond_error(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    err: &ApiError,
+) -> Result<bool> {
+    ctx.status = err.status;
+    let allow = match ctx.route {
+        Route::MethodNotAllowed(allow) => Some(allow),
+        _ => None,
+    };
+    let extra: Vec<(&'static str, &str)> = allow.map(|a| ("allow", a)).into_iter().collect();
+    respond_json(session, err.status, err.body(), false, &extra).await?;
+    Ok(true)
+}
+
+fn is_timeout(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            route: Route::NotFound,
+            body: None,
+            info: None,
+            tried: Vec::new(),
+            in_flight: None,
+            attempts: 0,
+            stale_retries: 0,
+            error: None,
+            status: 0,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let header = session.req_header();
+        ctx.route = openai::route(&header.method, header.uri.path());
+        match ctx.route {
+            Route::Health => {
+                ctx.status = 200;
+                respond_json(
+                    session,
+                    200,
+                    Bytes::from_static(b"{\"status\":\"ok\"}"),
+                    true,
+                    &[],
+                )
+                .await?;
+                Ok(true)
+            }
+            Route::Models => {
+                ctx.status = 200;
+                let body = openai::models_body(&self.fleet.load().healthy_models());
+                respond_json(session, 200, body, true, &[]).await?;
+                Ok(true)
+            }
+            Route::MethodNotAllowed(allow) => {
+                respond_error(session, ctx, &ApiError::method_not_allowed(allow)).await
+            }
+            Route::NotFound => {
+                let path = session.req_header().uri.path().to_string();
+                respond_error(session, ctx, &ApiError::not_found_route(&path)).await
+            }
+            Route::Inference => {
+                let body = match body::read_full_body(
+                    session,
+                    self.config.max_body_bytes,
+                    self.config.body_read_timeout,
+                )
+                .await
+                {
+                    Ok(b) => b,
+                    Err(BodyError::Reply(err)) => return respond_error(session, ctx, &err).await,
+                    Err(BodyError::ClientGone(e)) => return Err(e),
+                };
+                let info = match openai::inspect(&body) {
+                    Ok(info) => info,
+                    Err(err) => return respond_error(session, ctx, &err).await,
+                };
+                if self.fleet.load().serving(&info.model).is_none() {
+                    return respond_error(session, ctx, &ApiError::model_not_found(&info.model))
+                        .await;
+                }
+                ctx.body = Some(body);
+                ctx.info = Some(info);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let info = ctx
+            .info
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no routing info"))?;
+        let snap = self.fleet.load();
+        let tried: Vec<usize> = snap
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| ctx.tried.iter().any(|t| Arc::ptr_eq(t, &e.backend)))
+            .map(|(i, _)| i)
+            .collect();
+        let chosen = match self
+            .selector
+            .candidates(self.config.policy, &snap, &info.model, &tried)
+        {
+            Ok(c) => c[0],
+            Err(why) => {
+                // After a failed attempt, the client hears about that failure (kept in
+                // ctx.error); before any, that nothing can serve the model.
+                if ctx.error.is_none() {
+                    ctx.error = Some(match why {
+                        NoCandidate::UnknownModel => ApiError::model_not_found(&info.model),
+                        NoCandidate::Unavailable => ApiError::no_backend(&info.model),
+                    });
+                }
+                let status = ctx.error.as_ref().map_or(503, |e| e.status);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    "no backend available for the request",
+                ));
+            }
+        };
+        let backend = &snap.backends[chosen].backend;
+        ctx.attempts += 1;
+        ctx.in_flight = Some(backend.begin_request());
+
+        let mut peer = HttpPeer::new(backend.addr, false, String::new());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.config.connect_timeout);
+        o.total_connection_timeout = Some(self.config.connect_timeout);
+        // Per read: for a stream this bounds the wait for the first token and the gap
+        // between chunks; a non-streaming answer comes only after the whole generation.
+        o.read_timeout = Some(if info.stream {
+            self.config.stream_idle_timeout
+        } else {
+            self.config.non_stream_read_timeout
+        });
+        o.write_timeout = Some(self.config.connect_timeout.max(Duration::from_secs(10)));
+        o.idle_timeout = Some(self.config.pool_idle_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // We answered `Expect` ourselves; a forwarded one would get a second 100.
+        req.remove_header(&http::header::EXPECT);
+        if let Some(body) = &ctx.body {
+            // We hold the whole body: always send it with its length (also avoids Pingora's
+            // h2→h1 double chunk terminator, pingora#935).
+            req.remove_header(&http::header::TRANSFER_ENCODING);
+            req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        }
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            req.insert_header("x-forwarded-for", addr.ip().to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Called once per attempt with the tail kept in the retry buffer (see `body`).
+        if end_of_stream {
+            if let Some(full) = &ctx.body {
+                *body = Some(full.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // vLLM answers 503 when its engine is dead: another replica may serve the request,
+        // and nothing has reached the client yet.
+        if resp.status == 503 && session.response_written().is_none() {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                format!("backend {} answered 503", ctx.backend_name()),
+            ));
+        }
+        ctx.status = resp.status.as_u16();
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.in_flight.is_some() {
+            resp.insert_header("x-vllm-edge-backend", ctx.backend_name())?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent upstream: always safe to try another replica.
+        tracing::warn!(peer = %peer, error = %e, attempt = ctx.attempts, "connect failed");
+        self.note_failure(ctx, &e);
+        e.set_retry(ctx.attempts < self.config.max_attempts);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        let nothing_sent_down = session.response_written().is_none();
+        let upstream_side = matches!(e.esource(), ErrorSource::Upstream)
+            || matches!(e.etype(), ErrorType::HTTPStatus(_));
+        if !(nothing_sent_down && upstream_side && ctx.body.is_some()) {
+            e.set_retry(false);
+            return e;
+        }
+        // A pooled connection that the backend had closed while idle: the backend itself
+        // is fine, try it again.
+        let stale = matches!(e.retry, RetryType::ReusedOnly) && client_reused;
+        if stale && ctx.stale_retries < MAX_STALE_CONNECTION_RETRIES {
+            ctx.stale_retries += 1;
+            ctx.attempts -= 1;
+            e.set_retry(true);
+            return e;
+        }
+        tracing::warn!(peer = %peer, error = %e, attempt = ctx.attempts, "upstream failed before answering");
+        self.note_failure(ctx, &e);
+        e.set_retry(ctx.attempts < self.config.max_attempts);
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        if session.response_written().is_some() {
+            // Part of the answer already reached the client; the connection is closed.
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        let err = match ctx.error.take() {
+            Some(err) => err,
+            None => match (e.esource(), e.etype()) {
+                (_, ErrorType::HTTPStatus(code)) => ApiError::upstream(*code),
+                (ErrorSource::Upstream, _) if is_timeout(e) => ApiError::upstream(504),
+                (ErrorSource::Upstream, _) => ApiError::upstream(502),
+                (
+                    ErrorSource::Downstream,
+                    ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+                ) => {
+                    return FailToProxy {
+                        error_code: 0,
+                        can_reuse_downstream: false,
+                    }
+                }
+                (ErrorSource::Downstream, _) => {
+                    ApiError::bad_request("The request could not be read.", None)
+                }
+                _ => ApiError::new(500, "InternalServerError", "Internal gateway error."),
+            },
+        };
+        ctx.status = err.status;
+        if let Err(write_err) = respond_json(session, err.status, err.body(), false, &[]).await {
+            tracing::debug!(error = %write_err, "could not write the error response");
+        }
+        FailToProxy {
+            error_code: err.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let header = session.req_header();
+        tracing::info!(
+            target: "access",
+            method = %header.method,
+            path = header.uri.path(),
+            model = ctx.info.as_ref().map_or("-", |i| i.model.as_str()),
+            stream = ctx.info.as_ref().is_some_and(|i| i.stream),
+            backend = ctx.backend_name(),
+            status = ctx.status,
+            attempts = ctx.attempts,
+            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            error = e.map(|e| e.to_string()).as_deref().unwrap_or(""),
+        );
+        ctx.in_flight = None;
+    }
+}
+
+impl Gateway {
+    /// Remembers a failed attempt: its backend is not tried again for this request, and
+    /// the client is told about the failure if no other replica succeeds.
+    fn note_failure(&self, ctx: &mut RequestCtx, e: &Error) {
+        if let Some(guard) = ctx.in_flight.take() {
+            ctx.tried.push(guard.backend().clone());
+        }
+        let status = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ if is_timeout(e) => 504,
+            _ => 502,
+        };
+        ctx.error = Some(ApiError::upstream(status));
+    }
+}

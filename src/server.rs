@@ -1,0 +1,212 @@
+//! Builds and runs the Pingora server from a validated [`Config`]: the data-plane proxy
+//! service, the admin service and the background scraper, wired together.
+//!
+//! Listen addresses with port 0 get a free port: it is reserved by a socket that binds it
+//! with `SO_REUSEPORT` (and never listens), then Pingora binds the same concrete port. When
+//! every listener accepts connections, one JSON line is printed on stdout:
+//! `{"event":"ready","listeners":["127.0.0.1:PORT"],"admin":"127.0.0.1:PORT"}`; tests and
+//! scripts wait for that line instead of sleeping.
+
+use async_trait::async_trait;
+use pingora::listeners::TcpSocketOptions;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::fleet::Fleet;
+use crate::proxy::Gateway;
+use crate::scraper::Scraper;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot reserve a port on {addr}: {source}")]
+    Reserve {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A concrete listen address, and the socket holding its port if it was picked for us.
+struct Bound {
+    addr: SocketAddr,
+    reservation: Option<socket2::Socket>,
+}
+
+fn resolve_port(addr: SocketAddr) -> Result<Bound, StartError> {
+    if addr.port() != 0 {
+        return Ok(Bound {
+            addr,
+            reservation: None,
+        });
+    }
+    let err = |source| StartError::Reserve { addr, source };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(err)?;
+    sock.set_reuse_port(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    let local = sock
+        .local_addr()
+        .map_err(err)?
+        .as_socket()
+        .ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
+    Ok(Bound {
+        addr: local,
+        reservation: Some(sock),
+    })
+}
+
+fn socket_options(bound: &Bound) -> TcpSocketOptions {
+    let mut opts = TcpSocketOptions::default();
+    if bound.reservation.is_some() {
+        opts.so_reuseport = Some(true);
+    }
+    opts
+}
+
+/// Runs the gateway until it is told to stop; never returns.
+pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
+    let config = Arc::new(config);
+    let listeners: Vec<Bound> = config
+        .listeners
+        .iter()
+        .map(|&a| resolve_port(a))
+        .collect::<Result<_, _>>()?;
+    let admin = resolve_port(config.admin)?;
+
+    let mut conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.graceful_shutdown_timeout.as_secs()),
+        upstream_keepalive_pool_size: config.keepalive_pool_size,
+        // A fail-safe only: our retry hooks decide, bounded by `max_attempts`.
+        max_retries: config.max_attempts as usize + 3,
+        ..ServerConf::default()
+    };
+    conf.daemon = false;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let fleet = Fleet::new(&config.backends);
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let scraper = background_service(
+        "scraper",
+        Scraper::new(
+            fleet.clone(),
+            config.models_interval,
+            config.discovery_timeout,
+        ),
+    );
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(config.clone(), fleet.clone()),
+        "vllm-edge",
+    );
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut opts = pingora::apps::HttpServerOptions::default();
+        // Cleartext HTTP/2 with prior knowledge, next to HTTP/1.1 on the same port.
+        opts.h2c = true;
+        app.server_options = Some(opts);
+    }
+    for l in &listeners {
+        proxy.add_tcp_with_settings(&l.addr.to_string(), socket_options(l));
+    }
+
+    let mut admin_svc = Service::new(
+        "admin".to_string(),
+        AdminApp {
+            fleet: fleet.clone(),
+            ready: ready.clone(),
+        },
+    );
+    admin_svc.add_tcp_with_settings(&admin.addr.to_string(), socket_options(&admin));
+
+    let announcer = background_service(
+        "ready",
+        ReadyAnnouncer {
+            listeners: listeners.iter().map(|b| b.addr).collect(),
+            admin: admin.addr,
+            ready,
+            reservations: Mutex::new(
+                listeners
+                    .into_iter()
+                    .chain(std::iter::once(admin))
+                    .filter_map(|b| b.reservation)
+                    .collect(),
+            ),
+        },
+    );
+
+    let scraper_h = server.add_service(scraper);
+    let proxy_h = server.add_service(proxy);
+    proxy_h.add_dependency(&scraper_h);
+    let admin_h = server.add_service(admin_svc);
+    let announcer_h = server.add_service(announcer);
+    announcer_h.add_dependency(&proxy_h);
+    announcer_h.add_dependency(&admin_h);
+
+    tracing::info!(
+        listeners = ?config.listeners,
+        admin = %config.admin,
+        backends = config.backends.len(),
+        policy = %config.policy,
+        "starting vllm-edge"
+    );
+    server.run_forever()
+}
+
+/// Waits until every listener accepts connections, then says so once on stdout and in
+/// `/ready`.
+struct ReadyAnnouncer {
+    listeners: Vec<SocketAddr>,
+    admin: SocketAddr,
+    ready: Arc<AtomicBool>,
+    reservations: Mutex<Vec<socket2::Socket>>,
+}
+
+#[async_trait]
+impl BackgroundService for ReadyAnnouncer {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        // Pingora reports its listening services ready before they bind; probe them.
+        // Bounded: 10 s in 5 ms steps.
+        for addr in self.listeners.iter().chain(std::iter::once(&self.admin)) {
+            let mut ok = false;
+            for _ in 0..2000 {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    ok = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !ok {
+                tracing::error!(%addr, "listener did not come up");
+                return;
+            }
+        }
+        // The ports are held by Pingora's listeners now.
+        self.reservations.lock().expect("not poisoned").clear();
+        self.ready.store(true, Ordering::Relaxed);
+        let line = serde_json::json!({
+            "event": "ready",
+            "listeners": self.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "admin": self.admin.to_string(),
+        });
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+        tracing::info!(listeners = ?self.listeners, admin = %self.admin, "ready");
+    }
+}
