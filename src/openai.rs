@@ -356,12 +356,17 @@ mod tests {
             assert_eq!(e.status, 400, "{body:?}");
             assert_eq!(e.param, param, "{body:?}: {}", e.message);
         }
+        // Deep nesting inside a prompt field is only skipped (iteratively, no recursion):
+        // measured and forwarded, for vLLM to judge.
         let deep = format!(
             "{{\"model\":\"m\",\"messages\":{}{}}}",
             "[".repeat(10_000),
             "]".repeat(10_000)
         );
-        assert_eq!(inspect(deep.as_bytes()).unwrap_err().status, 400);
+        assert_eq!(inspect(deep.as_bytes()).unwrap().prompt_bytes, 20_000);
+        // In a field we parse, it is a type error.
+        let deep_model = format!("{{\"model\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(inspect(deep_model.as_bytes()).unwrap_err().status, 400);
     }
 
     #[test]
