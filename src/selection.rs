@@ -2,7 +2,9 @@
 //! returns candidates in preference order. The proxy takes the first; on a retry it asks
 //! again with the failed backend in the tried set.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use crate::config::Policy;
 use crate::fleet::FleetSnapshot;
@@ -16,10 +18,11 @@ pub enum NoCandidate {
     Unavailable,
 }
 
-/// Per-gateway selection state (the round-robin cursor).
+/// Per-gateway selection state: a round-robin cursor per model, so that requests for
+/// other models in between do not skew one model's rotation.
 #[derive(Debug, Default)]
 pub struct Selector {
-    cursor: AtomicUsize,
+    cursors: RwLock<HashMap<String, Arc<AtomicUsize>>>,
 }
 
 impl Selector {
@@ -45,10 +48,11 @@ impl Selector {
             Policy::RoundRobin => {
                 // One cursor step per request (not per retry), so retries do not skew the
                 // rotation.
+                let cursor = self.cursor(model);
                 let start = if tried.is_empty() {
-                    self.cursor.fetch_add(1, Ordering::Relaxed)
+                    cursor.fetch_add(1, Ordering::Relaxed)
                 } else {
-                    self.cursor.load(Ordering::Relaxed)
+                    cursor.load(Ordering::Relaxed)
                 };
                 let n = eligible.len();
                 eligible.rotate_left(start % n);
@@ -59,6 +63,20 @@ impl Selector {
             }
         }
         Ok(eligible)
+    }
+
+    /// The model's cursor. Only models the fleet serves get here, so the map is bounded
+    /// by the fleet's models; the write lock is taken once per model.
+    fn cursor(&self, model: &str) -> Arc<AtomicUsize> {
+        if let Some(c) = self.cursors.read().expect("not poisoned").get(model) {
+            return c.clone();
+        }
+        self.cursors
+            .write()
+            .expect("not poisoned")
+            .entry(model.to_string())
+            .or_default()
+            .clone()
     }
 }
 
@@ -102,6 +120,19 @@ mod tests {
             .map(|_| sel.candidates(Policy::RoundRobin, &snap, "m", &[]).unwrap()[0])
             .collect();
         assert_eq!(firsts, vec![0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn round_robin_rotates_per_model() {
+        let snap = snapshot(&[true, true]);
+        let sel = Selector::default();
+        let mut firsts = Vec::new();
+        for _ in 0..4 {
+            firsts.push(sel.candidates(Policy::RoundRobin, &snap, "m", &[]).unwrap()[0]);
+            // A request for another model in between must not skew the rotation of "m".
+            let _ = sel.candidates(Policy::RoundRobin, &snap, "other", &[]);
+        }
+        assert_eq!(firsts, vec![0, 1, 0, 1]);
     }
 
     #[test]

@@ -76,6 +76,8 @@ impl Reply {
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, req: Request) -> Reply;
+    /// Called once per accepted connection.
+    fn on_connection(&self) {}
 }
 
 /// Serves `listener` until `shutdown` turns true; then stops accepting and drops every
@@ -90,6 +92,7 @@ pub async fn serve<H: Handler>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    handler.on_connection();
                     let handler = handler.clone();
                     tokio::spawn(async move {
                         tokio::select! {

@@ -122,6 +122,7 @@ pub struct Sim {
     faults: Mutex<Faults>,
     started: SystemTime,
     requests: AtomicU64,
+    connections: AtomicU64,
     digests: Mutex<VecDeque<String>>,
     next_id: AtomicU64,
 }
@@ -284,6 +285,7 @@ impl Sim {
             faults: Mutex::new(faults),
             started: SystemTime::now(),
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             digests: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(1),
         }
@@ -305,12 +307,14 @@ impl Sim {
         &self.args.models[0]
     }
 
-    fn state(&self) -> Value {
+    /// Ground truth for tests: counters, gauges, recent body digests and faults.
+    pub fn state(&self) -> Value {
         let c = self.engine.counters();
         json!({
             "name": self.args.name,
             "models": self.args.models,
             "requests": self.requests.load(Ordering::Relaxed),
+            "connections": self.connections.load(Ordering::Relaxed),
             "running": self.engine.running(),
             "waiting": self.engine.waiting(),
             "kv_usage": self.engine.kv_usage(),
@@ -641,7 +645,11 @@ async fn stream_events(
     // A token's chunk is sent when the next event arrives, so the last one can carry
     // `finish_reason` as vLLM's does.
     loop {
-        let ev = events.recv().await;
+        // A client that leaves must abort the request at once, not at the next token.
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = tx.closed() => return,
+        };
         if let Some(i) = pending.take() {
             let last = !matches!(ev, Some(Event::Token(_)));
             if let Some(Event::Finished(r)) = ev {
@@ -699,6 +707,10 @@ async fn stream_events(
 
 #[async_trait]
 impl http::Handler for Sim {
+    fn on_connection(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
     async fn handle(&self, req: Request) -> Reply {
         let method = req.method.as_str();
         let path = req.path.trim_end_matches('/');

@@ -1,0 +1,9 @@
+//! Integration tests: real sockets on loopback, port 0 everywhere, the gateway binary in
+//! front of in-process simulated vLLM servers.
+
+mod body;
+mod cli;
+mod discovery;
+mod errors;
+mod streams;
+mod support;

@@ -1,0 +1,185 @@
+//! Fixtures: simulated backends in-process on port 0, the gateway binary as a child
+//! process on port 0 (its chosen ports come from its "ready" line), and HTTP clients.
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use vllm_edge::sim::{self, SimArgs, SimHandle};
+
+/// A simulated vLLM backend serving `models`, tweaked by `f`.
+pub async fn sim_with(models: &[&str], f: impl FnOnce(&mut SimArgs)) -> SimHandle {
+    let mut a = SimArgs::defaults();
+    a.port = 0;
+    a.models = models.iter().map(|m| m.to_string()).collect();
+    a.tokens_per_s = 1000.0;
+    a.default_output_tokens = 8;
+    // Room for the 5 MiB test prompts (the sim rejects longer prompts as vLLM does).
+    a.max_model_len = 10_000_000;
+    f(&mut a);
+    sim::spawn(a).await.expect("sim binds a port")
+}
+
+pub async fn sim(models: &[&str]) -> SimHandle {
+    sim_with(models, |_| {}).await
+}
+
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+pub struct GatewayBuilder {
+    backends: Vec<String>,
+    extra: String,
+}
+
+impl Gateway {
+    pub fn builder(backends: &[&SimHandle]) -> GatewayBuilder {
+        GatewayBuilder {
+            backends: backends.iter().map(|s| s.url()).collect(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// The gateway's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl GatewayBuilder {
+    pub fn backend_url(mut self, url: &str) -> Self {
+        self.backends.push(url.to_string());
+        self
+    }
+
+    /// Extra top-level YAML sections (routing, limits, timeouts, upstream, discovery).
+    pub fn yaml(mut self, extra: &str) -> Self {
+        self.extra.push_str(extra);
+        self.extra.push('\n');
+        self
+    }
+
+    pub async fn start(self) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut yaml = String::from(
+            "listeners:\n  - address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nserver:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\nbackends:\n",
+        );
+        for b in &self.backends {
+            yaml.push_str(&format!("  - url: {b}\n"));
+        }
+        if !self.extra.contains("discovery:") {
+            yaml.push_str("discovery:\n  models_interval: 100ms\n  timeout: 500ms\n");
+        }
+        yaml.push_str(&self.extra);
+        let conf = dir.path().join("gateway.yaml");
+        std::fs::write(&conf, yaml).expect("write config");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
+            .arg("run")
+            .arg("-c")
+            .arg(&conf)
+            .env("RUST_LOG", "info,pingora_core=warn,pingora_proxy=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn vllm-edge");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["event"] == "ready" {
+                        return Some(v);
+                    }
+                }
+            }
+            None
+        })
+        .await;
+        let log = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+        let v = match ready {
+            Ok(Some(v)) => v,
+            _ => panic!("gateway did not become ready; its log:\n{}", log()),
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Gateway {
+            child,
+            addr: v["listeners"][0].as_str().unwrap().parse().unwrap(),
+            admin: v["admin"].as_str().unwrap().parse().unwrap(),
+            dir,
+        }
+    }
+}
+
+pub fn http1() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub fn http2() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub fn chat_body(model: &str, content: &str, stream: bool) -> Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        "stream": stream,
+    })
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` passes; returns whether it held.
+/// For conditions only observable from outside (another process's periodic work).
+pub async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.expect("error body is JSON");
+    (status, body)
+}
