@@ -250,6 +250,7 @@ impl Config {
             let key = e.path().to_string();
             let inner = e.into_inner();
             let (line, column) = inner.location().map_or((1, 1), |l| (l.line(), l.column()));
+            let message = strip_key_prefix(&strip_location(&inner.to_string()), &key);
             ConfigError::Invalid {
                 path: shown.clone(),
                 line,
@@ -259,7 +260,7 @@ impl Config {
                 } else {
                     key
                 },
-                message: strip_location(&inner.to_string()),
+                message,
             }
         })?;
         let invalid = |key: &str, message: String| {
@@ -400,6 +401,15 @@ impl Config {
             "listeners:\n  - address: {listen}\nadmin:\n  address: {admin}\nbackends:\n{backends}"
         );
         Config::parse(&text, Path::new("<built-in>")).expect("built-in config is valid")
+    }
+}
+
+/// serde_yaml starts some messages with the key path (or its parent), which we already
+/// show.
+fn strip_key_prefix(msg: &str, key: &str) -> String {
+    match msg.split_once(": ") {
+        Some((head, rest)) if !head.is_empty() && key.starts_with(head) => rest.to_string(),
+        _ => msg.to_string(),
     }
 }
 

@@ -35,7 +35,10 @@ fn a_typo_is_named_by_file_line_and_key() {
     let (ok, out) = check(&p);
     assert!(!ok);
     assert!(out.contains(&format!("{}:4:", p.display())), "{out}");
-    assert!(out.contains("routing") && out.contains("polcy"), "{out}");
+    assert!(
+        out.contains("`routing.polcy`: unknown field `polcy`, expected `policy`"),
+        "{out}"
+    );
 
     std::fs::write(&p, "backends:\n  - url: ftp://x\n").unwrap();
     let (ok, out) = check(&p);

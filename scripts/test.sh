@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds vllm-edge and runs every test: unit and integration tests (cargo), then the
+# end-to-end check with the official `openai` Python SDK against `vllm-edge demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+
+cargo test --locked
+
+# The SDK goes into a venv under target/ (reused between runs).
+venv=target/e2e-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
+fi
+"$venv/bin/python" tests/e2e/openai_sdk.py target/debug/vllm-edge
