@@ -24,6 +24,9 @@ use body::BodyError;
 /// backend at most this many times per request, without counting as a failed attempt.
 const MAX_STALE_CONNECTION_RETRIES: u32 = 2;
 
+/// How long an unwanted request body is drained after an early error answer.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
 pub struct Gateway {
     config: Arc<Config>,
     fleet: Arc<Fleet>,
@@ -105,7 +108,24 @@ async fn respond_error(
     };
     let extra: Vec<(&'static str, &str)> = allow.map(|a| ("allow", a)).into_iter().collect();
     respond_json(session, err.status, err.body(), false, &extra).await?;
+    linger(session).await;
     Ok(true)
+}
+
+/// After an error answered before the request body was read, keep reading (and
+/// discarding) the body for a while before the connection closes. Closing a socket with
+/// unread data sends a reset, and a client still uploading would see a broken pipe
+/// instead of our answer.
+async fn linger(session: &mut Session) {
+    if session.is_body_done() {
+        return;
+    }
+    if tokio::time::timeout(LINGER_TIME, session.drain_request_body())
+        .await
+        .is_err()
+    {
+        tracing::debug!("stopped draining an unwanted request body");
+    }
 }
 
 fn is_timeout(e: &Error) -> bool {
