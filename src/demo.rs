@@ -20,9 +20,12 @@ pub struct DemoArgs {
     /// Model the replicas serve.
     #[arg(long, default_value = "sim-llama")]
     pub model: String,
-    /// Output tokens per second of each simulated request.
-    #[arg(long, default_value_t = 40.0)]
-    pub tokens_per_s: f64,
+    /// Hardware profile of the simulated replicas.
+    #[arg(long, value_enum, default_value_t = sim::Preset::Llama3H100)]
+    pub preset: sim::Preset,
+    /// Multiplies every simulated duration (2.0 = half speed, easier to watch).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +46,7 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let replicas = args.replicas;
     let model = args.model.clone();
-    let tokens_per_s = args.tokens_per_s;
+    let (preset, time_scale) = (args.preset, args.time_scale);
     std::thread::Builder::new()
         .name("sim-fleet".into())
         .spawn(move || {
@@ -58,7 +61,9 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
                     let mut a = SimArgs::defaults();
                     a.port = 0;
                     a.models = vec![model.clone()];
-                    a.tokens_per_s = tokens_per_s;
+                    a.preset = preset;
+                    a.time_scale = Some(time_scale);
+                    a.seed = i as u64;
                     a.name = Some(format!("replica-{i}"));
                     match sim::spawn(a).await {
                         Ok(h) => handles.push(h),

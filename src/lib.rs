@@ -21,6 +21,7 @@
 //! - [`fleet`]: backend identity, live state snapshot, in-flight counting;
 //! - [`selection`]: replica selection policies (pure);
 //! - [`scraper`]: the background service that observes backends;
+//! - [`engine_metrics`]: parsing an engine's `/metrics` into load signals;
 //! - [`httpclient`]: the small HTTP client the background services use;
 //! - [`proxy`]: the data plane;
 //! - [`admin`], [`metrics`]: the admin listener and the gateway's metrics;
@@ -31,6 +32,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod engine_metrics;
 pub mod fleet;
 pub mod httpclient;
 pub mod metrics;

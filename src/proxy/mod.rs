@@ -437,6 +437,22 @@ impl ProxyHttp for Gateway {
             duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
             error = e.map(|e| e.to_string()).as_deref().unwrap_or(""),
         );
+        let model = ctx.info.as_ref().map_or("-", |i| i.model.as_str());
+        crate::metrics::REQUESTS
+            .with_label_values(&[
+                model,
+                ctx.backend_name(),
+                crate::metrics::status_class(ctx.status),
+            ])
+            .inc();
+        let stream = if ctx.info.as_ref().is_some_and(|i| i.stream) {
+            "true"
+        } else {
+            "false"
+        };
+        crate::metrics::REQUEST_DURATION
+            .with_label_values(&[stream])
+            .observe(ctx.started.elapsed().as_secs_f64());
         ctx.in_flight = None;
     }
 }

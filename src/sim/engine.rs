@@ -1,39 +1,24 @@
-//! The simulated engine: admits requests up to `max_num_seqs` (the rest wait in FIFO
-//! order), "prefills" the prompt at a fixed rate, then emits one token per decode interval,
-//! and keeps the counters and gauges that `/metrics` reports.
-//!
-//! This is the token-clock model of the gateway-core issue: enough to stream at a known
-//! rate and to queue under load. The step-level V1 scheduler (batching, KV blocks,
-//! preemption, prefix caching) replaces `run_request` behind the same `submit` interface.
+//! The simulated engine in real (scaled) time: one task per server drives the
+//! [`Scheduler`] step by step, sleeping each step's modelled duration × `time_scale`,
+//! sends each emitted token to its request's channel, and aborts requests whose channel
+//! was dropped (a client that left). After every step it publishes the gauges, counters
+//! and histograms that `/metrics` reports.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use rand::SeedableRng;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
+
+use super::scheduler::{jitter, FinishReason, NewSeq, Scheduler, SchedulerConfig, SeqId};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    pub max_num_seqs: usize,
-    /// KV capacity in tokens (reported through `kv_cache_usage_perc` and
-    /// `cache_config_info`).
-    pub kv_tokens: usize,
-    pub block_size: usize,
-    /// Prompt tokens processed per second of (unscaled) time.
-    pub prefill_tokens_per_s: f64,
-    /// Time between two output tokens of one request.
-    pub decode_interval: Duration,
-    /// Fixed cost before the first token (API overhead, scheduling).
-    pub ttft_base: Duration,
-    /// All times are multiplied by this: 0.01 runs 100× faster than real time.
+    pub scheduler: SchedulerConfig,
+    /// Every modelled duration is multiplied by this: 0.01 runs 100× faster.
     pub time_scale: f64,
-}
-
-#[derive(Debug)]
-pub struct GenRequest {
-    pub prompt_tokens: usize,
-    pub output_tokens: usize,
-    /// `length` if the output is capped by `max_tokens`, else `stop`.
-    pub finish_reason: &'static str,
+    pub seed: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -77,150 +62,288 @@ pub const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 ];
-pub const E2E_BUCKETS: &[f64] = &[
+pub const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+/// Used by e2e and queue time.
+pub const LONG_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0, 1920.0, 7680.0,
 ];
 
+/// Everything `/metrics` and `/sim/state` report, as of the last step.
 #[derive(Debug, Clone)]
-pub struct Counters {
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_usage: f64,
+    pub prefix_queries: u64,
+    pub prefix_hits: u64,
+    pub preemptions: u64,
     pub prompt_tokens: u64,
+    pub prompt_tokens_cached: u64,
     pub generation_tokens: u64,
     pub success_stop: u64,
     pub success_length: u64,
     pub aborted: u64,
+    pub steps: u64,
     pub ttft: Histogram,
+    pub itl: Histogram,
     pub e2e: Histogram,
+    pub queue: Histogram,
+}
+
+impl EngineStats {
+    fn new() -> EngineStats {
+        EngineStats {
+            running: 0,
+            waiting: 0,
+            kv_usage: 0.0,
+            prefix_queries: 0,
+            prefix_hits: 0,
+            preemptions: 0,
+            prompt_tokens: 0,
+            prompt_tokens_cached: 0,
+            generation_tokens: 0,
+            success_stop: 0,
+            success_length: 0,
+            aborted: 0,
+            steps: 0,
+            ttft: Histogram::new(TTFT_BUCKETS),
+            itl: Histogram::new(ITL_BUCKETS),
+            e2e: Histogram::new(LONG_BUCKETS),
+            queue: Histogram::new(LONG_BUCKETS),
+        }
+    }
+}
+
+struct Submission {
+    id: SeqId,
+    prompt: Vec<u32>,
+    output_tokens: usize,
+    arrival: Instant,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+enum Command {
+    Submit(Submission),
+    /// Forget every request and counter, as a restarted server would.
+    Reset,
 }
 
 pub struct Engine {
     pub cfg: EngineConfig,
-    slots: Semaphore,
-    running: AtomicUsize,
-    waiting: AtomicUsize,
-    kv_used: AtomicUsize,
-    preemptions: AtomicU64,
-    counters: Mutex<Counters>,
+    commands: mpsc::UnboundedSender<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+    next_id: AtomicU64,
+    /// Fault: every step takes this many times longer (f64 bits).
+    slow_factor: Arc<AtomicU64>,
 }
 
-/// One request's presence in a gauge; released on drop, so an abort at any await point
-/// leaves the gauges right.
-struct Gauge<'a>(&'a AtomicUsize, usize);
-impl<'a> Gauge<'a> {
-    fn add(g: &'a AtomicUsize, n: usize) -> Self {
-        g.fetch_add(n, Ordering::Relaxed);
-        Gauge(g, n)
-    }
-}
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(self.1, Ordering::Relaxed);
-    }
+struct Live {
+    events: mpsc::UnboundedSender<Event>,
+    arrival: Instant,
+    last_token: Option<Instant>,
 }
 
 impl Engine {
-    pub fn new(cfg: EngineConfig) -> Arc<Engine> {
+    /// Starts the engine task on the current tokio runtime.
+    pub fn start(cfg: EngineConfig) -> Arc<Engine> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(Mutex::new(EngineStats::new()));
+        let slow_factor = Arc::new(AtomicU64::new(1.0f64.to_bits()));
+        tokio::spawn(run(cfg.clone(), rx, stats.clone(), slow_factor.clone()));
         Arc::new(Engine {
-            slots: Semaphore::new(cfg.max_num_seqs.max(1)),
             cfg,
-            running: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            kv_used: AtomicUsize::new(0),
-            preemptions: AtomicU64::new(0),
-            counters: Mutex::new(Counters {
-                prompt_tokens: 0,
-                generation_tokens: 0,
-                success_stop: 0,
-                success_length: 0,
-                aborted: 0,
-                ttft: Histogram::new(TTFT_BUCKETS),
-                e2e: Histogram::new(E2E_BUCKETS),
-            }),
+            commands: tx,
+            stats,
+            next_id: AtomicU64::new(1),
+            slow_factor,
         })
     }
 
-    pub fn running(&self) -> usize {
-        self.running.load(Ordering::Relaxed)
-    }
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
-    /// Fraction of KV capacity held by running requests (0–1).
-    pub fn kv_usage(&self) -> f64 {
-        (self.kv_used.load(Ordering::Relaxed) as f64 / self.cfg.kv_tokens.max(1) as f64).min(1.0)
-    }
-    pub fn preemptions(&self) -> u64 {
-        self.preemptions.load(Ordering::Relaxed)
-    }
-    pub fn counters(&self) -> Counters {
-        self.counters.lock().expect("not poisoned").clone()
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().expect("not poisoned").clone()
     }
 
-    fn scaled(&self, d: Duration) -> Duration {
-        d.mul_f64(self.cfg.time_scale)
+    pub fn set_slow_factor(&self, factor: f64) {
+        self.slow_factor
+            .store(factor.max(0.0).to_bits(), Ordering::Relaxed);
     }
 
-    /// Starts a request. Its events arrive on the returned channel; dropping the receiver
+    /// Drops all requests and zeroes every counter.
+    pub fn reset(&self) {
+        let _ = self.commands.send(Command::Reset);
+    }
+
+    /// Queues a request. Its tokens arrive on the returned channel; dropping the receiver
     /// aborts it (as a client disconnect aborts a request in vLLM).
-    pub fn submit(self: &Arc<Self>, req: GenRequest, arrival: Instant) -> mpsc::Receiver<Event> {
-        let (tx, rx) = mpsc::channel(64);
-        let engine = self.clone();
-        tokio::spawn(async move {
-            let aborted = tokio::select! {
-                done = engine.run_request(&req, arrival, &tx) => done.is_err(),
-                _ = tx.closed() => true,
-            };
-            if aborted {
-                engine.counters.lock().expect("not poisoned").aborted += 1;
-            }
-        });
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        output_tokens: usize,
+        arrival: Instant,
+    ) -> mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self.commands.send(Command::Submit(Submission {
+            id,
+            prompt,
+            output_tokens,
+            arrival,
+            events: tx,
+        }));
         rx
     }
+}
 
-    async fn run_request(
-        &self,
-        req: &GenRequest,
-        arrival: Instant,
-        tx: &mpsc::Sender<Event>,
-    ) -> Result<(), ()> {
-        let permit = {
-            let _waiting = Gauge::add(&self.waiting, 1);
-            self.slots.acquire().await.map_err(|_| ())?
-        };
-        let _permit = permit;
-        let _running = Gauge::add(&self.running, 1);
-        let _kv = Gauge::add(&self.kv_used, req.prompt_tokens + req.output_tokens);
-        let prefill = self.cfg.ttft_base
-            + Duration::from_secs_f64(req.prompt_tokens as f64 / self.cfg.prefill_tokens_per_s);
-        tokio::time::sleep(self.scaled(prefill)).await;
-        let ttft = arrival.elapsed().as_secs_f64();
-        {
-            let mut c = self.counters.lock().expect("not poisoned");
-            c.prompt_tokens += req.prompt_tokens as u64;
-            c.ttft.observe(ttft);
-        }
-        let mut next = tokio::time::Instant::now();
-        for i in 0..req.output_tokens {
-            if i > 0 {
-                next += self.scaled(self.cfg.decode_interval);
-                tokio::time::sleep_until(next).await;
-            }
-            tx.send(Event::Token(i)).await.map_err(|_| ())?;
-            self.counters
-                .lock()
-                .expect("not poisoned")
-                .generation_tokens += 1;
-        }
-        {
-            let mut c = self.counters.lock().expect("not poisoned");
-            match req.finish_reason {
-                "length" => c.success_length += 1,
-                _ => c.success_stop += 1,
-            }
-            c.e2e.observe(arrival.elapsed().as_secs_f64());
-        }
-        tx.send(Event::Finished(req.finish_reason))
-            .await
-            .map_err(|_| ())
+fn reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
     }
+}
+
+/// If the engine falls this far behind its modelled clock (a busy machine), it stops
+/// trying to catch up, so it never runs a burst of zero-length steps.
+const MAX_LAG: Duration = Duration::from_millis(50);
+
+async fn run(
+    cfg: EngineConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+    slow_factor: Arc<AtomicU64>,
+) {
+    let mut sched = Scheduler::new(cfg.scheduler.clone());
+    let mut live: HashMap<SeqId, Live> = HashMap::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut clock = tokio::time::Instant::now();
+    let jitter_cv = cfg.scheduler.perf.jitter_cv;
+    let mut pending: Option<Command> = None;
+    loop {
+        // Intake: wait when idle, otherwise take whatever arrived.
+        let mut next = match pending.take() {
+            Some(c) => Some(c),
+            None if sched.is_idle() => match commands.recv().await {
+                Some(c) => Some(c),
+                None => return,
+            },
+            None => None,
+        };
+        loop {
+            let cmd = match next.take() {
+                Some(c) => c,
+                None => match commands.try_recv() {
+                    Ok(c) => c,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                },
+            };
+            match cmd {
+                Command::Submit(s) => {
+                    sched.add(NewSeq {
+                        id: s.id,
+                        prompt: s.prompt,
+                        output_tokens: s.output_tokens,
+                    });
+                    live.insert(
+                        s.id,
+                        Live {
+                            events: s.events,
+                            arrival: s.arrival,
+                            last_token: None,
+                        },
+                    );
+                }
+                Command::Reset => {
+                    sched = Scheduler::new(cfg.scheduler.clone());
+                    live.clear();
+                    *stats.lock().expect("not poisoned") = EngineStats::new();
+                }
+            }
+        }
+        // Clients that left.
+        let gone: Vec<SeqId> = live
+            .iter()
+            .filter(|(_, l)| l.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &gone {
+            sched.abort(*id);
+            live.remove(id);
+        }
+        if !gone.is_empty() {
+            stats.lock().expect("not poisoned").aborted += gone.len() as u64;
+        }
+        let Some(batch) = sched.schedule() else {
+            // Requests wait but none can run (one larger than the whole cache): wait for
+            // news instead of spinning.
+            publish(&sched, &stats);
+            match tokio::time::timeout(Duration::from_millis(10), commands.recv()).await {
+                Ok(Some(c)) => pending = Some(c),
+                Ok(None) => return,
+                Err(_) => {}
+            }
+            continue;
+        };
+        let slow = f64::from_bits(slow_factor.load(Ordering::Relaxed));
+        let step = sched.step_ms(&batch) * jitter(&mut rng, jitter_cv) * slow * cfg.time_scale;
+        let now = tokio::time::Instant::now();
+        if clock + MAX_LAG < now {
+            clock = now;
+        }
+        clock += Duration::from_secs_f64(step.max(0.0) / 1000.0);
+        tokio::time::sleep_until(clock).await;
+        let outcome = sched.complete(&batch);
+        let now = Instant::now();
+        let mut st = stats.lock().expect("not poisoned");
+        st.steps += 1;
+        for id in &batch.admitted {
+            if let Some(l) = live.get(id) {
+                if sched.preemptions_of(*id) == 0 {
+                    st.queue
+                        .observe(now.duration_since(l.arrival).as_secs_f64());
+                }
+            }
+        }
+        for (id, index) in outcome.emitted {
+            if let Some(l) = live.get_mut(&id) {
+                match l.last_token {
+                    None => st.ttft.observe(now.duration_since(l.arrival).as_secs_f64()),
+                    Some(t) => st.itl.observe(now.duration_since(t).as_secs_f64()),
+                }
+                l.last_token = Some(now);
+                // A send error means the client left: the abort happens next step.
+                let _ = l.events.send(Event::Token(index));
+            }
+        }
+        for (id, r) in outcome.finished {
+            if let Some(l) = live.remove(&id) {
+                st.e2e.observe(now.duration_since(l.arrival).as_secs_f64());
+                let _ = l.events.send(Event::Finished(reason(r)));
+            }
+            match r {
+                FinishReason::Stop => st.success_stop += 1,
+                FinishReason::Length => st.success_length += 1,
+            }
+            sched.forget(id);
+        }
+        drop(st);
+        publish(&sched, &stats);
+    }
+}
+
+fn publish(sched: &Scheduler, stats: &Mutex<EngineStats>) {
+    let c = sched.counters();
+    let mut st = stats.lock().expect("not poisoned");
+    st.running = sched.num_running();
+    st.waiting = sched.num_waiting();
+    st.kv_usage = sched.kv_usage();
+    st.prefix_queries = c.prefix_queries;
+    st.prefix_hits = c.prefix_hits;
+    st.preemptions = c.preemptions;
+    st.prompt_tokens = c.prompt_tokens;
+    st.prompt_tokens_cached = c.prompt_tokens_cached;
+    st.generation_tokens = c.generation_tokens;
 }

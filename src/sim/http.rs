@@ -78,6 +78,8 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, req: Request) -> Reply;
     /// Called once per accepted connection.
     fn on_connection(&self) {}
+    /// Called when a client closes its connection while its answer is pending.
+    fn on_client_gone(&self) {}
 }
 
 /// Serves `listener` until `shutdown` turns true; then stops accepting and drops every
@@ -250,7 +252,10 @@ async fn connection<H: Handler>(stream: TcpStream, handler: Arc<H>) {
         // The handler runs until it answers or the client leaves (which drops it: abort).
         let reply = tokio::select! {
             reply = handler.handle(req) => reply,
-            _ = client_gone(&mut read, &mut buf) => return,
+            _ = client_gone(&mut read, &mut buf) => {
+                handler.on_client_gone();
+                return;
+            }
         };
         let keep = match reply {
             Reply::Full {
@@ -294,7 +299,10 @@ async fn connection<H: Handler>(stream: TcpStream, handler: Arc<H>) {
                 loop {
                     let item = tokio::select! {
                         item = rx.recv() => item,
-                        _ = client_gone(&mut read, &mut buf) => return,
+                        _ = client_gone(&mut read, &mut buf) => {
+                            handler.on_client_gone();
+                            return;
+                        }
                     };
                     match item {
                         Some(StreamItem::Data(data)) => {

@@ -3,13 +3,15 @@
 //! simulated engine behind them, and fault injection for resilience tests.
 //!
 //! - [`http`]: the HTTP/1.1 server (keep-alive, streams, reset and stall on demand);
-//! - [`engine`]: admission, prefill and token emission, counters and gauges;
+//! - [`scheduler`]: vLLM's V1 scheduler and step-time model, pure (virtual clock);
+//! - [`engine`]: that scheduler driven in real (scaled) time, counters and histograms;
 //! - [`exposition`]: the `/metrics` text;
 //! - this module: flags, the OpenAI routes, faults and the `/sim/*` admin routes.
 
 pub mod engine;
 pub mod exposition;
 pub mod http;
+pub mod scheduler;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,8 +24,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 
-use engine::{Engine, EngineConfig, Event, GenRequest};
+use engine::{Engine, EngineConfig, Event};
 use http::{Reply, Request, StreamItem};
+use scheduler::{PerfModel, SchedulerConfig};
+
+/// Hardware profiles; flags override their values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// Llama-3-8B on one H100 (the calibration of research/vllm-sim-spec.md §7.4).
+    #[value(name = "llama3-8b-h100")]
+    Llama3H100,
+    /// Llama-3-8B on one A100-80GB: slower steps, same KV capacity.
+    #[value(name = "llama3-8b-a100")]
+    Llama3A100,
+    /// A tiny engine that queues, preempts and evicts within seconds, 100× faster than
+    /// real time.
+    #[value(name = "tiny-test")]
+    TinyTest,
+}
 
 /// Flags of `vllm-edge sim` (named after vLLM's where vLLM has one).
 #[derive(Debug, Clone, clap::Args)]
@@ -37,33 +55,44 @@ pub struct SimArgs {
     /// Served model name (repeat for aliases).
     #[arg(long = "model", default_value = "sim-llama")]
     pub models: Vec<String>,
-    /// Most requests running at once; the rest wait.
-    #[arg(long, default_value_t = 256)]
-    pub max_num_seqs: usize,
+    /// Hardware profile; the flags below override its values.
+    #[arg(long, value_enum, default_value_t = Preset::Llama3H100)]
+    pub preset: Preset,
+    /// Most requests running at once (vLLM's --max-num-seqs).
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// Token budget of one step (vLLM's --max-num-batched-tokens).
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
     /// KV-cache capacity in tokens.
-    #[arg(long, default_value_t = 450_000)]
-    pub kv_tokens: usize,
-    /// KV block size in tokens.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
-    /// Longest prompt + output, in tokens.
-    #[arg(long, default_value_t = 131_072)]
-    pub max_model_len: usize,
-    /// Output tokens per second of one request (decode speed).
-    #[arg(long, default_value_t = 100.0)]
-    pub tokens_per_s: f64,
-    /// Prompt tokens processed per second (prefill speed).
-    #[arg(long, default_value_t = 40_000.0)]
-    pub prefill_tokens_per_s: f64,
-    /// Fixed time before the first token, in milliseconds.
-    #[arg(long, default_value_t = 5.0)]
-    pub ttft_ms: f64,
-    /// Output length when the request does not force one (`max_tokens` still caps it).
-    #[arg(long, default_value_t = 64)]
-    pub default_output_tokens: usize,
-    /// Multiplies every simulated duration: 0.01 runs 100× faster than real time.
+    #[arg(long)]
+    pub kv_tokens: Option<usize>,
+    /// KV block size in tokens (vLLM's --block-size).
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Longest prompt + output in tokens (vLLM's --max-model-len); capped by the KV size.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Disable prefix caching (vLLM's --no-enable-prefix-caching).
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
+    /// GPU speed relative to the preset (2.0 = twice as fast): for heterogeneous fleets.
     #[arg(long, default_value_t = 1.0)]
-    pub time_scale: f64,
+    pub speed_factor: f64,
+    /// Multiplies every simulated duration: 0.01 runs 100× faster than real time.
+    #[arg(long)]
+    pub time_scale: Option<f64>,
+    /// Relative spread of step times (0 for exact timing).
+    #[arg(long)]
+    pub jitter: Option<f64>,
+    /// Seed of every random choice (output lengths, step jitter).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Median output length when a request does not force one (lognormal, p99 ≈ 6.7×
+    /// median; `max_tokens` still caps it). `ignore_eos` or the `x-sim-output-tokens`
+    /// header force an exact length.
+    #[arg(long, default_value_t = 150)]
+    pub output_len_median: usize,
     /// Serve the legacy metric dialect (`vllm:gpu_cache_usage_perc`).
     #[arg(long)]
     pub legacy_metrics: bool,
@@ -74,7 +103,7 @@ pub struct SimArgs {
     /// Answer every inference request with this HTTP status (a fault; see /sim/faults).
     #[arg(long)]
     pub fail_status: Option<u16>,
-    /// Name reported in the `x-sim-replica` header.
+    /// Name reported in the `x-sim-replica` header and /sim/state.
     #[arg(long)]
     pub name: Option<String>,
 }
@@ -90,6 +119,56 @@ impl SimArgs {
         }
         Wrap::parse_from(["sim"]).args
     }
+
+    /// The engine configuration: the preset's values, overridden by the flags.
+    pub fn engine_config(&self) -> EngineConfig {
+        let (seqs, budget, kv, block, len, perf, scale) = match self.preset {
+            Preset::Llama3H100 => (
+                256,
+                8192,
+                450_000,
+                16,
+                131_072,
+                PerfModel::LLAMA3_8B_H100,
+                1.0,
+            ),
+            Preset::Llama3A100 => (
+                256,
+                8192,
+                450_000,
+                16,
+                131_072,
+                PerfModel::LLAMA3_8B_A100,
+                1.0,
+            ),
+            Preset::TinyTest => (8, 512, 4096, 16, 4096, PerfModel::LLAMA3_8B_H100, 0.01),
+        };
+        let mut perf = perf;
+        if let Some(j) = self.jitter {
+            perf.jitter_cv = j.max(0.0);
+        }
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_num_seqs: self.max_num_seqs.unwrap_or(seqs).max(1),
+                max_num_batched_tokens: self.max_num_batched_tokens.unwrap_or(budget).max(1),
+                block_size: self.block_size.unwrap_or(block).max(1),
+                kv_tokens: self
+                    .kv_tokens
+                    .unwrap_or(kv)
+                    .max(2 * self.block_size.unwrap_or(block).max(1)),
+                enable_prefix_caching: !self.no_enable_prefix_caching,
+                max_model_len: self.max_model_len.unwrap_or(len).max(1),
+                perf,
+                speed_factor: if self.speed_factor > 0.0 {
+                    self.speed_factor
+                } else {
+                    1.0
+                },
+            },
+            time_scale: self.time_scale.unwrap_or(scale).max(0.0),
+            seed: self.seed,
+        }
+    }
 }
 
 /// Faults, set by flags or at run time with `POST /sim/faults` (a JSON object with any
@@ -101,16 +180,28 @@ pub struct Faults {
     pub http_error: Option<u16>,
     /// Reset the connection instead of answering inference requests.
     pub reset: bool,
-    /// Accept inference requests and never answer.
+    /// Accept inference requests and never answer (`/health` still answers 200).
     pub stall: bool,
     /// Status of `/health` (vLLM answers 503 when its engine died).
     pub health_status: Option<u16>,
+    /// Every engine step takes this many times longer.
+    pub slow_factor: Option<f64>,
     /// Reset the connection after this many streamed tokens.
     pub stream_reset_after_tokens: Option<usize>,
     /// Send a vLLM error event and `[DONE]` after this many streamed tokens.
     pub stream_error_after_tokens: Option<usize>,
     /// Stop sending (connection kept open) after this many streamed tokens.
     pub stream_hang_after_tokens: Option<usize>,
+    /// Delay `/metrics` answers by this many milliseconds.
+    pub metrics_delay_ms: Option<u64>,
+    /// Freeze `/metrics` at its value when this was set (the engine goes on).
+    pub metrics_stale: bool,
+    /// Leave out the metric families whose names start with any of these.
+    pub metrics_drop: Vec<String>,
+    /// Answer `/metrics` with an HTML error page instead of the exposition.
+    pub metrics_garbage: bool,
+    /// Serve the legacy dialect (`vllm:gpu_cache_usage_perc`).
+    pub metrics_legacy: bool,
 }
 
 /// Body digests kept for `/sim/state` (tests check byte-exact forwarding with them).
@@ -120,11 +211,18 @@ pub struct Sim {
     args: SimArgs,
     engine: Arc<Engine>,
     faults: Mutex<Faults>,
-    started: SystemTime,
+    /// The `/metrics` text frozen by the `metrics_stale` fault.
+    frozen_metrics: Mutex<Option<String>>,
+    rng: Mutex<rand::rngs::StdRng>,
+    started: Mutex<SystemTime>,
     requests: AtomicU64,
     connections: AtomicU64,
+    /// Clients that closed their connection while their answer was pending.
+    disconnects: AtomicU64,
     digests: Mutex<VecDeque<String>>,
     next_id: AtomicU64,
+    restart: tokio::sync::Notify,
+    restart_down: Mutex<Duration>,
 }
 
 /// A running simulated server.
@@ -156,12 +254,53 @@ pub async fn spawn(args: SimArgs) -> std::io::Result<SimHandle> {
     let addr = listener.local_addr()?;
     let sim = Arc::new(Sim::new(args));
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(http::serve(listener, sim.clone(), rx));
+    tokio::spawn(serve_with_restarts(listener, addr, sim.clone(), rx));
     Ok(SimHandle {
         addr,
         sim,
         shutdown: tx,
     })
+}
+
+/// Serves until shut down. A restart (`POST /sim/restart`) closes the listener and every
+/// connection, forgets all requests and counters, stays away for the requested time (the
+/// port refuses connections, as vLLM does while loading) and binds the same port again.
+async fn serve_with_restarts(
+    mut listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    sim: Arc<Sim>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let serving = tokio::spawn(http::serve(listener, sim.clone(), stop_rx));
+        tokio::select! {
+            _ = sim.restart.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => {
+                let _ = stop_tx.send(true);
+                return;
+            }
+        }
+        let _ = stop_tx.send(true);
+        let _ = serving.await;
+        sim.engine.reset();
+        sim.reset_counters();
+        let down = *sim.restart_down.lock().expect("not poisoned");
+        tracing::info!(%addr, ?down, "sim restarting");
+        tokio::time::sleep(down).await;
+        listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "sim cannot bind again yet");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        };
+    }
 }
 
 /// FNV-1a 64: a cheap digest for comparing bodies in tests.
@@ -174,7 +313,40 @@ pub fn digest(body: &[u8]) -> String {
     format!("{}:{h:016x}", body.len())
 }
 
-/// The pseudo tokenizer: one token per word or punctuation mark.
+/// The pseudo tokenizer: one token per word or punctuation mark, with a stable id, so
+/// identical text gives identical token ids (and identical prefix-cache blocks).
+pub fn tokenize(text: &str) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(text.len() / 4);
+    let mut word_start: Option<usize> = None;
+    let id = |t: &str| {
+        let mut h: u32 = 0x811c9dc5;
+        for b in t.bytes() {
+            h ^= b as u32;
+            h = h.wrapping_mul(0x01000193);
+        }
+        h
+    };
+    for (i, c) in text.char_indices() {
+        if c.is_alphanumeric() {
+            if word_start.is_none() {
+                word_start = Some(i);
+            }
+            continue;
+        }
+        if let Some(st) = word_start.take() {
+            ids.push(id(&text[st..i]));
+        }
+        if !c.is_whitespace() {
+            ids.push(id(&text[i..i + c.len_utf8()]));
+        }
+    }
+    if let Some(st) = word_start {
+        ids.push(id(&text[st..]));
+    }
+    ids
+}
+
+/// The number of tokens of `text` (see [`tokenize`]).
 pub fn count_tokens(text: &str) -> usize {
     let mut n = 0;
     let mut in_word = false;
@@ -265,29 +437,29 @@ enum Kind {
 }
 
 impl Sim {
+    /// Builds the server state and starts its engine (needs a tokio runtime).
     pub fn new(args: SimArgs) -> Sim {
-        let engine = Engine::new(EngineConfig {
-            max_num_seqs: args.max_num_seqs,
-            kv_tokens: args.kv_tokens,
-            block_size: args.block_size,
-            prefill_tokens_per_s: args.prefill_tokens_per_s.max(1.0),
-            decode_interval: Duration::from_secs_f64(1.0 / args.tokens_per_s.max(0.001)),
-            ttft_base: Duration::from_secs_f64(args.ttft_ms.max(0.0) / 1000.0),
-            time_scale: args.time_scale.max(0.0),
-        });
+        use rand::SeedableRng;
+        let engine = Engine::start(args.engine_config());
         let faults = Faults {
             http_error: args.fail_status,
+            metrics_legacy: args.legacy_metrics,
             ..Faults::default()
         };
         Sim {
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed)),
             args,
             engine,
             faults: Mutex::new(faults),
-            started: SystemTime::now(),
+            frozen_metrics: Mutex::new(None),
+            started: Mutex::new(SystemTime::now()),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
             digests: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(1),
+            restart: tokio::sync::Notify::new(),
+            restart_down: Mutex::new(Duration::ZERO),
         }
     }
 
@@ -300,44 +472,76 @@ impl Sim {
     }
 
     pub fn set_faults(&self, f: Faults) {
+        self.engine.set_slow_factor(f.slow_factor.unwrap_or(1.0));
+        let mut frozen = self.frozen_metrics.lock().expect("not poisoned");
+        if f.metrics_stale && frozen.is_none() {
+            *frozen = Some(exposition::render(self, &f));
+        } else if !f.metrics_stale {
+            *frozen = None;
+        }
+        drop(frozen);
         *self.faults.lock().expect("not poisoned") = f;
+    }
+
+    /// Stops listening now and comes back after `down` with every counter reset.
+    pub fn restart(&self, down: Duration) {
+        *self.restart_down.lock().expect("not poisoned") = down;
+        self.restart.notify_one();
+    }
+
+    fn reset_counters(&self) {
+        *self.started.lock().expect("not poisoned") = SystemTime::now();
+        self.requests.store(0, Ordering::Relaxed);
+        self.connections.store(0, Ordering::Relaxed);
+        self.disconnects.store(0, Ordering::Relaxed);
+        self.digests.lock().expect("not poisoned").clear();
     }
 
     fn model_name(&self) -> &str {
         &self.args.models[0]
     }
 
+    fn started_unix(&self) -> u64 {
+        self.started
+            .lock()
+            .expect("not poisoned")
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
     /// Ground truth for tests: counters, gauges, recent body digests and faults.
     pub fn state(&self) -> Value {
-        let c = self.engine.counters();
+        let st = self.engine.stats();
         json!({
             "name": self.args.name,
             "models": self.args.models,
             "requests": self.requests.load(Ordering::Relaxed),
             "connections": self.connections.load(Ordering::Relaxed),
-            "running": self.engine.running(),
-            "waiting": self.engine.waiting(),
-            "kv_usage": self.engine.kv_usage(),
-            "aborted": c.aborted,
-            "finished": c.success_stop + c.success_length,
-            "generation_tokens": c.generation_tokens,
+            "disconnects": self.disconnects.load(Ordering::Relaxed),
+            "running": st.running,
+            "waiting": st.waiting,
+            "kv_usage": st.kv_usage,
+            "aborted": st.aborted,
+            "finished": st.success_stop + st.success_length,
+            "preemptions": st.preemptions,
+            "prefix_cache_hits": st.prefix_hits,
+            "generation_tokens": st.generation_tokens,
+            "steps": st.steps,
             "body_digests": self.digests.lock().expect("not poisoned").iter().collect::<Vec<_>>(),
             "faults": self.faults(),
         })
     }
 
     fn models_body(&self) -> String {
-        let created = self
-            .started
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created = self.started_unix();
+        let max_len = self.engine.cfg.scheduler.effective_max_model_len();
         let data: Vec<Value> = self
             .args
             .models
             .iter()
             .map(|m| {
                 json!({"id": m, "object": "model", "created": created, "owned_by": "vllm",
-                       "root": m, "parent": null, "max_model_len": self.args.max_model_len})
+                       "root": m, "parent": null, "max_model_len": max_len})
             })
             .collect();
         json!({"object": "list", "data": data}).to_string()
@@ -349,6 +553,14 @@ impl Sim {
             h.push(("x-sim-replica", n.clone()));
         }
         h
+    }
+
+    /// The natural output length of a request: lognormal around the median.
+    fn sample_output_len(&self) -> usize {
+        let mut rng = self.rng.lock().expect("not poisoned");
+        // σ so that p99 ≈ 6.7 × median (median 150, p99 1000 in the spec).
+        let factor = scheduler::jitter(&mut *rng, 0.816);
+        ((self.args.output_len_median as f64 * factor).round() as usize).max(1)
     }
 
     async fn generate(&self, req: &Request, kind: Kind) -> Reply {
@@ -406,55 +618,58 @@ impl Sim {
                 _ => return vllm_error(400, "Bad Request", "Field required", Some("body.prompt")),
             },
         };
-        let prompt_tokens = count_tokens(&prompt).max(1);
-        if prompt_tokens > self.args.max_model_len {
+        let mut prompt_ids = tokenize(&prompt);
+        if prompt_ids.is_empty() {
+            prompt_ids.push(0);
+        }
+        let prompt_tokens = prompt_ids.len();
+        let max_len = self.engine.cfg.scheduler.effective_max_model_len();
+        if prompt_tokens >= max_len {
             return vllm_error(
                 400,
                 "BadRequestError",
                 &format!(
-                    "This model's maximum context length is {} tokens. However, your prompt \
-                     contains at least {} input tokens, which exceeds this limit even without \
-                     any output tokens. Please reduce the length of the input prompt.",
-                    self.args.max_model_len, prompt_tokens
+                    "This model's maximum context length is {max_len} tokens. However, your \
+                     prompt contains at least {} input tokens, which exceeds this limit even \
+                     without any output tokens. Please reduce the length of the input prompt. \
+                     (parameter=input_tokens, value={})",
+                    prompt_tokens, prompt_tokens
                 ),
                 Some("input_tokens"),
             );
         }
-        let room = self.args.max_model_len - prompt_tokens;
         let max_tokens = v["max_completion_tokens"]
             .as_u64()
             .or(v["max_tokens"].as_u64())
             .map(|n| n as usize);
         if let Some(m) = max_tokens {
-            if m > self.args.max_model_len {
+            if m > max_len {
                 return vllm_error(
                     400,
                     "BadRequestError",
                     &format!(
-                        "max_tokens={m} cannot be greater than max_model_len={}. Please \
-                         request fewer output tokens.",
-                        self.args.max_model_len
+                        "max_tokens={m} cannot be greater than max_model_len={max_len}. Please \
+                         request fewer output tokens. (parameter=max_tokens, value={m})"
                     ),
                     Some("max_tokens"),
                 );
             }
         }
-        let cap = max_tokens.unwrap_or(room).min(room);
+        // vLLM clamps max_tokens to what the context has room for.
+        let cap = max_tokens
+            .unwrap_or(max_len)
+            .min(max_len - prompt_tokens)
+            .max(1);
         let forced = req
             .header("x-sim-output-tokens")
             .and_then(|s| s.parse::<usize>().ok());
         let ignore_eos = v["ignore_eos"].as_bool().unwrap_or(false);
-        let natural = forced.unwrap_or(if ignore_eos {
-            usize::MAX
-        } else {
-            self.args.default_output_tokens
-        });
-        let output_tokens = natural.min(cap).max(1);
-        let finish_reason = if output_tokens >= cap && natural >= cap {
-            "length"
-        } else {
-            "stop"
+        let natural = match forced {
+            Some(n) => n.max(1),
+            None if ignore_eos => usize::MAX,
+            None => self.sample_output_len(),
         };
+        let output_tokens = natural.min(cap);
         let stream = v["stream"].as_bool().unwrap_or(false);
         let include_usage = v["stream_options"]["include_usage"]
             .as_bool()
@@ -464,25 +679,23 @@ impl Sim {
             Kind::Chat => format!("chatcmpl-sim{n:012x}"),
             Kind::Completion => format!("cmpl-sim{n:012x}"),
         };
-        let events = self.engine.submit(
-            GenRequest {
-                prompt_tokens,
-                output_tokens,
-                finish_reason,
-            },
-            arrival,
-        );
+        // Tokenization and validation take time in vLLM too, before the engine sees it.
+        let api = self.engine.cfg.scheduler.perf.api_overhead_ms * self.engine.cfg.time_scale;
+        tokio::time::sleep(Duration::from_secs_f64(api / 1000.0)).await;
+        let events = self.engine.submit(prompt_ids, output_tokens, arrival);
         let ctx = GenCtx {
             id,
             model,
             created: now_unix(),
             prompt_tokens,
             annotate: self.args.annotate_timing,
+            kind,
+            natural,
         };
         let headers = self.replica_headers(&body_digest);
         if stream {
             let (tx, rx) = mpsc::channel(16);
-            tokio::spawn(stream_events(ctx, kind, events, tx, include_usage, faults));
+            tokio::spawn(stream_events(ctx, events, tx, include_usage, faults));
             Reply::Stream {
                 status: 200,
                 content_type: "text/event-stream; charset=utf-8",
@@ -493,19 +706,19 @@ impl Sim {
             let mut events = events;
             let mut text = String::new();
             let mut produced = 0;
-            let mut reason = finish_reason;
+            let mut reason = "length";
             while let Some(ev) = events.recv().await {
                 match ev {
                     Event::Token(i) => {
                         text.push_str(WORDS[i % WORDS.len()]);
                         produced += 1;
                     }
-                    Event::Finished(r) => reason = r,
+                    Event::Finished(r) => reason = finish_reason(r, produced, natural),
                 }
             }
             let usage = json!({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + produced,
                                "completion_tokens": produced, "prompt_tokens_details": null});
-            let body = match kind {
+            let body = match ctx.kind {
                 Kind::Chat => json!({
                     "id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
@@ -595,12 +808,25 @@ impl Sim {
     }
 }
 
+/// `stop` when the output ended on its own, `length` when `max_tokens` or the context cut
+/// it (the engine only knows whether the model length capped it).
+fn finish_reason(engine: &'static str, produced: usize, natural: usize) -> &'static str {
+    if engine == "length" || produced < natural {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
 struct GenCtx {
     id: String,
     model: String,
     created: u64,
     prompt_tokens: usize,
     annotate: bool,
+    kind: Kind,
+    /// The output length the request would reach if nothing capped it.
+    natural: usize,
 }
 
 impl GenCtx {
@@ -610,38 +836,31 @@ impl GenCtx {
         }
         StreamItem::Data(Bytes::from(format!("data: {v}\n\n")))
     }
+
+    fn object(&self) -> &'static str {
+        match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        }
+    }
+
+    fn chunk(&self, choice: Value) -> Value {
+        json!({"id": self.id, "object": self.object(), "created": self.created,
+               "model": self.model, "choices": [choice]})
+    }
 }
 
+/// Turns engine events into vLLM's SSE chunks: the role chunk with the first token (chat),
+/// one chunk per token, `finish_reason` on the last, the optional usage chunk, `[DONE]`.
 async fn stream_events(
     ctx: GenCtx,
-    kind: Kind,
-    mut events: mpsc::Receiver<Event>,
+    mut events: mpsc::UnboundedReceiver<Event>,
     tx: mpsc::Sender<StreamItem>,
     include_usage: bool,
     faults: Faults,
 ) {
-    let chunk = |choice: Value| match kind {
-        Kind::Chat => {
-            json!({"id": ctx.id, "object": "chat.completion.chunk", "created": ctx.created,
-                             "model": ctx.model, "choices": [choice]})
-        }
-        Kind::Completion => {
-            json!({"id": ctx.id, "object": "text_completion", "created": ctx.created,
-                                   "model": ctx.model, "choices": [choice]})
-        }
-    };
-    if let Kind::Chat = kind {
-        let first = chunk(
-            json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                 "logprobs": null, "finish_reason": null}),
-        );
-        if tx.send(ctx.event(first)).await.is_err() {
-            return;
-        }
-    }
     let mut produced = 0usize;
     let mut pending: Option<usize> = None;
-    let mut finish = "stop";
     // A token's chunk is sent when the next event arrives, so the last one can carry
     // `finish_reason` as vLLM's does.
     loop {
@@ -652,18 +871,31 @@ async fn stream_events(
         };
         if let Some(i) = pending.take() {
             let last = !matches!(ev, Some(Event::Token(_)));
-            if let Some(Event::Finished(r)) = ev {
-                finish = r;
+            let reason = match ev {
+                Some(Event::Finished(r)) => json!(finish_reason(r, produced + 1, ctx.natural)),
+                None => json!("length"),
+                Some(Event::Token(_)) => Value::Null,
+            };
+            if i == 0 {
+                if let Kind::Chat = ctx.kind {
+                    let role = ctx.chunk(
+                        json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": null, "finish_reason": null}),
+                    );
+                    if tx.send(ctx.event(role)).await.is_err() {
+                        return;
+                    }
+                }
             }
             let word = WORDS[i % WORDS.len()];
-            let reason = if last { json!(finish) } else { Value::Null };
-            let choice = match kind {
+            let reason = if last { reason } else { Value::Null };
+            let choice = match ctx.kind {
                 Kind::Chat => json!({"index": 0, "delta": {"content": word}, "logprobs": null,
                                      "finish_reason": reason}),
                 Kind::Completion => json!({"index": 0, "text": word, "logprobs": null,
                                            "finish_reason": reason, "stop_reason": null}),
             };
-            if tx.send(ctx.event(chunk(choice))).await.is_err() {
+            if tx.send(ctx.event(ctx.chunk(choice))).await.is_err() {
                 return;
             }
             produced += 1;
@@ -676,7 +908,7 @@ async fn stream_events(
                 return;
             }
             if faults.stream_error_after_tokens == Some(produced) {
-                let err = json!({"error": {"message": "EngineCore encountered an issue.",
+                let err = json!({"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the root cause.",
                                            "type": "InternalServerError", "param": null, "code": 500}});
                 let _ = tx.send(ctx.event(err)).await;
                 let _ = tx
@@ -691,9 +923,8 @@ async fn stream_events(
         }
     }
     if include_usage {
-        let usage = json!({"id": ctx.id,
-            "object": match kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
-            "created": ctx.created, "model": ctx.model, "choices": [],
+        let usage = json!({"id": ctx.id, "object": ctx.object(), "created": ctx.created,
+            "model": ctx.model, "choices": [],
             "usage": {"prompt_tokens": ctx.prompt_tokens, "total_tokens": ctx.prompt_tokens + produced,
                       "completion_tokens": produced}});
         if tx.send(ctx.event(usage)).await.is_err() {
@@ -705,10 +936,46 @@ async fn stream_events(
         .await;
 }
 
+impl Sim {
+    async fn metrics(&self) -> Reply {
+        let faults = self.faults();
+        if let Some(ms) = faults.metrics_delay_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if faults.metrics_garbage {
+            return Reply::Full {
+                status: 200,
+                content_type: "text/html",
+                headers: Vec::new(),
+                body: Bytes::from_static(b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+            };
+        }
+        let frozen = self.frozen_metrics.lock().expect("not poisoned").clone();
+        let text = frozen.unwrap_or_else(|| exposition::render(self, &faults));
+        Reply::Full {
+            status: 200,
+            content_type: "text/plain; version=1.0.0; charset=utf-8",
+            headers: Vec::new(),
+            body: Bytes::from(text),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RestartRequest {
+    /// How long the port refuses connections.
+    #[serde(default)]
+    down_ms: u64,
+}
+
 #[async_trait]
 impl http::Handler for Sim {
     fn on_connection(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_client_gone(&self) {
+        self.disconnects.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn handle(&self, req: Request) -> Reply {
@@ -716,25 +983,17 @@ impl http::Handler for Sim {
         let path = req.path.trim_end_matches('/');
         let path = if path.is_empty() { "/" } else { path };
         match (method, path) {
-            ("GET" | "HEAD", "/health") => {
-                let status = self.faults().health_status.unwrap_or(200);
-                Reply::Full {
-                    status,
-                    content_type: "application/json",
-                    headers: Vec::new(),
-                    body: Bytes::new(),
-                }
-            }
+            ("GET" | "HEAD", "/health") => Reply::Full {
+                status: self.faults().health_status.unwrap_or(200),
+                content_type: "application/json",
+                headers: Vec::new(),
+                body: Bytes::new(),
+            },
             ("GET" | "POST", "/ping") => Reply::json(200, "{}"),
             ("GET", "/version") => Reply::json(200, "{\"version\":\"0.32.0\"}"),
             ("GET", "/v1/models") => Reply::json(200, self.models_body()),
             ("GET", "/load") => Reply::json(200, "{\"server_load\":0}"),
-            ("GET", "/metrics") => Reply::Full {
-                status: 200,
-                content_type: "text/plain; version=1.0.0; charset=utf-8",
-                headers: Vec::new(),
-                body: Bytes::from(exposition::render(self)),
-            },
+            ("GET", "/metrics") => self.metrics().await,
             ("POST", "/v1/chat/completions") => self.generate(&req, Kind::Chat).await,
             ("POST", "/v1/completions") => self.generate(&req, Kind::Completion).await,
             ("POST", "/v1/embeddings") => self.embeddings(&req),
@@ -748,6 +1007,20 @@ impl http::Handler for Sim {
                 }
                 Err(e) => vllm_error(400, "BadRequestError", &e.to_string(), Some("body")),
             },
+            ("POST", "/sim/restart") => {
+                let body: &[u8] = if req.body.is_empty() {
+                    b"{}"
+                } else {
+                    &req.body
+                };
+                match serde_json::from_slice::<RestartRequest>(body) {
+                    Ok(r) => {
+                        self.restart(Duration::from_millis(r.down_ms));
+                        Reply::json(200, "{\"restarting\":true}")
+                    }
+                    Err(e) => vllm_error(400, "BadRequestError", &e.to_string(), Some("body")),
+                }
+            }
             (_, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/tokenize") => {
                 Reply::Full {
                     status: 405,

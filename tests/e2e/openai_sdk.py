@@ -39,7 +39,10 @@ def start_demo(binary):
 
 def check_chat(client):
     r = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hello"}], max_tokens=8
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=8,
+        extra_body={"ignore_eos": True},  # vLLM's flag: generate exactly max_tokens
     )
     assert r.object == "chat.completion", r
     assert r.choices[0].message.role == "assistant", r
@@ -54,6 +57,7 @@ def check_stream(client):
         max_tokens=6,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     text, usage, finish = "", None, None
     for chunk in stream:

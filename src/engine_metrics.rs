@@ -1,0 +1,408 @@
+//! Reading an engine's `/metrics`: a strict parser of the Prometheus text exposition,
+//! reduced to the load signals routing needs ([`EngineLoad`]).
+//!
+//! vLLM's names (current and legacy) are the only place engine metric names appear in the
+//! gateway. A server with data parallelism reports several `engine` label values: counts
+//! are summed, KV usage averaged, capacities summed. A metric that is absent is unknown
+//! (`None`), never zero (`--disable-log-stats` removes them all). A payload that is not a
+//! valid exposition (HTML, binary, truncated lines) is an error for that backend; a value
+//! out of its range (negative counts, KV usage above 1, NaN) is dropped as unknown.
+
+use std::collections::BTreeMap;
+
+/// The load signals of one backend, as last scraped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineLoad {
+    pub running: Option<f64>,
+    pub waiting: Option<f64>,
+    /// 0–1, averaged over engines.
+    pub kv_usage: Option<f64>,
+    /// KV capacity in tokens, summed over engines.
+    pub kv_capacity_tokens: Option<u64>,
+    pub block_size: Option<u64>,
+    /// Cumulative prefix-cache queries and hits, in tokens.
+    pub prefix_queries: Option<f64>,
+    pub prefix_hits: Option<f64>,
+    pub preemptions: Option<f64>,
+    /// Distinct `engine` label values seen (1 when there is no such label).
+    pub engines: usize,
+    /// Values dropped as out of range, for logs and `/load-stats`.
+    pub anomalies: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics payload larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("metrics payload is not UTF-8 text")]
+    NotText,
+    #[error("line {line}: {reason}")]
+    Malformed { line: usize, reason: &'static str },
+}
+
+/// One sample line: metric name, labels, value.
+#[derive(Debug, PartialEq)]
+pub struct Sample<'a> {
+    pub name: &'a str,
+    pub labels: Vec<(&'a str, String)>,
+    pub value: f64,
+}
+
+impl Sample<'_> {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn is_name_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c == b':'
+}
+fn is_name_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b':'
+}
+
+/// Parses one sample line of the text format.
+pub fn parse_sample(line: &str) -> Result<Sample<'_>, &'static str> {
+    let b = line.as_bytes();
+    if b.is_empty() || !is_name_start(b[0]) {
+        return Err("not a metric name");
+    }
+    let mut i = 1;
+    while i < b.len() && is_name_char(b[i]) {
+        i += 1;
+    }
+    let name = &line[..i];
+    let mut labels = Vec::new();
+    if i < b.len() && b[i] == b'{' {
+        i += 1;
+        loop {
+            while i < b.len() && (b[i] == b' ' || b[i] == b',') {
+                i += 1;
+            }
+            if i >= b.len() {
+                return Err("unterminated labels");
+            }
+            if b[i] == b'}' {
+                i += 1;
+                break;
+            }
+            let start = i;
+            if !is_name_start(b[i]) {
+                return Err("bad label name");
+            }
+            while i < b.len() && is_name_char(b[i]) {
+                i += 1;
+            }
+            let key = &line[start..i];
+            if i + 1 >= b.len() || b[i] != b'=' || b[i + 1] != b'"' {
+                return Err("expected =\" after a label name");
+            }
+            i += 2;
+            let mut value = String::new();
+            loop {
+                match b.get(i) {
+                    None => return Err("unterminated label value"),
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') => {
+                        match b.get(i + 1) {
+                            Some(b'n') => value.push('\n'),
+                            Some(b'\\') => value.push('\\'),
+                            Some(b'"') => value.push('"'),
+                            _ => return Err("bad escape in a label value"),
+                        }
+                        i += 2;
+                    }
+                    Some(_) => {
+                        // Copy a run of plain characters (keeps multi-byte UTF-8 intact).
+                        let start = i;
+                        while i < b.len() && b[i] != b'"' && b[i] != b'\\' {
+                            i += 1;
+                        }
+                        value.push_str(&line[start..i]);
+                    }
+                }
+            }
+            labels.push((key, value));
+        }
+    }
+    let rest = line[i..].trim_start();
+    if rest.len() == line[i..].len() {
+        return Err("expected a space before the value");
+    }
+    let mut parts = rest.split_ascii_whitespace();
+    let value = parts.next().ok_or("missing value")?;
+    let value = match value {
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse::<f64>().map_err(|_| "value is not a number")?,
+    };
+    if let Some(ts) = parts.next() {
+        ts.parse::<i64>().map_err(|_| "bad timestamp")?;
+    }
+    if parts.next().is_some() {
+        return Err("trailing text after the sample");
+    }
+    Ok(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+#[derive(Default)]
+struct PerEngine {
+    running: Option<f64>,
+    waiting: Option<f64>,
+    kv_usage: Option<f64>,
+    kv_capacity_tokens: Option<u64>,
+    block_size: Option<u64>,
+    prefix_queries: Option<f64>,
+    prefix_hits: Option<f64>,
+    preemptions: Option<f64>,
+}
+
+fn add(slot: &mut Option<f64>, v: f64) {
+    *slot = Some(slot.unwrap_or(0.0) + v);
+}
+
+/// Parses a `/metrics` payload of at most `max_bytes`.
+pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsError> {
+    if payload.len() > max_bytes {
+        return Err(MetricsError::TooLarge(max_bytes));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| MetricsError::NotText)?;
+    let mut engines: BTreeMap<String, PerEngine> = BTreeMap::new();
+    let mut anomalies = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim_end_matches('\r');
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let sample = parse_sample(line).map_err(|reason| MetricsError::Malformed {
+            line: n + 1,
+            reason,
+        })?;
+        let engine = sample.label("engine").unwrap_or("").to_string();
+        let v = sample.value;
+        let valid_count = v.is_finite() && v >= 0.0;
+        let mut reject = |what: &str| anomalies.push(format!("{what}={v} (line {})", n + 1));
+        match sample.name {
+            "vllm:num_requests_running" | "vllm:num_requests_waiting" => {
+                if !valid_count {
+                    reject(sample.name);
+                    continue;
+                }
+                let e = engines.entry(engine).or_default();
+                if sample.name.ends_with("running") {
+                    add(&mut e.running, v);
+                } else {
+                    add(&mut e.waiting, v);
+                }
+            }
+            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                    reject(sample.name);
+                    continue;
+                }
+                // Current and legacy names may both be present (0.10): same value.
+                engines.entry(engine).or_default().kv_usage = Some(v);
+            }
+            "vllm:prefix_cache_queries_total" | "vllm:prefix_cache_hits_total" => {
+                if !valid_count {
+                    reject(sample.name);
+                    continue;
+                }
+                let e = engines.entry(engine).or_default();
+                if sample.name.contains("queries") {
+                    add(&mut e.prefix_queries, v);
+                } else {
+                    add(&mut e.prefix_hits, v);
+                }
+            }
+            "vllm:num_preemptions_total" => {
+                if !valid_count {
+                    reject(sample.name);
+                    continue;
+                }
+                add(&mut engines.entry(engine).or_default().preemptions, v);
+            }
+            "vllm:cache_config_info" => {
+                let num = |k: &str| sample.label(k).and_then(|s| s.parse::<u64>().ok());
+                let block = num("block_size");
+                let tokens =
+                    num("kv_cache_size_tokens").or_else(|| Some(num("num_gpu_blocks")? * block?));
+                let e = engines.entry(engine).or_default();
+                e.block_size = block.or(e.block_size);
+                e.kv_capacity_tokens = tokens.or(e.kv_capacity_tokens);
+            }
+            _ => {}
+        }
+    }
+    let mut load = EngineLoad {
+        engines: engines.len().max(1),
+        anomalies,
+        ..EngineLoad::default()
+    };
+    let mut kv_sum = 0.0;
+    let mut kv_n = 0usize;
+    for e in engines.values() {
+        if let Some(v) = e.running {
+            add(&mut load.running, v);
+        }
+        if let Some(v) = e.waiting {
+            add(&mut load.waiting, v);
+        }
+        if let Some(v) = e.kv_usage {
+            kv_sum += v;
+            kv_n += 1;
+        }
+        if let Some(v) = e.prefix_queries {
+            add(&mut load.prefix_queries, v);
+        }
+        if let Some(v) = e.prefix_hits {
+            add(&mut load.prefix_hits, v);
+        }
+        if let Some(v) = e.preemptions {
+            add(&mut load.preemptions, v);
+        }
+        if let Some(t) = e.kv_capacity_tokens {
+            load.kv_capacity_tokens = Some(load.kv_capacity_tokens.unwrap_or(0) + t);
+        }
+        load.block_size = load.block_size.or(e.block_size);
+    }
+    if kv_n > 0 {
+        load.kv_usage = Some(kv_sum / kv_n as f64);
+    }
+    Ok(load)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 8 << 20;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = format!(
+            "{}/../shared/fixtures/vllm-0.32/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    #[test]
+    fn reads_every_real_vllm_fixture() {
+        let dir = format!(
+            "{}/../shared/fixtures/vllm-0.32",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if !(name.starts_with("metrics-") && name.ends_with(".txt")) {
+                continue;
+            }
+            let load = parse(&fixture(&name), MAX).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(load.running.is_some() && load.waiting.is_some(), "{name}");
+            assert!(
+                load.kv_usage.is_some_and(|k| (0.0..=1.0).contains(&k)),
+                "{name}"
+            );
+            assert!(
+                load.kv_capacity_tokens.is_some() && load.block_size == Some(128),
+                "{name}"
+            );
+            assert!(load.anomalies.is_empty(), "{name}: {:?}", load.anomalies);
+            assert_eq!(load.engines, 1);
+            seen += 1;
+        }
+        assert!(seen >= 10, "found {seen} metrics fixtures");
+    }
+
+    #[test]
+    fn busy_and_queued_values_are_read_exactly() {
+        let load = parse(&fixture("metrics-busy-48x512-queued.txt"), MAX).unwrap();
+        assert_eq!(load.running, Some(32.0));
+        assert_eq!(load.waiting, Some(16.0));
+        assert_eq!(load.kv_usage, Some(0.12524461839530332));
+        assert_eq!(load.kv_capacity_tokens, Some(65536));
+        assert_eq!(load.prefix_queries, Some(838.0));
+        let idle = parse(&fixture("metrics-idle.txt"), MAX).unwrap();
+        assert_eq!(idle.running, Some(0.0));
+        let preempt = parse(&fixture("metrics-idle-after-16x512-kv4M-preempt.txt"), MAX).unwrap();
+        assert!(preempt.preemptions.unwrap() > 0.0, "{preempt:?}");
+    }
+
+    #[test]
+    fn several_engines_sum_counts_and_average_kv() {
+        let text = r#"vllm:num_requests_running{engine="0",model_name="m"} 3
+vllm:num_requests_running{engine="1",model_name="m"} 5
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.2
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.6
+"#;
+        let load = parse(text.as_bytes(), MAX).unwrap();
+        assert_eq!(load.running, Some(8.0));
+        assert!((load.kv_usage.unwrap() - 0.4).abs() < 1e-12);
+        assert_eq!(load.engines, 2);
+        assert_eq!(load.waiting, None, "missing is unknown, not zero");
+    }
+
+    #[test]
+    fn legacy_dialect_and_missing_metrics() {
+        let load = parse(br#"vllm:gpu_cache_usage_perc{model_name="m"} 0.5"#, MAX).unwrap();
+        assert_eq!(load.kv_usage, Some(0.5));
+        assert_eq!(load.running, None);
+        let none = parse(b"# only comments\nprocess_open_fds 12\n", MAX).unwrap();
+        assert_eq!(
+            none,
+            EngineLoad {
+                engines: 1,
+                ..EngineLoad::default()
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_and_out_of_range_values_are_dropped() {
+        for bad in [
+            &b"<html><body>502 Bad Gateway</body></html>"[..],
+            br#"vllm:num_requests_running{engine="0" 3"#,
+            b"vllm:num_requests_running 3 4 5\n",
+            br#"vllm:num_requests_running{engine="0"} three"#,
+            b"\xff\xfe\x00garbage",
+        ] {
+            assert!(
+                parse(bad, MAX).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(parse(&[b'#'; 100], 10), Err(MetricsError::TooLarge(10)));
+        let load = parse(
+            b"vllm:kv_cache_usage_perc 1.7\nvllm:num_requests_running -2\nvllm:num_requests_waiting NaN\n",
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(
+            (load.kv_usage, load.running, load.waiting),
+            (None, None, None)
+        );
+        assert_eq!(load.anomalies.len(), 3);
+    }
+
+    #[test]
+    fn label_values_with_escapes_and_utf8() {
+        let s = parse_sample(r#"x{a="q\"uo\\te",b="héllo\n"} 1.5e3 1700000000000"#).unwrap();
+        assert_eq!(s.label("a"), Some("q\"uo\\te"));
+        assert_eq!(s.label("b"), Some("héllo\n"));
+        assert_eq!(s.value, 1500.0);
+    }
+}
