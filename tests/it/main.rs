@@ -5,5 +5,6 @@ mod body;
 mod cli;
 mod discovery;
 mod errors;
+mod sim;
 mod streams;
 mod support;
