@@ -206,7 +206,10 @@ impl BackgroundService for ReadyAnnouncer {
             "admin": self.admin.to_string(),
         });
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+        if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
+            // Nobody reads our stdout (closed pipe): the log line below still says it.
+            tracing::debug!(error = %e, "cannot print the ready line");
+        }
         tracing::info!(listeners = ?self.listeners, admin = %self.admin, "ready");
     }
 }
