@@ -103,9 +103,17 @@ pub struct SimArgs {
     /// Answer every inference request with this HTTP status (a fault; see /sim/faults).
     #[arg(long)]
     pub fail_status: Option<u16>,
+    /// Faults active from the start, as the JSON object `POST /sim/faults` takes, e.g.
+    /// '{"stall":true}' or '{"stream_reset_after_tokens":5,"metrics_delay_ms":2000}'.
+    #[arg(long, value_parser = parse_faults)]
+    pub faults: Option<Faults>,
     /// Name reported in the `x-sim-replica` header and /sim/state.
     #[arg(long)]
     pub name: Option<String>,
+}
+
+fn parse_faults(s: &str) -> Result<Faults, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a faults object: {e}"))
 }
 
 impl SimArgs {
@@ -441,11 +449,12 @@ impl Sim {
     pub fn new(args: SimArgs) -> Sim {
         use rand::SeedableRng;
         let engine = Engine::start(args.engine_config());
-        let faults = Faults {
-            http_error: args.fail_status,
-            metrics_legacy: args.legacy_metrics,
-            ..Faults::default()
-        };
+        let mut faults = args.faults.clone().unwrap_or_default();
+        if args.fail_status.is_some() {
+            faults.http_error = args.fail_status;
+        }
+        faults.metrics_legacy |= args.legacy_metrics;
+        engine.set_slow_factor(faults.slow_factor.unwrap_or(1.0));
         Sim {
             rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed)),
             args,

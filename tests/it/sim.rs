@@ -409,3 +409,56 @@ async fn a_bad_fault_request_is_rejected() {
     assert_eq!(resp.status(), 400);
     let _ = Faults::default();
 }
+
+#[tokio::test]
+async fn faults_can_be_set_from_the_command_line() {
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
+        .args([
+            "sim",
+            "--port",
+            "0",
+            "--model",
+            "m",
+            "--faults",
+            r#"{"health_status":503,"http_error":429}"#,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let ready: Value = serde_json::from_str(&line).unwrap();
+    let base = format!("http://{}", ready["listen"].as_str().unwrap());
+    assert_eq!(
+        http1()
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    let resp = http1()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&chat("x", 2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+
+    let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
+        .args(["sim", "--port", "0", "--faults", r#"{"stal":true}"#])
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown field `stal`"));
+}
