@@ -34,6 +34,15 @@ pub mod defaults {
     /// One first try plus two retries on other replicas; more only hammers a sick fleet.
     pub const MAX_ATTEMPTS: u32 = 3;
     pub const MODELS_INTERVAL: Duration = Duration::from_secs(5);
+    /// Load moves within a second on a busy replica; a quarter second keeps the picture
+    /// current without loading the engine's API server.
+    pub const SCRAPE_INTERVAL: Duration = Duration::from_millis(250);
+    /// A `/metrics` answer slower than this is a failed scrape (it must never hold back
+    /// the next one).
+    pub const SCRAPE_TIMEOUT: Duration = Duration::from_millis(500);
+    /// A backend's scrape older than this many intervals is stale: it is then scored from
+    /// this gateway's own accounting only.
+    pub const STALE_AFTER_INTERVALS: u32 = 4;
     pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
     /// SIGTERM waits this long for in-flight streams.
     pub const GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -93,6 +102,12 @@ struct FileBackend {
     /// Models this backend serves. When set, discovery through `/v1/models` is skipped.
     #[serde(default)]
     models: Option<Vec<String>>,
+    /// Relative speed, used until the backend's own latency has been measured.
+    #[serde(default)]
+    weight: Option<f64>,
+    /// Requests above which the backend counts as saturated.
+    #[serde(default)]
+    max_concurrent_requests: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +152,10 @@ struct FileUpstream {
 #[serde(deny_unknown_fields)]
 struct FileDiscovery {
     #[serde(default)]
+    scrape_interval: Option<HumanDuration>,
+    #[serde(default)]
+    scrape_timeout: Option<HumanDuration>,
+    #[serde(default)]
     models_interval: Option<HumanDuration>,
     #[serde(default)]
     timeout: Option<HumanDuration>,
@@ -163,6 +182,8 @@ struct FileServer {
 pub enum Policy {
     RoundRobin,
     LeastRequest,
+    PowerOfTwo,
+    Vllm,
 }
 
 impl fmt::Display for Policy {
@@ -170,6 +191,8 @@ impl fmt::Display for Policy {
         f.write_str(match self {
             Policy::RoundRobin => "round-robin",
             Policy::LeastRequest => "least-request",
+            Policy::PowerOfTwo => "power-of-two",
+            Policy::Vllm => "vllm",
         })
     }
 }
@@ -190,6 +213,8 @@ pub struct Config {
     pub pool_idle_timeout: Duration,
     pub max_attempts: u32,
     pub keepalive_pool_size: usize,
+    pub scrape_interval: Duration,
+    pub scrape_timeout: Duration,
     pub models_interval: Duration,
     pub discovery_timeout: Duration,
     pub threads: usize,
@@ -197,13 +222,15 @@ pub struct Config {
     pub graceful_shutdown_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     /// A stable, human name: the configured one, or `host:port` of the URL.
     pub name: String,
     pub url: String,
     pub addr: SocketAddr,
     pub static_models: Option<Vec<String>>,
+    pub weight: f64,
+    pub max_concurrent_requests: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -232,6 +259,11 @@ pub enum ConfigError {
 // ---------------------------------------------------------------------------------------
 
 impl Config {
+    /// A backend's scrape older than this is stale.
+    pub fn stale_after(&self) -> Duration {
+        self.scrape_interval * defaults::STALE_AFTER_INTERVALS
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
@@ -332,11 +364,26 @@ impl Config {
                     ));
                 }
             }
+            let weight = b.weight.unwrap_or(1.0);
+            if !(weight.is_finite() && weight > 0.0) {
+                return Err(invalid(
+                    &format!("backends[{i}].weight"),
+                    format!("must be a positive number, got {weight}"),
+                ));
+            }
+            if b.max_concurrent_requests == Some(0) {
+                return Err(invalid(
+                    &format!("backends[{i}].max_concurrent_requests"),
+                    "must be at least 1".into(),
+                ));
+            }
             backends.push(BackendConfig {
                 name,
                 url: b.url.url,
                 addr: b.url.addr,
                 static_models: b.models,
+                weight,
+                max_concurrent_requests: b.max_concurrent_requests,
             });
         }
 
@@ -359,13 +406,20 @@ impl Config {
             return Err(invalid("server.threads", "must be at least 1".into()));
         }
         let dur = |d: Option<HumanDuration>, default: Duration| d.map_or(default, |d| d.0);
+        let scrape_interval = dur(file.discovery.scrape_interval, defaults::SCRAPE_INTERVAL);
+        if scrape_interval < Duration::from_millis(10) {
+            return Err(invalid(
+                "discovery.scrape_interval",
+                "must be at least 10ms".into(),
+            ));
+        }
 
         Ok(Config {
             source: path.to_path_buf(),
             listeners,
             admin,
             backends,
-            policy: file.routing.policy.unwrap_or(Policy::RoundRobin),
+            policy: file.routing.policy.unwrap_or(Policy::Vllm),
             max_body_bytes,
             body_read_timeout: dur(file.limits.body_read_timeout, defaults::BODY_READ_TIMEOUT),
             connect_timeout: dur(file.timeouts.connect, defaults::CONNECT_TIMEOUT),
@@ -380,6 +434,8 @@ impl Config {
                 .upstream
                 .keepalive_pool_size
                 .unwrap_or(defaults::UPSTREAM_KEEPALIVE_POOL),
+            scrape_interval,
+            scrape_timeout: dur(file.discovery.scrape_timeout, defaults::SCRAPE_TIMEOUT),
             models_interval: dur(file.discovery.models_interval, defaults::MODELS_INTERVAL),
             discovery_timeout: dur(file.discovery.timeout, defaults::DISCOVERY_TIMEOUT),
             threads,
@@ -650,6 +706,12 @@ mod tests {
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.backends[1].name, "127.0.0.1:8002");
         assert_eq!(c.policy, Policy::RoundRobin);
+        let text = MINIMAL.replace("routing:\n  policy: round-robin\n", "");
+        assert_eq!(
+            parse(&text).unwrap().policy,
+            Policy::Vllm,
+            "the default policy"
+        );
         assert_eq!(c.max_body_bytes, defaults::MAX_BODY_BYTES);
         assert!(c.pool_idle_timeout < Duration::from_secs(5));
     }

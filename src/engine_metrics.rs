@@ -24,10 +24,32 @@ pub struct EngineLoad {
     pub prefix_queries: Option<f64>,
     pub prefix_hits: Option<f64>,
     pub preemptions: Option<f64>,
+    /// Cumulative sums and counts of the latency histograms (seconds): the scraper turns
+    /// their deltas between two scrapes into recent means.
+    pub itl: Option<SumCount>,
+    pub ttft: Option<SumCount>,
+    pub e2e: Option<SumCount>,
     /// Distinct `engine` label values seen (1 when there is no such label).
     pub engines: usize,
     /// Values dropped as out of range, for logs and `/load-stats`.
     pub anomalies: Vec<String>,
+}
+
+/// A histogram's cumulative `_sum` and `_count`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SumCount {
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl SumCount {
+    /// The mean of the observations made between `earlier` and `self`; `None` without
+    /// new observations or after a counter reset (a restarted engine).
+    pub fn mean_since(&self, earlier: &SumCount) -> Option<f64> {
+        let n = self.count - earlier.count;
+        let s = self.sum - earlier.sum;
+        (n > 0.0 && s >= 0.0).then(|| s / n)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,6 +188,9 @@ struct PerEngine {
     prefix_queries: Option<f64>,
     prefix_hits: Option<f64>,
     preemptions: Option<f64>,
+    itl: Option<SumCount>,
+    ttft: Option<SumCount>,
+    e2e: Option<SumCount>,
 }
 
 fn add(slot: &mut Option<f64>, v: f64) {
@@ -234,6 +259,31 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
                 }
                 add(&mut engines.entry(engine).or_default().preemptions, v);
             }
+            "vllm:inter_token_latency_seconds_sum"
+            | "vllm:inter_token_latency_seconds_count"
+            | "vllm:time_to_first_token_seconds_sum"
+            | "vllm:time_to_first_token_seconds_count"
+            | "vllm:e2e_request_latency_seconds_sum"
+            | "vllm:e2e_request_latency_seconds_count" => {
+                if !valid_count {
+                    reject(sample.name);
+                    continue;
+                }
+                let e = engines.entry(engine).or_default();
+                let slot = if sample.name.starts_with("vllm:inter") {
+                    &mut e.itl
+                } else if sample.name.starts_with("vllm:time_to") {
+                    &mut e.ttft
+                } else {
+                    &mut e.e2e
+                };
+                let sc = slot.get_or_insert_with(SumCount::default);
+                if sample.name.ends_with("_sum") {
+                    sc.sum += v;
+                } else {
+                    sc.count += v;
+                }
+            }
             "vllm:cache_config_info" => {
                 let num = |k: &str| sample.label(k).and_then(|s| s.parse::<u64>().ok());
                 let block = num("block_size");
@@ -277,6 +327,17 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
             load.kv_capacity_tokens = Some(load.kv_capacity_tokens.unwrap_or(0) + t);
         }
         load.block_size = load.block_size.or(e.block_size);
+        for (slot, v) in [
+            (&mut load.itl, e.itl),
+            (&mut load.ttft, e.ttft),
+            (&mut load.e2e, e.e2e),
+        ] {
+            if let Some(v) = v {
+                let acc = slot.get_or_insert_with(SumCount::default);
+                acc.sum += v.sum;
+                acc.count += v.count;
+            }
+        }
     }
     if kv_n > 0 {
         load.kv_usage = Some(kv_sum / kv_n as f64);
@@ -339,6 +400,18 @@ mod tests {
         assert_eq!(idle.running, Some(0.0));
         let preempt = parse(&fixture("metrics-idle-after-16x512-kv4M-preempt.txt"), MAX).unwrap();
         assert!(preempt.preemptions.unwrap() > 0.0, "{preempt:?}");
+        // Histogram sums and counts, and their mean between two scrapes.
+        let fresh = parse(&fixture("metrics-fresh-before-any-request.txt"), MAX).unwrap();
+        let after = parse(&fixture("metrics-idle-after-load.txt"), MAX).unwrap();
+        assert_eq!(fresh.itl.unwrap().count, 0.0);
+        let itl = after.itl.unwrap().mean_since(&fresh.itl.unwrap()).unwrap();
+        assert!(itl > 0.0 && itl < 10.0, "{itl}");
+        assert_eq!(after.itl.unwrap().mean_since(&after.itl.unwrap()), None);
+        assert_eq!(
+            fresh.itl.unwrap().mean_since(&after.itl.unwrap()),
+            None,
+            "a reset"
+        );
     }
 
     #[test]

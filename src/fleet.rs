@@ -8,11 +8,12 @@
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::BackendConfig;
+use crate::engine_metrics::EngineLoad;
 
 /// A backend's identity, shared by every snapshot that contains it. Its counters live as
 /// long as the backend stays in the configuration.
@@ -23,7 +24,13 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Models from the config file; `None` means discover them from `/v1/models`.
     pub static_models: Option<Vec<String>>,
+    /// Relative speed from the config, used until latency has been measured.
+    pub weight: f64,
+    pub max_concurrent_requests: Option<u32>,
     in_flight: AtomicUsize,
+    /// Requests ever sent (monotonic): the scraper notes its value when a scrape starts,
+    /// so the difference is the work dispatched since the engine's numbers were taken.
+    dispatched: AtomicU64,
 }
 
 impl Backend {
@@ -33,7 +40,10 @@ impl Backend {
             url: cfg.url.clone(),
             addr: cfg.addr,
             static_models: cfg.static_models.clone(),
+            weight: cfg.weight,
+            max_concurrent_requests: cfg.max_concurrent_requests,
             in_flight: AtomicUsize::new(0),
+            dispatched: AtomicU64::new(0),
         })
     }
 
@@ -42,9 +52,15 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Requests ever sent to the backend.
+    pub fn dispatched(&self) -> u64 {
+        self.dispatched.load(Ordering::Relaxed)
+    }
+
     /// Counts a request as in flight until the guard is dropped.
     pub fn begin_request(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.dispatched.fetch_add(1, Ordering::Relaxed);
         InFlightGuard(self.clone())
     }
 }
@@ -74,15 +90,47 @@ pub struct BackendState {
     pub models: Vec<String>,
     pub last_error: Option<String>,
     pub observed_at: Option<Instant>,
+    /// The engine's load at the last successful `/metrics` scrape.
+    pub load: Option<EngineLoad>,
+    /// When that scrape started; `None` before the first success.
+    pub load_at: Option<Instant>,
+    /// `Backend::dispatched()` when that scrape started.
+    pub dispatched_at_scrape: u64,
+    /// Why the last scrape failed, if it did.
+    pub scrape_error: Option<String>,
+    /// Recent mean inter-token latency, time to first token and end-to-end latency
+    /// (seconds), smoothed over scrape windows.
+    pub itl_s: Option<f64>,
+    pub ttft_s: Option<f64>,
+    pub e2e_s: Option<f64>,
 }
 
 impl BackendState {
+    /// The scraped load, if the scrape is younger than `stale_after`.
+    pub fn fresh_load(
+        &self,
+        now: Instant,
+        stale_after: std::time::Duration,
+    ) -> Option<&EngineLoad> {
+        match (self.load.as_ref(), self.load_at) {
+            (Some(l), Some(at)) if now.saturating_duration_since(at) <= stale_after => Some(l),
+            _ => None,
+        }
+    }
+
     pub fn unknown(backend: &Backend) -> BackendState {
         BackendState {
             healthy: false,
             models: backend.static_models.clone().unwrap_or_default(),
             last_error: Some("not checked yet".into()),
             observed_at: None,
+            load: None,
+            load_at: None,
+            dispatched_at_scrape: 0,
+            scrape_error: None,
+            itl_s: None,
+            ttft_s: None,
+            e2e_s: None,
         }
     }
 }
@@ -172,6 +220,8 @@ mod tests {
             url: format!("http://{name}"),
             addr: "127.0.0.1:1".parse().unwrap(),
             static_models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
+            weight: 1.0,
+            max_concurrent_requests: None,
         }
     }
 

@@ -1,7 +1,8 @@
 //! The background service that observes every backend and publishes a new
-//! [`FleetSnapshot`]: each pass asks all backends concurrently, each with its own timeout,
-//! for `/v1/models` (or `/health` when the config lists the models), and logs a backend
-//! only when its health flips.
+//! [`FleetSnapshot`]. Every `scrape_interval` it reads all backends' `/metrics`
+//! concurrently, each with its own timeout; every `models_interval` it also asks for
+//! `/v1/models` (or `/health` when the config lists the models), which decides health.
+//! A backend is logged only when its health flips.
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -10,57 +11,57 @@ use pingora::services::ServiceReadyNotifier;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
+use crate::engine_metrics::{self, SumCount};
 use crate::fleet::{Backend, BackendEntry, BackendState, Fleet, FleetSnapshot};
 use crate::httpclient;
 use crate::openai;
 
 /// A `/v1/models` answer above this is not a model list.
 const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
+/// A real vLLM `/metrics` is about 50–60 KiB; far larger is an error, not data.
+pub const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
+/// Weight of the newest scrape window in the smoothed latencies: a step change is mostly
+/// reflected after two windows (half a second at the default interval).
+const EWMA_NEW: f64 = 0.5;
 
 pub struct Scraper {
     fleet: Arc<Fleet>,
-    interval: Duration,
-    timeout: Duration,
+    scrape_interval: Duration,
+    scrape_timeout: Duration,
+    models_interval: Duration,
+    models_timeout: Duration,
 }
 
 impl Scraper {
-    pub fn new(fleet: Arc<Fleet>, interval: Duration, timeout: Duration) -> Scraper {
+    pub fn new(fleet: Arc<Fleet>, config: &Config) -> Scraper {
         Scraper {
             fleet,
-            interval,
-            timeout,
+            scrape_interval: config.scrape_interval,
+            scrape_timeout: config.scrape_timeout,
+            models_interval: config.models_interval,
+            models_timeout: config.discovery_timeout,
         }
     }
 
-    /// Observes every backend once and publishes the result.
-    pub async fn pass(&self) {
+    /// Observes every backend once (models too if `with_models`) and publishes the
+    /// result.
+    pub async fn pass(&self, with_models: bool) {
         let previous = self.fleet.load();
-        let observed = futures::future::join_all(
-            previous
-                .backends
-                .iter()
-                .map(|e| observe(e.backend.clone(), self.timeout)),
-        )
+        let observed = futures::future::join_all(previous.backends.iter().map(|e| {
+            observe(
+                e.backend.clone(),
+                e.state.clone(),
+                with_models.then_some(self.models_timeout),
+                self.scrape_timeout,
+            )
+        }))
         .await;
         let entries = previous
             .backends
             .iter()
             .zip(observed)
-            .map(|(old, result)| {
-                let state = match result {
-                    Ok(models) => BackendState {
-                        healthy: true,
-                        models,
-                        last_error: None,
-                        observed_at: Some(Instant::now()),
-                    },
-                    Err(err) => BackendState {
-                        healthy: false,
-                        models: old.state.models.clone(),
-                        last_error: Some(err),
-                        observed_at: Some(Instant::now()),
-                    },
-                };
+            .map(|(old, state)| {
                 log_flip(&old.backend, &old.state, &state);
                 BackendEntry {
                     backend: old.backend.clone(),
@@ -87,8 +88,88 @@ fn log_flip(backend: &Backend, old: &BackendState, new: &BackendState) {
     }
 }
 
+fn smooth(old: Option<f64>, window: Option<f64>) -> Option<f64> {
+    match (old, window) {
+        (Some(o), Some(w)) => Some(o * (1.0 - EWMA_NEW) + w * EWMA_NEW),
+        (None, w) => w,
+        (o, None) => o,
+    }
+}
+
+fn window(new: Option<SumCount>, old: Option<SumCount>) -> Option<f64> {
+    new?.mean_since(&old.unwrap_or_default())
+}
+
+/// One backend's new state: its models (when due) and its engine load.
+async fn observe(
+    backend: Arc<Backend>,
+    old: BackendState,
+    models_timeout: Option<Duration>,
+    scrape_timeout: Duration,
+) -> BackendState {
+    let models = async {
+        match models_timeout {
+            Some(t) => Some(discover_models(&backend, t).await),
+            None => None,
+        }
+    };
+    let metrics = async {
+        let dispatched = backend.dispatched();
+        let started = Instant::now();
+        let result =
+            match httpclient::get(backend.addr, "/metrics", scrape_timeout, MAX_METRICS_BODY).await
+            {
+                Ok(r) if r.status == 200 => {
+                    engine_metrics::parse(&r.body, MAX_METRICS_BODY).map_err(|e| e.to_string())
+                }
+                Ok(r) => Err(format!("status {}", r.status)),
+                Err(e) => Err(e.to_string()),
+            };
+        (dispatched, started, result)
+    };
+    let (models, (dispatched, started, load)) = tokio::join!(models, metrics);
+
+    let mut state = old;
+    if let Some(models) = models {
+        state.observed_at = Some(Instant::now());
+        match models {
+            Ok(m) => {
+                state.healthy = true;
+                state.models = m;
+                state.last_error = None;
+            }
+            Err(e) => {
+                // The last known models are kept: requests for them get 503, not 404.
+                state.healthy = false;
+                state.last_error = Some(e);
+            }
+        }
+    }
+    match load {
+        Ok(load) => {
+            let prev = state.load.take();
+            let p = prev.as_ref();
+            state.itl_s = smooth(state.itl_s, window(load.itl, p.and_then(|l| l.itl)));
+            state.ttft_s = smooth(state.ttft_s, window(load.ttft, p.and_then(|l| l.ttft)));
+            state.e2e_s = smooth(state.e2e_s, window(load.e2e, p.and_then(|l| l.e2e)));
+            if !load.anomalies.is_empty() {
+                tracing::debug!(backend = %backend.name, anomalies = ?load.anomalies, "dropped metric values");
+            }
+            state.load = Some(load);
+            state.load_at = Some(started);
+            state.dispatched_at_scrape = dispatched;
+            state.scrape_error = None;
+        }
+        Err(e) => {
+            // The last load is kept but ages: once stale it is no longer used.
+            state.scrape_error = Some(format!("GET /metrics: {e}"));
+        }
+    }
+    state
+}
+
 /// The models a backend serves, or why it is considered down.
-async fn observe(backend: Arc<Backend>, timeout: Duration) -> Result<Vec<String>, String> {
+async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<String>, String> {
     if let Some(models) = &backend.static_models {
         let resp = httpclient::get(backend.addr, "/health", timeout, 64 * 1024)
             .await
@@ -121,9 +202,10 @@ impl BackgroundService for Scraper {
         mut shutdown: ShutdownWatch,
         ready: ServiceReadyNotifier,
     ) {
-        self.pass().await;
+        self.pass(true).await;
+        let mut models_checked = Instant::now();
         ready.notify_ready();
-        let mut tick = tokio::time::interval(self.interval);
+        let mut tick = tokio::time::interval(self.scrape_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
@@ -131,7 +213,13 @@ impl BackgroundService for Scraper {
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() { return; }
                 }
-                _ = tick.tick() => self.pass().await,
+                _ = tick.tick() => {
+                    let with_models = models_checked.elapsed() >= self.models_interval;
+                    if with_models {
+                        models_checked = Instant::now();
+                    }
+                    self.pass(with_models).await;
+                }
             }
         }
     }

@@ -1,13 +1,20 @@
-//! Replica selection: a pure function of (snapshot, request, already-tried set) that
-//! returns candidates in preference order. The proxy takes the first; on a retry it asks
-//! again with the failed backend in the tried set.
+//! Replica selection: a pure function of (snapshot, request, already-tried set, now)
+//! that returns candidates in preference order. The proxy takes the first; on a retry it
+//! asks again with the failed backend in the tried set.
+//!
+//! Policies (`routing.policy`):
+//! - `round-robin`: in turn, per model;
+//! - `least-request`: fewest requests in flight from this gateway;
+//! - `power-of-two`: the less busy (in flight) of two random replicas;
+//! - `vllm` (default): the lowest [`vllm_score`], an estimate of the time to first token.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::config::Policy;
-use crate::fleet::FleetSnapshot;
+use crate::fleet::{BackendEntry, FleetSnapshot};
 
 /// Why no candidate was returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,24 +25,150 @@ pub enum NoCandidate {
     Unavailable,
 }
 
-/// Per-gateway selection state: a round-robin cursor per model, so that requests for
-/// other models in between do not skew one model's rotation.
-#[derive(Debug, Default)]
+/// What selection knows about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub model: &'a str,
+    /// Estimated prompt tokens.
+    pub prompt_tokens: usize,
+    pub max_tokens: Option<u64>,
+}
+
+/// Bytes of prompt JSON per token, for estimating prompt tokens without a tokenizer
+/// (English text runs about 4 characters per token).
+pub const BYTES_PER_TOKEN: usize = 4;
+
+/// Inter-token latency assumed for a backend never measured (then divided by its
+/// configured weight): a mid-size batch on a current GPU.
+const DEFAULT_ITL_S: f64 = 0.015;
+/// Output length assumed when a request gives no `max_tokens`, for its KV footprint.
+const DEFAULT_OUTPUT_TOKENS: f64 = 256.0;
+/// Prompt tokens whose prefill costs about as much as one decode step (a 2k-token chunk
+/// costs about four decode steps of a busy batch on the model vLLM is usually run with).
+const PREFILL_TOKENS_PER_STEP: f64 = 500.0;
+/// A request usually reaches its first token after the rest of the current step plus
+/// one full step (which carries its prefill): 1.5 steps on average.
+const STEPS_TO_FIRST_TOKEN: f64 = 1.5;
+/// Unknown engine state (stale or failing scrape) is assumed this much busier than what
+/// this gateway's own accounting shows: such a backend is never mistaken for idle.
+const STALE_PENALTY: f64 = 1.5;
+/// KV usage is capped here in the pressure term, which would otherwise be infinite.
+const MAX_KV_FOR_PRESSURE: f64 = 0.99;
+
+/// The `vllm` policy's score of one backend for one request: an estimate, in seconds, of
+/// the time until the request's first token, from the last scrape of the engine plus
+/// what this gateway sent since.
+///
+/// ```text
+/// since   = requests sent to the backend after its last scrape began
+/// in      = running + waiting + since           (sequences once ours has arrived)
+/// itl     = measured inter-token latency        (or 15 ms / weight before any)
+/// step    = itl × (in + 1) / (running + 1)      step time with our request in the batch
+/// queue   = (waiting + since + 1) × e2e / running    only if the engine queues (waiting > 0)
+///                                               or `max_concurrent_requests` is reached
+/// k       = kv_usage + (prompt + max_tokens) / kv_capacity,  at most 0.99
+/// score   = 1.5 × step + queue + step × k² / (1 − k) + itl × prompt / 500
+/// ```
+///
+/// Why each term:
+/// - `step`: vLLM admits a request at the next step while it has room, so the first
+///   token comes after about 1.5 steps; a step's duration is what differs between
+///   replicas (a slower GPU, a bigger batch). The measured ITL includes the GPU's speed
+///   and the current batch; scaling it by the batch growth our request and the
+///   dispatched-since-scrape requests cause is pessimistic for small batches (step time
+///   has a large fixed part), which steers work to idle replicas without oscillating.
+/// - `since`: requests sent between two scrapes are not in the engine's numbers yet;
+///   counting them keeps a burst from herding onto the replica that looked idle.
+/// - `queue`: once vLLM queues, a new request waits for departures, which happen at
+///   `running / e2e` per second (Little's law); the queue dominates TTFT when present.
+/// - `k²/(1−k)`: near a full KV cache vLLM preempts running requests (recomputing them)
+///   and stops admitting; negligible below half full, dominant near full. The request's
+///   own footprint counts, so a long prompt avoids a nearly full replica.
+/// - `prompt`: the request's own prefill runs at the replica's speed.
+/// - A stale or failing scrape falls back to this gateway's in-flight count as `running`
+///   and multiplies the score by 1.5.
+pub fn vllm_score(
+    e: &BackendEntry,
+    req: &Request,
+    now: Instant,
+    stale_after: Duration,
+    default_itl: f64,
+) -> f64 {
+    let b = &e.backend;
+    let st = &e.state;
+    let in_flight = b.in_flight() as f64;
+    let fresh = st.fresh_load(now, stale_after);
+    let (running, waiting, kv, since) = match fresh {
+        Some(l) => (
+            l.running.unwrap_or(in_flight),
+            l.waiting.unwrap_or(0.0),
+            l.kv_usage,
+            b.dispatched().saturating_sub(st.dispatched_at_scrape) as f64,
+        ),
+        // Everything this gateway sent is in flight; nothing else is known.
+        None => (in_flight, 0.0, None, 0.0),
+    };
+    let itl = st.itl_s.unwrap_or(default_itl / b.weight);
+    let in_engine = running + waiting + since;
+    let step = itl * (in_engine + 1.0) / (running + 1.0);
+
+    let at_cap = b
+        .max_concurrent_requests
+        .is_some_and(|m| in_engine >= m as f64);
+    let queue = if waiting > 0.0 || at_cap {
+        let e2e = st.e2e_s.unwrap_or(itl * DEFAULT_OUTPUT_TOKENS);
+        (waiting + since + 1.0) * e2e / running.max(1.0)
+    } else {
+        0.0
+    };
+
+    let own = req.prompt_tokens as f64 + req.max_tokens.map_or(DEFAULT_OUTPUT_TOKENS, |m| m as f64);
+    let capacity = fresh.and_then(|l| l.kv_capacity_tokens).unwrap_or(0) as f64;
+    let k = match kv {
+        Some(k) if capacity > 0.0 => (k + own / capacity).min(MAX_KV_FOR_PRESSURE),
+        Some(k) => k.min(MAX_KV_FOR_PRESSURE),
+        None => 0.0,
+    };
+    let pressure = step * k * k / (1.0 - k);
+    let prefill = itl * req.prompt_tokens as f64 / PREFILL_TOKENS_PER_STEP;
+
+    let score = STEPS_TO_FIRST_TOKEN * step + queue + pressure + prefill;
+    if fresh.is_some() {
+        score
+    } else {
+        score * STALE_PENALTY
+    }
+}
+
+/// Per-gateway selection state: a round-robin cursor per model (so requests for other
+/// models in between do not skew one model's rotation) and a random stream.
+#[derive(Debug)]
 pub struct Selector {
     cursors: RwLock<HashMap<String, Arc<AtomicUsize>>>,
+    rng: AtomicU64,
+    stale_after: Duration,
 }
 
 impl Selector {
-    /// Healthy, untried backends serving `model`, best first. `tried` holds backend
-    /// indices of this snapshot.
+    pub fn new(stale_after: Duration) -> Selector {
+        Selector {
+            cursors: RwLock::new(HashMap::new()),
+            rng: AtomicU64::new(0x853c_49e6_748f_ea9b),
+            stale_after,
+        }
+    }
+
+    /// Healthy, untried backends serving the request's model, best first. `tried` holds
+    /// backend indices of this snapshot.
     pub fn candidates(
         &self,
         policy: Policy,
         snap: &FleetSnapshot,
-        model: &str,
+        req: &Request,
         tried: &[usize],
+        now: Instant,
     ) -> Result<Vec<usize>, NoCandidate> {
-        let serving = snap.serving(model).ok_or(NoCandidate::UnknownModel)?;
+        let serving = snap.serving(req.model).ok_or(NoCandidate::UnknownModel)?;
         let mut eligible: Vec<usize> = serving
             .iter()
             .copied()
@@ -46,9 +179,8 @@ impl Selector {
         }
         match policy {
             Policy::RoundRobin => {
-                // One cursor step per request (not per retry), so retries do not skew the
-                // rotation.
-                let cursor = self.cursor(model);
+                // One cursor step per request (not per retry).
+                let cursor = self.cursor(req.model);
                 let start = if tried.is_empty() {
                     cursor.fetch_add(1, Ordering::Relaxed)
                 } else {
@@ -61,13 +193,45 @@ impl Selector {
                 // Stable sort: ties keep configuration order.
                 eligible.sort_by_key(|&i| snap.backends[i].backend.in_flight());
             }
+            Policy::PowerOfTwo => {
+                let n = eligible.len();
+                if n >= 2 {
+                    let r = self.random();
+                    let a = (r % n as u64) as usize;
+                    let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
+                    if b >= a {
+                        b += 1;
+                    }
+                    let load = |i: usize| snap.backends[eligible[i]].backend.in_flight();
+                    let (first, second) = if load(b) < load(a) { (b, a) } else { (a, b) };
+                    let (x, y) = (eligible[first], eligible[second]);
+                    eligible.retain(|&i| i != x && i != y);
+                    eligible.insert(0, y);
+                    eligible.insert(0, x);
+                }
+            }
+            Policy::Vllm => {
+                let default_itl = default_itl(snap, &eligible);
+                let mut scored: Vec<(f64, usize)> = eligible
+                    .iter()
+                    .map(|&i| {
+                        (
+                            vllm_score(&snap.backends[i], req, now, self.stale_after, default_itl),
+                            i,
+                        )
+                    })
+                    .collect();
+                // Stable: equal scores keep configuration order.
+                scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+                return Ok(scored.into_iter().map(|(_, i)| i).collect());
+            }
         }
         Ok(eligible)
     }
 
-    /// The model's cursor. Only models the fleet serves get here, so the map is bounded
-    /// by the fleet's models; the write lock is taken once per model.
     fn cursor(&self, model: &str) -> Arc<AtomicUsize> {
+        // Only models the fleet serves get here, so the map is bounded by the fleet's
+        // models; the write lock is taken once per model.
         if let Some(c) = self.cursors.read().expect("not poisoned").get(model) {
             return c.clone();
         }
@@ -78,13 +242,45 @@ impl Selector {
             .or_default()
             .clone()
     }
+
+    /// splitmix64 over an atomic counter: lock-free, good enough to pick replicas.
+    fn random(&self) -> u64 {
+        let mut z = self
+            .rng
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// The ITL assumed for never-measured backends: the lowest measured one among the
+/// candidates (an unmeasured replica is probably idle), else a default.
+fn default_itl(snap: &FleetSnapshot, eligible: &[usize]) -> f64 {
+    eligible
+        .iter()
+        .filter_map(|&i| snap.backends[i].state.itl_s)
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))))
+        .unwrap_or(DEFAULT_ITL_S)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::BackendConfig;
-    use crate::fleet::{BackendEntry, BackendState, Fleet};
+    use crate::engine_metrics::EngineLoad;
+    use crate::fleet::{BackendState, Fleet};
+
+    const STALE: Duration = Duration::from_secs(1);
+
+    fn req() -> Request<'static> {
+        Request {
+            model: "m",
+            prompt_tokens: 200,
+            max_tokens: Some(100),
+        }
+    }
 
     fn snapshot(healthy: &[bool]) -> FleetSnapshot {
         let cfgs: Vec<BackendConfig> = (0..healthy.len())
@@ -93,6 +289,8 @@ mod tests {
                 url: format!("http://b{i}"),
                 addr: "127.0.0.1:1".parse().unwrap(),
                 static_models: Some(vec!["m".into()]),
+                weight: 1.0,
+                max_concurrent_requests: None,
             })
             .collect();
         let fleet = Fleet::new(&cfgs);
@@ -112,46 +310,81 @@ mod tests {
         FleetSnapshot::new(entries)
     }
 
-    #[test]
-    fn round_robin_rotates_over_healthy_backends() {
-        let snap = snapshot(&[true, false, true]);
-        let sel = Selector::default();
-        let firsts: Vec<usize> = (0..4)
-            .map(|_| sel.candidates(Policy::RoundRobin, &snap, "m", &[]).unwrap()[0])
-            .collect();
-        assert_eq!(firsts, vec![0, 2, 0, 2]);
+    /// Sets a fresh scrape on backend `i`.
+    fn scraped(
+        snap: FleetSnapshot,
+        i: usize,
+        running: f64,
+        waiting: f64,
+        kv: f64,
+        itl: f64,
+        now: Instant,
+    ) -> FleetSnapshot {
+        let mut entries = snap.backends.clone();
+        let e = &mut entries[i];
+        e.state.load = Some(EngineLoad {
+            running: Some(running),
+            waiting: Some(waiting),
+            kv_usage: Some(kv),
+            kv_capacity_tokens: Some(450_000),
+            engines: 1,
+            ..EngineLoad::default()
+        });
+        e.state.load_at = Some(now);
+        e.state.dispatched_at_scrape = e.backend.dispatched();
+        e.state.itl_s = Some(itl);
+        e.state.e2e_s = Some(itl * 200.0);
+        FleetSnapshot::new(entries)
     }
 
     #[test]
-    fn round_robin_rotates_per_model() {
-        let snap = snapshot(&[true, true]);
-        let sel = Selector::default();
+    fn round_robin_rotates_over_healthy_backends_per_model() {
+        let snap = snapshot(&[true, false, true]);
+        let sel = Selector::new(STALE);
+        let now = Instant::now();
         let mut firsts = Vec::new();
         for _ in 0..4 {
-            firsts.push(sel.candidates(Policy::RoundRobin, &snap, "m", &[]).unwrap()[0]);
-            // A request for another model in between must not skew the rotation of "m".
-            let _ = sel.candidates(Policy::RoundRobin, &snap, "other", &[]);
+            firsts.push(
+                sel.candidates(Policy::RoundRobin, &snap, &req(), &[], now)
+                    .unwrap()[0],
+            );
+            let other = Request {
+                model: "other",
+                ..req()
+            };
+            let _ = sel.candidates(Policy::RoundRobin, &snap, &other, &[], now);
         }
-        assert_eq!(firsts, vec![0, 1, 0, 1]);
+        assert_eq!(firsts, vec![0, 2, 0, 2]);
     }
 
     #[test]
     fn tried_backends_are_skipped_and_errors_are_distinct() {
         let snap = snapshot(&[true, true]);
-        let sel = Selector::default();
-        assert_eq!(
-            sel.candidates(Policy::RoundRobin, &snap, "m", &[0])
-                .unwrap(),
-            vec![1]
-        );
-        assert_eq!(
-            sel.candidates(Policy::RoundRobin, &snap, "m", &[0, 1]),
-            Err(NoCandidate::Unavailable)
-        );
-        assert_eq!(
-            sel.candidates(Policy::RoundRobin, &snap, "x", &[]),
-            Err(NoCandidate::UnknownModel)
-        );
+        let sel = Selector::new(STALE);
+        let now = Instant::now();
+        for policy in [
+            Policy::RoundRobin,
+            Policy::LeastRequest,
+            Policy::PowerOfTwo,
+            Policy::Vllm,
+        ] {
+            assert_eq!(
+                sel.candidates(policy, &snap, &req(), &[0], now).unwrap(),
+                vec![1]
+            );
+            assert_eq!(
+                sel.candidates(policy, &snap, &req(), &[0, 1], now),
+                Err(NoCandidate::Unavailable)
+            );
+            let unknown = Request {
+                model: "x",
+                ..req()
+            };
+            assert_eq!(
+                sel.candidates(policy, &snap, &unknown, &[], now),
+                Err(NoCandidate::UnknownModel)
+            );
+        }
     }
 
     #[test]
@@ -160,11 +393,180 @@ mod tests {
         let _a = snap.backends[0].backend.begin_request();
         let _b = snap.backends[1].backend.begin_request();
         let _c = snap.backends[1].backend.begin_request();
-        let sel = Selector::default();
+        let sel = Selector::new(STALE);
+        let got = sel
+            .candidates(Policy::LeastRequest, &snap, &req(), &[], Instant::now())
+            .unwrap();
+        assert_eq!(got, vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn power_of_two_prefers_the_less_busy_of_its_pair() {
+        let snap = snapshot(&[true, true]);
+        let _g: Vec<_> = (0..5)
+            .map(|_| snap.backends[0].backend.begin_request())
+            .collect();
+        let sel = Selector::new(STALE);
+        for _ in 0..20 {
+            let got = sel
+                .candidates(Policy::PowerOfTwo, &snap, &req(), &[], Instant::now())
+                .unwrap();
+            assert_eq!(got, vec![1, 0]);
+        }
+    }
+
+    #[test]
+    fn vllm_prefers_the_faster_replica_until_its_steps_grow() {
+        let now = Instant::now();
+        // b0: busy fast replica (ITL 15 ms at 100 running); b1: slow replica, idle-ish,
+        // ITL 12 ms at 2 running.
+        let snap = scraped(snapshot(&[true, true]), 0, 100.0, 0.0, 0.3, 0.015, now);
+        let snap = scraped(snap, 1, 2.0, 0.0, 0.01, 0.012, now);
+        let sel = Selector::new(STALE);
         assert_eq!(
-            sel.candidates(Policy::LeastRequest, &snap, "m", &[])
-                .unwrap(),
-            vec![2, 0, 1]
+            sel.candidates(Policy::Vllm, &snap, &req(), &[], now)
+                .unwrap()[0],
+            1
         );
+        // The same slow replica at 20 running (ITL 30 ms) loses.
+        let snap = scraped(snap, 1, 20.0, 0.0, 0.1, 0.030, now);
+        assert_eq!(
+            sel.candidates(Policy::Vllm, &snap, &req(), &[], now)
+                .unwrap()[0],
+            0
+        );
+    }
+
+    #[test]
+    fn vllm_avoids_queues_and_full_kv() {
+        let now = Instant::now();
+        let base = scraped(snapshot(&[true, true]), 0, 50.0, 0.0, 0.5, 0.02, now);
+        let sel = Selector::new(STALE);
+        let queued = scraped(base, 1, 40.0, 5.0, 0.5, 0.015, now);
+        assert_eq!(
+            sel.candidates(Policy::Vllm, &queued, &req(), &[], now)
+                .unwrap()[0],
+            0
+        );
+        let base = scraped(snapshot(&[true, true]), 0, 50.0, 0.0, 0.5, 0.02, now);
+        let full = scraped(base, 1, 40.0, 0.0, 0.97, 0.015, now);
+        assert_eq!(
+            sel.candidates(Policy::Vllm, &full, &req(), &[], now)
+                .unwrap()[0],
+            0
+        );
+    }
+
+    #[test]
+    fn stale_backends_are_never_taken_for_idle() {
+        let now = Instant::now();
+        let snap = scraped(snapshot(&[true, true]), 0, 10.0, 0.0, 0.2, 0.012, now);
+        // b1's last scrape (idle) is old: it is scored from local accounting, with a penalty.
+        let mut snap = scraped(snap, 1, 0.0, 0.0, 0.0, 0.012, now - 10 * STALE);
+        let _g: Vec<_> = (0..10)
+            .map(|_| snap.backends[1].backend.begin_request())
+            .collect();
+        snap = FleetSnapshot::new(snap.backends.clone());
+        let sel = Selector::new(STALE);
+        let e1 = &snap.backends[1];
+        let e0 = &snap.backends[0];
+        assert!(
+            vllm_score(e1, &req(), now, STALE, 0.012) > vllm_score(e0, &req(), now, STALE, 0.012)
+        );
+        assert_eq!(
+            sel.candidates(Policy::Vllm, &snap, &req(), &[], now)
+                .unwrap()[0],
+            0
+        );
+    }
+
+    #[test]
+    fn herding_is_bounded_between_scrapes() {
+        let now = Instant::now();
+        for (n, k) in [(4usize, 20usize), (3, 10), (8, 100), (5, 7)] {
+            let mut snap = snapshot(&vec![true; n]);
+            for i in 0..n {
+                snap = scraped(snap, i, 10.0, 0.0, 0.2, 0.01, now);
+            }
+            let sel = Selector::new(STALE);
+            let mut guards = Vec::new();
+            let mut got = vec![0usize; n];
+            for _ in 0..k {
+                let first = sel
+                    .candidates(Policy::Vllm, &snap, &req(), &[], now)
+                    .unwrap()[0];
+                got[first] += 1;
+                guards.push(snap.backends[first].backend.begin_request());
+            }
+            let bound = k.div_ceil(n) + 1;
+            assert!(got.iter().all(|&g| g <= bound), "n={n} k={k}: {got:?}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the fleet looks like, a policy returns exactly the healthy, untried
+            /// backends, each once.
+            #[test]
+            fn candidates_are_exactly_the_healthy_untried(
+                healthy in prop::collection::vec(any::<bool>(), 1..12),
+                loads in prop::collection::vec((0.0f64..300.0, 0.0f64..50.0, 0.0f64..1.0, 0.001f64..0.2, any::<bool>()), 12),
+                tried_mask in prop::collection::vec(any::<bool>(), 12),
+                in_flight in prop::collection::vec(0usize..20, 12),
+                policy in prop::sample::select(vec![Policy::RoundRobin, Policy::LeastRequest, Policy::PowerOfTwo, Policy::Vllm]),
+            ) {
+                let now = Instant::now();
+                let n = healthy.len();
+                let mut snap = snapshot(&healthy);
+                for i in 0..n {
+                    let (r, w, kv, itl, fresh) = loads[i];
+                    let at = if fresh { now } else { now - 10 * STALE };
+                    snap = scraped(snap, i, r, w, kv, itl, at);
+                }
+                let _guards: Vec<_> = (0..n)
+                    .flat_map(|i| (0..in_flight[i]).map(move |_| i))
+                    .map(|i| snap.backends[i].backend.begin_request())
+                    .collect();
+                let tried: Vec<usize> = (0..n).filter(|&i| tried_mask[i]).collect();
+                let want: Vec<usize> = (0..n).filter(|&i| healthy[i] && !tried_mask[i]).collect();
+                let sel = Selector::new(STALE);
+                match sel.candidates(policy, &snap, &req(), &tried, now) {
+                    Ok(mut got) => {
+                        got.sort_unstable();
+                        prop_assert_eq!(got, want);
+                    }
+                    Err(e) => {
+                        prop_assert!(want.is_empty());
+                        prop_assert_eq!(e, NoCandidate::Unavailable);
+                    }
+                }
+            }
+
+            /// Equal replicas under any load: a burst of k picks between two scrapes puts at
+            /// most ceil(k/n)+1 on any one.
+            #[test]
+            fn herding_bound_holds_for_any_equal_load(
+                n in 2usize..10, k in 1usize..200,
+                running in 0.0f64..300.0, waiting in 0.0f64..20.0, kv in 0.0f64..0.98, itl in 0.001f64..0.2,
+            ) {
+                let now = Instant::now();
+                let mut snap = snapshot(&vec![true; n]);
+                for i in 0..n {
+                    snap = scraped(snap, i, running, waiting, kv, itl, now);
+                }
+                let sel = Selector::new(STALE);
+                let mut got = vec![0usize; n];
+                let mut guards = Vec::new();
+                for _ in 0..k {
+                    let first = sel.candidates(Policy::Vllm, &snap, &req(), &[], now).unwrap()[0];
+                    got[first] += 1;
+                    guards.push(snap.backends[first].backend.begin_request());
+                }
+                prop_assert!(got.iter().all(|&g| g <= k.div_ceil(n) + 1), "{:?}", got);
+            }
+        }
     }
 }

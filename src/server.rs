@@ -102,14 +102,7 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
     let fleet = Fleet::new(&config.backends);
     let ready = Arc::new(AtomicBool::new(false));
 
-    let scraper = background_service(
-        "scraper",
-        Scraper::new(
-            fleet.clone(),
-            config.models_interval,
-            config.discovery_timeout,
-        ),
-    );
+    let scraper = background_service("scraper", Scraper::new(fleet.clone(), &config));
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

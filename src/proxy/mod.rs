@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::fleet::{Backend, Fleet, InFlightGuard};
 use crate::openai::{self, ApiError, Route, RoutingInfo};
-use crate::selection::{NoCandidate, Selector};
+use crate::selection::{self, NoCandidate, Selector};
 use body::BodyError;
 
 /// A dead pooled connection (the backend closed it while idle) is retried on the same
@@ -36,9 +36,9 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: Arc<Config>, fleet: Arc<Fleet>) -> Gateway {
         Gateway {
+            selector: Selector::new(config.stale_after()),
             config,
             fleet,
-            selector: Selector::default(),
         }
     }
 }
@@ -227,10 +227,18 @@ impl ProxyHttp for Gateway {
             .filter(|(_, e)| ctx.tried.iter().any(|t| Arc::ptr_eq(t, &e.backend)))
             .map(|(i, _)| i)
             .collect();
-        let chosen = match self
-            .selector
-            .candidates(self.config.policy, &snap, &info.model, &tried)
-        {
+        let request = selection::Request {
+            model: &info.model,
+            prompt_tokens: info.prompt_bytes / selection::BYTES_PER_TOKEN,
+            max_tokens: info.max_tokens,
+        };
+        let chosen = match self.selector.candidates(
+            self.config.policy,
+            &snap,
+            &request,
+            &tried,
+            Instant::now(),
+        ) {
             Ok(c) => c[0],
             Err(why) => {
                 // After a failed attempt, the client hears about that failure (kept in

@@ -29,6 +29,7 @@ async fn models_are_the_union_of_healthy_backends_and_requests_follow_their_mode
     let b = sim_with(&["m1", "m2"], |s| s.name = Some("b".into())).await;
     let gw = Gateway::builder(&[&a, &b])
         .backend_url("http://127.0.0.1:9")
+        .yaml("routing:\n  policy: round-robin")
         .start()
         .await;
     assert_eq!(models(&gw).await, vec!["m1", "m2"]);
