@@ -1,5 +1,5 @@
 //! The admin listener (loopback by default, separate from the data plane): `/health`,
-//! `/ready` and `/metrics`.
+//! `/ready`, `/metrics` and `/load-stats`.
 
 use async_trait::async_trait;
 use http::Response;
@@ -7,11 +7,15 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::fleet::Fleet;
+use crate::config::Config;
+use crate::fleet::{Fleet, FleetSnapshot};
 use crate::metrics;
+use crate::selection;
 
 pub struct AdminApp {
+    pub config: Arc<Config>,
     pub fleet: Arc<Fleet>,
     /// Set once every listener accepts connections.
     pub ready: Arc<AtomicBool>,
@@ -49,6 +53,14 @@ impl ServeHttp for AdminApp {
                 )
             }
             "/metrics" => reply(200, "text/plain; version=0.0.4", metrics::render()),
+            "/load-stats" => {
+                let v = load_stats(&self.config, &self.fleet.load(), Instant::now());
+                reply(
+                    200,
+                    "application/json",
+                    serde_json::to_vec_pretty(&v).unwrap_or_default(),
+                )
+            }
             _ => reply(
                 404,
                 "application/json",
@@ -56,4 +68,109 @@ impl ServeHttp for AdminApp {
             ),
         }
     }
+}
+
+fn ms(s: Option<f64>) -> serde_json::Value {
+    s.map_or(serde_json::Value::Null, |s| {
+        serde_json::json!((s * 1e5).round() / 100.0)
+    })
+}
+
+/// The fleet as this gateway sees it: what each engine last reported, what this gateway
+/// added since, and how the `vllm` policy scores each backend for a typical request.
+pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_json::Value {
+    use serde_json::json;
+    let stale_after = config.stale_after();
+    let typical = selection::Request {
+        model: "",
+        prompt_tokens: 500,
+        max_tokens: Some(256),
+    };
+    let default_itl = snap
+        .backends
+        .iter()
+        .filter_map(|e| e.state.itl_s)
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))))
+        .unwrap_or(0.015);
+    let (mut running, mut waiting, mut in_flight, mut kv_sum, mut kv_n, mut healthy) =
+        (0.0, 0.0, 0usize, 0.0, 0usize, 0usize);
+    let backends: Vec<serde_json::Value> = snap
+        .backends
+        .iter()
+        .map(|e| {
+            let st = &e.state;
+            let b = &e.backend;
+            let fresh = st.fresh_load(now, stale_after);
+            let load = st.load.as_ref();
+            if st.healthy {
+                healthy += 1;
+            }
+            if let Some(l) = fresh {
+                running += l.running.unwrap_or(0.0);
+                waiting += l.waiting.unwrap_or(0.0);
+                if let Some(k) = l.kv_usage {
+                    kv_sum += k;
+                    kv_n += 1;
+                }
+            }
+            in_flight += b.in_flight();
+            let kv = fresh.and_then(|l| l.kv_usage);
+            let queue_share = match (fresh, b.max_concurrent_requests) {
+                (Some(l), Some(m)) => {
+                    Some((l.running.unwrap_or(0.0) + l.waiting.unwrap_or(0.0)) / m as f64)
+                }
+                _ => None,
+            };
+            let utilization = match (kv, queue_share) {
+                (Some(k), Some(q)) => Some(k.max(q)),
+                (k, q) => k.or(q),
+            };
+            let hit_rate = load.and_then(|l| match (l.prefix_hits, l.prefix_queries) {
+                (Some(h), Some(q)) if q > 0.0 => Some(h / q),
+                _ => None,
+            });
+            json!({
+                "name": b.name,
+                "url": b.url,
+                "healthy": st.healthy,
+                "health_error": st.last_error,
+                "models": st.models,
+                "running": fresh.and_then(|l| l.running),
+                "waiting": fresh.and_then(|l| l.waiting),
+                "kv_usage": kv,
+                "in_flight": b.in_flight(),
+                "dispatched_since_scrape": b.dispatched().saturating_sub(st.dispatched_at_scrape),
+                "capacity": {
+                    "kv_tokens": load.and_then(|l| l.kv_capacity_tokens),
+                    "max_concurrent_requests": b.max_concurrent_requests,
+                    "weight": b.weight,
+                },
+                "utilization": utilization,
+                "itl_ms": ms(st.itl_s),
+                "ttft_ms": ms(st.ttft_s),
+                "e2e_ms": ms(st.e2e_s),
+                "preemptions_total": load.and_then(|l| l.preemptions),
+                "prefix_cache_hit_rate": hit_rate,
+                "engines": load.map(|l| l.engines),
+                "scrape_fresh": fresh.is_some(),
+                "scrape_age_ms": st.load_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                "last_scrape_error": st.scrape_error,
+                "score_ms": ms(Some(selection::vllm_score(e, &typical, now, stale_after, default_itl))),
+            })
+        })
+        .collect();
+    json!({
+        "policy": config.policy.to_string(),
+        "scrape_interval_ms": config.scrape_interval.as_millis() as u64,
+        "fleet": {
+            "backends": snap.backends.len(),
+            "healthy": healthy,
+            "models": snap.healthy_models(),
+            "running": running,
+            "waiting": waiting,
+            "in_flight": in_flight,
+            "kv_usage_mean": if kv_n > 0 { Some(kv_sum / kv_n as f64) } else { None },
+        },
+        "backends": backends,
+    })
 }

@@ -122,6 +122,7 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
     let mut admin_svc = Service::new(
         "admin".to_string(),
         AdminApp {
+            config: config.clone(),
             fleet: fleet.clone(),
             ready: ready.clone(),
         },

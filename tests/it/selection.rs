@@ -1,0 +1,121 @@
+//! vLLM-aware selection end to end: the gateway scrapes the engines, reports them on
+//! /load-stats, and steers requests away from a replica that queues.
+
+use crate::support::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+use vllm_edge::sim::Preset;
+
+async fn load_stats(gw: &Gateway) -> Value {
+    http1()
+        .get(gw.admin_url("/load-stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn backend<'a>(stats: &'a Value, addr: &std::net::SocketAddr) -> &'a Value {
+    stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == addr.to_string())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn requests_avoid_a_replica_whose_engine_queues() {
+    // tiny-test engines (8 sequences, 4096 tokens of KV), 20× slower than tiny-test's
+    // default so a queue lasts for seconds.
+    let tiny = |a: &mut vllm_edge::sim::SimArgs| {
+        a.preset = Preset::TinyTest;
+        a.time_scale = Some(0.2);
+        a.kv_tokens = None;
+        a.max_model_len = None;
+    };
+    let busy = sim_with(&["m"], tiny).await;
+    let idle = sim_with(&["m"], tiny).await;
+    let gw = Gateway::builder(&[&busy, &idle])
+        .yaml("discovery:\n  scrape_interval: 50ms\n  models_interval: 1s")
+        .start()
+        .await;
+    let stats = load_stats(&gw).await;
+    assert_eq!(stats["policy"], "vllm");
+
+    // Load the first replica directly, behind the gateway's back.
+    let prompt = "tok ".repeat(100);
+    let direct: Vec<_> = (0..16)
+        .map(|i| {
+            let url = format!("{}/v1/chat/completions", busy.url());
+            let body = json!({"model": "m", "max_tokens": 300, "ignore_eos": true,
+                          "messages": [{"role": "user", "content": format!("{i} {prompt}")}]});
+            tokio::spawn(async move {
+                http1()
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let s = load_stats(&gw).await;
+            let b = backend(&s, &busy.addr);
+            b["waiting"].as_f64() > Some(0.0) && b["scrape_fresh"] == true
+        })
+        .await,
+        "the gateway should see the queue: {}",
+        load_stats(&gw).await
+    );
+    let stats = load_stats(&gw).await;
+    let b = backend(&stats, &busy.addr);
+    assert_eq!(b["running"], 8.0);
+    assert!(b["kv_usage"].as_f64().unwrap() > 0.0 && b["capacity"]["kv_tokens"] == 4096);
+    assert!(
+        b["score_ms"].as_f64() > backend(&stats, &idle.addr)["score_ms"].as_f64(),
+        "{stats}"
+    );
+    assert!(stats["fleet"]["waiting"].as_f64() > Some(0.0));
+
+    // Every request through the gateway now goes to the idle replica.
+    for i in 0..6 {
+        let resp = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": format!("q{i}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["x-vllm-edge-backend"].to_str().unwrap(),
+            idle.addr.to_string()
+        );
+    }
+
+    // A replica whose /metrics turns to garbage goes stale, and says why.
+    idle.sim.set_faults(vllm_edge::sim::Faults {
+        metrics_garbage: true,
+        ..Default::default()
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let s = load_stats(&gw).await;
+            let b = backend(&s, &idle.addr);
+            b["scrape_fresh"] == false
+                && b["last_scrape_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("line 1"))
+        })
+        .await,
+        "{}",
+        load_stats(&gw).await
+    );
+    for t in direct {
+        assert_eq!(t.await.unwrap().unwrap(), 200);
+    }
+}
