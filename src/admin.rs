@@ -86,12 +86,7 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
         prompt_tokens: 500,
         max_tokens: Some(256),
     };
-    let default_itl = snap
-        .backends
-        .iter()
-        .filter_map(|e| e.state.itl_s)
-        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))))
-        .unwrap_or(0.015);
+    let default_itl = snap.min_itl_s.unwrap_or(selection::DEFAULT_ITL_S);
     let (mut running, mut waiting, mut in_flight, mut kv_sum, mut kv_n, mut healthy) =
         (0.0, 0.0, 0usize, 0.0, 0usize, 0usize);
     let backends: Vec<serde_json::Value> = snap
@@ -100,7 +95,7 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
         .map(|e| {
             let st = &e.state;
             let b = &e.backend;
-            let fresh = st.fresh_load(now, stale_after);
+            let fresh = st.fresh_load(crate::fleet::fresh_since(now, stale_after));
             let load = st.load.as_ref();
             if st.healthy {
                 healthy += 1;
@@ -155,7 +150,12 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
                 "scrape_fresh": fresh.is_some(),
                 "scrape_age_ms": st.load_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 "last_scrape_error": st.scrape_error,
-                "score_ms": ms(Some(selection::vllm_score(e, &typical, now, stale_after, default_itl))),
+                "score_ms": ms(Some(selection::vllm_score(
+                    e,
+                    &typical,
+                    crate::fleet::fresh_since(now, stale_after),
+                    default_itl,
+                ))),
             })
         })
         .collect();

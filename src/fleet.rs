@@ -15,6 +15,12 @@ use std::time::Instant;
 use crate::config::BackendConfig;
 use crate::engine_metrics::EngineLoad;
 
+/// The oldest scrape start still fresh at `now` (`None`: every scrape is, because the
+/// process is younger than `stale_after`).
+pub fn fresh_since(now: Instant, stale_after: std::time::Duration) -> Option<Instant> {
+    now.checked_sub(stale_after)
+}
+
 /// A backend's identity, shared by every snapshot that contains it. Its counters live as
 /// long as the backend stays in the configuration.
 #[derive(Debug)]
@@ -106,14 +112,11 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    /// The scraped load, if the scrape is younger than `stale_after`.
-    pub fn fresh_load(
-        &self,
-        now: Instant,
-        stale_after: std::time::Duration,
-    ) -> Option<&EngineLoad> {
+    /// The scraped load, if its scrape started at or after `fresh_since` (see
+    /// [`fresh_since`]).
+    pub fn fresh_load(&self, fresh_since: Option<Instant>) -> Option<&EngineLoad> {
         match (self.load.as_ref(), self.load_at) {
-            (Some(l), Some(at)) if now.saturating_duration_since(at) <= stale_after => Some(l),
+            (Some(l), Some(at)) if fresh_since.is_none_or(|f| at >= f) => Some(l),
             _ => None,
         }
     }
@@ -147,6 +150,9 @@ pub struct FleetSnapshot {
     pub backends: Vec<BackendEntry>,
     /// model → indices into `backends` of every backend known to serve it (healthy or not).
     by_model: BTreeMap<String, Vec<usize>>,
+    /// The lowest inter-token latency measured on a healthy backend: what a backend not
+    /// measured yet (probably idle) is assumed to have.
+    pub min_itl_s: Option<f64>,
 }
 
 impl FleetSnapshot {
@@ -160,7 +166,16 @@ impl FleetSnapshot {
                 }
             }
         }
-        FleetSnapshot { backends, by_model }
+        let min_itl_s = backends
+            .iter()
+            .filter(|e| e.state.healthy)
+            .filter_map(|e| e.state.itl_s)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
+        FleetSnapshot {
+            backends,
+            by_model,
+            min_itl_s,
+        }
     }
 
     /// Indices of the backends known to serve `model`, healthy or not; `None` when no

@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::Policy;
-use crate::fleet::{BackendEntry, FleetSnapshot};
+use crate::fleet::{fresh_since, BackendEntry, FleetSnapshot};
 
 /// Why no candidate was returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub const BYTES_PER_TOKEN: usize = 4;
 
 /// Inter-token latency assumed for a backend never measured (then divided by its
 /// configured weight): a mid-size batch on a current GPU.
-const DEFAULT_ITL_S: f64 = 0.015;
+pub const DEFAULT_ITL_S: f64 = 0.015;
 /// Output length assumed when a request gives no `max_tokens`, for its KV footprint.
 const DEFAULT_OUTPUT_TOKENS: f64 = 256.0;
 /// Prompt tokens whose prefill costs about as much as one decode step (a 2k-token chunk
@@ -87,26 +87,26 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 /// - `prompt`: the request's own prefill runs at the replica's speed.
 /// - A stale or failing scrape falls back to this gateway's in-flight count as `running`
 ///   and multiplies the score by 1.5.
+///
+/// `fresh_since` is [`fresh_since`]`(now, stale_after)`, computed once per pick.
 pub fn vllm_score(
     e: &BackendEntry,
     req: &Request,
-    now: Instant,
-    stale_after: Duration,
+    fresh_since: Option<Instant>,
     default_itl: f64,
 ) -> f64 {
     let b = &e.backend;
     let st = &e.state;
-    let in_flight = b.in_flight() as f64;
-    let fresh = st.fresh_load(now, stale_after);
+    let fresh = st.fresh_load(fresh_since);
     let (running, waiting, kv, since) = match fresh {
         Some(l) => (
-            l.running.unwrap_or(in_flight),
+            l.running.unwrap_or_else(|| b.in_flight() as f64),
             l.waiting.unwrap_or(0.0),
             l.kv_usage,
             b.dispatched().saturating_sub(st.dispatched_at_scrape) as f64,
         ),
         // Everything this gateway sent is in flight; nothing else is known.
-        None => (in_flight, 0.0, None, 0.0),
+        None => (b.in_flight() as f64, 0.0, None, 0.0),
     };
     let itl = st.itl_s.unwrap_or(default_itl / b.weight);
     let in_engine = running + waiting + since;
@@ -129,8 +129,12 @@ pub fn vllm_score(
         Some(k) => k.min(MAX_KV_FOR_PRESSURE),
         None => 0.0,
     };
-    let pressure = step * k * k / (1.0 - k);
-    let prefill = itl * req.prompt_tokens as f64 / PREFILL_TOKENS_PER_STEP;
+    let pressure = if k > 0.0 {
+        step * k * k / (1.0 - k)
+    } else {
+        0.0
+    };
+    let prefill = itl * req.prompt_tokens as f64 * (1.0 / PREFILL_TOKENS_PER_STEP);
 
     let score = STEPS_TO_FIRST_TOKEN * step + queue + pressure + prefill;
     if fresh.is_some() {
@@ -211,15 +215,11 @@ impl Selector {
                 }
             }
             Policy::Vllm => {
-                let default_itl = default_itl(snap, &eligible);
+                let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
+                let fresh = fresh_since(now, self.stale_after);
                 let mut scored: Vec<(f64, usize)> = eligible
                     .iter()
-                    .map(|&i| {
-                        (
-                            vllm_score(&snap.backends[i], req, now, self.stale_after, default_itl),
-                            i,
-                        )
-                    })
+                    .map(|&i| (vllm_score(&snap.backends[i], req, fresh, default_itl), i))
                     .collect();
                 // Stable: equal scores keep configuration order.
                 scored.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -227,6 +227,52 @@ impl Selector {
             }
         }
         Ok(eligible)
+    }
+
+    /// The first of [`Selector::candidates`], without ordering the rest: one pass, no
+    /// allocation. This is what the request path uses (a retry asks again, with fresher
+    /// state).
+    pub fn best(
+        &self,
+        policy: Policy,
+        snap: &FleetSnapshot,
+        req: &Request,
+        tried: &[usize],
+        now: Instant,
+    ) -> Result<usize, NoCandidate> {
+        let serving = snap.serving(req.model).ok_or(NoCandidate::UnknownModel)?;
+        let eligible = serving
+            .iter()
+            .copied()
+            .filter(|&i| snap.backends[i].state.healthy && !tried.contains(&i));
+        let best = match policy {
+            Policy::Vllm => {
+                let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
+                let fresh = fresh_since(now, self.stale_after);
+                // Strictly lower wins: ties keep configuration order, as in `candidates`.
+                eligible
+                    .map(|i| {
+                        let score = vllm_score(&snap.backends[i], req, fresh, default_itl);
+                        (score, i)
+                    })
+                    .fold(None, |best: Option<(f64, usize)>, (s, i)| match best {
+                        Some((b, _)) if b <= s => best,
+                        _ => Some((s, i)),
+                    })
+                    .map(|(_, i)| i)
+            }
+            Policy::LeastRequest => eligible
+                .map(|i| (snap.backends[i].backend.in_flight(), i))
+                .fold(None, |best: Option<(usize, usize)>, (l, i)| match best {
+                    Some((b, _)) if b <= l => best,
+                    _ => Some((l, i)),
+                })
+                .map(|(_, i)| i),
+            Policy::RoundRobin | Policy::PowerOfTwo => {
+                return self.candidates(policy, snap, req, tried, now).map(|c| c[0]);
+            }
+        };
+        best.ok_or(NoCandidate::Unavailable)
     }
 
     fn cursor(&self, model: &str) -> Arc<AtomicUsize> {
@@ -253,16 +299,6 @@ impl Selector {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-}
-
-/// The ITL assumed for never-measured backends: the lowest measured one among the
-/// candidates (an unmeasured replica is probably idle), else a default.
-fn default_itl(snap: &FleetSnapshot, eligible: &[usize]) -> f64 {
-    eligible
-        .iter()
-        .filter_map(|&i| snap.backends[i].state.itl_s)
-        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))))
-        .unwrap_or(DEFAULT_ITL_S)
 }
 
 #[cfg(test)]
@@ -471,7 +507,8 @@ mod tests {
         let e1 = &snap.backends[1];
         let e0 = &snap.backends[0];
         assert!(
-            vllm_score(e1, &req(), now, STALE, 0.012) > vllm_score(e0, &req(), now, STALE, 0.012)
+            vllm_score(e1, &req(), fresh_since(now, STALE), 0.012)
+                > vllm_score(e0, &req(), fresh_since(now, STALE), 0.012)
         );
         assert_eq!(
             sel.candidates(Policy::Vllm, &snap, &req(), &[], now)
@@ -533,14 +570,19 @@ mod tests {
                 let tried: Vec<usize> = (0..n).filter(|&i| tried_mask[i]).collect();
                 let want: Vec<usize> = (0..n).filter(|&i| healthy[i] && !tried_mask[i]).collect();
                 let sel = Selector::new(STALE);
+                let best = sel.best(policy, &snap, &req(), &tried, now);
                 match sel.candidates(policy, &snap, &req(), &tried, now) {
                     Ok(mut got) => {
+                        if matches!(policy, Policy::Vllm | Policy::LeastRequest) {
+                            prop_assert_eq!(best, Ok(got[0]), "best() is the first candidate");
+                        }
                         got.sort_unstable();
                         prop_assert_eq!(got, want);
                     }
                     Err(e) => {
                         prop_assert!(want.is_empty());
                         prop_assert_eq!(e, NoCandidate::Unavailable);
+                        prop_assert_eq!(best, Err(NoCandidate::Unavailable));
                     }
                 }
             }

@@ -232,30 +232,28 @@ impl ProxyHttp for Gateway {
             prompt_tokens: info.prompt_bytes / selection::BYTES_PER_TOKEN,
             max_tokens: info.max_tokens,
         };
-        let chosen = match self.selector.candidates(
-            self.config.policy,
-            &snap,
-            &request,
-            &tried,
-            Instant::now(),
-        ) {
-            Ok(c) => c[0],
-            Err(why) => {
-                // After a failed attempt, the client hears about that failure (kept in
-                // ctx.error); before any, that nothing can serve the model.
-                if ctx.error.is_none() {
-                    ctx.error = Some(match why {
-                        NoCandidate::UnknownModel => ApiError::model_not_found(&info.model),
-                        NoCandidate::Unavailable => ApiError::no_backend(&info.model),
-                    });
+        let chosen =
+            match self
+                .selector
+                .best(self.config.policy, &snap, &request, &tried, Instant::now())
+            {
+                Ok(c) => c,
+                Err(why) => {
+                    // After a failed attempt, the client hears about that failure (kept in
+                    // ctx.error); before any, that nothing can serve the model.
+                    if ctx.error.is_none() {
+                        ctx.error = Some(match why {
+                            NoCandidate::UnknownModel => ApiError::model_not_found(&info.model),
+                            NoCandidate::Unavailable => ApiError::no_backend(&info.model),
+                        });
+                    }
+                    let status = ctx.error.as_ref().map_or(503, |e| e.status);
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(status),
+                        "no backend available for the request",
+                    ));
                 }
-                let status = ctx.error.as_ref().map_or(503, |e| e.status);
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(status),
-                    "no backend available for the request",
-                ));
-            }
-        };
+            };
         let backend = &snap.backends[chosen].backend;
         ctx.attempts += 1;
         ctx.in_flight = Some(backend.begin_request());

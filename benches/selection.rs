@@ -1,0 +1,104 @@
+//! Micro-benchmarks of the request path's decisions: one pick among 4, 64 and 1024
+//! backends for each policy, and parsing a real vLLM `/metrics` payload.
+//!
+//! Run: `cargo bench --bench selection`.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use std::time::{Duration, Instant};
+use vllm_edge::config::{BackendConfig, Policy};
+use vllm_edge::engine_metrics::{self, EngineLoad};
+use vllm_edge::fleet::{BackendEntry, Fleet, FleetSnapshot};
+use vllm_edge::selection::{Request, Selector};
+
+fn fleet(n: usize, now: Instant) -> FleetSnapshot {
+    let cfgs: Vec<BackendConfig> = (0..n)
+        .map(|i| BackendConfig {
+            name: format!("b{i}"),
+            url: format!("http://10.0.{}.{}:8000", i / 250, i % 250),
+            addr: format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
+            static_models: Some(vec!["m".into()]),
+            weight: 1.0,
+            max_concurrent_requests: None,
+        })
+        .collect();
+    let entries = Fleet::new(&cfgs)
+        .load()
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut state = e.state.clone();
+            state.healthy = true;
+            state.load = Some(EngineLoad {
+                running: Some((i * 7 % 200) as f64),
+                waiting: Some((i % 5) as f64),
+                kv_usage: Some((i % 10) as f64 / 10.0),
+                kv_capacity_tokens: Some(450_000),
+                engines: 1,
+                ..EngineLoad::default()
+            });
+            state.load_at = Some(now);
+            state.itl_s = Some(0.01 + (i % 13) as f64 / 1000.0);
+            state.e2e_s = Some(2.0);
+            BackendEntry {
+                backend: e.backend.clone(),
+                state,
+            }
+        })
+        .collect();
+    FleetSnapshot::new(entries)
+}
+
+fn pick(c: &mut Criterion) {
+    let now = Instant::now();
+    let req = Request {
+        model: "m",
+        prompt_tokens: 800,
+        max_tokens: Some(256),
+    };
+    let mut group = c.benchmark_group("pick");
+    for n in [4usize, 64, 1024] {
+        let snap = fleet(n, now);
+        let sel = Selector::new(Duration::from_secs(1));
+        for policy in [
+            Policy::Vllm,
+            Policy::LeastRequest,
+            Policy::PowerOfTwo,
+            Policy::RoundRobin,
+        ] {
+            group.bench_with_input(BenchmarkId::new(policy.to_string(), n), &n, |b, _| {
+                b.iter(|| {
+                    sel.best(policy, black_box(&snap), black_box(&req), &[], now)
+                        .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+    let snap = fleet(64, now);
+    let sel = Selector::new(Duration::from_secs(1));
+    c.bench_function("all candidates in order/vllm/64", |b| {
+        b.iter(|| {
+            sel.candidates(Policy::Vllm, black_box(&snap), black_box(&req), &[], now)
+                .unwrap()
+        })
+    });
+}
+
+fn parse_metrics(c: &mut Criterion) {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/vllm-0.32/metrics-busy-48x512-queued.txt"
+    );
+    let payload = std::fs::read(p).expect("the vLLM fixture");
+    c.bench_function("parse vLLM /metrics (53 KB fixture)", |b| {
+        b.iter(|| engine_metrics::parse(black_box(&payload), 8 << 20).unwrap())
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
+    targets = pick, parse_metrics
+}
+criterion_main!(benches);
