@@ -37,6 +37,11 @@ pub struct Backend {
     /// Requests ever sent (monotonic): the scraper notes its value when a scrape starts,
     /// so the difference is the work dispatched since the engine's numbers were taken.
     dispatched: AtomicU64,
+    /// Requests ever finished (monotonic), noted the same way.
+    completed: AtomicU64,
+    /// Prompt tokens of this gateway's streaming requests that have not produced a first
+    /// byte yet: prefill work queued on the engine (exact for one gateway).
+    pending_prefill: AtomicU64,
 }
 
 impl Backend {
@@ -50,6 +55,8 @@ impl Backend {
             max_concurrent_requests: cfg.max_concurrent_requests,
             in_flight: AtomicUsize::new(0),
             dispatched: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            pending_prefill: AtomicU64::new(0),
         })
     }
 
@@ -63,27 +70,62 @@ impl Backend {
         self.dispatched.load(Ordering::Relaxed)
     }
 
+    /// Requests sent to the backend that have finished (however they ended).
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Prompt tokens sent in streaming requests still waiting for their first byte.
+    pub fn pending_prefill(&self) -> u64 {
+        self.pending_prefill.load(Ordering::Relaxed)
+    }
+
     /// Counts a request as in flight until the guard is dropped.
     pub fn begin_request(self: &Arc<Self>) -> InFlightGuard {
+        self.begin_request_with_prefill(0)
+    }
+
+    /// Like [`Backend::begin_request`], also counting `prompt_tokens` of prefill pending
+    /// until [`InFlightGuard::first_byte`] (or the end of the request).
+    pub fn begin_request_with_prefill(self: &Arc<Self>, prompt_tokens: u64) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.dispatched.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard(self.clone())
+        self.pending_prefill
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        InFlightGuard {
+            backend: self.clone(),
+            prefill: prompt_tokens,
+        }
     }
 }
 
 /// Holds one in-flight count on a backend; dropping it releases the count.
 #[derive(Debug)]
-pub struct InFlightGuard(Arc<Backend>);
+pub struct InFlightGuard {
+    backend: Arc<Backend>,
+    /// Prefill still counted as pending on the backend.
+    prefill: u64,
+}
 
 impl InFlightGuard {
     pub fn backend(&self) -> &Arc<Backend> {
-        &self.0
+        &self.backend
+    }
+
+    /// The request's first byte arrived: its prefill is done.
+    pub fn first_byte(&mut self) {
+        let p = std::mem::take(&mut self.prefill);
+        if p > 0 {
+            self.backend.pending_prefill.fetch_sub(p, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.first_byte();
+        self.backend.completed.fetch_add(1, Ordering::Relaxed);
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -100,8 +142,12 @@ pub struct BackendState {
     pub load: Option<EngineLoad>,
     /// When that scrape started; `None` before the first success.
     pub load_at: Option<Instant>,
-    /// `Backend::dispatched()` when that scrape started.
+    /// `Backend::dispatched()` and `Backend::completed()` when that scrape started.
     pub dispatched_at_scrape: u64,
+    pub completed_at_scrape: u64,
+    /// The engine's batch limit (vLLM's `max_num_seqs`, which it does not export):
+    /// learned as the largest `running` seen while requests were waiting.
+    pub learned_max_running: Option<f64>,
     /// Why the last scrape failed, if it did.
     pub scrape_error: Option<String>,
     /// Recent mean inter-token latency, time to first token and end-to-end latency
@@ -130,6 +176,8 @@ impl BackendState {
             load: None,
             load_at: None,
             dispatched_at_scrape: 0,
+            completed_at_scrape: 0,
+            learned_max_running: None,
             scrape_error: None,
             itl_s: None,
             ttft_s: None,
@@ -250,6 +298,19 @@ mod tests {
         assert_eq!(b.in_flight(), 1);
         drop(g2);
         assert_eq!(b.in_flight(), 0);
+        let mut g = b.begin_request_with_prefill(300);
+        let _h = b.begin_request_with_prefill(200);
+        assert_eq!(b.pending_prefill(), 500);
+        g.first_byte();
+        g.first_byte();
+        assert_eq!(b.pending_prefill(), 200);
+        drop(g);
+        assert_eq!(b.pending_prefill(), 200);
+        drop(_h);
+        assert_eq!(
+            (b.pending_prefill(), b.in_flight(), b.completed()),
+            (0, 0, 4)
+        );
     }
 
     #[test]

@@ -114,6 +114,9 @@ async fn observe(
         }
     };
     let metrics = async {
+        // Completions first: a request that finishes between the two reads is then
+        // counted as still in the engine, never as gone twice.
+        let completed = backend.completed();
         let dispatched = backend.dispatched();
         let started = Instant::now();
         let result =
@@ -125,9 +128,9 @@ async fn observe(
                 Ok(r) => Err(format!("status {}", r.status)),
                 Err(e) => Err(e.to_string()),
             };
-        (dispatched, started, result)
+        (dispatched, completed, started, result)
     };
-    let (models, (dispatched, started, load)) = tokio::join!(models, metrics);
+    let (models, (dispatched, completed, started, load)) = tokio::join!(models, metrics);
 
     let mut state = old;
     if let Some(models) = models {
@@ -155,9 +158,16 @@ async fn observe(
             if !load.anomalies.is_empty() {
                 tracing::debug!(backend = %backend.name, anomalies = ?load.anomalies, "dropped metric values");
             }
+            if let (Some(r), Some(w)) = (load.running, load.waiting) {
+                if w > 0.0 && r > 0.0 {
+                    state.learned_max_running =
+                        Some(state.learned_max_running.map_or(r, |m| m.max(r)));
+                }
+            }
             state.load = Some(load);
             state.load_at = Some(started);
             state.dispatched_at_scrape = dispatched;
+            state.completed_at_scrape = completed;
             state.scrape_error = None;
         }
         Err(e) => {

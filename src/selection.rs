@@ -43,9 +43,11 @@ pub const BYTES_PER_TOKEN: usize = 4;
 pub const DEFAULT_ITL_S: f64 = 0.015;
 /// Output length assumed when a request gives no `max_tokens`, for its KV footprint.
 const DEFAULT_OUTPUT_TOKENS: f64 = 256.0;
-/// Prompt tokens whose prefill costs about as much as one decode step (a 2k-token chunk
-/// costs about four decode steps of a busy batch on the model vLLM is usually run with).
-const PREFILL_TOKENS_PER_STEP: f64 = 500.0;
+/// Prompt tokens whose prefill costs about as much as one decode step. It varies with
+/// the GPU (about 220 on an H100 running Llama-3-8B, 120 on an A100) and cannot be told
+/// apart from decode speed in vLLM's metrics; erring low sends long prompts to the
+/// replicas with the shortest steps, where their prefill is quickest.
+const PREFILL_TOKENS_PER_STEP: f64 = 150.0;
 /// A request usually reaches its first token after the rest of the current step plus
 /// one full step (which carries its prefill): 1.5 steps on average.
 const STEPS_TO_FIRST_TOKEN: f64 = 1.5;
@@ -61,13 +63,16 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 ///
 /// ```text
 /// since   = requests sent to the backend after its last scrape began
-/// in      = running + waiting + since           (sequences once ours has arrived)
+/// done    = of those and earlier ones, requests that finished since then
+/// in      = running + waiting + since − done    (the engine's sequences now)
 /// itl     = measured inter-token latency        (or 15 ms / weight before any)
 /// step    = itl × (in + 1) / (running + 1)      step time with our request in the batch
-/// queue   = (waiting + since + 1) × e2e / running    only if the engine queues (waiting > 0)
-///                                               or `max_concurrent_requests` is reached
+/// cap     = max_concurrent_requests, else the largest `running` seen while requests waited
+/// ahead   = in + 1 − cap  (if positive; without a cap: waiting)
+/// queue   = ahead × e2e / cap                   waiting for departures
 /// k       = kv_usage + (prompt + max_tokens) / kv_capacity,  at most 0.99
-/// score   = 1.5 × step + queue + step × k² / (1 − k) + itl × prompt / 500
+/// pending = prompt tokens of this gateway's streams there still without a first byte
+/// score   = 1.5 × step + queue + step × k² / (1 − k) + itl × (pending + prompt) / 150
 /// ```
 ///
 /// Why each term:
@@ -77,14 +82,21 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 ///   and the current batch; scaling it by the batch growth our request and the
 ///   dispatched-since-scrape requests cause is pessimistic for small batches (step time
 ///   has a large fixed part), which steers work to idle replicas without oscillating.
-/// - `since`: requests sent between two scrapes are not in the engine's numbers yet;
-///   counting them keeps a burst from herding onto the replica that looked idle.
-/// - `queue`: once vLLM queues, a new request waits for departures, which happen at
-///   `running / e2e` per second (Little's law); the queue dominates TTFT when present.
+/// - `since` and `done`: requests sent between two scrapes are not in the engine's numbers
+///   yet, and requests of ours that finished have left it; counting both keeps a burst
+///   from herding onto the replica that looked idle, and keeps the estimate current
+///   between scrapes.
+/// - `queue`: vLLM runs at most `max_num_seqs` sequences (it does not export the limit:
+///   the gateway learns it, as `running` stops growing while requests wait); beyond it a
+///   new request waits for departures, which happen at `cap / e2e` per second (Little's
+///   law). Queueing dominates TTFT when present.
 /// - `k²/(1−k)`: near a full KV cache vLLM preempts running requests (recomputing them)
 ///   and stops admitting; negligible below half full, dominant near full. The request's
 ///   own footprint counts, so a long prompt avoids a nearly full replica.
-/// - `prompt`: the request's own prefill runs at the replica's speed.
+/// - `pending + prompt`: a new request's first token waits for its own prefill and for the
+///   prefill queued before it, each chunk of the step budget costing about a decode step
+///   at the replica's speed; this is what differs most between replicas when requests
+///   arrive fast (the ITL, mostly decode steps, hides it).
 /// - A stale or failing scrape falls back to this gateway's in-flight count as `running`
 ///   and multiplies the score by 1.5.
 ///
@@ -98,26 +110,35 @@ pub fn vllm_score(
     let b = &e.backend;
     let st = &e.state;
     let fresh = st.fresh_load(fresh_since);
-    let (running, waiting, kv, since) = match fresh {
+    let (running, waiting, kv, since, done) = match fresh {
         Some(l) => (
             l.running.unwrap_or_else(|| b.in_flight() as f64),
             l.waiting.unwrap_or(0.0),
             l.kv_usage,
             b.dispatched().saturating_sub(st.dispatched_at_scrape) as f64,
+            b.completed().saturating_sub(st.completed_at_scrape) as f64,
         ),
         // Everything this gateway sent is in flight; nothing else is known.
-        None => (b.in_flight() as f64, 0.0, None, 0.0),
+        None => (b.in_flight() as f64, 0.0, None, 0.0, 0.0),
     };
     let itl = st.itl_s.unwrap_or(default_itl / b.weight);
-    let in_engine = running + waiting + since;
+    // The engine now: as scraped, plus what we sent since, minus what of ours finished.
+    let in_engine = (running + waiting + since - done).max(0.0);
     let step = itl * (in_engine + 1.0) / (running + 1.0);
 
-    let at_cap = b
+    // The batch limit: configured, else learned from the engine queueing; beyond it a
+    // request waits for departures.
+    let cap = b
         .max_concurrent_requests
-        .is_some_and(|m| in_engine >= m as f64);
-    let queue = if waiting > 0.0 || at_cap {
+        .map(|m| m as f64)
+        .or(st.learned_max_running);
+    let ahead = match cap {
+        Some(c) => (in_engine + 1.0 - c).max(0.0),
+        None => waiting,
+    };
+    let queue = if ahead > 0.0 {
         let e2e = st.e2e_s.unwrap_or(itl * DEFAULT_OUTPUT_TOKENS);
-        (waiting + since + 1.0) * e2e / running.max(1.0)
+        ahead * e2e / cap.unwrap_or(running).max(1.0)
     } else {
         0.0
     };
@@ -134,7 +155,9 @@ pub fn vllm_score(
     } else {
         0.0
     };
-    let prefill = itl * req.prompt_tokens as f64 * (1.0 / PREFILL_TOKENS_PER_STEP);
+    // Our prompt's prefill waits behind the prefill already queued there by this gateway.
+    let prefill_tokens = b.pending_prefill() as f64 + req.prompt_tokens as f64;
+    let prefill = itl * prefill_tokens * (1.0 / PREFILL_TOKENS_PER_STEP);
 
     let score = STEPS_TO_FIRST_TOKEN * step + queue + pressure + prefill;
     if fresh.is_some() {

@@ -256,7 +256,14 @@ impl ProxyHttp for Gateway {
             };
         let backend = &snap.backends[chosen].backend;
         ctx.attempts += 1;
-        ctx.in_flight = Some(backend.begin_request());
+        // Streams tell us when prefill ends (the first chunk); non-streaming answers only
+        // come at the end, so their prefill is not tracked.
+        let prefill = if info.stream {
+            request.prompt_tokens as u64
+        } else {
+            0
+        };
+        ctx.in_flight = Some(backend.begin_request_with_prefill(prefill));
 
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         let o = &mut peer.options;
@@ -338,6 +345,21 @@ impl ProxyHttp for Gateway {
             resp.insert_header("x-vllm-edge-backend", ctx.backend_name())?;
         }
         Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if body.as_ref().is_some_and(|b| !b.is_empty()) {
+            if let Some(g) = ctx.in_flight.as_mut() {
+                g.first_byte();
+            }
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(

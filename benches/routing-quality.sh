@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Routing quality of every policy, nginx least_conn and vllm-router on one simulated
+# fleet (see benches/routing_quality.rs). Installs nginx (apt) and vllm-router (PyPI venv
+# under target/) when missing. Environment: RQ_SECONDS, RQ_LOADS, RQ_ROUTERS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+if ! command -v nginx >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nginx >/dev/null
+fi
+venv=target/bench-venv
+if [ ! -x "$venv/bin/vllm-router" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "vllm-router==0.1.17"
+fi
+export NGINX="$(command -v nginx)" VLLM_ROUTER="$PWD/$venv/bin/vllm-router"
+cargo bench --locked --bench routing_quality

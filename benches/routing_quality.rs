@@ -1,0 +1,452 @@
+//! Routing quality on a simulated heterogeneous fleet: four replicas, one at half speed,
+//! open-loop Poisson arrivals at 70% and 90% of the fleet's capacity, ShareGPT-like
+//! prompt and output lengths. Every router sees the same fleet and the same request
+//! schedule in the same run: vllm-edge with each policy, nginx `least_conn`, and
+//! vllm-project/router (`vllm-router`) with its policies when installed.
+//!
+//! Run: `benches/routing-quality.sh` (installs nginx and vllm-router, then runs this).
+//! Environment: `NGINX` and `VLLM_ROUTER` (paths; a router whose binary is missing is
+//! skipped), `RQ_SECONDS` (arrival window per run, default 60), `RQ_LOADS` (default
+//! "0.7,0.9"), `RQ_ROUTERS` (comma-separated subset of the names in the table).
+
+use futures_util::StreamExt;
+use rand::{Rng, SeedableRng};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use vllm_edge::engine_metrics;
+use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
+use vllm_edge::sim::{self, Preset, SimArgs, SimHandle};
+
+const SPEEDS: [f64; 4] = [1.0, 1.0, 1.0, 0.5];
+const MAX_NUM_SEQS: usize = 32;
+const KV_TOKENS: usize = 40_000;
+const BUDGET: usize = 2048;
+
+fn sched_config(speed: f64) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: MAX_NUM_SEQS,
+        max_num_batched_tokens: BUDGET,
+        block_size: 16,
+        kv_tokens: KV_TOKENS,
+        enable_prefix_caching: true,
+        max_model_len: 4096,
+        perf: PerfModel::LLAMA3_8B_A100,
+        speed_factor: speed,
+    }
+}
+
+/// ShareGPT-like lengths (research/vllm-sim-spec.md §6.1): lognormal, input median 100
+/// and p99 ~1000, output median 150 and p99 ~1000; 4..1024 each, at most 2048 together.
+fn lengths(rng: &mut impl Rng) -> (usize, usize) {
+    let mut lognormal = |median: f64, p99: f64| {
+        let sigma = (p99 / median).ln() / 2.326;
+        median * vllm_edge::sim::scheduler::jitter(rng, sigma)
+    };
+    let p = (lognormal(100.0, 1000.0) as usize).clamp(4, 1024);
+    let o = (lognormal(150.0, 1000.0) as usize)
+        .clamp(4, 1024)
+        .min(2048 - p);
+    (p, o)
+}
+
+/// Requests per second one replica completes when saturated with this workload,
+/// measured on the scheduler's virtual clock.
+fn capacity(speed: f64) -> f64 {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let trace: Vec<TraceRequest> = (0..3000)
+        .map(|i| {
+            let (p, o) = lengths(&mut rng);
+            TraceRequest {
+                arrival_s: 0.0,
+                prompt: (0..p as u32).map(|t| t ^ (i << 12)).collect(),
+                output_tokens: o,
+            }
+        })
+        .collect();
+    let r = simulate(sched_config(speed), &trace, 1);
+    trace.len() as f64 / r.duration_s
+}
+
+struct Planned {
+    at: Duration,
+    prompt: String,
+    output: usize,
+}
+
+fn schedule(rate: f64, seconds: f64, seed: u64) -> Vec<Planned> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut t = 0.0;
+    let mut out = Vec::new();
+    let words = [
+        "alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta",
+    ];
+    while t < seconds {
+        t += -rng.gen_range(f64::MIN_POSITIVE..1.0f64).ln() / rate;
+        let (p, o) = lengths(&mut rng);
+        // A unique leading word per request: no accidental prefix sharing.
+        let mut prompt = format!("req{} ", out.len());
+        for k in 1..p {
+            prompt.push_str(words[(k * 7 + out.len()) % words.len()]);
+            prompt.push(' ');
+        }
+        out.push(Planned {
+            at: Duration::from_secs_f64(t),
+            prompt,
+            output: o,
+        });
+    }
+    out
+}
+
+#[derive(Default)]
+struct Outcome {
+    ttft: Vec<f64>,
+    e2e: Vec<f64>,
+    errors: usize,
+    tokens: u64,
+    /// TTFTs by the replica that answered (`x-sim-replica`).
+    by_replica: std::collections::BTreeMap<String, Vec<f64>>,
+}
+
+async fn drive(url: &str, plan: &[Planned]) -> (Outcome, f64) {
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(plan.len());
+    for p in plan {
+        tokio::time::sleep_until((start + p.at).into()).await;
+        let body = serde_json::json!({
+            "model": "m", "stream": true, "ignore_eos": true, "max_tokens": p.output,
+            "messages": [{"role": "user", "content": p.prompt}],
+        });
+        let (client, url) = (client.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let resp = client.post(&url).json(&body).send().await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let replica = resp
+                .headers()
+                .get("x-sim-replica")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_string();
+            let mut ttft = None;
+            let mut tokens = 0u64;
+            let mut stream = resp.bytes_stream();
+            let mut done = false;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.ok()?;
+                let text = String::from_utf8_lossy(&chunk);
+                let n = text.matches("\"delta\":{\"content\":\"").count()
+                    - text.matches("\"delta\":{\"content\":\"\"").count();
+                if n > 0 && ttft.is_none() {
+                    ttft = Some(sent.elapsed().as_secs_f64());
+                }
+                tokens += n as u64;
+                done |= text.contains("data: [DONE]");
+            }
+            done.then(|| {
+                (
+                    ttft.unwrap_or(f64::NAN),
+                    sent.elapsed().as_secs_f64(),
+                    tokens,
+                    replica,
+                )
+            })
+        }));
+    }
+    let mut out = Outcome::default();
+    for t in tasks {
+        match t.await.ok().flatten() {
+            Some((ttft, e2e, tokens, replica)) if ttft.is_finite() => {
+                out.by_replica.entry(replica).or_default().push(ttft);
+                out.ttft.push(ttft);
+                out.e2e.push(e2e);
+                out.tokens += tokens;
+            }
+            _ => out.errors += 1,
+        }
+    }
+    (out, start.elapsed().as_secs_f64())
+}
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_port(addr: SocketAddr) -> bool {
+    for _ in 0..600 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A router in front of the fleet, as a child process; `url` is its chat endpoint.
+struct Router {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let child = if let Some(policy) = name.strip_prefix("vllm-edge ") {
+        // "vllm-edge vllm+cap": the operator told the gateway vLLM's --max-num-seqs.
+        let (policy, cap) = match policy.strip_suffix("+cap") {
+            Some(p) => (p, format!("    max_concurrent_requests: {MAX_NUM_SEQS}\n")),
+            None => (policy, String::new()),
+        };
+        let mut yaml = format!(
+            "listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:0\nrouting:\n  policy: {policy}\nserver:\n  threads: 1\n  grace_period: 0s\nbackends:\n"
+        );
+        for b in backends {
+            yaml.push_str(&format!("  - url: {b}\n{cap}"));
+        }
+        let conf = dir.path().join("gw.yaml");
+        std::fs::write(&conf, yaml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
+            .args(["run", "-c"])
+            .arg(&conf)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .ok()?;
+        let mut lines = BufReader::new(child.stdout.take()?).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("\"ready\"") {
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        child
+    } else if name == "nginx least_conn" {
+        let nginx = std::env::var("NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
+        if !PathBuf::from(&nginx).exists() {
+            return None;
+        }
+        let servers: String = backends
+            .iter()
+            .map(|b| format!("server {};", b.trim_start_matches("http://")))
+            .collect();
+        let conf = format!(
+            "worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
+               upstream fleet {{ least_conn; {servers} keepalive 256; }}\n\
+               server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://fleet; proxy_http_version 1.1;\n\
+                 proxy_set_header Connection \"\"; proxy_buffering off; proxy_read_timeout 600s; }} }} }}\n",
+            d = dir.path().display()
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        Command::new(nginx)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .ok()?
+    } else if let Some(policy) = name.strip_prefix("vllm-router ") {
+        let bin = std::env::var("VLLM_ROUTER").ok()?;
+        if !PathBuf::from(&bin).exists() {
+            return None;
+        }
+        Command::new(bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--policy",
+                policy,
+                "--log-level",
+                "warning",
+                "--worker-urls",
+            ])
+            .args(backends)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .ok()?
+    } else {
+        return None;
+    };
+    if !wait_port(addr).await {
+        eprintln!("{name}: did not start");
+        return None;
+    }
+    // Ready when a request goes through.
+    let url = format!("http://{addr}/v1/chat/completions");
+    let probe = serde_json::json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::Client::new().post(&url).json(&probe).send().await {
+            if r.status().is_success() {
+                return Some(Router {
+                    child,
+                    url,
+                    _dir: dir,
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{name}: never answered");
+    None
+}
+
+async fn preemptions(sims: &[SimHandle]) -> f64 {
+    let mut total = 0.0;
+    for s in sims {
+        let body = reqwest::get(format!("{}/metrics", s.url()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        total += engine_metrics::parse(&body, 8 << 20)
+            .unwrap()
+            .preemptions
+            .unwrap_or(0.0);
+    }
+    total
+}
+
+async fn wait_idle(sims: &[SimHandle]) {
+    for _ in 0..1200 {
+        if sims.iter().all(|s| {
+            let st = s.sim.state();
+            st["running"] == 0 && st["waiting"] == 0
+        }) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let seconds: f64 = std::env::var("RQ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60.0);
+    let loads: Vec<f64> = std::env::var("RQ_LOADS")
+        .unwrap_or_else(|_| "0.7,0.9".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let all = [
+        "vllm-edge round-robin",
+        "vllm-edge least-request",
+        "vllm-edge power-of-two",
+        "vllm-edge vllm",
+        "vllm-edge vllm+cap",
+        "nginx least_conn",
+        "vllm-router round_robin",
+        "vllm-router power_of_two",
+        "vllm-router cache_aware",
+    ];
+    let only = std::env::var("RQ_ROUTERS").ok();
+    let routers: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|r| {
+            only.as_ref()
+                .is_none_or(|o| o.split(',').any(|x| x.trim() == *r))
+        })
+        .collect();
+
+    let fleet_capacity: f64 = SPEEDS.iter().map(|&s| capacity(s)).sum();
+    eprintln!("fleet capacity (virtual clock, saturated): {fleet_capacity:.1} requests/s");
+
+    let mut sims = Vec::new();
+    for (i, &speed) in SPEEDS.iter().enumerate() {
+        let mut a = SimArgs::defaults();
+        a.port = 0;
+        a.models = vec!["m".into()];
+        a.preset = Preset::Llama3A100;
+        a.max_num_seqs = Some(MAX_NUM_SEQS);
+        a.kv_tokens = Some(KV_TOKENS);
+        a.max_num_batched_tokens = Some(BUDGET);
+        a.max_model_len = Some(4096);
+        a.speed_factor = speed;
+        a.seed = i as u64;
+        a.name = Some(format!("r{i}{}", if speed < 1.0 { "-slow" } else { "" }));
+        sims.push(sim::spawn(a).await.unwrap());
+    }
+    let backends: Vec<String> = sims.iter().map(|s| s.url()).collect();
+
+    println!("Fleet: 4 simulated replicas (A100 profile, {MAX_NUM_SEQS} sequences, {KV_TOKENS} KV tokens, speeds {SPEEDS:?}); capacity {fleet_capacity:.1} req/s; {seconds} s of Poisson arrivals per run.\n");
+    println!("| load | router | requests | errors | TTFT p50 (s) | TTFT p99 (s) | e2e p99 (s) | throughput (req/s) | tokens/s | preemptions | share / TTFT p99 per replica |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for &load in &loads {
+        let plan = schedule(load * fleet_capacity, seconds, 42);
+        for name in &routers {
+            wait_idle(&sims).await;
+            let Some(mut router) = start_router(name, &backends).await else {
+                eprintln!("skipping {name}");
+                continue;
+            };
+            let p0 = preemptions(&sims).await;
+            let (mut out, wall) = drive(&router.url, &plan).await;
+            let p1 = preemptions(&sims).await;
+            let _ = router.child.kill().await;
+            let n = out.ttft.len();
+            let per_replica: Vec<String> = out
+                .by_replica
+                .iter_mut()
+                .map(|(r, v)| {
+                    format!(
+                        "{r} {:.0}% {:.2}s",
+                        100.0 * v.len() as f64 / n.max(1) as f64,
+                        pct(v, 0.99)
+                    )
+                })
+                .collect();
+            println!(
+                "| {:.0}% | {name} | {} | {} | {:.3} | {:.3} | {:.2} | {:.1} | {:.0} | {:.0} | {} |",
+                load * 100.0,
+                n,
+                out.errors,
+                pct(&mut out.ttft, 0.5),
+                pct(&mut out.ttft, 0.99),
+                pct(&mut out.e2e, 0.99),
+                n as f64 / wall,
+                out.tokens as f64 / wall,
+                p1 - p0,
+                per_replica.join(", "),
+            );
+        }
+    }
+}
