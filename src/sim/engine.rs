@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-use super::scheduler::{jitter, FinishReason, NewSeq, Scheduler, SchedulerConfig, SeqId};
+use super::scheduler::{
+    jitter, FinishReason, NewSeq, Scheduler, SchedulerConfig, SchedulerCounters, SeqId,
+};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -78,12 +80,8 @@ pub struct EngineStats {
     pub running: usize,
     pub waiting: usize,
     pub kv_usage: f64,
-    pub prefix_queries: u64,
-    pub prefix_hits: u64,
-    pub preemptions: u64,
-    pub prompt_tokens: u64,
-    pub prompt_tokens_cached: u64,
-    pub generation_tokens: u64,
+    /// The scheduler's cumulative counters (prefix cache, preemptions, tokens).
+    pub counters: SchedulerCounters,
     pub success_stop: u64,
     pub success_length: u64,
     pub aborted: u64,
@@ -100,12 +98,7 @@ impl EngineStats {
             running: 0,
             waiting: 0,
             kv_usage: 0.0,
-            prefix_queries: 0,
-            prefix_hits: 0,
-            preemptions: 0,
-            prompt_tokens: 0,
-            prompt_tokens_cached: 0,
-            generation_tokens: 0,
+            counters: SchedulerCounters::default(),
             success_stop: 0,
             success_length: 0,
             aborted: 0,
@@ -335,15 +328,9 @@ async fn run(
 }
 
 fn publish(sched: &Scheduler, stats: &Mutex<EngineStats>) {
-    let c = sched.counters();
     let mut st = stats.lock().expect("not poisoned");
     st.running = sched.num_running();
     st.waiting = sched.num_waiting();
     st.kv_usage = sched.kv_usage();
-    st.prefix_queries = c.prefix_queries;
-    st.prefix_hits = c.prefix_hits;
-    st.preemptions = c.preemptions;
-    st.prompt_tokens = c.prompt_tokens;
-    st.prompt_tokens_cached = c.prompt_tokens_cached;
-    st.generation_tokens = c.generation_tokens;
+    st.counters = sched.counters();
 }

@@ -120,37 +120,37 @@ pub fn render(sim: &Sim, faults: &Faults) -> String {
         "vllm:prefix_cache_queries_total",
         "counter",
         "Prefix cache queries, in terms of number of queried tokens.",
-        st.prefix_queries as f64,
+        st.counters.prefix_queries as f64,
     );
     o.value(
         "vllm:prefix_cache_hits_total",
         "counter",
         "Prefix cache hits, in terms of number of cached tokens.",
-        st.prefix_hits as f64,
+        st.counters.prefix_hits as f64,
     );
     o.value(
         "vllm:num_preemptions_total",
         "counter",
         "Cumulative number of preemption from the engine.",
-        st.preemptions as f64,
+        st.counters.preemptions as f64,
     );
     o.value(
         "vllm:prompt_tokens_total",
         "counter",
         "Number of prefill tokens processed.",
-        st.prompt_tokens as f64,
+        st.counters.prompt_tokens as f64,
     );
     o.value(
         "vllm:prompt_tokens_cached_total",
         "counter",
         "Number of cached prompt tokens (local + external).",
-        st.prompt_tokens_cached as f64,
+        st.counters.prompt_tokens_cached as f64,
     );
     o.value(
         "vllm:generation_tokens_total",
         "counter",
         "Number of generation tokens processed.",
-        st.generation_tokens as f64,
+        st.counters.generation_tokens as f64,
     );
     if o.family(
         "vllm:request_success_total",
