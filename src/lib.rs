@@ -5,14 +5,15 @@
 //!                       request_filter: openai::route → local answers (/health, /v1/models)
 //!                                       or proxy::body::read_full_body (capped, replayable)
 //!                                       → openai::inspect → RoutingInfo {model, stream, ...}
-//!                       upstream_peer:  selection::Selector::candidates(fleet.load(), model,
+//!                       upstream_peer:  selection::Selector::best(fleet.load(), request,
 //!                                       tried) → HttpPeer (pooled) + fleet::InFlightGuard
 //!                       request_body_filter: replay the full body on every attempt
 //!                       fail_to_connect / error_while_proxy: retry on another replica while
 //!                                       nothing has reached the client
 //!                       fail_to_proxy:  OpenAI-shaped JSON error
-//!  background: scraper::Scraper ── /v1/models of every backend ──▶ Fleet (ArcSwap snapshot)
-//!  admin listener: admin::AdminApp (/health /ready /metrics)
+//!  background: scraper::Scraper ── /metrics (every 250 ms) and /v1/models of every
+//!              backend, parsed by engine_metrics ──▶ Fleet (ArcSwap snapshot)
+//!  admin listener: admin::AdminApp (/health /ready /metrics /load-stats)
 //! ```
 //!
 //! Modules, one concept each:
