@@ -33,7 +33,7 @@ enum Command {
     /// Start simulated vLLM replicas and the gateway in front of them, in one process.
     Demo(demo::DemoArgs),
     /// Run one simulated vLLM server.
-    Sim(sim::SimArgs),
+    Sim(Box<sim::SimArgs>),
 }
 
 fn init_logging() {
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
                 }
             };
             rt.block_on(async move {
-                let handle = match sim::spawn(args).await {
+                let handle = match sim::spawn(*args).await {
                     Ok(h) => h,
                     Err(e) => {
                         eprintln!("error: cannot listen: {e}");

@@ -581,8 +581,7 @@ mod tests {
                 let now = Instant::now();
                 let n = healthy.len();
                 let mut snap = snapshot(&healthy);
-                for i in 0..n {
-                    let (r, w, kv, itl, fresh) = loads[i];
+                for (i, &(r, w, kv, itl, fresh)) in loads.iter().enumerate().take(n) {
                     let at = if fresh { now } else { now - 10 * STALE };
                     snap = scraped(snap, i, r, w, kv, itl, at);
                 }

@@ -91,7 +91,7 @@ async fn client_errors() {
     // Chunked (no length): fine up to 64 KiB, 411 above, 413 above the cap.
     for (size, want) in [(10 * 1024, 200), (300 * 1024, 411), (2 << 20, 413)] {
         let mut body =
-            format!("{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"");
+            "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"".to_string();
         body.push_str(&"x".repeat(size));
         body.push_str("\"}]}");
         let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body
