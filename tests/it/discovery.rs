@@ -5,24 +5,6 @@ use crate::support::*;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-async fn models(gw: &Gateway) -> Vec<String> {
-    let v: serde_json::Value = http1()
-        .get(gw.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["object"], "list");
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[tokio::test]
 async fn models_are_the_union_of_healthy_backends_and_requests_follow_their_model() {
     let a = sim_with(&["m1"], |s| s.name = Some("a".into())).await;

@@ -125,15 +125,7 @@ async fn no_backend_can_take_it() {
     a.stop();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            let v: serde_json::Value = http1()
-                .get(gw.url("/v1/models"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["data"].as_array().unwrap().len() == 1
+            models(&gw).await.len() == 1
         })
         .await,
         "discovery did not notice the stopped backend"

@@ -7,14 +7,7 @@ use std::time::Duration;
 use vllm_edge::sim::Preset;
 
 async fn load_stats(gw: &Gateway) -> Value {
-    http1()
-        .get(gw.admin_url("/load-stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(gw.admin_url("/load-stats")).await
 }
 
 fn backend<'a>(stats: &'a Value, addr: &std::net::SocketAddr) -> &'a Value {

@@ -71,23 +71,9 @@ async fn vllm_shapes_and_errors() {
             .status(),
         200
     );
-    let v: Value = c
-        .get(format!("{}/version", s.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(format!("{}/version", s.url())).await;
     assert!(v["version"].is_string());
-    let v: Value = c
-        .get(format!("{}/v1/models", s.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(format!("{}/v1/models", s.url())).await;
     assert_eq!(v["data"][0]["id"], "m");
     assert_eq!(v["data"][0]["max_model_len"], 100);
 

@@ -184,3 +184,20 @@ pub async fn error_of(resp: reqwest::Response) -> (u16, Value) {
     let body: Value = resp.json().await.expect("error body is JSON");
     (status, body)
 }
+
+/// `GET url` answered with JSON.
+pub async fn get_json(url: impl reqwest::IntoUrl) -> Value {
+    http1().get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// The model ids the gateway's `/v1/models` lists.
+pub async fn models(gw: &Gateway) -> Vec<String> {
+    let v = get_json(gw.url("/v1/models")).await;
+    assert_eq!(v["object"], "list");
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
