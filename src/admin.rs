@@ -42,7 +42,7 @@ impl ServeHttp for AdminApp {
                     .load()
                     .backends
                     .iter()
-                    .filter(|b| b.state.healthy)
+                    .filter(|b| b.backend.health.routable())
                     .count();
                 let ready = self.ready.load(Ordering::Relaxed) && healthy > 0;
                 let body = format!("{{\"ready\":{ready},\"healthy_backends\":{healthy}}}");
@@ -97,7 +97,8 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
             let b = &e.backend;
             let fresh = st.fresh_load(crate::fleet::fresh_since(now, stale_after));
             let load = st.load.as_ref();
-            if st.healthy {
+            let h = &b.health;
+            if h.routable() {
                 healthy += 1;
             }
             if let Some(l) = fresh {
@@ -127,8 +128,14 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
             json!({
                 "name": b.name,
                 "url": b.url,
-                "healthy": st.healthy,
-                "health_error": st.last_error,
+                "healthy": h.checks_up(),
+                "routable": h.routable(),
+                "health_error": h.check_error(),
+                "circuit": h.breaker_state().as_str(),
+                "circuit_opens_total": h.breaker_opens(),
+                "last_failure": h.last_failure().map(|k| k.as_str()),
+                "draining": h.is_draining(),
+                "models_error": st.models_error,
                 "models": st.models,
                 "running": fresh.and_then(|l| l.running),
                 "waiting": fresh.and_then(|l| l.waiting),

@@ -12,6 +12,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::health::HealthPolicy;
+
 /// Every default in one place. The comments say what each prevents.
 pub mod defaults {
     use std::time::Duration;
@@ -24,11 +26,32 @@ pub mod defaults {
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
     /// Short, so a dead replica is left quickly for another one.
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-    /// Non-streaming requests send nothing until the whole generation is done.
-    pub const NON_STREAM_READ_TIMEOUT: Duration = Duration::from_secs(600);
-    /// For streams this bounds the wait for the first token (queueing included) and the
-    /// gap between chunks.
-    pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Streams: the first token, queueing included. vLLM queues rather than refusing, so
+    /// a loaded fleet legitimately takes a while; a stalled engine takes forever.
+    pub const STREAM_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(120);
+    /// Streams: between two chunks. Tokens come every few ms; a long pause (preemption,
+    /// a huge prefill in the same batch) is seconds, not a minute.
+    pub const STREAM_CHUNK_GAP_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Non-streaming requests send nothing until the whole generation is done, so their
+    /// first byte is also their last.
+    pub const NON_STREAM_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const NON_STREAM_TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
+    /// Retries may not exceed this fraction of the requests of the last 10 s...
+    pub const RETRY_BUDGET_RATIO: f64 = 0.2;
+    /// ...plus this many, so a quiet gateway can still retry.
+    pub const RETRY_BUDGET_MIN: u32 = 10;
+    /// Active checks: `GET /health` this often, each allowed this long.
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Consecutive failed checks that take a backend out (one lost packet must not).
+    pub const UNHEALTHY_THRESHOLD: u32 = 2;
+    /// Consecutive passed checks that bring it back: a replica still loading or flapping
+    /// is not sent traffic on its first good answer.
+    pub const HEALTHY_THRESHOLD: u32 = 2;
+    /// Consecutive failed requests (connect, reset, 5xx, timeout) that open the circuit.
+    pub const FAILURE_THRESHOLD: u32 = 3;
+    /// How long an open circuit stays open before a probe request is sent.
+    pub const OPEN_DURATION: Duration = Duration::from_secs(5);
     /// Below uvicorn's 5 s keep-alive, or pooled connections are closed under us.
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
     /// One first try plus two retries on other replicas; more only hammers a sick fleet.
@@ -78,6 +101,8 @@ struct FileConfig {
     #[serde(default)]
     discovery: FileDiscovery,
     #[serde(default)]
+    health: FileHealth,
+    #[serde(default)]
     server: FileServer,
 }
 
@@ -108,6 +133,9 @@ struct FileBackend {
     /// Requests above which the backend counts as saturated.
     #[serde(default)]
     max_concurrent_requests: Option<u32>,
+    /// No new requests; in-flight ones finish.
+    #[serde(default)]
+    drain: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,9 +160,13 @@ struct FileTimeouts {
     #[serde(default)]
     connect: Option<HumanDuration>,
     #[serde(default)]
-    non_stream_read: Option<HumanDuration>,
+    stream_first_byte: Option<HumanDuration>,
     #[serde(default)]
-    stream_idle: Option<HumanDuration>,
+    stream_chunk_gap: Option<HumanDuration>,
+    #[serde(default)]
+    non_stream_first_byte: Option<HumanDuration>,
+    #[serde(default)]
+    non_stream_total: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +178,27 @@ struct FileUpstream {
     max_attempts: Option<u32>,
     #[serde(default)]
     keepalive_pool_size: Option<usize>,
+    #[serde(default)]
+    retry_budget: Option<f64>,
+    #[serde(default)]
+    retry_budget_min: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealth {
+    #[serde(default)]
+    interval: Option<HumanDuration>,
+    #[serde(default)]
+    timeout: Option<HumanDuration>,
+    #[serde(default)]
+    unhealthy_threshold: Option<u32>,
+    #[serde(default)]
+    healthy_threshold: Option<u32>,
+    #[serde(default)]
+    failure_threshold: Option<u32>,
+    #[serde(default)]
+    open_duration: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,11 +261,13 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
     pub connect_timeout: Duration,
-    pub non_stream_read_timeout: Duration,
-    pub stream_idle_timeout: Duration,
+    pub timeouts: Timeouts,
     pub pool_idle_timeout: Duration,
     pub max_attempts: u32,
+    pub retry_budget_ratio: f64,
+    pub retry_budget_min: u32,
     pub keepalive_pool_size: usize,
+    pub health: HealthPolicy,
     pub scrape_interval: Duration,
     pub scrape_timeout: Duration,
     pub models_interval: Duration,
@@ -231,6 +286,20 @@ pub struct BackendConfig {
     pub static_models: Option<Vec<String>>,
     pub weight: f64,
     pub max_concurrent_requests: Option<u32>,
+    pub drain: bool,
+}
+
+/// Limits on one attempt at a backend, besides `connect`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// Streams: until the first body chunk (the first token).
+    pub stream_first_byte: Duration,
+    /// Streams: between two body chunks.
+    pub stream_chunk_gap: Duration,
+    /// Non-streaming: until the response header (vLLM sends it with the answer).
+    pub non_stream_first_byte: Duration,
+    /// Non-streaming: the whole answer.
+    pub non_stream_total: Duration,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -384,6 +453,7 @@ impl Config {
                 static_models: b.models,
                 weight,
                 max_concurrent_requests: b.max_concurrent_requests,
+                drain: b.drain,
             });
         }
 
@@ -406,6 +476,57 @@ impl Config {
             return Err(invalid("server.threads", "must be at least 1".into()));
         }
         let dur = |d: Option<HumanDuration>, default: Duration| d.map_or(default, |d| d.0);
+        let retry_budget_ratio = file
+            .upstream
+            .retry_budget
+            .unwrap_or(defaults::RETRY_BUDGET_RATIO);
+        if !(0.0..=1.0).contains(&retry_budget_ratio) {
+            return Err(invalid(
+                "upstream.retry_budget",
+                format!("must be a fraction between 0 and 1, got {retry_budget_ratio}"),
+            ));
+        }
+        let h = &file.health;
+        let health = HealthPolicy {
+            interval: dur(h.interval, defaults::HEALTH_INTERVAL),
+            timeout: dur(h.timeout, defaults::HEALTH_TIMEOUT),
+            unhealthy_threshold: h.unhealthy_threshold.unwrap_or(defaults::UNHEALTHY_THRESHOLD),
+            healthy_threshold: h.healthy_threshold.unwrap_or(defaults::HEALTHY_THRESHOLD),
+            failure_threshold: h.failure_threshold.unwrap_or(defaults::FAILURE_THRESHOLD),
+            open_duration: dur(h.open_duration, defaults::OPEN_DURATION),
+        };
+        for (key, v) in [
+            ("health.unhealthy_threshold", health.unhealthy_threshold),
+            ("health.healthy_threshold", health.healthy_threshold),
+            ("health.failure_threshold", health.failure_threshold),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        if health.interval < Duration::from_millis(10) {
+            return Err(invalid("health.interval", "must be at least 10ms".into()));
+        }
+        let t = &file.timeouts;
+        let timeouts = Timeouts {
+            stream_first_byte: dur(t.stream_first_byte, defaults::STREAM_FIRST_BYTE_TIMEOUT),
+            stream_chunk_gap: dur(t.stream_chunk_gap, defaults::STREAM_CHUNK_GAP_TIMEOUT),
+            non_stream_first_byte: dur(
+                t.non_stream_first_byte,
+                defaults::NON_STREAM_FIRST_BYTE_TIMEOUT,
+            ),
+            non_stream_total: dur(t.non_stream_total, defaults::NON_STREAM_TOTAL_TIMEOUT),
+        };
+        for (key, v) in [
+            ("timeouts.stream_first_byte", timeouts.stream_first_byte),
+            ("timeouts.stream_chunk_gap", timeouts.stream_chunk_gap),
+            ("timeouts.non_stream_first_byte", timeouts.non_stream_first_byte),
+            ("timeouts.non_stream_total", timeouts.non_stream_total),
+        ] {
+            if v.is_zero() {
+                return Err(invalid(key, "must be above zero".into()));
+            }
+        }
         let scrape_interval = dur(file.discovery.scrape_interval, defaults::SCRAPE_INTERVAL);
         if scrape_interval < Duration::from_millis(10) {
             return Err(invalid(
@@ -423,13 +544,15 @@ impl Config {
             max_body_bytes,
             body_read_timeout: dur(file.limits.body_read_timeout, defaults::BODY_READ_TIMEOUT),
             connect_timeout: dur(file.timeouts.connect, defaults::CONNECT_TIMEOUT),
-            non_stream_read_timeout: dur(
-                file.timeouts.non_stream_read,
-                defaults::NON_STREAM_READ_TIMEOUT,
-            ),
-            stream_idle_timeout: dur(file.timeouts.stream_idle, defaults::STREAM_IDLE_TIMEOUT),
+            timeouts,
             pool_idle_timeout: dur(file.upstream.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
             max_attempts,
+            retry_budget_ratio,
+            retry_budget_min: file
+                .upstream
+                .retry_budget_min
+                .unwrap_or(defaults::RETRY_BUDGET_MIN),
+            health,
             keepalive_pool_size: file
                 .upstream
                 .keepalive_pool_size

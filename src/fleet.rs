@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use crate::config::BackendConfig;
 use crate::engine_metrics::EngineLoad;
+use crate::health::BackendHealth;
 
 /// The oldest scrape start still fresh at `now` (`None`: every scrape is, because the
 /// process is younger than `stale_after`).
@@ -33,6 +34,8 @@ pub struct Backend {
     /// Relative speed from the config, used until latency has been measured.
     pub weight: f64,
     pub max_concurrent_requests: Option<u32>,
+    /// Whether it may be sent requests (checks, circuit breaker, draining).
+    pub health: BackendHealth,
     in_flight: AtomicUsize,
     /// Requests ever sent (monotonic): the scraper notes its value when a scrape starts,
     /// so the difference is the work dispatched since the engine's numbers were taken.
@@ -46,7 +49,10 @@ pub struct Backend {
 
 impl Backend {
     pub fn new(cfg: &BackendConfig) -> Arc<Backend> {
+        let health = BackendHealth::default();
+        health.set_draining(cfg.drain);
         Arc::new(Backend {
+            health,
             name: cfg.name.clone(),
             url: cfg.url.clone(),
             addr: cfg.addr,
@@ -132,11 +138,11 @@ impl Drop for InFlightGuard {
 /// What was last observed about one backend.
 #[derive(Debug, Clone)]
 pub struct BackendState {
-    pub healthy: bool,
-    /// The models it serves: the last known list, kept while it is unhealthy so that a
+    /// The models it serves: the last known list, kept while it is unavailable so that a
     /// request for its model gets 503 (temporarily unavailable), not 404.
     pub models: Vec<String>,
-    pub last_error: Option<String>,
+    /// Why the last `/v1/models` failed, if it did.
+    pub models_error: Option<String>,
     pub observed_at: Option<Instant>,
     /// The engine's load at the last successful `/metrics` scrape.
     pub load: Option<EngineLoad>,
@@ -169,9 +175,8 @@ impl BackendState {
 
     pub fn unknown(backend: &Backend) -> BackendState {
         BackendState {
-            healthy: false,
             models: backend.static_models.clone().unwrap_or_default(),
-            last_error: Some("not checked yet".into()),
+            models_error: None,
             observed_at: None,
             load: None,
             load_at: None,
@@ -216,7 +221,7 @@ impl FleetSnapshot {
         }
         let min_itl_s = backends
             .iter()
-            .filter(|e| e.state.healthy)
+            .filter(|e| e.backend.health.checks_up())
             .filter_map(|e| e.state.itl_s)
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
         FleetSnapshot {
@@ -232,11 +237,15 @@ impl FleetSnapshot {
         self.by_model.get(model).map(|v| v.as_slice())
     }
 
-    /// The union of the models of all healthy backends, sorted.
+    /// The union of the models of all backends that take requests (checks passing, not
+    /// draining; an open circuit is a passing state), sorted.
     pub fn healthy_models(&self) -> Vec<String> {
         self.by_model
             .iter()
-            .filter(|(_, idx)| idx.iter().any(|&i| self.backends[i].state.healthy))
+            .filter(|(_, idx)| {
+                idx.iter()
+                    .any(|&i| self.backends[i].backend.health.routable_ignoring_breaker())
+            })
             .map(|(m, _)| m.clone())
             .collect()
     }
@@ -285,6 +294,7 @@ mod tests {
             static_models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
             weight: 1.0,
             max_concurrent_requests: None,
+            drain: false,
         }
     }
 
@@ -319,9 +329,10 @@ mod tests {
         let snap = fleet.load();
         assert_eq!(snap.serving("m2"), Some(&[0usize, 1][..]));
         assert!(snap.healthy_models().is_empty(), "nothing is checked yet");
-        let mut entries = snap.backends.clone();
-        entries[1].state.healthy = true;
-        fleet.store(FleetSnapshot::new(entries));
+        snap.backends[1]
+            .backend
+            .health
+            .observe_check(Ok(()), &Default::default());
         assert_eq!(fleet.load().healthy_models(), vec!["m2", "m3"]);
         assert_eq!(fleet.load().serving("m1"), Some(&[0usize][..]));
         assert_eq!(fleet.load().serving("nope"), None);

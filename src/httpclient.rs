@@ -1,5 +1,5 @@
 //! A minimal HTTP/1.1 client for the gateway's own background requests to backends
-//! (`/v1/models`, `/health`, later `/metrics`): one request per connection, a deadline
+//! (`/health`, `/v1/models`, `/metrics`, circuit-breaker probes): one request per connection, a deadline
 //! for the whole exchange, and a cap on the response size so a hostile backend cannot
 //! exhaust memory.
 
@@ -36,20 +36,50 @@ pub async fn get(
     timeout: Duration,
     max_body: usize,
 ) -> Result<Response, FetchError> {
-    tokio::time::timeout(timeout, get_inner(addr, path, max_body))
+    tokio::time::timeout(timeout, exchange(addr, "GET", path, None, max_body))
         .await
         .map_err(|_| FetchError::Timeout(timeout))?
 }
 
-async fn get_inner(addr: SocketAddr, path: &str, max_body: usize) -> Result<Response, FetchError> {
+/// `POST path` on `addr` with a JSON body, the whole exchange bounded by `timeout`.
+pub async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+    max_body: usize,
+) -> Result<Response, FetchError> {
+    tokio::time::timeout(timeout, exchange(addr, "POST", path, Some(body), max_body))
+        .await
+        .map_err(|_| FetchError::Timeout(timeout))?
+}
+
+async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    max_body: usize,
+) -> Result<Response, FetchError> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(FetchError::Connect)?;
     stream.set_nodelay(true)?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vllm-edge\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vllm-edge\r\nAccept: */*\r\nConnection: close\r\n"
+    )
+    .into_bytes();
+    if let Some(b) = body {
+        req.extend_from_slice(
+            format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len())
+                .as_bytes(),
+        );
+    }
+    req.extend_from_slice(b"\r\n");
+    if let Some(b) = body {
+        req.extend_from_slice(b);
+    }
+    stream.write_all(&req).await?;
 
     let mut buf = BytesMut::with_capacity(8192);
     // Header.

@@ -22,6 +22,8 @@
 //! - [`fleet`]: backend identity, live state snapshot, in-flight counting;
 //! - [`selection`]: replica selection policies (pure);
 //! - [`scraper`]: the background service that observes backends;
+//! - [`health`]: whether a backend takes requests (checks, circuit breaker, draining),
+//!   and the retry budget;
 //! - [`engine_metrics`]: parsing an engine's `/metrics` into load signals;
 //! - [`httpclient`]: the small HTTP client the background services use;
 //! - [`proxy`]: the data plane;
@@ -35,6 +37,7 @@ pub mod config;
 pub mod demo;
 pub mod engine_metrics;
 pub mod fleet;
+pub mod health;
 pub mod httpclient;
 pub mod metrics;
 pub mod openai;

@@ -2,7 +2,10 @@
 //! (`vllm_edge_`), base units, `_total` counters. Recorded in the proxy's `logging` phase and
 //! served by the admin listener.
 
-use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, HistogramVec,
+    IntCounter, IntCounterVec,
+};
 use std::sync::LazyLock;
 
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -22,6 +25,31 @@ pub static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
         vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
         ]
+    )
+    .expect("metric registers once")
+});
+
+pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "vllm_edge_upstream_errors_total",
+        "Failed attempts at a backend, by backend and kind (connect, reset, 5xx, timeout).",
+        &["backend", "kind"]
+    )
+    .expect("metric registers once")
+});
+
+pub static RETRIES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "vllm_edge_retries_total",
+        "Attempts made after a failed one, on another backend."
+    )
+    .expect("metric registers once")
+});
+
+pub static RETRY_BUDGET_EXHAUSTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "vllm_edge_retry_budget_exhausted_total",
+        "Retries refused because retries already reached the budget's share of requests."
     )
     .expect("metric registers once")
 });

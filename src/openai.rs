@@ -274,6 +274,33 @@ impl ApiError {
         Self::new(status, kind, msg)
     }
 
+    /// For a stream cut by its replica after the response began.
+    pub fn mid_stream(timed_out: bool) -> Self {
+        if timed_out {
+            Self::new(
+                504,
+                "GatewayTimeoutError",
+                "The replica stopped sending tokens; the stream was ended.",
+            )
+        } else {
+            Self::new(
+                502,
+                "BadGatewayError",
+                "The replica failed in the middle of the stream.",
+            )
+        }
+    }
+
+    /// The error as the end of an event stream, the way vLLM reports mid-stream failures:
+    /// an error event, then `[DONE]`.
+    pub fn stream_event(&self) -> Bytes {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&self.body());
+        out.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+        Bytes::from(out)
+    }
+
     pub fn body(&self) -> Bytes {
         let v = serde_json::json!({
             "error": {

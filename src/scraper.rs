@@ -1,8 +1,8 @@
 //! The background service that observes every backend and publishes a new
 //! [`FleetSnapshot`]. Every `scrape_interval` it reads all backends' `/metrics`
 //! concurrently, each with its own timeout; every `models_interval` it also asks for
-//! `/v1/models` (or `/health` when the config lists the models), which decides health.
-//! A backend is logged only when its health flips.
+//! `/v1/models` (unless the config lists the models). Alongside, it runs the
+//! [`HealthChecker`] (active `/health` checks and circuit probes, see [`crate::health`]).
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::engine_metrics::{self, SumCount};
 use crate::fleet::{Backend, BackendEntry, BackendState, Fleet, FleetSnapshot};
+use crate::health::HealthChecker;
 use crate::httpclient;
 use crate::openai;
 
@@ -31,16 +32,22 @@ pub struct Scraper {
     scrape_timeout: Duration,
     models_interval: Duration,
     models_timeout: Duration,
+    health: HealthChecker,
 }
 
 impl Scraper {
     pub fn new(fleet: Arc<Fleet>, config: &Config) -> Scraper {
         Scraper {
-            fleet,
+            fleet: fleet.clone(),
             scrape_interval: config.scrape_interval,
             scrape_timeout: config.scrape_timeout,
             models_interval: config.models_interval,
             models_timeout: config.discovery_timeout,
+            health: HealthChecker::new(
+                fleet.clone(),
+                config.health,
+                config.timeouts.stream_first_byte,
+            ),
         }
     }
 
@@ -61,30 +68,12 @@ impl Scraper {
             .backends
             .iter()
             .zip(observed)
-            .map(|(old, state)| {
-                log_flip(&old.backend, &old.state, &state);
-                BackendEntry {
-                    backend: old.backend.clone(),
-                    state,
-                }
+            .map(|(old, state)| BackendEntry {
+                backend: old.backend.clone(),
+                state,
             })
             .collect();
         self.fleet.store(FleetSnapshot::new(entries));
-    }
-}
-
-fn log_flip(backend: &Backend, old: &BackendState, new: &BackendState) {
-    let first = old.observed_at.is_none();
-    match (old.healthy, new.healthy) {
-        (false, true) => {
-            tracing::info!(backend = %backend.name, models = ?new.models, "backend is up")
-        }
-        (true, false) | (false, false) if first || old.healthy => tracing::warn!(
-            backend = %backend.name,
-            error = new.last_error.as_deref().unwrap_or(""),
-            "backend is down"
-        ),
-        _ => {}
     }
 }
 
@@ -108,9 +97,9 @@ async fn observe(
     scrape_timeout: Duration,
 ) -> BackendState {
     let models = async {
-        match models_timeout {
-            Some(t) => Some(discover_models(&backend, t).await),
-            None => None,
+        match (models_timeout, &backend.static_models) {
+            (Some(t), None) => Some(discover_models(&backend, t).await),
+            _ => None,
         }
     };
     let metrics = async {
@@ -137,14 +126,18 @@ async fn observe(
         state.observed_at = Some(Instant::now());
         match models {
             Ok(m) => {
-                state.healthy = true;
+                if m != state.models {
+                    tracing::info!(backend = %backend.name, models = ?m, "models discovered");
+                }
                 state.models = m;
-                state.last_error = None;
+                state.models_error = None;
             }
             Err(e) => {
                 // The last known models are kept: requests for them get 503, not 404.
-                state.healthy = false;
-                state.last_error = Some(e);
+                if state.models_error.is_none() {
+                    tracing::warn!(backend = %backend.name, error = %e, "model discovery failed");
+                }
+                state.models_error = Some(e);
             }
         }
     }
@@ -178,18 +171,8 @@ async fn observe(
     state
 }
 
-/// The models a backend serves, or why it is considered down.
+/// The models a backend serves (from `/v1/models`).
 async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<String>, String> {
-    if let Some(models) = &backend.static_models {
-        let resp = httpclient::get(backend.addr, "/health", timeout, 64 * 1024)
-            .await
-            .map_err(|e| format!("GET /health: {e}"))?;
-        return if resp.status == 200 {
-            Ok(models.clone())
-        } else {
-            Err(format!("GET /health: status {}", resp.status))
-        };
-    }
     let resp = httpclient::get(backend.addr, "/v1/models", timeout, MAX_MODELS_BODY)
         .await
         .map_err(|e| format!("GET /v1/models: {e}"))?;
@@ -205,32 +188,33 @@ async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<Str
 
 #[async_trait]
 impl BackgroundService for Scraper {
-    /// Reports ready after the first pass, so the proxy never starts on a fleet that has
-    /// not been looked at.
-    async fn start_with_ready_notifier(
-        &self,
-        mut shutdown: ShutdownWatch,
-        ready: ServiceReadyNotifier,
-    ) {
-        self.pass(true).await;
-        let mut models_checked = Instant::now();
+    /// Reports ready after the first pass (models, metrics and health), so the proxy
+    /// never starts on a fleet that has not been looked at.
+    async fn start_with_ready_notifier(&self, shutdown: ShutdownWatch, ready: ServiceReadyNotifier) {
+        tokio::join!(self.pass(true), self.health.pass());
         ready.notify_ready();
-        let mut tick = tokio::time::interval(self.scrape_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() { return; }
-                }
-                _ = tick.tick() => {
-                    let with_models = models_checked.elapsed() >= self.models_interval;
-                    if with_models {
-                        models_checked = Instant::now();
+        let health = self.health.run(shutdown.clone());
+        let scrape = async {
+            let mut shutdown = shutdown;
+            let mut models_checked = Instant::now();
+            let mut tick = tokio::time::interval(self.scrape_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    r = shutdown.changed() => {
+                        if r.is_err() || *shutdown.borrow() { return; }
                     }
-                    self.pass(with_models).await;
+                    _ = tick.tick() => {
+                        let with_models = models_checked.elapsed() >= self.models_interval;
+                        if with_models {
+                            models_checked = Instant::now();
+                        }
+                        self.pass(with_models).await;
+                    }
                 }
             }
-        }
+        };
+        tokio::join!(health, scrape);
     }
 }

@@ -25,6 +25,18 @@ pub enum NoCandidate {
     Unavailable,
 }
 
+/// Whether backend `i` may be picked. Strictly: checks pass, not draining, circuit
+/// closed. When no backend of a model is strictly routable, the open circuits are ignored:
+/// a fleet-wide slowdown that opened every circuit must degrade service, not stop it.
+fn routable(snap: &FleetSnapshot, i: usize, strict: bool) -> bool {
+    let h = &snap.backends[i].backend.health;
+    if strict {
+        h.routable()
+    } else {
+        h.routable_ignoring_breaker()
+    }
+}
+
 /// What selection knows about a request.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
@@ -196,11 +208,18 @@ impl Selector {
         now: Instant,
     ) -> Result<Vec<usize>, NoCandidate> {
         let serving = snap.serving(req.model).ok_or(NoCandidate::UnknownModel)?;
-        let mut eligible: Vec<usize> = serving
-            .iter()
-            .copied()
-            .filter(|&i| snap.backends[i].state.healthy && !tried.contains(&i))
-            .collect();
+        let mut eligible: Vec<usize> = Vec::new();
+        for strict in [true, false] {
+            eligible.extend(
+                serving
+                    .iter()
+                    .copied()
+                    .filter(|&i| routable(snap, i, strict) && !tried.contains(&i)),
+            );
+            if !eligible.is_empty() {
+                break;
+            }
+        }
         if eligible.is_empty() {
             return Err(NoCandidate::Unavailable);
         }
@@ -264,10 +283,13 @@ impl Selector {
         now: Instant,
     ) -> Result<usize, NoCandidate> {
         let serving = snap.serving(req.model).ok_or(NoCandidate::UnknownModel)?;
+        let strict = serving
+            .iter()
+            .any(|&i| routable(snap, i, true) && !tried.contains(&i));
         let eligible = serving
             .iter()
             .copied()
-            .filter(|&i| snap.backends[i].state.healthy && !tried.contains(&i));
+            .filter(|&i| routable(snap, i, strict) && !tried.contains(&i));
         let best = match policy {
             Policy::Vllm => {
                 let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
@@ -350,22 +372,15 @@ mod tests {
                 static_models: Some(vec!["m".into()]),
                 weight: 1.0,
                 max_concurrent_requests: None,
+                drain: false,
             })
             .collect();
         let fleet = Fleet::new(&cfgs);
-        let entries = fleet
-            .load()
-            .backends
-            .iter()
-            .zip(healthy)
-            .map(|(e, &h)| BackendEntry {
-                backend: e.backend.clone(),
-                state: BackendState {
-                    healthy: h,
-                    ..e.state.clone()
-                },
-            })
-            .collect();
+        let entries: Vec<BackendEntry> = fleet.load().backends.clone();
+        for (e, &h) in entries.iter().zip(healthy) {
+            let result = if h { Ok(()) } else { Err("down".into()) };
+            e.backend.health.observe_check(result, &Default::default());
+        }
         FleetSnapshot::new(entries)
     }
 

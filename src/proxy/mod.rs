@@ -4,6 +4,7 @@
 //! writes OpenAI-shaped errors.
 
 pub mod body;
+pub mod deadline;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -16,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::fleet::{Backend, Fleet, InFlightGuard};
+use crate::health::{FailureKind, RetryBudget};
 use crate::openai::{self, ApiError, Route, RoutingInfo};
 use crate::selection::{self, NoCandidate, Selector};
 use body::BodyError;
+use deadline::{Limits, Watchdog};
 
 /// A dead pooled connection (the backend closed it while idle) is retried on the same
 /// backend at most this many times per request, without counting as a failed attempt.
@@ -31,15 +34,41 @@ pub struct Gateway {
     config: Arc<Config>,
     fleet: Arc<Fleet>,
     selector: Selector,
+    budget: RetryBudget,
 }
 
 impl Gateway {
     pub fn new(config: Arc<Config>, fleet: Arc<Fleet>) -> Gateway {
         Gateway {
             selector: Selector::new(config.stale_after()),
+            budget: RetryBudget::new(config.retry_budget_ratio, config.retry_budget_min),
             config,
             fleet,
         }
+    }
+
+    /// The deadlines of one attempt for this kind of request.
+    fn limits(&self, stream: bool) -> Limits {
+        let t = &self.config.timeouts;
+        if stream {
+            Limits {
+                first_byte: t.stream_first_byte,
+                gap: Some(t.stream_chunk_gap),
+                total: None,
+            }
+        } else {
+            Limits {
+                first_byte: t.non_stream_first_byte,
+                gap: None,
+                total: Some(t.non_stream_total),
+            }
+        }
+    }
+
+    /// Seconds a client is told to wait (`Retry-After`) when no replica can take it: about
+    /// when the health checks may have brought one back.
+    fn retry_after(&self) -> String {
+        self.config.health.interval.as_secs().max(1).to_string()
     }
 }
 
@@ -54,10 +83,20 @@ pub struct RequestCtx {
     tried: Vec<Arc<Backend>>,
     /// Counts the current attempt's in-flight request on its backend.
     in_flight: Option<InFlightGuard>,
+    /// Enforces the current attempt's deadlines.
+    watchdog: Option<Watchdog>,
+    /// The current attempt's first body byte arrived.
+    got_body: bool,
+    /// The response being relayed is an event stream (for the mid-stream error event).
+    sse: bool,
     attempts: u32,
     stale_retries: u32,
     /// The error to answer with if the request fails before any response byte.
     error: Option<ApiError>,
+    /// The last attempt ended by one of its deadlines.
+    timed_out: bool,
+    /// A stream was ended with an error event.
+    stream_error_sent: bool,
     status: u16,
 }
 
@@ -147,9 +186,14 @@ impl ProxyHttp for Gateway {
             info: None,
             tried: Vec::new(),
             in_flight: None,
+            watchdog: None,
+            got_body: false,
+            sse: false,
             attempts: 0,
             stale_retries: 0,
             error: None,
+            timed_out: false,
+            stream_error_sent: false,
             status: 0,
         }
     }
@@ -205,6 +249,7 @@ impl ProxyHttp for Gateway {
                 }
                 ctx.body = Some(body);
                 ctx.info = Some(info);
+                self.budget.record_request(Instant::now());
                 Ok(false)
             }
         }
@@ -264,21 +309,33 @@ impl ProxyHttp for Gateway {
             0
         };
         ctx.in_flight = Some(backend.begin_request_with_prefill(prefill));
+        ctx.watchdog = None;
+        ctx.got_body = false;
 
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         let o = &mut peer.options;
         o.connection_timeout = Some(self.config.connect_timeout);
         o.total_connection_timeout = Some(self.config.connect_timeout);
-        // Per read: for a stream this bounds the wait for the first token and the gap
-        // between chunks; a non-streaming answer comes only after the whole generation.
-        o.read_timeout = Some(if info.stream {
-            self.config.stream_idle_timeout
-        } else {
-            self.config.non_stream_read_timeout
-        });
+        // Pingora's timeout applies to every read alike: only a backstop here; the
+        // attempt's watchdog enforces the first-byte, gap and total deadlines.
+        o.read_timeout = Some(self.limits(info.stream).longest_read());
         o.write_timeout = Some(self.config.connect_timeout.max(Duration::from_secs(10)));
         o.idle_timeout = Some(self.config.pool_idle_timeout);
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let stream = ctx.info.as_ref().is_some_and(|i| i.stream);
+        ctx.watchdog = Watchdog::start(fd, Instant::now(), self.limits(stream));
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -323,15 +380,27 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // vLLM answers 503 when its engine is dead: another replica may serve the request,
-        // and nothing has reached the client yet.
-        if resp.status == 503 && session.response_written().is_none() {
+        // vLLM answers 503 when its engine is dead, 500 when it failed: another replica
+        // may serve the request, and nothing has reached the client yet.
+        let status = resp.status.as_u16();
+        if status >= 500 && session.response_written().is_none() {
             return Err(Error::explain(
-                ErrorType::HTTPStatus(503),
-                format!("backend {} answered 503", ctx.backend_name()),
+                ErrorType::HTTPStatus(status),
+                format!("backend {} answered {status}", ctx.backend_name()),
             ));
         }
-        ctx.status = resp.status.as_u16();
+        let stream = ctx.info.as_ref().is_some_and(|i| i.stream);
+        if !stream {
+            // A non-streaming answer's header is its first byte.
+            if let Some(w) = &ctx.watchdog {
+                w.first_byte();
+            }
+        }
+        ctx.sse = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        ctx.status = status;
         Ok(())
     }
 
@@ -351,12 +420,27 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if body.as_ref().is_some_and(|b| !b.is_empty()) {
-            if let Some(g) = ctx.in_flight.as_mut() {
-                g.first_byte();
+            if let Some(w) = &ctx.watchdog {
+                w.first_byte();
+                w.progress();
+            }
+            if !ctx.got_body {
+                ctx.got_body = true;
+                if let Some(g) = ctx.in_flight.as_mut() {
+                    g.first_byte();
+                    // The backend answered and made progress.
+                    g.backend().health.record_success();
+                }
+            }
+        }
+        if end_of_stream {
+            // Before Pingora may pool the connection: the watchdog must not touch it.
+            if let Some(w) = ctx.watchdog.take() {
+                w.finish();
             }
         }
         Ok(None)
@@ -371,8 +455,9 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         // Nothing was sent upstream: always safe to try another replica.
         tracing::warn!(peer = %peer, error = %e, attempt = ctx.attempts, "connect failed");
-        self.note_failure(ctx, &e);
-        e.set_retry(ctx.attempts < self.config.max_attempts);
+        self.note_failure(ctx, &e, FailureKind::Connect);
+        let retry = self.may_retry(ctx);
+        e.set_retry(retry);
         e
     }
 
@@ -386,15 +471,38 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
         let nothing_sent_down = session.response_written().is_none();
+        let expired = ctx.watchdog.as_ref().and_then(|w| w.fired());
+        if let Some(w) = ctx.watchdog.take() {
+            w.finish();
+        }
         let upstream_side = matches!(e.esource(), ErrorSource::Upstream)
-            || matches!(e.etype(), ErrorType::HTTPStatus(_));
-        if !(nothing_sent_down && upstream_side && ctx.body.is_some()) {
+            || matches!(e.etype(), ErrorType::HTTPStatus(_))
+            || expired.is_some();
+        let kind = match (expired, e.etype()) {
+            (Some(_), _) => FailureKind::Timeout,
+            (None, ErrorType::HTTPStatus(_)) => FailureKind::Status5xx,
+            (None, _) if is_timeout(&e) => FailureKind::Timeout,
+            _ => FailureKind::Reset,
+        };
+        if let Some(why) = expired {
+            e = e.more_context(format!("{} deadline passed", why.as_str()));
+            ctx.timed_out = true;
+        }
+        if !upstream_side {
+            // The client went away or sent garbage: not the backend's fault.
+            e.set_retry(false);
+            return e;
+        }
+        if !(nothing_sent_down && ctx.body.is_some()) {
+            // Part of the answer reached the client: no retry, but the backend failed.
+            tracing::warn!(peer = %peer, error = %e, "upstream failed mid-response");
+            self.note_failure(ctx, &e, kind);
             e.set_retry(false);
             return e;
         }
         // A pooled connection that the backend had closed while idle: the backend itself
         // is fine, try it again.
-        let stale = matches!(e.retry, RetryType::ReusedOnly) && client_reused;
+        let stale = matches!(e.retry, RetryType::ReusedOnly) && client_reused && expired.is_none();
         if stale && ctx.stale_retries < MAX_STALE_CONNECTION_RETRIES {
             ctx.stale_retries += 1;
             ctx.attempts -= 1;
@@ -402,8 +510,9 @@ impl ProxyHttp for Gateway {
             return e;
         }
         tracing::warn!(peer = %peer, error = %e, attempt = ctx.attempts, "upstream failed before answering");
-        self.note_failure(ctx, &e);
-        e.set_retry(ctx.attempts < self.config.max_attempts);
+        self.note_failure(ctx, &e, kind);
+        let retry = self.may_retry(ctx);
+        e.set_retry(retry);
         e
     }
 
@@ -414,7 +523,17 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         if session.response_written().is_some() {
-            // Part of the answer already reached the client; the connection is closed.
+            // Part of the answer already reached the client. A stream is ended with an
+            // error event, as vLLM itself reports mid-stream failures, rather than cut
+            // silently; then the connection is closed.
+            if ctx.sse && ctx.status == 200 && matches!(e.esource(), ErrorSource::Upstream) {
+                let event = ApiError::mid_stream(ctx.timed_out).stream_event();
+                if let Err(write_err) = session.write_response_body(Some(event), true).await {
+                    tracing::debug!(error = %write_err, "could not end the stream with an error event");
+                } else {
+                    ctx.stream_error_sent = true;
+                }
+            }
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
@@ -442,7 +561,13 @@ impl ProxyHttp for Gateway {
             },
         };
         ctx.status = err.status;
-        if let Err(write_err) = respond_json(session, err.status, err.body(), false, &[]).await {
+        let retry_after = self.retry_after();
+        let extra: &[(&'static str, &str)] = if err.status == 503 {
+            &[("retry-after", retry_after.as_str())]
+        } else {
+            &[]
+        };
+        if let Err(write_err) = respond_json(session, err.status, err.body(), false, extra).await {
             tracing::debug!(error = %write_err, "could not write the error response");
         }
         FailToProxy {
@@ -481,22 +606,48 @@ impl ProxyHttp for Gateway {
         crate::metrics::REQUEST_DURATION
             .with_label_values(&[stream])
             .observe(ctx.started.elapsed().as_secs_f64());
+        ctx.watchdog = None;
         ctx.in_flight = None;
     }
 }
 
 impl Gateway {
-    /// Remembers a failed attempt: its backend is not tried again for this request, and
-    /// the client is told about the failure if no other replica succeeds.
-    fn note_failure(&self, ctx: &mut RequestCtx, e: &Error) {
+    /// Remembers a failed attempt: it counts against its backend (circuit breaker), the
+    /// backend is not tried again for this request, and the client is told about the
+    /// failure if no other replica succeeds.
+    fn note_failure(&self, ctx: &mut RequestCtx, e: &Error, kind: FailureKind) {
+        crate::metrics::UPSTREAM_ERRORS
+            .with_label_values(&[ctx.backend_name(), kind.as_str()])
+            .inc();
         if let Some(guard) = ctx.in_flight.take() {
-            ctx.tried.push(guard.backend().clone());
+            let b = guard.backend();
+            if b.health
+                .record_failure(kind, self.config.health.failure_threshold, Instant::now())
+            {
+                tracing::warn!(backend = %b.name, last_failure = kind.as_str(), "circuit opened: backend ejected");
+            }
+            ctx.tried.push(b.clone());
         }
-        let status = match e.etype() {
-            ErrorType::HTTPStatus(code) => *code,
-            _ if is_timeout(e) => 504,
+        let status = match (kind, e.etype()) {
+            (_, ErrorType::HTTPStatus(code)) => *code,
+            (FailureKind::Timeout, _) => 504,
             _ => 502,
         };
         ctx.error = Some(ApiError::upstream(status));
+    }
+
+    /// Whether a failed attempt may be followed by another: attempts left, and the retry
+    /// budget allows it.
+    fn may_retry(&self, ctx: &mut RequestCtx) -> bool {
+        if ctx.attempts >= self.config.max_attempts {
+            return false;
+        }
+        if !self.budget.try_retry(Instant::now()) {
+            crate::metrics::RETRY_BUDGET_EXHAUSTED.inc();
+            tracing::warn!("retry budget exhausted: not retrying");
+            return false;
+        }
+        crate::metrics::RETRIES.inc();
+        true
     }
 }

@@ -162,7 +162,7 @@ async fn failing_backends_give_502_and_stalled_ones_504() {
     });
     let ok = sim(&["ok"]).await;
     let gw = Gateway::builder(&[&resets, &stalls, &unavailable, &ok])
-        .yaml("timeouts:\n  non_stream_read: 300ms")
+        .yaml("timeouts:\n  non_stream_first_byte: 300ms")
         .start()
         .await;
     for (model, want) in [("r", 502), ("s", 504), ("u", 503)] {

@@ -91,6 +91,9 @@ impl GatewayBuilder {
         if !self.extra.contains("discovery:") {
             yaml.push_str("discovery:\n  models_interval: 100ms\n  timeout: 500ms\n");
         }
+        if !self.extra.contains("health:") {
+            yaml.push_str("health:\n  interval: 100ms\n  timeout: 500ms\n");
+        }
         yaml.push_str(&self.extra);
         let conf = dir.path().join("gateway.yaml");
         std::fs::write(&conf, yaml).expect("write config");

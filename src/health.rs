@@ -1,0 +1,592 @@
+//! Whether a backend may be sent requests, from three sources:
+//! - active checks: `GET /health` every `health.interval`, with hysteresis
+//!   (`unhealthy_threshold` consecutive failures take a backend out, `healthy_threshold`
+//!   consecutive passes bring it back);
+//! - passive outlier detection: a circuit breaker fed by request outcomes. Connect
+//!   failures, resets, engine 5xx and timeouts count against a backend; client errors
+//!   never do. `failure_threshold` consecutive failures open the circuit; after
+//!   `open_duration` the health task sends one synthetic probe request (half-open), and
+//!   its success closes the circuit. A stalled engine (its `/health` still 200) is thus
+//!   ejected by its timeouts like a dead one;
+//! - draining: a backend marked `drain: true` gets no new requests.
+//!
+//! The request path reads a few atomics ([`BackendHealth::routable`]); state changes are
+//! logged once, when they happen.
+//!
+//! Also here: the [`RetryBudget`], which keeps retries a bounded fraction of requests.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::fleet::{Backend, Fleet};
+use crate::httpclient;
+
+/// Why a request's attempt counts against its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Connection refused, unreachable, or not established in time.
+    Connect,
+    /// The connection broke before the answer was complete.
+    Reset,
+    /// The engine answered 5xx.
+    Status5xx,
+    /// No first byte, or no next chunk, within its limit.
+    Timeout,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Reset => "reset",
+            FailureKind::Status5xx => "5xx",
+            FailureKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// Thresholds, from the `health` section of the config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthPolicy {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub failure_threshold: u32,
+    pub open_duration: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        use crate::config::defaults as d;
+        HealthPolicy {
+            interval: d::HEALTH_INTERVAL,
+            timeout: d::HEALTH_TIMEOUT,
+            unhealthy_threshold: d::UNHEALTHY_THRESHOLD,
+            healthy_threshold: d::HEALTHY_THRESHOLD,
+            failure_threshold: d::FAILURE_THRESHOLD,
+            open_duration: d::OPEN_DURATION,
+        }
+    }
+}
+
+/// Consecutive-result hysteresis over active check results.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Hysteresis {
+    up: Option<bool>,
+    /// Consecutive results disagreeing with `up`.
+    streak: u32,
+}
+
+impl Hysteresis {
+    /// Feeds one check result; returns the new state when it changed. The first result
+    /// decides at once: a gateway starting next to a healthy fleet serves immediately.
+    pub fn observe(&mut self, ok: bool, to_down: u32, to_up: u32) -> Option<bool> {
+        match self.up {
+            None => {
+                self.up = Some(ok);
+                self.streak = 0;
+                Some(ok)
+            }
+            Some(up) if up == ok => {
+                self.streak = 0;
+                None
+            }
+            Some(up) => {
+                self.streak += 1;
+                let needed = if up { to_down } else { to_up };
+                if self.streak >= needed.max(1) {
+                    self.up = Some(ok);
+                    self.streak = 0;
+                    Some(ok)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    pub fn state(&self) -> Option<bool> {
+        self.up
+    }
+}
+
+const CHECKS_UNKNOWN: u8 = 0;
+const CHECKS_UP: u8 = 1;
+const CHECKS_DOWN: u8 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    /// Failing: no requests until a probe succeeds.
+    Open,
+    /// A probe is in flight.
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half-open",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Breaker {
+    state: BreakerState,
+    opened_at: Option<Instant>,
+    last_failure: Option<FailureKind>,
+    /// Times the circuit opened.
+    opens: u64,
+}
+
+/// One backend's availability, shared by the health task and the request path.
+#[derive(Debug)]
+pub struct BackendHealth {
+    /// The hysteresis result of the active checks (unknown before the first).
+    checks: AtomicU8,
+    /// Why the last check failed.
+    check_error: Mutex<Option<String>>,
+    hysteresis: Mutex<Hysteresis>,
+    /// Consecutive failed requests (reset by any success).
+    failures: AtomicU32,
+    /// Mirrors `breaker.state != Closed`, for the request path.
+    open: AtomicBool,
+    breaker: Mutex<Breaker>,
+    draining: AtomicBool,
+}
+
+impl Default for BackendHealth {
+    fn default() -> Self {
+        BackendHealth {
+            checks: AtomicU8::new(CHECKS_UNKNOWN),
+            check_error: Mutex::new(Some("not checked yet".into())),
+            hysteresis: Mutex::new(Hysteresis::default()),
+            failures: AtomicU32::new(0),
+            open: AtomicBool::new(false),
+            breaker: Mutex::new(Breaker {
+                state: BreakerState::Closed,
+                opened_at: None,
+                last_failure: None,
+                opens: 0,
+            }),
+            draining: AtomicBool::new(false),
+        }
+    }
+}
+
+/// What [`BackendHealth::observe_check`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckFlip {
+    Up,
+    Down,
+}
+
+impl BackendHealth {
+    /// May new requests go there? Active checks pass, not draining, circuit closed.
+    pub fn routable(&self) -> bool {
+        self.checks_up() && !self.is_draining() && !self.open.load(Ordering::Relaxed)
+    }
+
+    /// Routable but for an open circuit: the fallback when every backend of a model has
+    /// its circuit open (a fleet-wide slowdown must not become a total outage).
+    pub fn routable_ignoring_breaker(&self) -> bool {
+        self.checks_up() && !self.is_draining()
+    }
+
+    pub fn checks_up(&self) -> bool {
+        self.checks.load(Ordering::Relaxed) == CHECKS_UP
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, drain: bool) {
+        self.draining.store(drain, Ordering::Relaxed);
+    }
+
+    pub fn check_error(&self) -> Option<String> {
+        self.check_error.lock().expect("not poisoned").clone()
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.lock().expect("not poisoned").state
+    }
+
+    pub fn breaker_opens(&self) -> u64 {
+        self.breaker.lock().expect("not poisoned").opens
+    }
+
+    pub fn last_failure(&self) -> Option<FailureKind> {
+        self.breaker.lock().expect("not poisoned").last_failure
+    }
+
+    /// Feeds an active check result. Returns the flip, if the hysteresis flipped. A
+    /// backend coming back up also gets its circuit closed: passing checks after being
+    /// down is the proof a probe would give.
+    pub fn observe_check(&self, result: Result<(), String>, p: &HealthPolicy) -> Option<CheckFlip> {
+        let ok = result.is_ok();
+        *self.check_error.lock().expect("not poisoned") = result.err();
+        let flipped = self.hysteresis.lock().expect("not poisoned").observe(
+            ok,
+            p.unhealthy_threshold,
+            p.healthy_threshold,
+        )?;
+        self.checks.store(
+            if flipped { CHECKS_UP } else { CHECKS_DOWN },
+            Ordering::Relaxed,
+        );
+        if flipped {
+            self.close();
+            Some(CheckFlip::Up)
+        } else {
+            Some(CheckFlip::Down)
+        }
+    }
+
+    /// A request got a good answer (any status below 500) and made progress.
+    pub fn record_success(&self) {
+        // The common case is a plain load: no write on a healthy backend's hot path.
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A request's attempt failed because of the backend. Returns true when this opened
+    /// the circuit.
+    pub fn record_failure(&self, kind: FailureKind, threshold: u32, now: Instant) -> bool {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut b = self.breaker.lock().expect("not poisoned");
+        b.last_failure = Some(kind);
+        if b.state == BreakerState::Closed && n >= threshold.max(1) {
+            b.state = BreakerState::Open;
+            b.opened_at = Some(now);
+            b.opens += 1;
+            self.open.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Whether a probe is due: the circuit has been open for `open_duration`. Moves it to
+    /// half-open, so only one probe runs at a time.
+    pub fn begin_probe(&self, now: Instant, open_duration: Duration) -> bool {
+        let mut b = self.breaker.lock().expect("not poisoned");
+        let due = b.state == BreakerState::Open
+            && b.opened_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= open_duration);
+        if due {
+            b.state = BreakerState::HalfOpen;
+        }
+        due
+    }
+
+    /// The probe's result: success closes the circuit, failure opens it again.
+    pub fn end_probe(&self, ok: bool, now: Instant) {
+        if ok {
+            self.close();
+        } else {
+            let mut b = self.breaker.lock().expect("not poisoned");
+            if b.state == BreakerState::HalfOpen {
+                b.state = BreakerState::Open;
+                b.opened_at = Some(now);
+            }
+        }
+    }
+
+    fn close(&self) {
+        let mut b = self.breaker.lock().expect("not poisoned");
+        b.state = BreakerState::Closed;
+        b.opened_at = None;
+        self.failures.store(0, Ordering::Relaxed);
+        self.open.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The active side: checks every backend's `/health` every `interval`, and sends the
+/// probe of each open circuit that is due.
+pub struct HealthChecker {
+    fleet: Arc<Fleet>,
+    policy: HealthPolicy,
+    /// How long a probe request may take (the limit on a stream's first token).
+    probe_timeout: Duration,
+}
+
+/// The synthetic request that probes an open circuit: one token of one model it serves.
+fn probe_body(model: &str) -> Vec<u8> {
+    serde_json::json!({"model": model, "prompt": "ping", "max_tokens": 1})
+        .to_string()
+        .into_bytes()
+}
+
+impl HealthChecker {
+    pub fn new(fleet: Arc<Fleet>, policy: HealthPolicy, probe_timeout: Duration) -> Self {
+        HealthChecker {
+            fleet,
+            policy,
+            probe_timeout,
+        }
+    }
+
+    /// Checks every backend once, concurrently, and starts the probes that are due.
+    pub async fn pass(&self) {
+        let snap = self.fleet.load();
+        let now = Instant::now();
+        for e in &snap.backends {
+            if e.backend.health.begin_probe(now, self.policy.open_duration) {
+                let model = e.state.models.first().cloned();
+                tokio::spawn(probe(e.backend.clone(), model, self.probe_timeout));
+            }
+        }
+        futures::future::join_all(
+            snap.backends
+                .iter()
+                .map(|e| check(e.backend.clone(), self.policy)),
+        )
+        .await;
+    }
+
+    /// Runs [`HealthChecker::pass`] every interval until `stop` says so.
+    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.policy.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                r = stop.changed() => {
+                    if r.is_err() || *stop.borrow() { return; }
+                }
+                _ = tick.tick() => self.pass().await,
+            }
+        }
+    }
+}
+
+async fn check(backend: Arc<Backend>, policy: HealthPolicy) {
+    let result = match httpclient::get(backend.addr, "/health", policy.timeout, 64 * 1024).await {
+        Ok(r) if r.status == 200 => Ok(()),
+        Ok(r) => Err(format!("GET /health: status {}", r.status)),
+        Err(e) => Err(format!("GET /health: {e}")),
+    };
+    let error = result.as_ref().err().cloned();
+    match backend.health.observe_check(result, &policy) {
+        Some(CheckFlip::Up) => tracing::info!(backend = %backend.name, "backend is up"),
+        Some(CheckFlip::Down) => tracing::warn!(
+            backend = %backend.name,
+            error = error.as_deref().unwrap_or(""),
+            "backend is down"
+        ),
+        None => {}
+    }
+}
+
+async fn probe(backend: Arc<Backend>, model: Option<String>, timeout: Duration) {
+    let Some(model) = model else {
+        // Nothing to ask for: the active checks decide alone.
+        backend.health.end_probe(true, Instant::now());
+        return;
+    };
+    let result = httpclient::post_json(
+        backend.addr,
+        "/v1/completions",
+        &probe_body(&model),
+        timeout,
+        1024 * 1024,
+    )
+    .await;
+    let ok = matches!(&result, Ok(r) if r.status < 500);
+    backend.health.end_probe(ok, Instant::now());
+    if ok {
+        tracing::info!(backend = %backend.name, "probe succeeded: circuit closed");
+    } else {
+        let why = match result {
+            Ok(r) => format!("status {}", r.status),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(backend = %backend.name, error = %why, "probe failed: circuit stays open");
+    }
+}
+
+/// Retries may not exceed `ratio` of the requests seen in the last [`RetryBudget::WINDOW`]
+/// (plus `min` retries, so a quiet gateway can still retry). A fleet that fails most
+/// requests then gets each request about once, not `max_attempts` times.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    min: u64,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    /// Per-second (requests, retries), ring-indexed by second.
+    slots: [(u64, u64); SLOTS],
+    /// The second of `slots[newest]`, counted from `origin`.
+    newest_sec: u64,
+    origin: Instant,
+}
+
+const SLOTS: usize = 10;
+
+impl RetryBudget {
+    pub const WINDOW: Duration = Duration::from_secs(SLOTS as u64);
+
+    pub fn new(ratio: f64, min: u32) -> RetryBudget {
+        RetryBudget {
+            ratio,
+            min: min as u64,
+            window: Mutex::new(Window {
+                slots: [(0, 0); SLOTS],
+                newest_sec: 0,
+                origin: Instant::now(),
+            }),
+        }
+    }
+
+    fn slot(w: &mut Window, now: Instant) -> usize {
+        let sec = now.saturating_duration_since(w.origin).as_secs();
+        if sec > w.newest_sec {
+            // Clear the seconds that passed without traffic.
+            let gap = (sec - w.newest_sec).min(SLOTS as u64);
+            for k in 1..=gap {
+                w.slots[((w.newest_sec + k) % SLOTS as u64) as usize] = (0, 0);
+            }
+            w.newest_sec = sec;
+        }
+        (w.newest_sec % SLOTS as u64) as usize
+    }
+
+    /// Counts a new request.
+    pub fn record_request(&self, now: Instant) {
+        let mut w = self.window.lock().expect("not poisoned");
+        let i = Self::slot(&mut w, now);
+        w.slots[i].0 += 1;
+    }
+
+    /// Asks to spend one retry; counts it if allowed.
+    pub fn try_retry(&self, now: Instant) -> bool {
+        let mut w = self.window.lock().expect("not poisoned");
+        let i = Self::slot(&mut w, now);
+        let (requests, retries) = w
+            .slots
+            .iter()
+            .fold((0u64, 0u64), |(a, b), s| (a + s.0, b + s.1));
+        let allowed = self.min + (self.ratio * requests as f64) as u64;
+        if retries < allowed {
+            w.slots[i].1 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> HealthPolicy {
+        HealthPolicy {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 3,
+            failure_threshold: 3,
+            open_duration: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn hysteresis_needs_consecutive_results() {
+        let mut h = Hysteresis::default();
+        assert_eq!(h.observe(true, 2, 3), Some(true), "first result decides");
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(true, 2, 3), None, "a pass resets the failure streak");
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(false, 2, 3), Some(false));
+        assert_eq!(h.observe(true, 2, 3), None);
+        assert_eq!(h.observe(true, 2, 3), None);
+        assert_eq!(h.observe(true, 2, 3), Some(true));
+        assert_eq!(h.state(), Some(true));
+    }
+
+    #[test]
+    fn checks_decide_routability_and_a_return_closes_the_circuit() {
+        let h = BackendHealth::default();
+        let p = policy();
+        assert!(!h.routable(), "unknown until checked");
+        assert_eq!(h.observe_check(Ok(()), &p), Some(CheckFlip::Up));
+        assert!(h.routable());
+        let t = Instant::now();
+        for _ in 0..3 {
+            h.record_failure(FailureKind::Connect, p.failure_threshold, t);
+        }
+        assert!(!h.routable());
+        assert!(h.routable_ignoring_breaker());
+        assert_eq!(h.observe_check(Err("refused".into()), &p), None);
+        assert_eq!(h.observe_check(Err("refused".into()), &p), Some(CheckFlip::Down));
+        assert!(!h.routable_ignoring_breaker());
+        assert_eq!(h.check_error().as_deref(), Some("refused"));
+        for _ in 0..2 {
+            assert_eq!(h.observe_check(Ok(()), &p), None);
+        }
+        assert_eq!(h.observe_check(Ok(()), &p), Some(CheckFlip::Up));
+        assert!(h.routable(), "back up: circuit closed too");
+        assert_eq!(h.breaker_state(), BreakerState::Closed);
+        h.set_draining(true);
+        assert!(!h.routable() && !h.routable_ignoring_breaker());
+    }
+
+    #[test]
+    fn breaker_opens_on_consecutive_failures_and_probes_once() {
+        let h = BackendHealth::default();
+        let p = policy();
+        h.observe_check(Ok(()), &p);
+        let t0 = Instant::now();
+        assert!(!h.record_failure(FailureKind::Timeout, 3, t0));
+        assert!(!h.record_failure(FailureKind::Timeout, 3, t0));
+        h.record_success();
+        assert!(!h.record_failure(FailureKind::Timeout, 3, t0));
+        assert!(!h.record_failure(FailureKind::Timeout, 3, t0));
+        assert!(h.routable(), "a success in between resets the count");
+        assert!(h.record_failure(FailureKind::Reset, 3, t0), "third in a row opens");
+        assert!(!h.record_failure(FailureKind::Reset, 3, t0), "already open");
+        assert_eq!(h.breaker_state(), BreakerState::Open);
+        assert_eq!(h.last_failure(), Some(FailureKind::Reset));
+        assert!(!h.begin_probe(t0 + Duration::from_secs(4), p.open_duration));
+        let t1 = t0 + Duration::from_secs(5);
+        assert!(h.begin_probe(t1, p.open_duration));
+        assert!(!h.begin_probe(t1, p.open_duration), "one probe at a time");
+        assert_eq!(h.breaker_state(), BreakerState::HalfOpen);
+        assert!(!h.routable());
+        h.end_probe(false, t1);
+        assert_eq!(h.breaker_state(), BreakerState::Open);
+        assert!(!h.begin_probe(t1 + Duration::from_secs(1), p.open_duration));
+        assert!(h.begin_probe(t1 + Duration::from_secs(5), p.open_duration));
+        h.end_probe(true, t1);
+        assert!(h.routable());
+        assert_eq!(h.breaker_opens(), 1);
+    }
+
+    #[test]
+    fn retry_budget_is_a_fraction_of_recent_requests() {
+        let b = RetryBudget::new(0.2, 2);
+        let t = Instant::now();
+        assert!(b.try_retry(t) && b.try_retry(t), "the minimum");
+        assert!(!b.try_retry(t));
+        for _ in 0..50 {
+            b.record_request(t);
+        }
+        let granted = (0..100).filter(|_| b.try_retry(t)).count();
+        assert_eq!(granted, 10, "2 + 20% of 50, minus the 2 already spent");
+        // After the window, old requests and retries no longer count.
+        let later = t + RetryBudget::WINDOW + Duration::from_secs(1);
+        assert!(b.try_retry(later) && b.try_retry(later));
+        assert!(!b.try_retry(later));
+    }
+}
