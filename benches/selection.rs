@@ -19,6 +19,7 @@ fn fleet(n: usize, now: Instant) -> FleetSnapshot {
             static_models: Some(vec!["m".into()]),
             weight: 1.0,
             max_concurrent_requests: None,
+            drain: false,
         })
         .collect();
     let entries = Fleet::new(&cfgs)
@@ -28,7 +29,7 @@ fn fleet(n: usize, now: Instant) -> FleetSnapshot {
         .enumerate()
         .map(|(i, e)| {
             let mut state = e.state.clone();
-            state.healthy = true;
+            e.backend.health.observe_check(Ok(()), &Default::default());
             state.load = Some(EngineLoad {
                 running: Some((i * 7 % 200) as f64),
                 waiting: Some((i % 5) as f64),

@@ -490,7 +490,9 @@ impl Config {
         let health = HealthPolicy {
             interval: dur(h.interval, defaults::HEALTH_INTERVAL),
             timeout: dur(h.timeout, defaults::HEALTH_TIMEOUT),
-            unhealthy_threshold: h.unhealthy_threshold.unwrap_or(defaults::UNHEALTHY_THRESHOLD),
+            unhealthy_threshold: h
+                .unhealthy_threshold
+                .unwrap_or(defaults::UNHEALTHY_THRESHOLD),
             healthy_threshold: h.healthy_threshold.unwrap_or(defaults::HEALTHY_THRESHOLD),
             failure_threshold: h.failure_threshold.unwrap_or(defaults::FAILURE_THRESHOLD),
             open_duration: dur(h.open_duration, defaults::OPEN_DURATION),
@@ -520,7 +522,10 @@ impl Config {
         for (key, v) in [
             ("timeouts.stream_first_byte", timeouts.stream_first_byte),
             ("timeouts.stream_chunk_gap", timeouts.stream_chunk_gap),
-            ("timeouts.non_stream_first_byte", timeouts.non_stream_first_byte),
+            (
+                "timeouts.non_stream_first_byte",
+                timeouts.non_stream_first_byte,
+            ),
             ("timeouts.non_stream_total", timeouts.non_stream_total),
         ] {
             if v.is_zero() {

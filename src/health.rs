@@ -506,7 +506,11 @@ mod tests {
         let mut h = Hysteresis::default();
         assert_eq!(h.observe(true, 2, 3), Some(true), "first result decides");
         assert_eq!(h.observe(false, 2, 3), None);
-        assert_eq!(h.observe(true, 2, 3), None, "a pass resets the failure streak");
+        assert_eq!(
+            h.observe(true, 2, 3),
+            None,
+            "a pass resets the failure streak"
+        );
         assert_eq!(h.observe(false, 2, 3), None);
         assert_eq!(h.observe(false, 2, 3), Some(false));
         assert_eq!(h.observe(true, 2, 3), None);
@@ -529,7 +533,10 @@ mod tests {
         assert!(!h.routable());
         assert!(h.routable_ignoring_breaker());
         assert_eq!(h.observe_check(Err("refused".into()), &p), None);
-        assert_eq!(h.observe_check(Err("refused".into()), &p), Some(CheckFlip::Down));
+        assert_eq!(
+            h.observe_check(Err("refused".into()), &p),
+            Some(CheckFlip::Down)
+        );
         assert!(!h.routable_ignoring_breaker());
         assert_eq!(h.check_error().as_deref(), Some("refused"));
         for _ in 0..2 {
@@ -554,7 +561,10 @@ mod tests {
         assert!(!h.record_failure(FailureKind::Timeout, 3, t0));
         assert!(!h.record_failure(FailureKind::Timeout, 3, t0));
         assert!(h.routable(), "a success in between resets the count");
-        assert!(h.record_failure(FailureKind::Reset, 3, t0), "third in a row opens");
+        assert!(
+            h.record_failure(FailureKind::Reset, 3, t0),
+            "third in a row opens"
+        );
         assert!(!h.record_failure(FailureKind::Reset, 3, t0), "already open");
         assert_eq!(h.breaker_state(), BreakerState::Open);
         assert_eq!(h.last_failure(), Some(FailureKind::Reset));

@@ -71,8 +71,11 @@ async fn exchange(
     .into_bytes();
     if let Some(b) = body {
         req.extend_from_slice(
-            format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len())
-                .as_bytes(),
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+            .as_bytes(),
         );
     }
     req.extend_from_slice(b"\r\n");

@@ -190,7 +190,11 @@ async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<Str
 impl BackgroundService for Scraper {
     /// Reports ready after the first pass (models, metrics and health), so the proxy
     /// never starts on a fleet that has not been looked at.
-    async fn start_with_ready_notifier(&self, shutdown: ShutdownWatch, ready: ServiceReadyNotifier) {
+    async fn start_with_ready_notifier(
+        &self,
+        shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
         tokio::join!(self.pass(true), self.health.pass());
         ready.notify_ready();
         let health = self.health.run(shutdown.clone());

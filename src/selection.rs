@@ -351,7 +351,7 @@ mod tests {
     use super::*;
     use crate::config::BackendConfig;
     use crate::engine_metrics::EngineLoad;
-    use crate::fleet::{BackendState, Fleet};
+    use crate::fleet::Fleet;
 
     const STALE: Duration = Duration::from_secs(1);
 

@@ -242,8 +242,8 @@ mod tests {
     #[tokio::test]
     async fn no_first_byte_shuts_the_connection_down() {
         let (mut client, _server) = pair().await;
-        let w = Watchdog::start(client.as_raw_fd(), Instant::now(), limits(50, None, None))
-            .unwrap();
+        let w =
+            Watchdog::start(client.as_raw_fd(), Instant::now(), limits(50, None, None)).unwrap();
         let mut buf = [0u8; 16];
         // The read would wait forever: the watchdog's shutdown ends it with EOF.
         let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
@@ -258,14 +258,17 @@ mod tests {
     async fn progress_moves_the_gap_deadline() {
         let (mut client, _server) = pair().await;
         let started = Instant::now();
-        let w = Watchdog::start(client.as_raw_fd(), started, limits(1000, Some(80), None))
-            .unwrap();
+        let w = Watchdog::start(client.as_raw_fd(), started, limits(1000, Some(80), None)).unwrap();
         w.first_byte();
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(40)).await;
             w.progress();
         }
-        assert_eq!(w.fired(), None, "progress every 40 ms keeps an 80 ms gap open");
+        assert_eq!(
+            w.fired(),
+            None,
+            "progress every 40 ms keeps an 80 ms gap open"
+        );
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
             .await
@@ -279,8 +282,12 @@ mod tests {
     #[tokio::test]
     async fn total_bounds_a_slow_answer_and_finish_disarms() {
         let (mut client, _server) = pair().await;
-        let w = Watchdog::start(client.as_raw_fd(), Instant::now(), limits(1000, None, Some(60)))
-            .unwrap();
+        let w = Watchdog::start(
+            client.as_raw_fd(),
+            Instant::now(),
+            limits(1000, None, Some(60)),
+        )
+        .unwrap();
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
             .await
@@ -289,8 +296,8 @@ mod tests {
         assert_eq!((n, w.fired()), (0, Some(Expired::Total)));
 
         let (mut client, mut server) = pair().await;
-        let w = Watchdog::start(client.as_raw_fd(), Instant::now(), limits(30, None, None))
-            .unwrap();
+        let w =
+            Watchdog::start(client.as_raw_fd(), Instant::now(), limits(30, None, None)).unwrap();
         w.finish();
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(w.fired(), None);

@@ -198,7 +198,8 @@ pub struct Faults {
     pub stream_reset_after_tokens: Option<usize>,
     /// Send a vLLM error event and `[DONE]` after this many streamed tokens.
     pub stream_error_after_tokens: Option<usize>,
-    /// Stop sending (connection kept open) after this many streamed tokens.
+    /// Stop sending (connection kept open) after this many streamed tokens (0: right after
+    /// the response header, as a hung engine behind a live API server does).
     pub stream_hang_after_tokens: Option<usize>,
     /// Delay `/metrics` answers by this many milliseconds.
     pub metrics_delay_ms: Option<u64>,
@@ -870,6 +871,11 @@ async fn stream_events(
 ) {
     let mut produced = 0usize;
     let mut pending: Option<usize> = None;
+    if faults.stream_hang_after_tokens == Some(0) {
+        // The header is out; the engine never produces a token (a hung engine core).
+        let _ = tx.send(StreamItem::Hang).await;
+        return;
+    }
     // A token's chunk is sent when the next event arrives, so the last one can carry
     // `finish_reason` as vLLM's does.
     loop {

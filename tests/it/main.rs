@@ -5,6 +5,7 @@ mod body;
 mod cli;
 mod discovery;
 mod errors;
+mod resilience;
 mod selection;
 mod sim;
 mod streams;

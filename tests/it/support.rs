@@ -42,7 +42,10 @@ pub struct GatewayBuilder {
 impl Gateway {
     pub fn builder(backends: &[&SimHandle]) -> GatewayBuilder {
         GatewayBuilder {
-            backends: backends.iter().map(|s| s.url()).collect(),
+            backends: backends
+                .iter()
+                .map(|s| format!("  - url: {}\n", s.url()))
+                .collect(),
             extra: String::new(),
         }
     }
@@ -69,7 +72,16 @@ impl Drop for Gateway {
 
 impl GatewayBuilder {
     pub fn backend_url(mut self, url: &str) -> Self {
-        self.backends.push(url.to_string());
+        self.backends.push(format!("  - url: {url}\n"));
+        self
+    }
+
+    /// A backend entry with more keys: `extra` lines go under its `url`.
+    pub fn backend_with(mut self, url: &str, extra: &str) -> Self {
+        self.backends.push(format!(
+            "  - url: {url}\n    {}\n",
+            extra.replace('\n', "\n    ")
+        ));
         self
     }
 
@@ -86,7 +98,7 @@ impl GatewayBuilder {
             "listeners:\n  - address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nserver:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\nbackends:\n",
         );
         for b in &self.backends {
-            yaml.push_str(&format!("  - url: {b}\n"));
+            yaml.push_str(b);
         }
         if !self.extra.contains("discovery:") {
             yaml.push_str("discovery:\n  models_interval: 100ms\n  timeout: 500ms\n");

@@ -1,0 +1,535 @@
+//! Fault tests: a bounded load loop (2,000 requests, 64 at a time, half of them streams)
+//! over three simulated replicas while one of them dies, stalls, answers 503 or lies in
+//! its `/metrics`. Each prints its figures (`cargo test --test it resilience --
+//! --nocapture`); benches/RESULTS.md quotes them.
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vllm_edge::sim::{Faults, SimHandle};
+
+use crate::support::*;
+
+const REQUESTS: usize = 2000;
+const CONCURRENCY: usize = 64;
+
+/// How one request ended, as its client saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Ok,
+    /// Failed before any of the answer arrived: a lost request.
+    Failed,
+    /// A stream that began, then ended with an error event and `[DONE]`.
+    CutWithErrorEvent,
+    /// A stream that began, then stopped without a word.
+    CutSilently,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    ok: usize,
+    failed: usize,
+    cut_with_event: usize,
+    cut_silently: usize,
+    max_latency: Duration,
+    first_errors: Vec<String>,
+}
+
+impl Tally {
+    fn add(&mut self, end: End, latency: Duration, why: Option<String>) {
+        match end {
+            End::Ok => self.ok += 1,
+            End::Failed => self.failed += 1,
+            End::CutWithErrorEvent => self.cut_with_event += 1,
+            End::CutSilently => self.cut_silently += 1,
+        }
+        self.max_latency = self.max_latency.max(latency);
+        if let Some(w) = why {
+            if self.first_errors.len() < 5 {
+                self.first_errors.push(w);
+            }
+        }
+    }
+}
+
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    i: usize,
+    max_tokens: u32,
+) -> (End, Option<String>) {
+    let stream = i.is_multiple_of(2);
+    let body = serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": format!("request {i}: tell me something")}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    });
+    let resp = match client.post(url).json(&body).send().await {
+        Ok(r) => r,
+        Err(e) => return (End::Failed, Some(format!("#{i}: {e}"))),
+    };
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let text = resp.text().await.unwrap_or_default();
+        return (End::Failed, Some(format!("#{i}: status {status}: {text}")));
+    }
+    if !stream {
+        return match resp.json::<Value>().await {
+            Ok(v) if v["choices"][0]["message"]["content"].is_string() => (End::Ok, None),
+            Ok(v) => (End::Failed, Some(format!("#{i}: unexpected {v}"))),
+            Err(e) => (End::Failed, Some(format!("#{i}: body: {e}"))),
+        };
+    }
+    let mut text = String::new();
+    let mut chunks = resp.bytes_stream();
+    let mut broken = None;
+    while let Some(c) = chunks.next().await {
+        match c {
+            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            Err(e) => {
+                broken = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let has_error_event = text.contains("data: {\"error\"");
+    let done = text.ends_with("data: [DONE]\n\n");
+    match (has_error_event, done, broken) {
+        (false, true, None) => (End::Ok, None),
+        (true, true, _) => (End::CutWithErrorEvent, None),
+        (_, _, b) => (
+            End::CutSilently,
+            Some(format!(
+                "#{i}: stream cut ({b:?}), tail {:?}",
+                &text[text.len().saturating_sub(80)..]
+            )),
+        ),
+    }
+}
+
+/// Runs the load loop; `at_quarter` runs (concurrently) once a quarter of the requests
+/// have finished.
+async fn drive<F>(gw: &Gateway, max_tokens: u32, at_quarter: F) -> (Tally, Duration)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(CONCURRENCY)
+        .build()
+        .unwrap();
+    let url = gw.url("/v1/chat/completions");
+    let done = Arc::new(AtomicUsize::new(0));
+    let quarter = Arc::new(tokio::sync::Notify::new());
+    let fault = {
+        let quarter = quarter.clone();
+        tokio::spawn(async move {
+            quarter.notified().await;
+            at_quarter.await;
+        })
+    };
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    let mut results = futures_util::stream::iter(0..REQUESTS)
+        .map(|i| {
+            let (client, url, done, quarter) =
+                (client.clone(), url.clone(), done.clone(), quarter.clone());
+            async move {
+                let t = Instant::now();
+                let (end, why) = one(&client, &url, i, max_tokens).await;
+                if done.fetch_add(1, Ordering::Relaxed) + 1 == REQUESTS / 4 {
+                    quarter.notify_one();
+                }
+                (end, t.elapsed(), why)
+            }
+        })
+        .buffer_unordered(CONCURRENCY);
+    while let Some((end, latency, why)) = results.next().await {
+        tally.add(end, latency, why);
+    }
+    let elapsed = started.elapsed();
+    fault.await.expect("the fault task ran");
+    (tally, elapsed)
+}
+
+/// Three replicas of model `m`, the first one `victim`; each step costs `time_scale` of
+/// an H100's.
+async fn fleet(time_scale: f64) -> (SimHandle, SimHandle, SimHandle) {
+    let mk = || {
+        sim_with(&["m"], move |a| {
+            a.time_scale = Some(time_scale);
+        })
+    };
+    (mk().await, mk().await, mk().await)
+}
+
+async fn backend_stats(gw: &Gateway, name: &str) -> Value {
+    let v = get_json(gw.admin_url("/load-stats")).await;
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} in /load-stats: {v}"))
+}
+
+async fn circuit_is(admin: &str, name: &str, want: &str) -> bool {
+    let v = get_json(admin).await;
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["name"] == name && b["circuit"] == want)
+}
+
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn name_of(s: &SimHandle) -> String {
+    s.url().trim_start_matches("http://").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replica_loses_no_request_and_returns_within_two_health_intervals() {
+    let (victim, b, c) = fleet(0.5).await;
+    let gw = Gateway::builder(&[&victim, &b, &c])
+        .yaml("health:\n  interval: 200ms\n  timeout: 200ms\nrouting:\n  policy: round-robin")
+        .start()
+        .await;
+    let victim_sim = victim.sim.clone();
+    let victim_addr = victim.addr;
+    let down = Duration::from_millis(600);
+    // Filled in by the fault task: when the replica came back, and when the gateway
+    // routed to it again.
+    let back = Arc::new(std::sync::Mutex::new(None::<(Instant, Instant)>));
+    let admin = gw.admin_url("/load-stats");
+    let victim_name = name_of(&victim);
+    let back2 = back.clone();
+    let (tally, elapsed) = drive(&gw, 32, async move {
+        let killed = Instant::now();
+        victim_sim.restart(down);
+        // Wait for the port to refuse (the restart happened), then to accept again.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                tokio::net::TcpStream::connect(victim_addr).await.is_err()
+            })
+            .await
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                tokio::net::TcpStream::connect(victim_addr).await.is_ok()
+            })
+            .await
+        );
+        let came_back = Instant::now();
+        eprintln!("killed replica: {:?} down", came_back - killed);
+        let routable = || async {
+            let v = get_json(&admin).await;
+            v["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["name"] == victim_name.as_str() && b["routable"] == true)
+        };
+        assert!(eventually(Duration::from_secs(10), routable).await);
+        *back2.lock().unwrap() = Some((came_back, Instant::now()));
+    })
+    .await;
+    let (came_back, routable_again) = back.lock().unwrap().expect("the fault task finished");
+    let recovery = routable_again - came_back;
+    let metrics = http1()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retries = metric(&metrics, "vllm_edge_retries_total", "");
+    let served_after = victim.sim.state()["requests"].as_u64().unwrap();
+    eprintln!(
+        "killed replica: {REQUESTS} requests in {elapsed:?}: ok {}, failed {}, streams cut with error event {}, cut silently {}, retries {retries}, back in rotation {recovery:?} after it listened again (health interval 200ms), requests it served after returning {served_after}",
+        tally.ok, tally.failed, tally.cut_with_event, tally.cut_silently
+    );
+    assert_eq!(
+        tally.failed,
+        0,
+        "lost requests: {:?}\n{}",
+        tally.first_errors,
+        gw.log()
+    );
+    assert_eq!(tally.cut_silently, 0, "{:?}", tally.first_errors);
+    assert_eq!(
+        tally.ok + tally.cut_with_event,
+        REQUESTS,
+        "every request is accounted for"
+    );
+    assert!(
+        recovery <= Duration::from_millis(2 * 200 + 150),
+        "back in rotation after {recovery:?}"
+    );
+    assert!(served_after > 0, "the returned replica takes traffic again");
+    assert!(
+        gw.log().contains("backend is down") && gw.log().contains("backend is up"),
+        "flips are logged: {}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_replica_with_healthy_health_is_ejected_and_nobody_waits_past_the_limit() {
+    let (victim, b, c) = fleet(0.1).await;
+    let limit = Duration::from_millis(400);
+    let gw = Gateway::builder(&[&victim, &b, &c])
+        .yaml(
+            "timeouts:\n  stream_first_byte: 400ms\n  non_stream_first_byte: 400ms\nhealth:\n  interval: 100ms\n  timeout: 500ms\n  open_duration: 60s",
+        )
+        .start()
+        .await;
+    let victim_sim = victim.sim.clone();
+    let to_eject = Arc::new(std::sync::Mutex::new(None::<Duration>));
+    let to_eject2 = to_eject.clone();
+    let admin = gw.admin_url("/load-stats");
+    let victim_name = name_of(&victim);
+    let (tally, elapsed) = drive(&gw, 16, async move {
+        victim_sim.set_faults(Faults {
+            stall: true,
+            ..Faults::default()
+        });
+        let t = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(10), || circuit_is(
+                &admin,
+                &victim_name,
+                "open"
+            ))
+            .await
+        );
+        *to_eject2.lock().unwrap() = Some(t.elapsed());
+    })
+    .await;
+    let to_eject = to_eject.lock().unwrap().expect("the fault task finished");
+    let st = backend_stats(&gw, &name_of(&victim)).await;
+    let stalled_requests = victim.sim.state()["requests"].as_u64().unwrap();
+    eprintln!(
+        "stalled replica: {REQUESTS} requests in {elapsed:?}: ok {}, failed {}, cut with event {}, cut silently {}, slowest request {:?} (first-byte limit {limit:?}), circuit {} with /health {}, ejected {to_eject:?} after it stalled; {} requests reached it in total",
+        tally.ok, tally.failed, tally.cut_with_event, tally.cut_silently, tally.max_latency, st["circuit"], st["healthy"], stalled_requests
+    );
+    assert_eq!(
+        tally.failed + tally.cut_silently + tally.cut_with_event,
+        0,
+        "{:?}\n{}",
+        tally.first_errors,
+        gw.log()
+    );
+    assert_eq!(st["healthy"], true, "its /health still answers 200");
+    assert_eq!(st["circuit"], "open", "ejected by its timeouts: {st}");
+    assert_eq!(st["last_failure"], "timeout");
+    // One wait for the limit, then a normal answer elsewhere.
+    assert!(
+        tally.max_latency < limit + Duration::from_secs(2),
+        "slowest {:?}",
+        tally.max_latency
+    );
+    assert!(
+        gw.log().contains("circuit opened"),
+        "the ejection is logged: {}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_answering_503_is_never_seen_by_clients() {
+    let (victim, b, c) = fleet(0.05).await;
+    let gw = Gateway::builder(&[&victim, &b, &c]).start().await;
+    let victim_sim = victim.sim.clone();
+    let (tally, elapsed) = drive(&gw, 8, async move {
+        victim_sim.set_faults(Faults {
+            http_error: Some(503),
+            ..Faults::default()
+        });
+    })
+    .await;
+    let st = backend_stats(&gw, &name_of(&victim)).await;
+    let metrics = http1()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors_5xx = metric(&metrics, "vllm_edge_upstream_errors_total", "kind=\"5xx\"");
+    eprintln!(
+        "503 replica: {REQUESTS} requests in {elapsed:?}: ok {}, failed {}, 5xx absorbed {errors_5xx}, circuit {}",
+        tally.ok, tally.failed, st["circuit"]
+    );
+    assert_eq!(tally.ok, REQUESTS, "{:?}", tally.first_errors);
+    assert!(
+        errors_5xx >= 3.0,
+        "the 503s were seen and retried: {errors_5xx}"
+    );
+    assert_ne!(
+        st["circuit"], "closed",
+        "consecutive 503s open the circuit: {st}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_or_stale_metrics_degrade_to_local_accounting_without_herding() {
+    let (garbage, stale, good) = fleet(0.2).await;
+    garbage.sim.set_faults(Faults {
+        metrics_garbage: true,
+        ..Faults::default()
+    });
+    let gw = Gateway::builder(&[&garbage, &stale, &good])
+        .yaml("discovery:\n  models_interval: 100ms\n  scrape_interval: 50ms\n  timeout: 500ms")
+        .start()
+        .await;
+    let stale_sim = stale.sim.clone();
+    let (tally, elapsed) = drive(&gw, 16, async move {
+        // Frozen while idle-looking: a gateway that trusted it would herd onto it.
+        stale_sim.set_faults(Faults {
+            metrics_stale: true,
+            ..Faults::default()
+        });
+    })
+    .await;
+    let shares: Vec<f64> = [&garbage, &stale, &good]
+        .iter()
+        .map(|s| s.sim.state()["requests"].as_u64().unwrap() as f64 / REQUESTS as f64)
+        .collect();
+    let st = backend_stats(&gw, &name_of(&garbage)).await;
+    eprintln!(
+        "garbage/stale metrics: {REQUESTS} requests in {elapsed:?}: ok {}, failed {}; shares garbage {:.2}, stale {:.2}, good {:.2}; garbage scrape error {}",
+        tally.ok, tally.failed, shares[0], shares[1], shares[2], st["last_scrape_error"]
+    );
+    assert_eq!(tally.ok, REQUESTS, "{:?}", tally.first_errors);
+    assert!(st["last_scrape_error"].is_string(), "{st}");
+    assert_eq!(st["scrape_fresh"], false);
+    for s in &shares {
+        assert!(
+            (0.05..=0.6).contains(s),
+            "no replica is starved or herded onto: {shares:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_counted() {
+    let resets = sim_with(&["m"], |a| a.time_scale = Some(0.05)).await;
+    resets.sim.set_faults(Faults {
+        stream_reset_after_tokens: Some(3),
+        ..Faults::default()
+    });
+    let gw = Gateway::builder(&[&resets]).start().await;
+    let (end, why) = one(&http1(), &gw.url("/v1/chat/completions"), 0, 16).await;
+    assert_eq!(end, End::CutWithErrorEvent, "{why:?}");
+    let text = http1()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "vllm_edge_upstream_errors_total", "kind=\"reset\""),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_whose_engine_hangs_is_ended_by_its_deadlines() {
+    // Hangs right after the header (first-byte deadline), or after two tokens (gap).
+    for (after, want) in [(0usize, "first"), (2, "gap")] {
+        let hangs = sim_with(&["m"], |a| a.time_scale = Some(0.05)).await;
+        hangs.sim.set_faults(Faults {
+            stream_hang_after_tokens: Some(after),
+            ..Faults::default()
+        });
+        let gw = Gateway::builder(&[&hangs])
+            .yaml("timeouts:\n  stream_first_byte: 300ms\n  stream_chunk_gap: 200ms")
+            .start()
+            .await;
+        let t = Instant::now();
+        let resp = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("m", "hi", true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let text = resp.text().await.expect("the stream is ended cleanly");
+        let took = t.elapsed();
+        assert!(
+            text.contains("GatewayTimeoutError") && text.ends_with("data: [DONE]\n\n"),
+            "{want}: {text}"
+        );
+        let limit = if after == 0 { 300 } else { 200 };
+        assert!(
+            took >= Duration::from_millis(limit) && took < Duration::from_millis(limit + 1500),
+            "{want}: ended after {took:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_healthy_replica_is_a_fast_503_with_retry_after() {
+    let down = sim(&["m"]).await;
+    down.sim.set_faults(Faults {
+        health_status: Some(503),
+        ..Faults::default()
+    });
+    let gw = Gateway::builder(&[&down]).start().await;
+    let t = Instant::now();
+    let resp = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let (_, v) = error_of(resp).await;
+    assert_eq!(v["error"]["type"], "ServiceUnavailableError");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(down.sim.state()["requests"], 0, "nothing was sent to it");
+}
+
+#[tokio::test]
+async fn a_draining_replica_gets_no_new_requests() {
+    let draining = sim(&["m"]).await;
+    let other = sim(&["m"]).await;
+    let gw = Gateway::builder(&[])
+        .backend_with(&draining.url(), "drain: true")
+        .backend_url(&other.url())
+        .start()
+        .await;
+    for _ in 0..20 {
+        let resp = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(draining.sim.state()["requests"], 0);
+    assert_eq!(other.sim.state()["requests"], 20);
+    let st = backend_stats(&gw, &name_of(&draining)).await;
+    assert_eq!(
+        (st["draining"].clone(), st["routable"].clone()),
+        (true.into(), false.into())
+    );
+}
