@@ -1,6 +1,7 @@
 //! The admin listener (loopback by default, separate from the data plane): `/health`,
 //! `/ready`, `/metrics` and `/load-stats`.
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;
@@ -15,7 +16,7 @@ use crate::metrics;
 use crate::selection;
 
 pub struct AdminApp {
-    pub config: Arc<Config>,
+    pub config: Arc<ArcSwap<Config>>,
     pub fleet: Arc<Fleet>,
     /// Set once every listener accepts connections.
     pub ready: Arc<AtomicBool>,
@@ -54,7 +55,7 @@ impl ServeHttp for AdminApp {
             }
             "/metrics" => reply(200, "text/plain; version=0.0.4", metrics::render()),
             "/load-stats" => {
-                let v = load_stats(&self.config, &self.fleet.load(), Instant::now());
+                let v = load_stats(&self.config.load(), &self.fleet.load(), Instant::now());
                 reply(
                     200,
                     "application/json",

@@ -66,6 +66,16 @@ impl Backend {
         })
     }
 
+    /// Whether `cfg` describes this backend as it is (the drain flag aside).
+    pub fn same_config(&self, cfg: &BackendConfig) -> bool {
+        self.name == cfg.name
+            && self.url == cfg.url
+            && self.addr == cfg.addr
+            && self.static_models == cfg.static_models
+            && self.weight == cfg.weight
+            && self.max_concurrent_requests == cfg.max_concurrent_requests
+    }
+
     /// Requests this gateway has sent to the backend that have not finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
@@ -279,6 +289,96 @@ impl Fleet {
 
     pub fn store(&self, snapshot: FleetSnapshot) {
         self.current.store(Arc::new(snapshot));
+    }
+
+    /// Publishes newly observed states. Backends removed meanwhile (a reload) stay
+    /// removed; backends added meanwhile keep theirs.
+    pub fn update_states(&self, observed: &[(Arc<Backend>, BackendState)]) {
+        self.current.rcu(|cur| {
+            let entries = cur
+                .backends
+                .iter()
+                .map(|e| BackendEntry {
+                    backend: e.backend.clone(),
+                    state: observed
+                        .iter()
+                        .find(|(b, _)| Arc::ptr_eq(b, &e.backend))
+                        .map_or_else(|| e.state.clone(), |(_, s)| s.clone()),
+                })
+                .collect();
+            FleetSnapshot::new(entries)
+        });
+    }
+
+    /// Replaces the set of backends with `configs` (a reload). A backend whose name, url
+    /// and settings are unchanged keeps its identity: its counters, health, circuit and
+    /// observed state; only its drain flag follows the new config. A changed one starts
+    /// anew but keeps its health-check verdict, so it is not out of rotation until checked.
+    pub fn reconfigure(&self, configs: &[BackendConfig]) -> Reconfigured {
+        let (entries, report) = self.plan_reconfigure(configs);
+        self.store(FleetSnapshot::new(entries));
+        report
+    }
+
+    /// The entries [`Fleet::reconfigure`] would publish, and what changed.
+    pub fn plan_reconfigure(&self, configs: &[BackendConfig]) -> (Vec<BackendEntry>, Reconfigured) {
+        let mut report = Reconfigured::default();
+        let cur = self.load();
+        let entries: Vec<BackendEntry> = configs
+            .iter()
+            .map(|c| {
+                let old = cur.backends.iter().find(|e| e.backend.name == c.name);
+                match old {
+                    Some(e) if e.backend.same_config(c) => {
+                        if e.backend.health.is_draining() != c.drain {
+                            report.drain_changed.push(c.name.clone());
+                        }
+                        e.backend.health.set_draining(c.drain);
+                        e.clone()
+                    }
+                    Some(e) => {
+                        report.changed.push(c.name.clone());
+                        let backend = Backend::new(c);
+                        backend.health.inherit_checks(&e.backend.health);
+                        let mut state = BackendState::unknown(&backend);
+                        if c.static_models.is_none() && e.backend.url == c.url {
+                            state.models = e.state.models.clone();
+                        }
+                        BackendEntry { backend, state }
+                    }
+                    None => {
+                        report.added.push(c.name.clone());
+                        let backend = Backend::new(c);
+                        let state = BackendState::unknown(&backend);
+                        BackendEntry { backend, state }
+                    }
+                }
+            })
+            .collect();
+        report.removed = cur
+            .backends
+            .iter()
+            .filter(|e| !configs.iter().any(|c| c.name == e.backend.name))
+            .map(|e| e.backend.name.clone())
+            .collect();
+        // The scraper merges its observations into whatever is current (`update_states`),
+        // so a plain store of these cannot be undone by a pass in progress.
+        (entries, report)
+    }
+}
+
+/// What [`Fleet::reconfigure`] did, by backend name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconfigured {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub drain_changed: Vec<String>,
+}
+
+impl Reconfigured {
+    pub fn is_empty(&self) -> bool {
+        *self == Reconfigured::default()
     }
 }
 

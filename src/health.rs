@@ -210,6 +210,15 @@ impl BackendHealth {
         self.draining.store(drain, Ordering::Relaxed);
     }
 
+    /// Takes over another's active-check verdict (a backend re-created by a reload).
+    pub fn inherit_checks(&self, other: &BackendHealth) {
+        self.checks
+            .store(other.checks.load(Ordering::Relaxed), Ordering::Relaxed);
+        *self.hysteresis.lock().expect("not poisoned") =
+            *other.hysteresis.lock().expect("not poisoned");
+        *self.check_error.lock().expect("not poisoned") = other.check_error();
+    }
+
     pub fn check_error(&self) -> Option<String> {
         self.check_error.lock().expect("not poisoned").clone()
     }
@@ -367,7 +376,8 @@ impl HealthChecker {
     }
 }
 
-async fn check(backend: Arc<Backend>, policy: HealthPolicy) {
+/// Checks one backend's `/health` and feeds the result to its hysteresis.
+pub async fn check(backend: Arc<Backend>, policy: HealthPolicy) {
     let result = match httpclient::get(backend.addr, "/health", policy.timeout, 64 * 1024).await {
         Ok(r) if r.status == 200 => Ok(()),
         Ok(r) => Err(format!("GET /health: status {}", r.status)),
@@ -417,8 +427,6 @@ async fn probe(backend: Arc<Backend>, model: Option<String>, timeout: Duration) 
 /// requests then gets each request about once, not `max_attempts` times.
 #[derive(Debug)]
 pub struct RetryBudget {
-    ratio: f64,
-    min: u64,
     window: Mutex<Window>,
 }
 
@@ -433,13 +441,17 @@ struct Window {
 
 const SLOTS: usize = 10;
 
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RetryBudget {
     pub const WINDOW: Duration = Duration::from_secs(SLOTS as u64);
 
-    pub fn new(ratio: f64, min: u32) -> RetryBudget {
+    pub fn new() -> RetryBudget {
         RetryBudget {
-            ratio,
-            min: min as u64,
             window: Mutex::new(Window {
                 slots: [(0, 0); SLOTS],
                 newest_sec: 0,
@@ -468,15 +480,16 @@ impl RetryBudget {
         w.slots[i].0 += 1;
     }
 
-    /// Asks to spend one retry; counts it if allowed.
-    pub fn try_retry(&self, now: Instant) -> bool {
+    /// Asks to spend one retry; counts it if allowed (`ratio` and `min` come from the
+    /// running config).
+    pub fn try_retry(&self, now: Instant, ratio: f64, min: u32) -> bool {
         let mut w = self.window.lock().expect("not poisoned");
         let i = Self::slot(&mut w, now);
         let (requests, retries) = w
             .slots
             .iter()
             .fold((0u64, 0u64), |(a, b), s| (a + s.0, b + s.1));
-        let allowed = self.min + (self.ratio * requests as f64) as u64;
+        let allowed = min as u64 + (ratio * requests as f64) as u64;
         if retries < allowed {
             w.slots[i].1 += 1;
             true
@@ -585,18 +598,19 @@ mod tests {
 
     #[test]
     fn retry_budget_is_a_fraction_of_recent_requests() {
-        let b = RetryBudget::new(0.2, 2);
+        let b = RetryBudget::new();
         let t = Instant::now();
-        assert!(b.try_retry(t) && b.try_retry(t), "the minimum");
-        assert!(!b.try_retry(t));
+        let try_retry = |at| b.try_retry(at, 0.2, 2);
+        assert!(try_retry(t) && try_retry(t), "the minimum");
+        assert!(!try_retry(t));
         for _ in 0..50 {
             b.record_request(t);
         }
-        let granted = (0..100).filter(|_| b.try_retry(t)).count();
+        let granted = (0..100).filter(|_| try_retry(t)).count();
         assert_eq!(granted, 10, "2 + 20% of 50, minus the 2 already spent");
         // After the window, old requests and retries no longer count.
         let later = t + RetryBudget::WINDOW + Duration::from_secs(1);
-        assert!(b.try_retry(later) && b.try_retry(later));
-        assert!(!b.try_retry(later));
+        assert!(try_retry(later) && try_retry(later));
+        assert!(!try_retry(later));
     }
 }

@@ -28,6 +28,7 @@
 //! - [`httpclient`]: the small HTTP client the background services use;
 //! - [`proxy`]: the data plane;
 //! - [`admin`], [`metrics`]: the admin listener and the gateway's metrics;
+//! - [`reload`]: SIGHUP re-reads and swaps the configuration;
 //! - [`server`]: wiring the Pingora server from a `Config`;
 //! - [`sim`]: the simulated vLLM server;
 //! - [`demo`]: a simulated fleet plus the gateway in one process.
@@ -42,6 +43,7 @@ pub mod httpclient;
 pub mod metrics;
 pub mod openai;
 pub mod proxy;
+pub mod reload;
 pub mod scraper;
 pub mod selection;
 pub mod server;

@@ -54,6 +54,15 @@ pub static RETRY_BUDGET_EXHAUSTED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "vllm_edge_config_reloads_total",
+        "Configuration reloads (SIGHUP), by result (ok, error).",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 /// `2xx`, `4xx`, ...; `0xx` for requests that ended without a status (client gone).
 pub fn status_class(status: u16) -> &'static str {
     match status / 100 {

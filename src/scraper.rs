@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::engine_metrics::{self, SumCount};
-use crate::fleet::{Backend, BackendEntry, BackendState, Fleet, FleetSnapshot};
+use crate::fleet::{Backend, BackendState, Fleet};
 use crate::health::HealthChecker;
 use crate::httpclient;
 use crate::openai;
@@ -64,16 +64,13 @@ impl Scraper {
             )
         }))
         .await;
-        let entries = previous
+        let observed: Vec<_> = previous
             .backends
             .iter()
+            .map(|e| e.backend.clone())
             .zip(observed)
-            .map(|(old, state)| BackendEntry {
-                backend: old.backend.clone(),
-                state,
-            })
             .collect();
-        self.fleet.store(FleetSnapshot::new(entries));
+        self.fleet.update_states(&observed);
     }
 }
 
@@ -172,7 +169,7 @@ async fn observe(
 }
 
 /// The models a backend serves (from `/v1/models`).
-async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<String>, String> {
+pub async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<String>, String> {
     let resp = httpclient::get(backend.addr, "/v1/models", timeout, MAX_MODELS_BODY)
         .await
         .map_err(|e| format!("GET /v1/models: {e}"))?;

@@ -7,6 +7,7 @@
 //! `{"event":"ready","listeners":["127.0.0.1:PORT"],"admin":"127.0.0.1:PORT"}`; tests and
 //! scripts wait for that line instead of sleeping.
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::TcpSocketOptions;
 use pingora::prelude::*;
@@ -24,6 +25,7 @@ use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::proxy::Gateway;
+use crate::reload::Reloader;
 use crate::scraper::Scraper;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,12 +103,16 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
 
     let fleet = Fleet::new(&config.backends);
     let ready = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(ArcSwap::from(config.clone()));
+    if let Err(e) = Reloader::new(live.clone(), fleet.clone()).listen_for_sighup() {
+        tracing::error!(error = %e, "cannot install the SIGHUP handler: reload needs a restart");
+    }
 
     let scraper = background_service("scraper", Scraper::new(fleet.clone(), &config));
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Gateway::new(config.clone(), fleet.clone()),
+        Gateway::new(live.clone(), fleet.clone()),
         "vllm-edge",
     );
     if let Some(app) = proxy.app_logic_mut() {
@@ -122,7 +128,7 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
     let mut admin_svc = Service::new(
         "admin".to_string(),
         AdminApp {
-            config: config.clone(),
+            config: live.clone(),
             fleet: fleet.clone(),
             ready: ready.clone(),
         },

@@ -6,6 +6,7 @@
 pub mod body;
 pub mod deadline;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -31,17 +32,18 @@ const MAX_STALE_CONNECTION_RETRIES: u32 = 2;
 const LINGER_TIME: Duration = Duration::from_secs(5);
 
 pub struct Gateway {
-    config: Arc<Config>,
+    /// The running configuration; a reload swaps it (see `crate::reload`).
+    config: Arc<ArcSwap<Config>>,
     fleet: Arc<Fleet>,
     selector: Selector,
     budget: RetryBudget,
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>, fleet: Arc<Fleet>) -> Gateway {
+    pub fn new(config: Arc<ArcSwap<Config>>, fleet: Arc<Fleet>) -> Gateway {
         Gateway {
-            selector: Selector::new(config.stale_after()),
-            budget: RetryBudget::new(config.retry_budget_ratio, config.retry_budget_min),
+            selector: Selector::new(config.load().stale_after()),
+            budget: RetryBudget::new(),
             config,
             fleet,
         }
@@ -49,7 +51,7 @@ impl Gateway {
 
     /// The deadlines of one attempt for this kind of request.
     fn limits(&self, stream: bool) -> Limits {
-        let t = &self.config.timeouts;
+        let t = self.config.load().timeouts;
         if stream {
             Limits {
                 first_byte: t.stream_first_byte,
@@ -68,7 +70,13 @@ impl Gateway {
     /// Seconds a client is told to wait (`Retry-After`) when no replica can take it: about
     /// when the health checks may have brought one back.
     fn retry_after(&self) -> String {
-        self.config.health.interval.as_secs().max(1).to_string()
+        self.config
+            .load()
+            .health
+            .interval
+            .as_secs()
+            .max(1)
+            .to_string()
     }
 }
 
@@ -228,17 +236,17 @@ impl ProxyHttp for Gateway {
                 respond_error(session, ctx, &ApiError::not_found_route(&path)).await
             }
             Route::Inference => {
-                let body = match body::read_full_body(
-                    session,
-                    self.config.max_body_bytes,
-                    self.config.body_read_timeout,
-                )
-                .await
-                {
-                    Ok(b) => b,
-                    Err(BodyError::Reply(err)) => return respond_error(session, ctx, &err).await,
-                    Err(BodyError::ClientGone(e)) => return Err(e),
-                };
+                let cfg = self.config.load();
+                let body =
+                    match body::read_full_body(session, cfg.max_body_bytes, cfg.body_read_timeout)
+                        .await
+                    {
+                        Ok(b) => b,
+                        Err(BodyError::Reply(err)) => {
+                            return respond_error(session, ctx, &err).await
+                        }
+                        Err(BodyError::ClientGone(e)) => return Err(e),
+                    };
                 let info = match openai::inspect(&body) {
                     Ok(info) => info,
                     Err(err) => return respond_error(session, ctx, &err).await,
@@ -265,6 +273,7 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no routing info"))?;
         let snap = self.fleet.load();
+        let cfg = self.config.load();
         let tried: Vec<usize> = snap
             .backends
             .iter()
@@ -277,28 +286,27 @@ impl ProxyHttp for Gateway {
             prompt_tokens: info.prompt_bytes / selection::BYTES_PER_TOKEN,
             max_tokens: info.max_tokens,
         };
-        let chosen =
-            match self
-                .selector
-                .best(self.config.policy, &snap, &request, &tried, Instant::now())
-            {
-                Ok(c) => c,
-                Err(why) => {
-                    // After a failed attempt, the client hears about that failure (kept in
-                    // ctx.error); before any, that nothing can serve the model.
-                    if ctx.error.is_none() {
-                        ctx.error = Some(match why {
-                            NoCandidate::UnknownModel => ApiError::model_not_found(&info.model),
-                            NoCandidate::Unavailable => ApiError::no_backend(&info.model),
-                        });
-                    }
-                    let status = ctx.error.as_ref().map_or(503, |e| e.status);
-                    return Err(Error::explain(
-                        ErrorType::HTTPStatus(status),
-                        "no backend available for the request",
-                    ));
+        let chosen = match self
+            .selector
+            .best(cfg.policy, &snap, &request, &tried, Instant::now())
+        {
+            Ok(c) => c,
+            Err(why) => {
+                // After a failed attempt, the client hears about that failure (kept in
+                // ctx.error); before any, that nothing can serve the model.
+                if ctx.error.is_none() {
+                    ctx.error = Some(match why {
+                        NoCandidate::UnknownModel => ApiError::model_not_found(&info.model),
+                        NoCandidate::Unavailable => ApiError::no_backend(&info.model),
+                    });
                 }
-            };
+                let status = ctx.error.as_ref().map_or(503, |e| e.status);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    "no backend available for the request",
+                ));
+            }
+        };
         let backend = &snap.backends[chosen].backend;
         ctx.attempts += 1;
         // Streams tell us when prefill ends (the first chunk); non-streaming answers only
@@ -314,13 +322,13 @@ impl ProxyHttp for Gateway {
 
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         let o = &mut peer.options;
-        o.connection_timeout = Some(self.config.connect_timeout);
-        o.total_connection_timeout = Some(self.config.connect_timeout);
+        o.connection_timeout = Some(cfg.connect_timeout);
+        o.total_connection_timeout = Some(cfg.connect_timeout);
         // Pingora's timeout applies to every read alike: only a backstop here; the
         // attempt's watchdog enforces the first-byte, gap and total deadlines.
         o.read_timeout = Some(self.limits(info.stream).longest_read());
-        o.write_timeout = Some(self.config.connect_timeout.max(Duration::from_secs(10)));
-        o.idle_timeout = Some(self.config.pool_idle_timeout);
+        o.write_timeout = Some(cfg.connect_timeout.max(Duration::from_secs(10)));
+        o.idle_timeout = Some(cfg.pool_idle_timeout);
         Ok(Box::new(peer))
     }
 
@@ -621,9 +629,11 @@ impl Gateway {
             .inc();
         if let Some(guard) = ctx.in_flight.take() {
             let b = guard.backend();
-            if b.health
-                .record_failure(kind, self.config.health.failure_threshold, Instant::now())
-            {
+            if b.health.record_failure(
+                kind,
+                self.config.load().health.failure_threshold,
+                Instant::now(),
+            ) {
                 tracing::warn!(backend = %b.name, last_failure = kind.as_str(), "circuit opened: backend ejected");
             }
             ctx.tried.push(b.clone());
@@ -639,10 +649,14 @@ impl Gateway {
     /// Whether a failed attempt may be followed by another: attempts left, and the retry
     /// budget allows it.
     fn may_retry(&self, ctx: &mut RequestCtx) -> bool {
-        if ctx.attempts >= self.config.max_attempts {
+        let cfg = self.config.load();
+        if ctx.attempts >= cfg.max_attempts {
             return false;
         }
-        if !self.budget.try_retry(Instant::now()) {
+        if !self
+            .budget
+            .try_retry(Instant::now(), cfg.retry_budget_ratio, cfg.retry_budget_min)
+        {
             crate::metrics::RETRY_BUDGET_EXHAUSTED.inc();
             tracing::warn!("retry budget exhausted: not retrying");
             return false;

@@ -5,6 +5,7 @@ mod body;
 mod cli;
 mod discovery;
 mod errors;
+mod reload;
 mod resilience;
 mod selection;
 mod sim;

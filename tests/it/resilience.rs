@@ -17,7 +17,7 @@ const CONCURRENCY: usize = 64;
 
 /// How one request ended, as its client saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+pub(crate) enum End {
     Ok,
     /// Failed before any of the answer arrived: a lost request.
     Failed,
@@ -54,7 +54,7 @@ impl Tally {
     }
 }
 
-async fn one(
+pub(crate) async fn one(
     client: &reqwest::Client,
     url: &str,
     i: usize,

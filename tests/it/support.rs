@@ -58,6 +58,19 @@ impl Gateway {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The configuration file the gateway runs from.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.yaml")).expect("config file")
+    }
+
+    /// Replaces the configuration file and sends SIGHUP (a reload).
+    pub fn reload_with(&self, text: &str) {
+        std::fs::write(self.dir.path().join("gateway.yaml"), text).expect("write config");
+        let pid = self.child.id().expect("the gateway runs") as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGHUP)
+            .expect("send SIGHUP");
+    }
+
     /// The gateway's log so far (for assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()

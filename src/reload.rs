@@ -1,0 +1,207 @@
+//! Hot reload: on SIGHUP (what `systemctl reload` sends) the config file is read again,
+//! validated, and swapped in atomically; an invalid file changes nothing and the log says
+//! exactly why (file, line, key).
+//!
+//! Applied at once: the backends (added, removed, drained, changed), `routing.policy`,
+//! `limits`, `timeouts`, `upstream.max_attempts` and the retry budget, and
+//! `health.failure_threshold`. Requests in flight finish on the backend they were sent to,
+//! removed or not. Kept until a restart (logged when they differ): listener and admin
+//! addresses, `server`, `discovery`, and the other `health` keys, which the running
+//! listeners and loops were built from.
+
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError};
+use crate::fleet::{Fleet, FleetSnapshot, Reconfigured};
+use crate::{health, scraper};
+
+pub struct Reloader {
+    live: Arc<ArcSwap<Config>>,
+    fleet: Arc<Fleet>,
+}
+
+impl Reloader {
+    pub fn new(live: Arc<ArcSwap<Config>>, fleet: Arc<Fleet>) -> Reloader {
+        Reloader { live, fleet }
+    }
+
+    /// Reads the running config's file again and applies it. Backends that are new (or
+    /// changed) are checked and their models discovered first, so that they join the
+    /// fleet ready to serve, and a model whose backends were all replaced is never
+    /// unknown for a moment.
+    pub async fn reload(&self) -> Result<Reconfigured, ConfigError> {
+        let cur = self.live.load_full();
+        let mut new = Config::load(&cur.source)?;
+        let kept = keep_restart_only(&cur, &mut new);
+        if !kept.is_empty() {
+            tracing::warn!(keys = ?kept, "these settings changed but need a restart; the running values are kept");
+        }
+        let before = self.fleet.load();
+        let (mut entries, report) = self.fleet.plan_reconfigure(&new.backends);
+        let fresh: Vec<usize> = (0..entries.len())
+            .filter(|&i| {
+                !before
+                    .backends
+                    .iter()
+                    .any(|e| Arc::ptr_eq(&e.backend, &entries[i].backend))
+            })
+            .collect();
+        let checks = fresh.iter().map(|&i| {
+            let backend = entries[i].backend.clone();
+            let (policy, timeout) = (new.health, new.discovery_timeout);
+            async move {
+                let models = async {
+                    match backend.static_models {
+                        Some(_) => None,
+                        None => Some(scraper::discover_models(&backend, timeout).await),
+                    }
+                };
+                let (models, ()) = tokio::join!(models, health::check(backend.clone(), policy));
+                models
+            }
+        });
+        let discovered = futures::future::join_all(checks).await;
+        for (&i, models) in fresh.iter().zip(discovered) {
+            match models {
+                Some(Ok(m)) => entries[i].state.models = m,
+                Some(Err(e)) => entries[i].state.models_error = Some(e),
+                None => {}
+            }
+        }
+        self.fleet.store(FleetSnapshot::new(entries));
+        self.live.store(Arc::new(new));
+        Ok(report)
+    }
+
+    /// Reloads, logging and counting the outcome.
+    pub async fn reload_and_log(&self) {
+        match self.reload().await {
+            Ok(r) => {
+                crate::metrics::CONFIG_RELOADS
+                    .with_label_values(&["ok"])
+                    .inc();
+                tracing::info!(
+                    added = ?r.added,
+                    removed = ?r.removed,
+                    changed = ?r.changed,
+                    drain_changed = ?r.drain_changed,
+                    "configuration reloaded"
+                );
+            }
+            Err(e) => {
+                crate::metrics::CONFIG_RELOADS
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::error!(error = %e, "configuration not reloaded; the running one is kept");
+            }
+        }
+    }
+
+    /// Installs the SIGHUP handler now (Pingora installs none, and the default action
+    /// would kill the process) and serves it on a thread of its own.
+    pub fn listen_for_sighup(self) -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut hup = {
+            let _guard = rt.enter();
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?
+        };
+        std::thread::Builder::new()
+            .name("vllm-edge-reload".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    while hup.recv().await.is_some() {
+                        self.reload_and_log().await;
+                    }
+                })
+            })?;
+        Ok(())
+    }
+}
+
+/// Puts back into `new` the settings a reload cannot change; returns their keys where
+/// they differed.
+fn keep_restart_only(cur: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($field:ident).+, $key:expr) => {
+            if cur.$($field).+ != new.$($field).+ {
+                kept.push($key);
+                new.$($field).+ = cur.$($field).+.clone();
+            }
+        };
+    }
+    keep!(listeners, "listeners");
+    keep!(admin, "admin.address");
+    keep!(threads, "server.threads");
+    keep!(grace_period, "server.grace_period");
+    keep!(
+        graceful_shutdown_timeout,
+        "server.graceful_shutdown_timeout"
+    );
+    keep!(keepalive_pool_size, "upstream.keepalive_pool_size");
+    keep!(scrape_interval, "discovery.scrape_interval");
+    keep!(scrape_timeout, "discovery.scrape_timeout");
+    keep!(models_interval, "discovery.models_interval");
+    keep!(discovery_timeout, "discovery.timeout");
+    keep!(health.interval, "health.interval");
+    keep!(health.timeout, "health.timeout");
+    keep!(health.unhealthy_threshold, "health.unhealthy_threshold");
+    keep!(health.healthy_threshold, "health.healthy_threshold");
+    keep!(health.open_duration, "health.open_duration");
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(text: &str) -> Config {
+        Config::parse(text, Path::new("t.yaml")).unwrap()
+    }
+
+    #[test]
+    fn restart_only_settings_are_kept_and_named() {
+        let cur = cfg("backends:\n  - url: http://127.0.0.1:1\n");
+        let mut new = cfg(
+            "listeners:\n  - address: 127.0.0.1:7000\nbackends:\n  - url: http://127.0.0.1:1\nrouting:\n  policy: round-robin\nhealth:\n  interval: 5s\n  failure_threshold: 9\n",
+        );
+        let kept = keep_restart_only(&cur, &mut new);
+        assert_eq!(kept, vec!["listeners", "health.interval"]);
+        assert_eq!(new.listeners, cur.listeners);
+        assert_eq!(new.health.interval, cur.health.interval);
+        assert_eq!(new.policy, crate::config::Policy::RoundRobin, "applied");
+        assert_eq!(new.health.failure_threshold, 9, "applied");
+    }
+
+    #[test]
+    fn reconfigure_keeps_unchanged_backends_and_reports_the_rest() {
+        let a = cfg("backends:\n  - url: http://127.0.0.1:1\n  - url: http://127.0.0.1:2\n  - url: http://127.0.0.1:3\n    weight: 2\n");
+        let fleet = Fleet::new(&a.backends);
+        let before = fleet.load();
+        let kept = before.backends[0].backend.clone();
+        let _guard = kept.begin_request();
+        let b = cfg("backends:\n  - url: http://127.0.0.1:1\n    drain: true\n  - url: http://127.0.0.1:3\n    weight: 3\n  - url: http://127.0.0.1:4\n");
+        let r = fleet.reconfigure(&b.backends);
+        assert_eq!(r.added, vec!["127.0.0.1:4"]);
+        assert_eq!(r.removed, vec!["127.0.0.1:2"]);
+        assert_eq!(r.changed, vec!["127.0.0.1:3"]);
+        assert_eq!(r.drain_changed, vec!["127.0.0.1:1"]);
+        let after = fleet.load();
+        assert!(
+            Arc::ptr_eq(&after.backends[0].backend, &kept),
+            "same identity"
+        );
+        assert_eq!(
+            after.backends[0].backend.in_flight(),
+            1,
+            "its counters survive"
+        );
+        assert!(after.backends[0].backend.health.is_draining());
+        assert_eq!(after.backends[1].backend.weight, 3.0);
+        assert!(fleet.reconfigure(&b.backends).is_empty(), "idempotent");
+    }
+}
