@@ -533,3 +533,102 @@ async fn a_draining_replica_gets_no_new_requests() {
         (true.into(), false.into())
     );
 }
+
+/// Sends `n` plain requests one after another; returns the statuses.
+async fn sequential(gw: &Gateway, n: usize) -> Vec<u16> {
+    let client = http1();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = client
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap();
+        out.push(r.status().as_u16());
+    }
+    out
+}
+
+#[tokio::test]
+async fn client_errors_never_count_against_a_replica() {
+    let picky = sim(&["m"]).await;
+    picky.sim.set_faults(Faults {
+        http_error: Some(400),
+        ..Faults::default()
+    });
+    let gw = Gateway::builder(&[&picky]).start().await;
+    let statuses = sequential(&gw, 20).await;
+    assert!(statuses.iter().all(|&s| s == 400), "{statuses:?}");
+    assert_eq!(
+        picky.sim.state()["requests"],
+        20,
+        "each sent once, not retried"
+    );
+    let st = backend_stats(&gw, &name_of(&picky)).await;
+    assert_eq!(st["circuit"], "closed", "{st}");
+}
+
+#[tokio::test]
+async fn the_retry_budget_keeps_a_failing_fleet_from_being_hammered() {
+    let sims = [sim(&["m"]).await, sim(&["m"]).await, sim(&["m"]).await];
+    for s in &sims {
+        s.sim.set_faults(Faults {
+            http_error: Some(503),
+            ..Faults::default()
+        });
+    }
+    let gw = Gateway::builder(&[&sims[0], &sims[1], &sims[2]])
+        .yaml("upstream:\n  max_attempts: 3\n  retry_budget: 0.2\n  retry_budget_min: 5\nhealth:\n  interval: 100ms\n  open_duration: 60s")
+        .start()
+        .await;
+    let n = 200;
+    let statuses = sequential(&gw, n).await;
+    assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
+    let attempts: u64 = sims
+        .iter()
+        .map(|s| s.sim.state()["requests"].as_u64().unwrap())
+        .sum();
+    eprintln!("retry budget: {n} requests to a fleet answering 503 made {attempts} attempts (without a budget: {})", n * 3);
+    // Each request once, plus at most 20% of them and the minimum, plus nothing else.
+    assert!(
+        attempts as usize <= n + n / 5 + 5,
+        "{attempts} attempts for {n} requests"
+    );
+    assert!(attempts as usize >= n, "every request was tried once");
+}
+
+#[tokio::test]
+async fn an_open_circuit_is_closed_by_a_successful_probe() {
+    let flaky = sim(&["m"]).await;
+    let other = sim(&["m"]).await;
+    flaky.sim.set_faults(Faults {
+        http_error: Some(500),
+        ..Faults::default()
+    });
+    let gw = Gateway::builder(&[&flaky, &other])
+        .yaml("routing:\n  policy: round-robin\nhealth:\n  interval: 50ms\n  open_duration: 300ms")
+        .start()
+        .await;
+    let statuses = sequential(&gw, 12).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let admin = gw.admin_url("/load-stats");
+    let name = name_of(&flaky);
+    assert!(circuit_is(&admin, &name, "open").await, "{}", gw.log());
+    flaky.sim.set_faults(Faults::default());
+    assert!(
+        eventually(Duration::from_secs(5), || circuit_is(
+            &admin, &name, "closed"
+        ))
+        .await,
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("probe succeeded"));
+    let before = flaky.sim.state()["requests"].as_u64().unwrap();
+    sequential(&gw, 10).await;
+    assert!(
+        flaky.sim.state()["requests"].as_u64().unwrap() >= before + 4,
+        "back in rotation"
+    );
+}
