@@ -533,7 +533,9 @@ impl ProxyHttp for Gateway {
         if session.response_written().is_some() {
             // Part of the answer already reached the client. A stream is ended with an
             // error event, as vLLM itself reports mid-stream failures, rather than cut
-            // silently; then the connection is closed.
+            // silently. The response is then complete, so the client's connection stays
+            // usable: closing it would race with the client reusing it (a keep-alive
+            // client sees a well-ended response and sends its next request on it).
             if ctx.sse && ctx.status == 200 && matches!(e.esource(), ErrorSource::Upstream) {
                 let event = ApiError::mid_stream(ctx.timed_out).stream_event();
                 if let Err(write_err) = session.write_response_body(Some(event), true).await {
@@ -544,7 +546,7 @@ impl ProxyHttp for Gateway {
             }
             return FailToProxy {
                 error_code: 0,
-                can_reuse_downstream: false,
+                can_reuse_downstream: ctx.stream_error_sent,
             };
         }
         let err = match ctx.error.take() {

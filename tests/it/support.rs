@@ -71,6 +71,18 @@ impl Gateway {
             .expect("send SIGHUP");
     }
 
+    /// The gateway's log without the access lines of successful requests (for assertion
+    /// messages).
+    pub fn log_unusual(&self) -> String {
+        self.log()
+            .lines()
+            .filter(|l| {
+                !(l.contains(" access: ") && l.contains("status=200") && l.contains("error=\"\""))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
     /// The gateway's log so far (for assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
