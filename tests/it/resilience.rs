@@ -266,7 +266,7 @@ async fn a_killed_replica_loses_no_request_and_returns_within_two_health_interva
         0,
         "lost requests: {:?}\n{}",
         tally.first_errors,
-        gw.log()
+        gw.log_unusual()
     );
     assert_eq!(tally.cut_silently, 0, "{:?}", tally.first_errors);
     assert_eq!(
@@ -282,7 +282,7 @@ async fn a_killed_replica_loses_no_request_and_returns_within_two_health_interva
     assert!(
         gw.log().contains("backend is down") && gw.log().contains("backend is up"),
         "flips are logged: {}",
-        gw.log()
+        gw.log_unusual()
     );
 }
 
@@ -330,7 +330,7 @@ async fn a_stalled_replica_with_healthy_health_is_ejected_and_nobody_waits_past_
         0,
         "{:?}\n{}",
         tally.first_errors,
-        gw.log()
+        gw.log_unusual()
     );
     assert_eq!(st["healthy"], true, "its /health still answers 200");
     assert_eq!(st["circuit"], "open", "ejected by its timeouts: {st}");
@@ -344,7 +344,7 @@ async fn a_stalled_replica_with_healthy_health_is_ejected_and_nobody_waits_past_
     assert!(
         gw.log().contains("circuit opened"),
         "the ejection is logged: {}",
-        gw.log()
+        gw.log_unusual()
     );
 }
 
@@ -615,7 +615,7 @@ async fn an_open_circuit_is_closed_by_a_successful_probe() {
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     let admin = gw.admin_url("/load-stats");
     let name = name_of(&flaky);
-    assert!(circuit_is(&admin, &name, "open").await, "{}", gw.log());
+    assert!(circuit_is(&admin, &name, "open").await, "{}", gw.log_unusual());
     flaky.sim.set_faults(Faults::default());
     assert!(
         eventually(Duration::from_secs(5), || circuit_is(
@@ -623,7 +623,7 @@ async fn an_open_circuit_is_closed_by_a_successful_probe() {
         ))
         .await,
         "{}",
-        gw.log()
+        gw.log_unusual()
     );
     assert!(gw.log().contains("probe succeeded"));
     let before = flaky.sim.state()["requests"].as_u64().unwrap();
