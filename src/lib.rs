@@ -8,11 +8,19 @@
 //!                       upstream_peer:  selection::Selector::best(fleet.load(), request,
 //!                                       tried) → HttpPeer (pooled) + fleet::InFlightGuard
 //!                       request_body_filter: replay the full body on every attempt
-//!                       fail_to_connect / error_while_proxy: retry on another replica while
-//!                                       nothing has reached the client
-//!                       fail_to_proxy:  OpenAI-shaped JSON error
+//!                       connected_to_upstream: proxy::deadline::Watchdog (first byte, chunk
+//!                                       gap, total)
+//!                       fail_to_connect / error_while_proxy: count the failure against the
+//!                                       backend (health: circuit breaker); retry on
+//!                                       another replica while nothing has reached the
+//!                                       client, within max_attempts and the retry budget
+//!                       fail_to_proxy:  OpenAI-shaped JSON error, or an SSE error event
+//!                                       for a stream that already began
 //!  background: scraper::Scraper ── /metrics (every 250 ms) and /v1/models of every
 //!              backend, parsed by engine_metrics ──▶ Fleet (ArcSwap snapshot)
+//!              health::HealthChecker ── /health of every backend (hysteresis), probes
+//!              of open circuits ──▶ Backend::health (atomics)
+//!  SIGHUP: reload::Reloader ── config file ──▶ live Config (ArcSwap) + Fleet backends
 //!  admin listener: admin::AdminApp (/health /ready /metrics /load-stats)
 //! ```
 //!
