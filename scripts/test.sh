@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 cargo test --locked
 
+# The systemd units (systemd-analyze verify).
+bash scripts/check-systemd.sh
+
 # The SDK goes into a venv under target/ (reused between runs).
 venv=target/e2e-venv
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then

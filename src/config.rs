@@ -313,6 +313,8 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
+    #[error("environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
     #[error("{path}:{line}:{column}: `{key}`: {message}")]
     Invalid {
         path: String,
@@ -327,6 +329,10 @@ pub enum ConfigError {
 // Loading
 // ---------------------------------------------------------------------------------------
 
+/// Environment variables that override the file (see [`Config::with_env_overrides`]).
+pub const ENV_LISTEN: &str = "VLLM_EDGE_LISTEN";
+pub const ENV_ADMIN: &str = "VLLM_EDGE_ADMIN";
+
 impl Config {
     /// A backend's scrape older than this is stale.
     pub fn stale_after(&self) -> Duration {
@@ -339,6 +345,45 @@ impl Config {
             source,
         })?;
         Self::parse(&text, path)
+    }
+
+    /// [`Config::load`], then the environment's overrides (see
+    /// [`Config::with_env_overrides`]).
+    pub fn load_with_env(path: &Path) -> Result<Config, ConfigError> {
+        Self::load(path)?.with_env_overrides(|k| std::env::var(k).ok())
+    }
+
+    /// Applies the values people set per deployment from the environment:
+    /// `VLLM_EDGE_LISTEN` (comma-separated listen addresses) replaces `listeners`,
+    /// `VLLM_EDGE_ADMIN` replaces `admin.address`.
+    pub fn with_env_overrides(
+        mut self,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let parse = |var: &'static str, s: &str| {
+            s.trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| ConfigError::Env {
+                    var,
+                    message: format!("`{s}` is not an address like 0.0.0.0:8080: {e}"),
+                })
+        };
+        if let Some(v) = get(ENV_LISTEN).filter(|v| !v.trim().is_empty()) {
+            self.listeners = v
+                .split(',')
+                .map(|a| parse(ENV_LISTEN, a))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = get(ENV_ADMIN).filter(|v| !v.trim().is_empty()) {
+            self.admin = parse(ENV_ADMIN, &v)?;
+        }
+        if self.admin.port() != 0 && self.listeners.contains(&self.admin) {
+            return Err(ConfigError::Env {
+                var: ENV_ADMIN,
+                message: format!("{} is also a data-plane listener", self.admin),
+            });
+        }
+        Ok(self)
     }
 
     /// Parses and validates `text`; `path` is only used in messages.

@@ -20,14 +20,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway from a configuration file.
+    /// Run the gateway from a configuration file. VLLM_EDGE_LISTEN (comma-separated
+    /// addresses) and VLLM_EDGE_ADMIN override the file's listener and admin addresses.
     Run {
-        #[arg(short, long)]
+        #[arg(short, long, env = "VLLM_EDGE_CONFIG")]
         config: PathBuf,
     },
     /// Validate a configuration file and exit (non-zero with the file, line and key on error).
     Check {
-        #[arg(short, long)]
+        #[arg(short, long, env = "VLLM_EDGE_CONFIG")]
         config: PathBuf,
     },
     /// Start simulated vLLM replicas and the gateway in front of them, in one process.
@@ -36,10 +37,13 @@ enum Command {
     Sim(Box<sim::SimArgs>),
 }
 
+/// The log filter: VLLM_EDGE_LOG, else RUST_LOG, else info (Pingora's own at warn).
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VLLM_EDGE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -51,7 +55,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config } => match Config::load_with_env(&config) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} listener(s), {} backend(s), policy {})",
@@ -68,7 +72,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let c = match Config::load(&config) {
+            let c = match Config::load_with_env(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");

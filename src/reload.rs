@@ -32,7 +32,7 @@ impl Reloader {
     /// unknown for a moment.
     pub async fn reload(&self) -> Result<Reconfigured, ConfigError> {
         let cur = self.live.load_full();
-        let mut new = Config::load(&cur.source)?;
+        let mut new = Config::load_with_env(&cur.source)?;
         let kept = keep_restart_only(&cur, &mut new);
         if !kept.is_empty() {
             tracing::warn!(keys = ?kept, "these settings changed but need a restart; the running values are kept");

@@ -110,11 +110,16 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
 
     let scraper = background_service("scraper", Scraper::new(fleet.clone(), &config));
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(live.clone(), fleet.clone()),
-        "vllm-edge",
+    let gateway = Gateway::new(live.clone(), fleet.clone());
+    let drainer = background_service(
+        "drain",
+        Drainer {
+            active: gateway.active_requests(),
+            grace_period: config.grace_period,
+        },
     );
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "vllm-edge");
     if let Some(app) = proxy.app_logic_mut() {
         let mut opts = pingora::apps::HttpServerOptions::default();
         // Cleartext HTTP/2 with prior knowledge, next to HTTP/1.1 on the same port.
@@ -156,6 +161,7 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
     proxy_h.add_dependency(&scraper_h);
     let admin_h = server.add_service(admin_svc);
     let announcer_h = server.add_service(announcer);
+    server.add_service(drainer);
     announcer_h.add_dependency(&proxy_h);
     announcer_h.add_dependency(&admin_h);
 
@@ -167,6 +173,38 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
         "starting vllm-edge"
     );
     server.run_forever()
+}
+
+/// Ends a graceful shutdown as soon as no request is left. Pingora itself sleeps the
+/// whole grace period after SIGTERM, even when idle; this waits for the in-flight requests
+/// and streams (at most the grace period), then exits the process.
+struct Drainer {
+    active: Arc<std::sync::atomic::AtomicUsize>,
+    grace_period: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Drainer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        let started = std::time::Instant::now();
+        let left = self.active.load(Ordering::Relaxed);
+        tracing::info!(in_flight = left, grace_period = ?self.grace_period, "shutting down: waiting for requests in flight");
+        // Polled: the count has no waker, and 10 ms is nothing next to a grace period.
+        while self.active.load(Ordering::Relaxed) > 0 {
+            if started.elapsed() >= self.grace_period {
+                // Pingora's own grace period ends now too and stops the runtimes.
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(after = ?started.elapsed(), "no request in flight: exiting");
+        std::process::exit(0);
+    }
 }
 
 /// Waits until every listener accepts connections, then says so once on stdout and in

@@ -13,6 +13,7 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType, RetryType};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,17 @@ pub struct Gateway {
     fleet: Arc<Fleet>,
     selector: Selector,
     budget: RetryBudget,
+    /// Requests being handled (any route): a graceful shutdown ends when it reaches 0.
+    active: Arc<AtomicUsize>,
+}
+
+/// Counts one request in [`Gateway::active_requests`] while it lives.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Gateway {
@@ -44,9 +56,16 @@ impl Gateway {
         Gateway {
             selector: Selector::new(config.load().stale_after()),
             budget: RetryBudget::new(),
+            active: Arc::new(AtomicUsize::new(0)),
             config,
             fleet,
         }
+    }
+
+    /// The number of requests being handled, shared with whoever waits for it to drop
+    /// to zero (see `server`'s shutdown).
+    pub fn active_requests(&self) -> Arc<AtomicUsize> {
+        self.active.clone()
     }
 
     /// The deadlines of one attempt for this kind of request.
@@ -82,6 +101,7 @@ impl Gateway {
 
 /// Per-request state; one lives across all attempts of a request.
 pub struct RequestCtx {
+    _active: Active,
     started: Instant,
     route: Route,
     /// The full request body: the replay source for every attempt.
@@ -187,7 +207,9 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        self.active.fetch_add(1, Ordering::Relaxed);
         RequestCtx {
+            _active: Active(self.active.clone()),
             started: Instant::now(),
             route: Route::NotFound,
             body: None,

@@ -50,3 +50,42 @@ fn a_typo_is_named_by_file_line_and_key() {
     let (ok, out) = check(&dir.path().join("missing.yaml"));
     assert!(!ok && out.contains("missing.yaml"), "{out}");
 }
+
+#[test]
+fn the_environment_names_the_config_and_overrides_the_addresses() {
+    let minimal = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/minimal.yaml");
+    let run = |envs: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vllm-edge"));
+        c.arg("check")
+            .env_remove("VLLM_EDGE_LISTEN")
+            .env_remove("VLLM_EDGE_ADMIN");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let path = minimal.to_str().unwrap();
+    let (ok, out) = run(&[("VLLM_EDGE_CONFIG", path)]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&[
+        ("VLLM_EDGE_CONFIG", path),
+        ("VLLM_EDGE_LISTEN", "127.0.0.1:7001,[::1]:7001"),
+    ]);
+    assert!(ok && out.contains("2 listener(s)"), "{out}");
+    let (ok, out) = run(&[("VLLM_EDGE_CONFIG", path), ("VLLM_EDGE_ADMIN", "localhost")]);
+    assert!(
+        !ok && out.contains("VLLM_EDGE_ADMIN") && out.contains("`localhost`"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        ("VLLM_EDGE_CONFIG", path),
+        ("VLLM_EDGE_LISTEN", "127.0.0.1:7002"),
+        ("VLLM_EDGE_ADMIN", "127.0.0.1:7002"),
+    ]);
+    assert!(!ok && out.contains("also a data-plane listener"), "{out}");
+}

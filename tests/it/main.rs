@@ -5,6 +5,7 @@ mod body;
 mod cli;
 mod discovery;
 mod errors;
+mod lifecycle;
 mod reload;
 mod resilience;
 mod selection;

@@ -615,7 +615,11 @@ async fn an_open_circuit_is_closed_by_a_successful_probe() {
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     let admin = gw.admin_url("/load-stats");
     let name = name_of(&flaky);
-    assert!(circuit_is(&admin, &name, "open").await, "{}", gw.log_unusual());
+    assert!(
+        circuit_is(&admin, &name, "open").await,
+        "{}",
+        gw.log_unusual()
+    );
     flaky.sim.set_faults(Faults::default());
     assert!(
         eventually(Duration::from_secs(5), || circuit_is(

@@ -66,9 +66,20 @@ impl Gateway {
     /// Replaces the configuration file and sends SIGHUP (a reload).
     pub fn reload_with(&self, text: &str) {
         std::fs::write(self.dir.path().join("gateway.yaml"), text).expect("write config");
+        self.signal(nix::sys::signal::SIGHUP);
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = self.child.id().expect("the gateway runs") as i32;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGHUP)
-            .expect("send SIGHUP");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("send a signal");
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()
+            .map(|r| r.expect("wait for the gateway"))
     }
 
     /// The gateway's log without the access lines of successful requests (for assertion
@@ -119,9 +130,14 @@ impl GatewayBuilder {
 
     pub async fn start(self) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut yaml = String::from(
-            "listeners:\n  - address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nserver:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\nbackends:\n",
-        );
+        let mut yaml =
+            String::from("listeners:\n  - address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\n");
+        if !self.extra.contains("server:") {
+            yaml.push_str(
+                "server:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n",
+            );
+        }
+        yaml.push_str("backends:\n");
         for b in &self.backends {
             yaml.push_str(b);
         }
