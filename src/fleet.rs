@@ -145,6 +145,15 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// An accepted scrape kept as a reference: when it started, the engine's count of
+/// finished requests in it, and `Backend::dispatched()` once its answer had arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct FrozenBaseline {
+    pub at: Instant,
+    pub engine_finished: f64,
+    pub dispatched_after: u64,
+}
+
 /// What was last observed about one backend.
 #[derive(Debug, Clone)]
 pub struct BackendState {
@@ -161,6 +170,8 @@ pub struct BackendState {
     /// `Backend::dispatched()` and `Backend::completed()` when that scrape started.
     pub dispatched_at_scrape: u64,
     pub completed_at_scrape: u64,
+    /// What frozen `/metrics` are detected against (see the scraper).
+    pub frozen_baseline: Option<FrozenBaseline>,
     /// The engine's batch limit (vLLM's `max_num_seqs`, which it does not export):
     /// learned as the largest `running` seen while requests were waiting.
     pub learned_max_running: Option<f64>,
@@ -192,6 +203,7 @@ impl BackendState {
             load_at: None,
             dispatched_at_scrape: 0,
             completed_at_scrape: 0,
+            frozen_baseline: None,
             learned_max_running: None,
             scrape_error: None,
             itl_s: None,
@@ -231,7 +243,9 @@ impl FleetSnapshot {
         }
         let min_itl_s = backends
             .iter()
-            .filter(|e| e.backend.health.checks_up())
+            // Only from scrapes that still succeed: a failing or frozen backend's last
+            // measurement is old, and would flatter every backend scored without one.
+            .filter(|e| e.backend.health.checks_up() && e.state.scrape_error.is_none())
             .filter_map(|e| e.state.itl_s)
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
         FleetSnapshot {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::engine_metrics::{self, SumCount};
-use crate::fleet::{Backend, BackendState, Fleet};
+use crate::fleet::{Backend, BackendState, Fleet, FrozenBaseline};
 use crate::health::HealthChecker;
 use crate::httpclient;
 use crate::openai;
@@ -22,6 +22,11 @@ use crate::openai;
 const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
 /// A real vLLM `/metrics` is about 50–60 KiB; far larger is an error, not data.
 pub const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
+/// Requests surely finished on a backend since the baseline, with its engine's request
+/// counter unchanged, after which its `/metrics` is considered frozen (its load stale).
+const FROZEN_AFTER_REQUESTS: u64 = 3;
+/// How often the frozen-metrics baseline is renewed (see `observe`).
+const FROZEN_WINDOW: Duration = Duration::from_secs(1);
 /// Weight of the newest scrape window in the smoothed latencies: a step change is mostly
 /// reflected after two windows (half a second at the default interval).
 const EWMA_NEW: f64 = 0.5;
@@ -114,9 +119,12 @@ async fn observe(
                 Ok(r) => Err(format!("status {}", r.status)),
                 Err(e) => Err(e.to_string()),
             };
-        (dispatched, completed, started, result)
+        // Every request sent after this point reached the engine after it wrote the text.
+        let dispatched_after = backend.dispatched();
+        (dispatched, completed, started, result, dispatched_after)
     };
-    let (models, (dispatched, completed, started, load)) = tokio::join!(models, metrics);
+    let (models, (dispatched, completed, started, load, dispatched_after)) =
+        tokio::join!(models, metrics);
 
     let mut state = old;
     if let Some(models) = models {
@@ -138,6 +146,27 @@ async fn observe(
             }
         }
     }
+    // A `/metrics` that parses but no longer moves (a frozen exporter, a cache in front
+    // of it) would make a busy engine look idle forever. Requests this gateway sent after
+    // a baseline scrape was written, and saw finish before this one began, must show in
+    // the engine's request counter. At least `completed − baseline.dispatched_after` such
+    // requests exist (all the others may be older ones, counted before the baseline); the
+    // baseline is renewed about every `FROZEN_WINDOW`, so under load that bound is large.
+    let load = load.and_then(|load| {
+        let (Some(b), Some(now)) = (state.frozen_baseline, load.e2e) else {
+            return Ok(load);
+        };
+        let surely_new = completed.saturating_sub(b.dispatched_after);
+        if now.count == b.engine_finished && surely_new >= FROZEN_AFTER_REQUESTS {
+            Err(format!(
+                "frozen: {surely_new} requests sent since {:.1}s ago finished, the engine's \
+                 request counter did not move",
+                b.at.elapsed().as_secs_f64()
+            ))
+        } else {
+            Ok(load)
+        }
+    });
     match load {
         Ok(load) => {
             let prev = state.load.take();
@@ -154,10 +183,23 @@ async fn observe(
                         Some(state.learned_max_running.map_or(r, |m| m.max(r)));
                 }
             }
+            let e2e_now = load.e2e;
             state.load = Some(load);
             state.load_at = Some(started);
             state.dispatched_at_scrape = dispatched;
             state.completed_at_scrape = completed;
+            if let Some(e2e) = e2e_now {
+                let renew = state.frozen_baseline.is_none_or(|b| {
+                    b.at.elapsed() >= FROZEN_WINDOW || e2e.count < b.engine_finished
+                });
+                if renew {
+                    state.frozen_baseline = Some(FrozenBaseline {
+                        at: started,
+                        engine_finished: e2e.count,
+                        dispatched_after,
+                    });
+                }
+            }
             state.scrape_error = None;
         }
         Err(e) => {

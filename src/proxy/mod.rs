@@ -553,22 +553,27 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         if session.response_written().is_some() {
-            // Part of the answer already reached the client. A stream is ended with an
-            // error event, as vLLM itself reports mid-stream failures, rather than cut
-            // silently. The response is then complete, so the client's connection stays
-            // usable: closing it would race with the client reusing it (a keep-alive
-            // client sees a well-ended response and sends its next request on it).
+            // Part of the answer already reached the client. A stream gets an error
+            // event and `[DONE]`, as vLLM itself reports mid-stream failures, rather than
+            // being cut silently. Over HTTP/2 the stream then ends cleanly. Over HTTP/1.1
+            // the body's final chunk is not sent: Pingora closes the client connection
+            // after a failed proxy whatever we answer here, and a client that saw a
+            // well-ended response would put the connection back in its pool and could
+            // send its next request into the closing socket. An unfinished body tells it
+            // not to reuse the connection; SDKs stop at the error event anyway.
             if ctx.sse && ctx.status == 200 && matches!(e.esource(), ErrorSource::Upstream) {
                 let event = ApiError::mid_stream(ctx.timed_out).stream_event();
-                if let Err(write_err) = session.write_response_body(Some(event), true).await {
-                    tracing::debug!(error = %write_err, "could not end the stream with an error event");
-                } else {
-                    ctx.stream_error_sent = true;
+                let end = session.as_downstream().is_http2();
+                match session.write_response_body(Some(event), end).await {
+                    Ok(()) => ctx.stream_error_sent = true,
+                    Err(write_err) => {
+                        tracing::debug!(error = %write_err, "could not end the stream with an error event")
+                    }
                 }
             }
             return FailToProxy {
                 error_code: 0,
-                can_reuse_downstream: ctx.stream_error_sent,
+                can_reuse_downstream: false,
             };
         }
         let err = match ctx.error.take() {
