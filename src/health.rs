@@ -15,7 +15,7 @@
 //!
 //! Also here: the [`RetryBudget`], which keeps retries a bounded fraction of requests.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -425,18 +425,22 @@ async fn probe(backend: Arc<Backend>, model: Option<String>, timeout: Duration) 
 /// Retries may not exceed `ratio` of the requests seen in the last [`RetryBudget::WINDOW`]
 /// (plus `min` retries, so a quiet gateway can still retry). A fleet that fails most
 /// requests then gets each request about once, not `max_attempts` times.
+///
+/// Lock-free: every request touches it. Concurrent retries may overshoot the budget by
+/// the few that check it at the same instant.
 #[derive(Debug)]
 pub struct RetryBudget {
-    window: Mutex<Window>,
+    /// Per-second counts, ring-indexed by the second since `origin`.
+    slots: [Slot; SLOTS],
+    origin: Instant,
 }
 
-#[derive(Debug)]
-struct Window {
-    /// Per-second (requests, retries), ring-indexed by second.
-    slots: [(u64, u64); SLOTS],
-    /// The second of `slots[newest]`, counted from `origin`.
-    newest_sec: u64,
-    origin: Instant,
+#[derive(Debug, Default)]
+struct Slot {
+    /// 1 + the second this slot counts (0: never used).
+    sec: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
 }
 
 const SLOTS: usize = 10;
@@ -452,46 +456,58 @@ impl RetryBudget {
 
     pub fn new() -> RetryBudget {
         RetryBudget {
-            window: Mutex::new(Window {
-                slots: [(0, 0); SLOTS],
-                newest_sec: 0,
-                origin: Instant::now(),
-            }),
+            slots: Default::default(),
+            origin: Instant::now(),
         }
     }
 
-    fn slot(w: &mut Window, now: Instant) -> usize {
-        let sec = now.saturating_duration_since(w.origin).as_secs();
-        if sec > w.newest_sec {
-            // Clear the seconds that passed without traffic.
-            let gap = (sec - w.newest_sec).min(SLOTS as u64);
-            for k in 1..=gap {
-                w.slots[((w.newest_sec + k) % SLOTS as u64) as usize] = (0, 0);
-            }
-            w.newest_sec = sec;
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_secs() + 1
+    }
+
+    /// The slot of `now`'s second, emptied first if it held an older second.
+    fn slot(&self, now: Instant) -> &Slot {
+        let sec = self.second(now);
+        let slot = &self.slots[(sec % SLOTS as u64) as usize];
+        let tag = slot.sec.load(Ordering::Acquire);
+        if tag != sec
+            && slot
+                .sec
+                .compare_exchange(tag, sec, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            slot.requests.store(0, Ordering::Relaxed);
+            slot.retries.store(0, Ordering::Relaxed);
         }
-        (w.newest_sec % SLOTS as u64) as usize
+        slot
     }
 
     /// Counts a new request.
     pub fn record_request(&self, now: Instant) {
-        let mut w = self.window.lock().expect("not poisoned");
-        let i = Self::slot(&mut w, now);
-        w.slots[i].0 += 1;
+        self.slot(now).requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Asks to spend one retry; counts it if allowed (`ratio` and `min` come from the
     /// running config).
     pub fn try_retry(&self, now: Instant, ratio: f64, min: u32) -> bool {
-        let mut w = self.window.lock().expect("not poisoned");
-        let i = Self::slot(&mut w, now);
-        let (requests, retries) = w
+        let current = self.slot(now);
+        let sec = self.second(now);
+        let (requests, retries) = self
             .slots
             .iter()
-            .fold((0u64, 0u64), |(a, b), s| (a + s.0, b + s.1));
+            .filter(|s| {
+                let t = s.sec.load(Ordering::Acquire);
+                t != 0 && t + (SLOTS as u64) > sec
+            })
+            .fold((0u64, 0u64), |(a, b), s| {
+                (
+                    a + s.requests.load(Ordering::Relaxed),
+                    b + s.retries.load(Ordering::Relaxed),
+                )
+            });
         let allowed = min as u64 + (ratio * requests as f64) as u64;
         if retries < allowed {
-            w.slots[i].1 += 1;
+            current.retries.fetch_add(1, Ordering::Relaxed);
             true
         } else {
             false
