@@ -624,6 +624,7 @@ impl ProxyHttp for Gateway {
             backend = ctx.backend_name(),
             status = ctx.status,
             attempts = ctx.attempts,
+            stream_error_event = ctx.stream_error_sent,
             duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
             error = e.map(|e| e.to_string()).as_deref().unwrap_or(""),
         );
