@@ -141,14 +141,7 @@ async fn reloads_under_load_drop_nothing_and_an_invalid_one_changes_nothing() {
     }
     assert_eq!(sims[1].sim.state()["requests"].as_u64().unwrap(), before);
 
-    let metrics = http1()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics_text().await;
     eprintln!(
         "reloads: 10 applied, 1 invalid rejected, {total} requests under load, {} not ok",
         bad.len()

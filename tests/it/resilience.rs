@@ -247,14 +247,7 @@ async fn a_killed_replica_loses_no_request_and_returns_within_two_health_interva
     .await;
     let (came_back, routable_again) = back.lock().unwrap().expect("the fault task finished");
     let recovery = routable_again - came_back;
-    let metrics = http1()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics_text().await;
     let retries = metric(&metrics, "vllm_edge_retries_total", "");
     let served_after = victim.sim.state()["requests"].as_u64().unwrap();
     eprintln!(
@@ -361,14 +354,7 @@ async fn a_replica_answering_503_is_never_seen_by_clients() {
     })
     .await;
     let st = backend_stats(&gw, &name_of(&victim)).await;
-    let metrics = http1()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics_text().await;
     let errors_5xx = metric(&metrics, "vllm_edge_upstream_errors_total", "kind=\"5xx\"");
     eprintln!(
         "503 replica: {REQUESTS} requests in {elapsed:?}: ok {}, failed {}, 5xx absorbed {errors_5xx}, circuit {}",
@@ -454,14 +440,7 @@ async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_counted() {
     let gw = Gateway::builder(&[&resets]).start().await;
     let (end, why) = one(&http1(), &gw.url("/v1/chat/completions"), 0, 16).await;
     assert_eq!(end, End::CutWithErrorEvent, "{why:?}");
-    let text = http1()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics_text().await;
     assert_eq!(
         metric(&text, "vllm_edge_upstream_errors_total", "kind=\"reset\""),
         1.0,

@@ -58,6 +58,18 @@ impl Gateway {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The gateway's Prometheus exposition (admin `/metrics`).
+    pub async fn metrics_text(&self) -> String {
+        http1()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The configuration file the gateway runs from.
     pub fn config_text(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.yaml")).expect("config file")
