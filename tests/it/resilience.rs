@@ -83,18 +83,7 @@ pub(crate) async fn one(
             Err(e) => (End::Failed, Some(format!("#{i}: body: {e}"))),
         };
     }
-    let mut text = String::new();
-    let mut chunks = resp.bytes_stream();
-    let mut broken = None;
-    while let Some(c) = chunks.next().await {
-        match c {
-            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
-            Err(e) => {
-                broken = Some(e.to_string());
-                break;
-            }
-        }
-    }
+    let (text, broken) = read_stream(resp).await;
     let has_error_event = text.contains("data: {\"error\"");
     let done = text.ends_with("data: [DONE]\n\n");
     match (has_error_event, done, broken) {
@@ -108,6 +97,30 @@ pub(crate) async fn one(
             )),
         ),
     }
+}
+
+/// A response body as text, read until its end or until the connection broke (then why).
+async fn read_stream(resp: reqwest::Response) -> (String, Option<String>) {
+    let mut text = String::new();
+    let mut chunks = resp.bytes_stream();
+    while let Some(c) = chunks.next().await {
+        match c {
+            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            Err(e) => return (text, Some(e.to_string())),
+        }
+    }
+    (text, None)
+}
+
+/// A gateway in front of one replica that resets every stream after three tokens.
+async fn cutting_streams_after_three_tokens() -> (SimHandle, Gateway) {
+    let resets = sim_with(&["m"], |a| a.time_scale = Some(0.05)).await;
+    resets.sim.set_faults(Faults {
+        stream_reset_after_tokens: Some(3),
+        ..Faults::default()
+    });
+    let gw = Gateway::builder(&[&resets]).start().await;
+    (resets, gw)
 }
 
 /// Runs the load loop; `at_quarter` runs (concurrently) once a quarter of the requests
@@ -432,12 +445,7 @@ async fn garbage_or_stale_metrics_degrade_to_local_accounting_without_herding() 
 
 #[tokio::test]
 async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_counted() {
-    let resets = sim_with(&["m"], |a| a.time_scale = Some(0.05)).await;
-    resets.sim.set_faults(Faults {
-        stream_reset_after_tokens: Some(3),
-        ..Faults::default()
-    });
-    let gw = Gateway::builder(&[&resets]).start().await;
+    let (_resets, gw) = cutting_streams_after_three_tokens().await;
     let (end, why) = one(&http1(), &gw.url("/v1/chat/completions"), 0, 16).await;
     assert_eq!(end, End::CutWithErrorEvent, "{why:?}");
     let text = gw.metrics_text().await;
@@ -475,19 +483,8 @@ async fn a_stream_whose_engine_hangs_is_ended_by_its_deadlines() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
-        let mut text = String::new();
-        let mut chunks = resp.bytes_stream();
-        let mut clean = true;
-        while let Some(c) = chunks.next().await {
-            match c {
-                Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
-                Err(_) => {
-                    clean = false;
-                    break;
-                }
-            }
-        }
-        assert_eq!(clean, h2, "{want}: a clean end only over HTTP/2");
+        let (text, broken) = read_stream(resp).await;
+        assert_eq!(broken.is_none(), h2, "{want}: a clean end only over HTTP/2");
         let took = t.elapsed();
         assert!(
             text.contains("GatewayTimeoutError") && text.ends_with("data: [DONE]\n\n"),
@@ -658,12 +655,7 @@ async fn an_open_circuit_is_closed_by_a_successful_probe() {
 async fn a_cut_h1_stream_ends_with_the_error_event_then_closes_its_connection() {
     use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
-    let resets = sim_with(&["m"], |a| a.time_scale = Some(0.05)).await;
-    resets.sim.set_faults(Faults {
-        stream_reset_after_tokens: Some(3),
-        ..Faults::default()
-    });
-    let gw = Gateway::builder(&[&resets]).start().await;
+    let (_resets, gw) = cutting_streams_after_three_tokens().await;
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let body = serde_json::to_vec(&chat_body("m", "hi", true)).unwrap();
     let head = format!(
