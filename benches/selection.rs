@@ -20,6 +20,7 @@ fn fleet(n: usize, now: Instant) -> FleetSnapshot {
             weight: 1.0,
             max_concurrent_requests: None,
             drain: false,
+            api_key: None,
         })
         .collect();
     let entries = Fleet::new(&cfgs)

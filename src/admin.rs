@@ -1,5 +1,6 @@
 //! The admin listener (loopback by default, separate from the data plane): `/health`,
-//! `/ready`, `/metrics` and `/load-stats`.
+//! `/ready`, `/metrics` and `/load-stats`. With `admin.token_file` set, everything but
+//! `/health` and `/ready` requires `Authorization: Bearer TOKEN`.
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::auth;
 use crate::config::Config;
 use crate::fleet::{Fleet, FleetSnapshot};
 use crate::metrics;
@@ -35,6 +37,29 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        // `/health` and `/ready` tell nothing worth a token, and probes rarely carry one.
+        if !matches!(path.as_str(), "/health" | "/ready") {
+            if let Some(token) = &self.config.load().admin_token {
+                let presented = session
+                    .req_header()
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| auth::bearer(v.as_bytes()));
+                if !presented.is_some_and(|p| token.matches(p)) {
+                    let mut r = reply(
+                        401,
+                        "application/json",
+                        b"{\"error\":\"the admin API needs its token: Authorization: Bearer TOKEN\"}"
+                            .to_vec(),
+                    );
+                    r.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer"),
+                    );
+                    return r;
+                }
+            }
+        }
         match path.as_str() {
             "/health" => reply(200, "application/json", b"{\"status\":\"ok\"}".to_vec()),
             "/ready" => {

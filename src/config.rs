@@ -10,9 +10,12 @@ use serde::{Deserialize, Deserializer};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::{ApiKeys, Secret};
 use crate::health::HealthPolicy;
+use crate::tls::{LoadedCert, TlsFiles};
 
 /// Every default in one place. The comments say what each prevents.
 pub mod defaults {
@@ -104,18 +107,41 @@ struct FileConfig {
     health: FileHealth,
     #[serde(default)]
     server: FileServer,
+    #[serde(default)]
+    auth: FileAuth,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileListener {
     address: ListenAddr,
+    /// Terminate TLS here with this certificate chain and key (PEM files).
+    #[serde(default)]
+    tls: Option<FileTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: String,
+    key: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     address: ListenAddr,
+    /// A file holding the token the admin API requires (`Authorization: Bearer`).
+    #[serde(default)]
+    token_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    /// Clients must present one of the keys in this file.
+    #[serde(default)]
+    api_keys_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +162,9 @@ struct FileBackend {
     /// No new requests; in-flight ones finish.
     #[serde(default)]
     drain: bool,
+    /// A file holding the key this backend requires (`vllm serve --api-key`).
+    #[serde(default)]
+    api_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -254,8 +283,12 @@ impl fmt::Display for Policy {
 pub struct Config {
     /// Where the file came from, for messages.
     pub source: PathBuf,
-    pub listeners: Vec<SocketAddr>,
+    pub listeners: Vec<Listener>,
     pub admin: SocketAddr,
+    /// The admin API's token; without one, the admin API is open to whoever reaches it.
+    pub admin_token: Option<Secret>,
+    /// The keys clients must present; `None` means no authentication.
+    pub api_keys: Option<Arc<ApiKeys>>,
     pub backends: Vec<BackendConfig>,
     pub policy: Policy,
     pub max_body_bytes: usize,
@@ -277,6 +310,34 @@ pub struct Config {
     pub graceful_shutdown_timeout: Duration,
 }
 
+/// A data-plane listen address, and its TLS certificate if it terminates TLS.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub files: TlsFiles,
+    /// Loaded and checked when the config was read.
+    pub cert: LoadedCert,
+}
+
+/// Two listeners are the same socket when their address and whether they speak TLS agree;
+/// a certificate can change on a reload, the socket cannot.
+impl PartialEq for Listener {
+    fn eq(&self, other: &Listener) -> bool {
+        self.addr == other.addr && self.tls.is_some() == other.tls.is_some()
+    }
+}
+
+impl Listener {
+    pub fn plain(addr: SocketAddr) -> Listener {
+        Listener { addr, tls: None }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     /// A stable, human name: the configured one, or `host:port` of the URL.
@@ -287,6 +348,8 @@ pub struct BackendConfig {
     pub weight: f64,
     pub max_concurrent_requests: Option<u32>,
     pub drain: bool,
+    /// Sent upstream as `Authorization: Bearer`, in place of the client's key.
+    pub api_key: Option<Secret>,
 }
 
 /// Limits on one attempt at a backend, besides `connect`.
@@ -369,15 +432,34 @@ impl Config {
                 })
         };
         if let Some(v) = get(ENV_LISTEN).filter(|v| !v.trim().is_empty()) {
-            self.listeners = v
+            let addrs: Vec<SocketAddr> = v
                 .split(',')
                 .map(|a| parse(ENV_LISTEN, a))
                 .collect::<Result<_, _>>()?;
+            let tls = self.listeners.iter().filter(|l| l.tls.is_some()).count();
+            if tls > 0 && addrs.len() != self.listeners.len() {
+                return Err(ConfigError::Env {
+                    var: ENV_LISTEN,
+                    message: format!(
+                        "the file's {} listeners include TLS ones; give exactly {} addresses, \
+                         which replace theirs in order and keep their TLS settings",
+                        self.listeners.len(),
+                        self.listeners.len()
+                    ),
+                });
+            }
+            if tls > 0 {
+                for (l, a) in self.listeners.iter_mut().zip(addrs) {
+                    l.addr = a;
+                }
+            } else {
+                self.listeners = addrs.into_iter().map(Listener::plain).collect();
+            }
         }
         if let Some(v) = get(ENV_ADMIN).filter(|v| !v.trim().is_empty()) {
             self.admin = parse(ENV_ADMIN, &v)?;
         }
-        if self.admin.port() != 0 && self.listeners.contains(&self.admin) {
+        if self.admin.port() != 0 && self.listeners.iter().any(|l| l.addr == self.admin) {
             return Err(ConfigError::Env {
                 var: ENV_ADMIN,
                 message: format!("{} is also a data-plane listener", self.admin),
@@ -420,26 +502,69 @@ impl Config {
             }
         };
 
-        let listeners: Vec<SocketAddr> = match file.listeners {
-            None => vec![defaults::LISTEN.parse().expect("default listen address")],
+        // Files named in the config are relative to the config file's directory.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &str| base.join(p);
+
+        let mut listeners: Vec<Listener> = Vec::new();
+        match file.listeners {
+            None => listeners.push(Listener::plain(
+                defaults::LISTEN.parse().expect("default listen address"),
+            )),
             Some(l) if l.is_empty() => {
                 return Err(invalid(
                     "listeners",
                     "at least one listener is required".into(),
                 ))
             }
-            Some(l) => l.into_iter().map(|l| l.address.0).collect(),
-        };
-        let admin = file.admin.map_or_else(
-            || {
+            Some(l) => {
+                for (i, l) in l.into_iter().enumerate() {
+                    let tls = match l.tls {
+                        None => None,
+                        Some(t) => {
+                            let files = TlsFiles {
+                                cert: resolve(&t.cert),
+                                key: resolve(&t.key),
+                            };
+                            let cert = files
+                                .load()
+                                .map_err(|m| invalid(&format!("listeners[{i}].tls"), m))?;
+                            Some(ListenerTls { files, cert })
+                        }
+                    };
+                    listeners.push(Listener {
+                        addr: l.address.0,
+                        tls,
+                    });
+                }
+            }
+        }
+        let (admin, admin_token) = match file.admin {
+            None => (
                 defaults::ADMIN_LISTEN
                     .parse()
-                    .expect("default admin address")
-            },
-            |a| a.address.0,
-        );
-        for (i, l) in listeners.iter().enumerate() {
-            if l.port() != 0 && listeners[..i].contains(l) {
+                    .expect("default admin address"),
+                None,
+            ),
+            Some(a) => {
+                let token = match a.token_file {
+                    None => None,
+                    Some(f) => Some(
+                        Secret::read(&resolve(&f)).map_err(|m| invalid("admin.token_file", m))?,
+                    ),
+                };
+                (a.address.0, token)
+            }
+        };
+        let api_keys = match file.auth.api_keys_file {
+            None => None,
+            Some(f) => Some(Arc::new(
+                ApiKeys::load(&resolve(&f)).map_err(|m| invalid("auth.api_keys_file", m))?,
+            )),
+        };
+        let listener_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
+        for (i, l) in listener_addrs.iter().enumerate() {
+            if l.port() != 0 && listener_addrs[..i].contains(l) {
                 return Err(invalid(
                     &format!("listeners[{i}].address"),
                     format!("{l} is listed twice"),
@@ -491,7 +616,15 @@ impl Config {
                     "must be at least 1".into(),
                 ));
             }
+            let api_key = match &b.api_key_file {
+                None => None,
+                Some(f) => Some(
+                    Secret::read(&resolve(f))
+                        .map_err(|m| invalid(&format!("backends[{i}].api_key_file"), m))?,
+                ),
+            };
             backends.push(BackendConfig {
+                api_key,
                 name,
                 url: b.url.url,
                 addr: b.url.addr,
@@ -589,6 +722,8 @@ impl Config {
             source: path.to_path_buf(),
             listeners,
             admin,
+            admin_token,
+            api_keys,
             backends,
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
             max_body_bytes,
@@ -875,7 +1010,10 @@ mod tests {
     #[test]
     fn the_issue_example_parses_with_defaults() {
         let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.listeners, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(
+            c.listeners,
+            vec![Listener::plain("127.0.0.1:8080".parse().unwrap())]
+        );
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.backends[1].name, "127.0.0.1:8002");
         assert_eq!(c.policy, Policy::RoundRobin);

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::auth::Secret;
 use crate::config::BackendConfig;
 use crate::engine_metrics::EngineLoad;
 use crate::health::BackendHealth;
@@ -34,6 +35,8 @@ pub struct Backend {
     /// Relative speed from the config, used until latency has been measured.
     pub weight: f64,
     pub max_concurrent_requests: Option<u32>,
+    /// Sent upstream in place of the client's key.
+    pub api_key: Option<Secret>,
     /// Whether it may be sent requests (checks, circuit breaker, draining).
     pub health: BackendHealth,
     in_flight: AtomicUsize,
@@ -59,6 +62,7 @@ impl Backend {
             static_models: cfg.static_models.clone(),
             weight: cfg.weight,
             max_concurrent_requests: cfg.max_concurrent_requests,
+            api_key: cfg.api_key.clone(),
             in_flight: AtomicUsize::new(0),
             dispatched: AtomicU64::new(0),
             completed: AtomicU64::new(0),
@@ -74,6 +78,7 @@ impl Backend {
             && self.static_models == cfg.static_models
             && self.weight == cfg.weight
             && self.max_concurrent_requests == cfg.max_concurrent_requests
+            && self.api_key == cfg.api_key
     }
 
     /// Requests this gateway has sent to the backend that have not finished.
@@ -409,6 +414,7 @@ mod tests {
             weight: 1.0,
             max_concurrent_requests: None,
             drain: false,
+            api_key: None,
         }
     }
 

@@ -378,11 +378,12 @@ impl HealthChecker {
 
 /// Checks one backend's `/health` and feeds the result to its hysteresis.
 pub async fn check(backend: Arc<Backend>, policy: HealthPolicy) {
-    let result = match httpclient::get(backend.addr, "/health", policy.timeout, 64 * 1024).await {
-        Ok(r) if r.status == 200 => Ok(()),
-        Ok(r) => Err(format!("GET /health: status {}", r.status)),
-        Err(e) => Err(format!("GET /health: {e}")),
-    };
+    let result =
+        match httpclient::get(backend.addr, "/health", None, policy.timeout, 64 * 1024).await {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) => Err(format!("GET /health: status {}", r.status)),
+            Err(e) => Err(format!("GET /health: {e}")),
+        };
     let error = result.as_ref().err().cloned();
     match backend.health.observe_check(result, &policy) {
         Some(CheckFlip::Up) => tracing::info!(backend = %backend.name, "backend is up"),
@@ -404,6 +405,7 @@ async fn probe(backend: Arc<Backend>, model: Option<String>, timeout: Duration) 
     let result = httpclient::post_json(
         backend.addr,
         "/v1/completions",
+        backend.api_key.as_ref(),
         &probe_body(&model),
         timeout,
         1024 * 1024,

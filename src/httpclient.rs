@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::Secret;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("connect: {0}")]
@@ -29,14 +31,16 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// `GET path` on `addr`, the whole exchange bounded by `timeout`.
+/// `GET path` on `addr`, the whole exchange bounded by `timeout`; `key` is sent as
+/// `Authorization: Bearer`.
 pub async fn get(
     addr: SocketAddr,
     path: &str,
+    key: Option<&Secret>,
     timeout: Duration,
     max_body: usize,
 ) -> Result<Response, FetchError> {
-    tokio::time::timeout(timeout, exchange(addr, "GET", path, None, max_body))
+    tokio::time::timeout(timeout, exchange(addr, "GET", path, key, None, max_body))
         .await
         .map_err(|_| FetchError::Timeout(timeout))?
 }
@@ -45,19 +49,24 @@ pub async fn get(
 pub async fn post_json(
     addr: SocketAddr,
     path: &str,
+    key: Option<&Secret>,
     body: &[u8],
     timeout: Duration,
     max_body: usize,
 ) -> Result<Response, FetchError> {
-    tokio::time::timeout(timeout, exchange(addr, "POST", path, Some(body), max_body))
-        .await
-        .map_err(|_| FetchError::Timeout(timeout))?
+    tokio::time::timeout(
+        timeout,
+        exchange(addr, "POST", path, key, Some(body), max_body),
+    )
+    .await
+    .map_err(|_| FetchError::Timeout(timeout))?
 }
 
 async fn exchange(
     addr: SocketAddr,
     method: &str,
     path: &str,
+    key: Option<&Secret>,
     body: Option<&[u8]>,
     max_body: usize,
 ) -> Result<Response, FetchError> {
@@ -69,6 +78,9 @@ async fn exchange(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vllm-edge\r\nAccept: */*\r\nConnection: close\r\n"
     )
     .into_bytes();
+    if let Some(k) = key {
+        req.extend_from_slice(format!("Authorization: Bearer {}\r\n", k.expose()).as_bytes());
+    }
     if let Some(b) = body {
         req.extend_from_slice(
             format!(

@@ -42,6 +42,7 @@
 //! - [`demo`]: a simulated fleet plus the gateway in one process.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod engine_metrics;
@@ -56,3 +57,4 @@ pub mod scraper;
 pub mod selection;
 pub mod server;
 pub mod sim;
+pub mod tls;

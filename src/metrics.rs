@@ -63,6 +63,24 @@ pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static AUTH_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "vllm_edge_auth_refused_total",
+        "Requests refused for their API key, by reason (missing, invalid).",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
+pub static KEY_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "vllm_edge_key_limited_total",
+        "Requests refused (429) by a key's own limits, by key name.",
+        &["key"]
+    )
+    .expect("metric registers once")
+});
+
 /// `2xx`, `4xx`, ...; `0xx` for requests that ended without a status (client gone).
 pub fn status_class(status: u16) -> &'static str {
     match status / 100 {

@@ -262,6 +262,19 @@ impl ApiError {
             ),
         )
     }
+    pub fn missing_api_key() -> Self {
+        Self::new(
+            401,
+            "AuthenticationError",
+            "No API key was provided; send it as `Authorization: Bearer KEY`.",
+        )
+    }
+    pub fn invalid_api_key() -> Self {
+        Self::new(401, "AuthenticationError", "The API key is not valid.")
+    }
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self::new(429, "RateLimitError", message)
+    }
     pub fn upstream(status: u16) -> Self {
         let (kind, msg) = match status {
             504 => ("GatewayTimeoutError", "The replica did not answer in time."),

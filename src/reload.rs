@@ -14,16 +14,23 @@ use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
 use crate::fleet::{Fleet, FleetSnapshot, Reconfigured};
+use crate::tls::CertResolver;
 use crate::{health, scraper};
 
 pub struct Reloader {
     live: Arc<ArcSwap<Config>>,
     fleet: Arc<Fleet>,
+    /// The TLS listeners' certificate resolvers, by listener index.
+    certs: Vec<Option<Arc<CertResolver>>>,
 }
 
 impl Reloader {
-    pub fn new(live: Arc<ArcSwap<Config>>, fleet: Arc<Fleet>) -> Reloader {
-        Reloader { live, fleet }
+    pub fn new(
+        live: Arc<ArcSwap<Config>>,
+        fleet: Arc<Fleet>,
+        certs: Vec<Option<Arc<CertResolver>>>,
+    ) -> Reloader {
+        Reloader { live, fleet, certs }
     }
 
     /// Reads the running config's file again and applies it. Backends that are new (or
@@ -34,6 +41,11 @@ impl Reloader {
         let cur = self.live.load_full();
         let mut new = Config::load_with_env(&cur.source)?;
         let kept = keep_restart_only(&cur, &mut new);
+        if let (Some(old), Some(keys)) = (&cur.api_keys, new.api_keys.as_mut()) {
+            Arc::get_mut(keys)
+                .expect("a freshly loaded config is not shared")
+                .adopt_counters(old);
+        }
         if !kept.is_empty() {
             tracing::warn!(keys = ?kept, "these settings changed but need a restart; the running values are kept");
         }
@@ -70,6 +82,13 @@ impl Reloader {
             }
         }
         self.fleet.store(FleetSnapshot::new(entries));
+        // Certificates are read again from their files (which may have new paths): the
+        // next handshakes use them, open connections keep theirs.
+        for (l, resolver) in new.listeners.iter().zip(&self.certs) {
+            if let (Some(tls), Some(r)) = (&l.tls, resolver) {
+                r.replace(&tls.cert);
+            }
+        }
         self.live.store(Arc::new(new));
         Ok(report)
     }

@@ -110,15 +110,21 @@ async fn observe(
         let completed = backend.completed();
         let dispatched = backend.dispatched();
         let started = Instant::now();
-        let result =
-            match httpclient::get(backend.addr, "/metrics", scrape_timeout, MAX_METRICS_BODY).await
-            {
-                Ok(r) if r.status == 200 => {
-                    engine_metrics::parse(&r.body, MAX_METRICS_BODY).map_err(|e| e.to_string())
-                }
-                Ok(r) => Err(format!("status {}", r.status)),
-                Err(e) => Err(e.to_string()),
-            };
+        let result = match httpclient::get(
+            backend.addr,
+            "/metrics",
+            None,
+            scrape_timeout,
+            MAX_METRICS_BODY,
+        )
+        .await
+        {
+            Ok(r) if r.status == 200 => {
+                engine_metrics::parse(&r.body, MAX_METRICS_BODY).map_err(|e| e.to_string())
+            }
+            Ok(r) => Err(format!("status {}", r.status)),
+            Err(e) => Err(e.to_string()),
+        };
         // Every request sent after this point reached the engine after it wrote the text.
         let dispatched_after = backend.dispatched();
         (dispatched, completed, started, result, dispatched_after)
@@ -212,9 +218,15 @@ async fn observe(
 
 /// The models a backend serves (from `/v1/models`).
 pub async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<String>, String> {
-    let resp = httpclient::get(backend.addr, "/v1/models", timeout, MAX_MODELS_BODY)
-        .await
-        .map_err(|e| format!("GET /v1/models: {e}"))?;
+    let resp = httpclient::get(
+        backend.addr,
+        "/v1/models",
+        backend.api_key.as_ref(),
+        timeout,
+        MAX_MODELS_BODY,
+    )
+    .await
+    .map_err(|e| format!("GET /v1/models: {e}"))?;
     if resp.status != 200 {
         return Err(format!("GET /v1/models: status {}", resp.status));
     }

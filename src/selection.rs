@@ -373,6 +373,7 @@ mod tests {
                 weight: 1.0,
                 max_concurrent_requests: None,
                 drain: false,
+                api_key: None,
             })
             .collect();
         let fleet = Fleet::new(&cfgs);

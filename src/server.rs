@@ -9,6 +9,7 @@
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TcpSocketOptions;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
@@ -27,6 +28,7 @@ use crate::fleet::Fleet;
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
 use crate::scraper::Scraper;
+use crate::tls::CertResolver;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -84,7 +86,7 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
     let listeners: Vec<Bound> = config
         .listeners
         .iter()
-        .map(|&a| resolve_port(a))
+        .map(|l| resolve_port(l.addr))
         .collect::<Result<_, _>>()?;
     let admin = resolve_port(config.admin)?;
 
@@ -104,7 +106,12 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
     let fleet = Fleet::new(&config.backends);
     let ready = Arc::new(AtomicBool::new(false));
     let live = Arc::new(ArcSwap::from(config.clone()));
-    if let Err(e) = Reloader::new(live.clone(), fleet.clone()).listen_for_sighup() {
+    let certs: Vec<Option<Arc<CertResolver>>> = config
+        .listeners
+        .iter()
+        .map(|l| l.tls.as_ref().map(|t| CertResolver::new(&t.cert)))
+        .collect();
+    if let Err(e) = Reloader::new(live.clone(), fleet.clone(), certs.clone()).listen_for_sighup() {
         tracing::error!(error = %e, "cannot install the SIGHUP handler: reload needs a restart");
     }
 
@@ -126,8 +133,20 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
         opts.h2c = true;
         app.server_options = Some(opts);
     }
-    for l in &listeners {
-        proxy.add_tcp_with_settings(&l.addr.to_string(), socket_options(l));
+    for (l, cert) in listeners.iter().zip(&certs) {
+        match cert {
+            None => proxy.add_tcp_with_settings(&l.addr.to_string(), socket_options(l)),
+            Some(resolver) => {
+                // TLS 1.2 and 1.3 only (Pingora's rustls acceptor allows no other), ALPN
+                // `h2` then `http/1.1`; the certificate comes from the resolver, which a
+                // reload updates.
+                let mut tls = TlsSettings::intermediate("", "")
+                    .expect("TLS settings without files cannot fail");
+                tls.set_cert_resolver(resolver.clone());
+                tls.enable_h2();
+                proxy.add_tls_with_settings(&l.addr.to_string(), Some(socket_options(l)), tls);
+            }
+        }
     }
 
     let mut admin_svc = Service::new(

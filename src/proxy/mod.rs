@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::{Denied, Permit};
 use crate::config::Config;
 use crate::fleet::{Backend, Fleet, InFlightGuard};
 use crate::health::{FailureKind, RetryBudget};
@@ -28,6 +29,9 @@ use deadline::{Limits, Watchdog};
 /// A dead pooled connection (the backend closed it while idle) is retried on the same
 /// backend at most this many times per request, without counting as a failed attempt.
 const MAX_STALE_CONNECTION_RETRIES: u32 = 2;
+
+/// Sent with a 401, as RFC 6750 asks.
+const BEARER_CHALLENGE: (&str, &str) = ("www-authenticate", "Bearer");
 
 /// How long an unwanted request body is drained after an early error answer.
 const LINGER_TIME: Duration = Duration::from_secs(5);
@@ -126,6 +130,8 @@ pub struct RequestCtx {
     /// A stream was ended with an error event.
     stream_error_sent: bool,
     status: u16,
+    /// The client's API key (when keys are required): its name, and its concurrency slot.
+    key: Option<Permit>,
 }
 
 impl RequestCtx {
@@ -168,12 +174,23 @@ async fn respond_error(
     ctx: &mut RequestCtx,
     err: &ApiError,
 ) -> Result<bool> {
+    respond_error_with(session, ctx, err, &[]).await
+}
+
+/// [`respond_error`] with extra response headers.
+async fn respond_error_with(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    err: &ApiError,
+    headers: &[(&'static str, &str)],
+) -> Result<bool> {
     ctx.status = err.status;
     let allow = match ctx.route {
         Route::MethodNotAllowed(allow) => Some(allow),
         _ => None,
     };
-    let extra: Vec<(&'static str, &str)> = allow.map(|a| ("allow", a)).into_iter().collect();
+    let mut extra: Vec<(&'static str, &str)> = allow.map(|a| ("allow", a)).into_iter().collect();
+    extra.extend_from_slice(headers);
     respond_json(session, err.status, err.body(), false, &extra).await?;
     linger(session).await;
     Ok(true)
@@ -225,12 +242,49 @@ impl ProxyHttp for Gateway {
             timed_out: false,
             stream_error_sent: false,
             status: 0,
+            key: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let header = session.req_header();
         ctx.route = openai::route(&header.method, header.uri.path());
+        if ctx.route != Route::Health {
+            if let Some(keys) = &self.config.load().api_keys {
+                let presented = header
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.as_bytes());
+                match keys.admit(presented, Instant::now()) {
+                    Ok(permit) => ctx.key = Some(permit),
+                    Err(Denied::Missing) => {
+                        crate::metrics::AUTH_REFUSED
+                            .with_label_values(&["missing"])
+                            .inc();
+                        let err = ApiError::missing_api_key();
+                        return respond_error_with(session, ctx, &err, &[BEARER_CHALLENGE]).await;
+                    }
+                    Err(Denied::Invalid) => {
+                        crate::metrics::AUTH_REFUSED
+                            .with_label_values(&["invalid"])
+                            .inc();
+                        let err = ApiError::invalid_api_key();
+                        return respond_error_with(session, ctx, &err, &[BEARER_CHALLENGE]).await;
+                    }
+                    Err(Denied::Limited {
+                        key,
+                        message,
+                        retry_after,
+                    }) => {
+                        crate::metrics::KEY_LIMITED.with_label_values(&[&key]).inc();
+                        let err = ApiError::rate_limited(message);
+                        let after = retry_after.to_string();
+                        return respond_error_with(session, ctx, &err, &[("retry-after", &after)])
+                            .await;
+                    }
+                }
+            }
+        }
         match ctx.route {
             Route::Health => {
                 ctx.status = 200;
@@ -384,6 +438,20 @@ impl ProxyHttp for Gateway {
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             req.insert_header("x-forwarded-for", addr.ip().to_string())?;
+        }
+        // The client's key is ours to check, never the replica's to see; a backend that
+        // wants a key gets its own.
+        let backend_key = ctx
+            .in_flight
+            .as_ref()
+            .and_then(|g| g.backend().api_key.clone());
+        if let Some(k) = backend_key {
+            req.insert_header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", k.expose()),
+            )?;
+        } else if ctx.key.is_some() {
+            req.remove_header(&http::header::AUTHORIZATION);
         }
         Ok(())
     }
@@ -622,6 +690,7 @@ impl ProxyHttp for Gateway {
             model = ctx.info.as_ref().map_or("-", |i| i.model.as_str()),
             stream = ctx.info.as_ref().is_some_and(|i| i.stream),
             backend = ctx.backend_name(),
+            key = ctx.key.as_ref().map_or("-", |k| k.key.as_str()),
             status = ctx.status,
             attempts = ctx.attempts,
             stream_error_event = ctx.stream_error_sent,

@@ -110,6 +110,9 @@ pub struct SimArgs {
     /// Name reported in the `x-sim-replica` header and /sim/state.
     #[arg(long)]
     pub name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1 routes, as `vllm serve --api-key` does.
+    #[arg(long)]
+    pub api_key: Option<String>,
 }
 
 fn parse_faults(s: &str) -> Result<Faults, String> {
@@ -997,6 +1000,15 @@ impl http::Handler for Sim {
         let method = req.method.as_str();
         let path = req.path.trim_end_matches('/');
         let path = if path.is_empty() { "/" } else { path };
+        if let Some(key) = &self.args.api_key {
+            let ok = req
+                .header("authorization")
+                .is_some_and(|v| v == format!("Bearer {key}"));
+            if path.starts_with("/v1") && !ok {
+                // vLLM's answer, word for word.
+                return Reply::json(401, "{\"error\":\"Unauthorized\"}");
+            }
+        }
         match (method, path) {
             ("GET" | "HEAD", "/health") => Reply::Full {
                 status: self.faults().health_status.unwrap_or(200),

@@ -4,6 +4,7 @@
 mod body;
 mod cli;
 mod discovery;
+mod edge;
 mod errors;
 mod lifecycle;
 mod reload;

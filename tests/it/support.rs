@@ -29,7 +29,10 @@ pub async fn sim(models: &[&str]) -> SimHandle {
 
 pub struct Gateway {
     child: Child,
+    /// The first listener.
     pub addr: SocketAddr,
+    /// Every listener, in the config's order.
+    pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
     dir: tempfile::TempDir,
 }
@@ -37,6 +40,8 @@ pub struct Gateway {
 pub struct GatewayBuilder {
     backends: Vec<String>,
     extra: String,
+    listeners: Option<String>,
+    files: Vec<(String, Vec<u8>)>,
 }
 
 impl Gateway {
@@ -47,7 +52,14 @@ impl Gateway {
                 .map(|s| format!("  - url: {}\n", s.url()))
                 .collect(),
             extra: String::new(),
+            listeners: None,
+            files: Vec::new(),
         }
+    }
+
+    /// A file beside the config (config paths are relative to its directory).
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -133,6 +145,18 @@ impl GatewayBuilder {
         self
     }
 
+    /// The `listeners:` section (default: one plain listener on 127.0.0.1:0).
+    pub fn listeners(mut self, yaml: &str) -> Self {
+        self.listeners = Some(yaml.to_string());
+        self
+    }
+
+    /// A file written beside the config before the gateway starts.
+    pub fn file(mut self, name: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.to_string(), contents.into()));
+        self
+    }
+
     /// Extra top-level YAML sections (routing, limits, timeouts, upstream, discovery).
     pub fn yaml(mut self, extra: &str) -> Self {
         self.extra.push_str(extra);
@@ -142,8 +166,16 @@ impl GatewayBuilder {
 
     pub async fn start(self) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut yaml =
-            String::from("listeners:\n  - address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\n");
+        for (name, contents) in &self.files {
+            std::fs::write(dir.path().join(name), contents).expect("write a file");
+        }
+        let mut yaml = self
+            .listeners
+            .clone()
+            .unwrap_or_else(|| "listeners:\n  - address: 127.0.0.1:0\n".into());
+        if !self.extra.contains("admin:") {
+            yaml.push_str("admin:\n  address: 127.0.0.1:0\n");
+        }
         if !self.extra.contains("server:") {
             yaml.push_str(
                 "server:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n",
@@ -194,9 +226,16 @@ impl GatewayBuilder {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let listeners: Vec<SocketAddr> = v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().parse().unwrap())
+            .collect();
         Gateway {
             child,
-            addr: v["listeners"][0].as_str().unwrap().parse().unwrap(),
+            addr: listeners[0],
+            listeners,
             admin: v["admin"].as_str().unwrap().parse().unwrap(),
             dir,
         }

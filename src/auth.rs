@@ -1,0 +1,444 @@
+//! API keys for the data plane, the admin token, and per-key limits.
+//!
+//! The keys file (`auth.api_keys_file`) holds one key per line; `#` starts a comment:
+//!
+//! ```text
+//! # [NAME] KEY-or-sha256:HEX [max_concurrent=N] [rpm=N]
+//! sk-team-a-0f3c9e                          # a key, named by its short hash
+//! search-bot sk-search-77d1 rpm=600         # a named key, 600 requests a minute
+//! batch sha256:9f86d081884c7d65...0f00a08   # only the key's SHA-256: the file holds no secret
+//! ```
+//!
+//! A presented key is hashed (SHA-256) and compared with every entry's hash in constant time,
+//! so neither the comparison nor the position of a match leaks through timing. Logs and
+//! metrics only ever see a key's name (by default `key:` and 8 hex digits of its hash).
+//!
+//! Limits are counted per key and survive a reload for a key that is still listed
+//! ([`ApiKeys::adopt_counters`]).
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+pub type Digest = [u8; 32];
+
+pub fn sha256(bytes: &[u8]) -> Digest {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn short_hash(d: &Digest) -> String {
+    d[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A secret read from a file (a backend's key, the admin token). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The first non-empty, non-comment line of `path`, trimmed.
+    pub fn read(path: &Path) -> Result<Secret, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        text.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| Secret(l.to_string()))
+            .ok_or_else(|| format!("{}: the file holds no secret (it is empty)", path.display()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` equals this secret, in time independent of where they differ.
+    pub fn matches(&self, presented: &str) -> bool {
+        sha256(presented.as_bytes())
+            .ct_eq(&sha256(self.0.as_bytes()))
+            .into()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header value.
+pub fn bearer(value: &[u8]) -> Option<&str> {
+    let s = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, token) = s.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyLimits {
+    pub max_concurrent: Option<u32>,
+    pub requests_per_minute: Option<u32>,
+}
+
+/// What a key has used; shared across reloads while the key stays listed.
+#[derive(Debug, Default)]
+pub struct KeyCounters {
+    in_flight: AtomicU32,
+    /// Token bucket for the per-minute limit: (tokens, when last refilled).
+    bucket: Mutex<Option<(f64, Instant)>>,
+}
+
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub name: String,
+    digest: Digest,
+    pub limits: KeyLimits,
+    counters: Arc<KeyCounters>,
+}
+
+/// The keys of one keys file.
+#[derive(Debug, Default)]
+pub struct ApiKeys {
+    entries: Vec<KeyEntry>,
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    Missing,
+    Invalid,
+    /// A limit of the named key; `retry_after` in whole seconds.
+    Limited {
+        key: String,
+        message: String,
+        retry_after: u64,
+    },
+}
+
+/// An admitted request's hold on its key's concurrency slot.
+#[derive(Debug)]
+pub struct Permit {
+    pub key: String,
+    counters: Arc<KeyCounters>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ApiKeys {
+    pub fn load(path: &Path) -> Result<ApiKeys, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        Self::parse(&text).map_err(|(line, msg)| format!("{}:{line}: {msg}", path.display()))
+    }
+
+    /// Parses a keys file; an error carries its 1-based line.
+    pub fn parse(text: &str) -> Result<ApiKeys, (usize, String)> {
+        let mut entries: Vec<KeyEntry> = Vec::new();
+        let mut lines_of: Vec<usize> = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line_no = i + 1;
+            let line = match raw.find(" #").or_else(|| raw.find("\t#")) {
+                Some(at) => &raw[..at],
+                None => raw,
+            }
+            .trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut limits = KeyLimits::default();
+            let mut words = Vec::new();
+            for w in line.split_whitespace() {
+                let num = |v: &str, what: &str| {
+                    v.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                        (
+                            line_no,
+                            format!("`{what}` must be a whole number above 0, not `{v}`"),
+                        )
+                    })
+                };
+                if let Some(v) = w.strip_prefix("max_concurrent=") {
+                    limits.max_concurrent = Some(num(v, "max_concurrent")?);
+                } else if let Some(v) = w.strip_prefix("rpm=") {
+                    limits.requests_per_minute = Some(num(v, "rpm")?);
+                } else {
+                    words.push(w);
+                }
+            }
+            let (name, key) = match words[..] {
+                [key] => (None, key),
+                [name, key] => (Some(name), key),
+                _ => {
+                    return Err((
+                        line_no,
+                        format!(
+                            "expected `[NAME] KEY [max_concurrent=N] [rpm=N]`, found {} words \
+                             besides the limits",
+                            words.len()
+                        ),
+                    ))
+                }
+            };
+            let digest = match key.strip_prefix("sha256:") {
+                Some(hex) => parse_hex_digest(hex).ok_or_else(|| {
+                    (
+                        line_no,
+                        "`sha256:` must be followed by the 64 hex digits of the key's SHA-256 \
+                         (e.g. `printf %s KEY | sha256sum`)"
+                            .to_string(),
+                    )
+                })?,
+                None => sha256(key.as_bytes()),
+            };
+            let name = name.map_or_else(|| format!("key:{}", short_hash(&digest)), str::to_string);
+            if let Some(j) = entries.iter().position(|e| e.digest == digest) {
+                return Err((
+                    line_no,
+                    format!("the same key is already on line {}", lines_of[j]),
+                ));
+            }
+            if let Some(j) = entries.iter().position(|e| e.name == name) {
+                return Err((
+                    line_no,
+                    format!("the name `{name}` is already used on line {}", lines_of[j]),
+                ));
+            }
+            entries.push(KeyEntry {
+                name,
+                digest,
+                limits,
+                counters: Arc::default(),
+            });
+            lines_of.push(line_no);
+        }
+        if entries.is_empty() {
+            return Err((
+                1,
+                "the file lists no key, so every request would be refused".into(),
+            ));
+        }
+        Ok(ApiKeys { entries })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Carries the usage of keys still listed over from the keys being replaced.
+    pub fn adopt_counters(&mut self, old: &ApiKeys) {
+        for e in &mut self.entries {
+            if let Some(o) = old.entries.iter().find(|o| o.digest == e.digest) {
+                e.counters = o.counters.clone();
+            }
+        }
+    }
+
+    /// The entry whose key is `presented`. Every entry is compared, in constant time.
+    fn find(&self, presented: &str) -> Option<&KeyEntry> {
+        let d = sha256(presented.as_bytes());
+        let mut hit = u32::MAX;
+        for (i, e) in self.entries.iter().enumerate() {
+            hit = u32::conditional_select(&hit, &(i as u32), e.digest.ct_eq(&d));
+        }
+        self.entries.get(hit as usize)
+    }
+
+    /// Admits a request carrying `authorization` (the header's value, if any), counting it
+    /// against its key's limits.
+    pub fn admit(&self, authorization: Option<&[u8]>, now: Instant) -> Result<Permit, Denied> {
+        let token = match authorization {
+            None => return Err(Denied::Missing),
+            Some(v) => bearer(v).ok_or(Denied::Invalid)?,
+        };
+        let e = self.find(token).ok_or(Denied::Invalid)?;
+        let c = &e.counters;
+        if let Some(max) = e.limits.max_concurrent {
+            if c.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
+                c.in_flight.fetch_sub(1, Ordering::Relaxed);
+                return Err(Denied::Limited {
+                    key: e.name.clone(),
+                    message: format!(
+                        "This key already has {max} requests in progress, its limit; retry when \
+                         one finishes."
+                    ),
+                    retry_after: 1,
+                });
+            }
+        } else {
+            c.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        // From here the slot is held; the permit gives it back on every path.
+        let permit = Permit {
+            key: e.name.clone(),
+            counters: c.clone(),
+        };
+        if let Some(rpm) = e.limits.requests_per_minute {
+            if let Err(wait) = take_token(c, rpm, now) {
+                return Err(Denied::Limited {
+                    key: e.name.clone(),
+                    message: format!(
+                        "This key is limited to {rpm} requests per minute; retry later."
+                    ),
+                    retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+                });
+            }
+        }
+        Ok(permit)
+    }
+}
+
+/// Takes one token from the key's bucket (`rpm` tokens at most, refilled at `rpm` a
+/// minute), or says how long until one is there.
+fn take_token(c: &KeyCounters, rpm: u32, now: Instant) -> Result<(), Duration> {
+    let cap = f64::from(rpm);
+    let per_sec = cap / 60.0;
+    let mut b = c.bucket.lock().unwrap_or_else(|p| p.into_inner());
+    let (tokens, at) = b.unwrap_or((cap, now));
+    let tokens = (tokens + now.saturating_duration_since(at).as_secs_f64() * per_sec).min(cap);
+    if tokens >= 1.0 {
+        *b = Some((tokens - 1.0, now));
+        Ok(())
+    } else {
+        *b = Some((tokens, now));
+        Err(Duration::from_secs_f64((1.0 - tokens) / per_sec))
+    }
+}
+
+fn parse_hex_digest(hex: &str) -> Option<Digest> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(d: &Digest) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn plain_named_and_hashed_keys_are_accepted() {
+        let text = format!(
+            "# comment\n\nsk-one\nbot sk-two rpm=5  # trailing comment\nbatch sha256:{} max_concurrent=2\n",
+            hex(&sha256(b"sk-three"))
+        );
+        let keys = ApiKeys::parse(&text).unwrap();
+        assert_eq!(keys.len(), 3);
+        let now = Instant::now();
+        let p = keys.admit(Some(b"Bearer sk-one"), now).unwrap();
+        assert_eq!(p.key, format!("key:{}", short_hash(&sha256(b"sk-one"))));
+        assert_eq!(
+            keys.admit(Some(b"bearer  sk-two "), now).unwrap().key,
+            "bot"
+        );
+        assert_eq!(
+            keys.admit(Some(b"Bearer sk-three"), now).unwrap().key,
+            "batch"
+        );
+        assert_eq!(
+            keys.admit(Some(b"Bearer sk-four"), now).unwrap_err(),
+            Denied::Invalid
+        );
+        assert_eq!(
+            keys.admit(Some(b"sk-one"), now).unwrap_err(),
+            Denied::Invalid
+        );
+        assert_eq!(
+            keys.admit(Some(b"Basic c2stb25l"), now).unwrap_err(),
+            Denied::Invalid
+        );
+        assert_eq!(keys.admit(None, now).unwrap_err(), Denied::Missing);
+        // The hash itself is not a key.
+        let h = format!("Bearer sha256:{}", hex(&sha256(b"sk-three")));
+        assert_eq!(
+            keys.admit(Some(h.as_bytes()), now).unwrap_err(),
+            Denied::Invalid
+        );
+    }
+
+    #[test]
+    fn bad_lines_name_their_line() {
+        let err = |t: &str| ApiKeys::parse(t).unwrap_err();
+        assert_eq!(err("a\nb c d\n").0, 2);
+        assert!(err("a\nb c d\n").1.contains("found 3 words"));
+        assert_eq!(err("k rpm=0\n").0, 1);
+        assert_eq!(err("k max_concurrent=x\n").0, 1);
+        assert_eq!(err("x sha256:12\n").0, 1);
+        let dup = err("a k1\nb k1\n");
+        assert_eq!(dup.0, 2);
+        assert!(dup.1.contains("line 1"), "{}", dup.1);
+        assert!(err("a k1\na k2\n").1.contains("`a`"));
+        assert!(err("# nothing\n").1.contains("no key"));
+    }
+
+    #[test]
+    fn concurrency_limit_frees_slots_when_permits_drop() {
+        let keys = ApiKeys::parse("k max_concurrent=2\n").unwrap();
+        let now = Instant::now();
+        let a = keys.admit(Some(b"Bearer k"), now).unwrap();
+        let _b = keys.admit(Some(b"Bearer k"), now).unwrap();
+        match keys.admit(Some(b"Bearer k"), now).unwrap_err() {
+            Denied::Limited { retry_after, .. } => assert_eq!(retry_after, 1),
+            d => panic!("{d:?}"),
+        }
+        drop(a);
+        keys.admit(Some(b"Bearer k"), now).unwrap();
+    }
+
+    #[test]
+    fn rate_limit_refills_over_time_and_survives_reload() {
+        let mut keys = ApiKeys::parse("k rpm=2\n").unwrap();
+        let t0 = Instant::now();
+        keys.admit(Some(b"Bearer k"), t0).unwrap();
+        keys.admit(Some(b"Bearer k"), t0).unwrap();
+        match keys.admit(Some(b"Bearer k"), t0).unwrap_err() {
+            Denied::Limited { retry_after, .. } => assert_eq!(retry_after, 30),
+            d => panic!("{d:?}"),
+        }
+        // A reload keeps the spent budget of a key still listed.
+        let mut reloaded = ApiKeys::parse("k rpm=2\nother\n").unwrap();
+        reloaded.adopt_counters(&keys);
+        keys = reloaded;
+        assert!(keys.admit(Some(b"Bearer k"), t0).is_err());
+        // 30 s later one request is allowed again, not two.
+        let t1 = t0 + Duration::from_secs(30);
+        keys.admit(Some(b"Bearer k"), t1).unwrap();
+        assert!(keys.admit(Some(b"Bearer k"), t1).is_err());
+        // A refused request holds no concurrency slot.
+        assert_eq!(
+            keys.entries[0].counters.in_flight.load(Ordering::Relaxed),
+            0
+        );
+    }
+
+    #[test]
+    fn secrets_compare_and_never_print() {
+        let s = Secret("tok".into());
+        assert!(s.matches("tok"));
+        assert!(!s.matches("tok2"));
+        assert_eq!(format!("{s:?}"), "Secret(…)");
+        assert_eq!(bearer(b"Bearer  abc "), Some("abc"));
+        assert_eq!(bearer(b"Bearer "), None);
+        assert_eq!(bearer(b"Token abc"), None);
+    }
+}

@@ -1,0 +1,643 @@
+//! The production edge: TLS termination (HTTP/1.1 and HTTP/2 over ALPN, certificate
+//! reload), API keys with per-key limits, the backend's own key, and the admin token.
+
+use crate::support::*;
+use futures_util::StreamExt;
+use std::time::Duration;
+
+/// A test CA and certificates it signs, made at test time.
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+/// A certificate and its key, as PEM.
+struct Leaf {
+    cert: String,
+    key: String,
+    der: Vec<u8>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        let ca = p.self_signed(&ca_key).unwrap();
+        Pki { ca, ca_key }
+    }
+
+    fn leaf(&self, names: &[&str], expired: bool) -> Leaf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+
+    fn client(&self, http1_only: bool) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.pem().as_bytes()).unwrap())
+            .tls_info(true)
+            .timeout(Duration::from_secs(30));
+        if http1_only {
+            b = b.http1_only();
+        }
+        b.build().unwrap()
+    }
+}
+
+fn tls_listener(cert: &str, key: &str) -> String {
+    format!("  - address: 127.0.0.1:0\n    tls:\n      cert: {cert}\n      key: {key}\n")
+}
+
+fn peer_cert(resp: &reqwest::Response) -> Vec<u8> {
+    resp.extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|t| t.peer_certificate())
+        .expect("a TLS response carries the peer certificate")
+        .to_vec()
+}
+
+/// The whole chain of an error, for matching on the TLS reason.
+fn chain(e: &reqwest::Error) -> String {
+    let mut out = format!("{e:?}");
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = src {
+        out.push_str(&format!(" / {s}"));
+        src = s.source();
+    }
+    out
+}
+
+#[tokio::test]
+async fn https_serves_http1_and_http2_and_streams_over_h2() {
+    let backend = sim(&["m"]).await;
+    let pki = Pki::new("main");
+    let leaf = pki.leaf(&["127.0.0.1", "localhost"], false);
+    let gw = Gateway::builder(&[&backend])
+        .file("cert.pem", leaf.cert.clone())
+        .file("key.pem", leaf.key.clone())
+        // A plain listener beside the TLS one.
+        .listeners(&format!(
+            "listeners:\n{}  - address: 127.0.0.1:0\n",
+            tls_listener("cert.pem", "key.pem")
+        ))
+        .start()
+        .await;
+    let url = |p: &str| format!("https://{}{p}", gw.listeners[0]);
+
+    // HTTP/1.1, by ALPN, and the certificate served is ours.
+    let r = pki
+        .client(true)
+        .post(url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 200, "{}", gw.log_unusual());
+    assert_eq!(peer_cert(&r), leaf.der);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+
+    // HTTP/2, negotiated by ALPN, with a stream relayed event by event.
+    let h2 = pki.client(false);
+    let r = h2
+        .post(url("/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "count"}],
+            "max_tokens": 8,
+            "ignore_eos": true,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut body = String::new();
+    let mut chunks = r.bytes_stream();
+    while let Some(c) = chunks.next().await {
+        body.push_str(std::str::from_utf8(&c.unwrap()).unwrap());
+    }
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| e.starts_with("data: "))
+        .collect();
+    // A role event, 8 tokens, a final event, [DONE].
+    assert!(events.len() >= 10, "{body}");
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let content: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e[6..]).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(!content.is_empty(), "{body}");
+
+    // Several requests multiplexed on one HTTP/2 connection.
+    let many = (0..8).map(|i| {
+        h2.post(url("/v1/completions"))
+            .json(&serde_json::json!({"model": "m", "prompt": format!("p{i}"), "max_tokens": 2}))
+            .send()
+    });
+    for r in futures::future::join_all(many).await {
+        let r = r.unwrap();
+        assert_eq!(
+            (r.version(), r.status().as_u16()),
+            (reqwest::Version::HTTP_2, 200)
+        );
+    }
+
+    // The plain listener beside it still speaks cleartext.
+    let r = http1()
+        .get(format!("http://{}/v1/models", gw.listeners[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // And the TLS port does not.
+    assert!(http1()
+        .get(format!("http://{}/v1/models", gw.listeners[0]))
+        .send()
+        .await
+        .is_err());
+
+    // A client that sends garbage instead of a ClientHello is dropped, and nobody else
+    // notices.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(gw.listeners[0])
+        .await
+        .unwrap();
+    raw.write_all(b"\x16\x03\x01\xff\xffGARBAGE GARBAGE GARBAGE\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut buf))
+        .await
+        .expect("the gateway answers garbage promptly")
+        .unwrap_or(0);
+    // Either an alert record (0x15) or a plain close; never an HTTP answer.
+    assert!(n == 0 || buf[0] == 0x15, "{:?}", &buf[..n]);
+    let r = pki
+        .client(true)
+        .get(url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn clients_reject_expired_misnamed_and_unknown_certificates() {
+    let backend = sim(&["m"]).await;
+    let pki = Pki::new("main");
+    let expired = pki.leaf(&["127.0.0.1"], true);
+    let misnamed = pki.leaf(&["example.com"], false);
+    let good = pki.leaf(&["127.0.0.1"], false);
+    let gw = Gateway::builder(&[&backend])
+        .file("expired.pem", expired.cert)
+        .file("expired.key", expired.key)
+        .file("misnamed.pem", misnamed.cert)
+        .file("misnamed.key", misnamed.key)
+        .file("good.pem", good.cert)
+        .file("good.key", good.key)
+        .listeners(&format!(
+            "listeners:\n{}{}{}",
+            tls_listener("expired.pem", "expired.key"),
+            tls_listener("misnamed.pem", "misnamed.key"),
+            tls_listener("good.pem", "good.key"),
+        ))
+        .start()
+        .await;
+    let get = |client: reqwest::Client, i: usize| {
+        let url = format!("https://{}/v1/models", gw.listeners[i]);
+        async move { client.get(url).send().await }
+    };
+    let e = get(pki.client(true), 0).await.unwrap_err();
+    assert!(
+        chain(&e).to_lowercase().contains("expired"),
+        "{}",
+        chain(&e)
+    );
+    let e = get(pki.client(true), 1).await.unwrap_err();
+    assert!(
+        chain(&e).contains("NotValidForName") || chain(&e).contains("not valid for name"),
+        "{}",
+        chain(&e)
+    );
+    let e = get(Pki::new("other").client(true), 2).await.unwrap_err();
+    assert!(chain(&e).contains("UnknownIssuer"), "{}", chain(&e));
+    // The good one works, so the failures above are the certificates' doing.
+    let r = get(pki.client(true), 2).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn certificates_reload_on_sighup_without_dropping_connections() {
+    let backend = sim(&["m"]).await;
+    let pki = Pki::new("main");
+    let first = pki.leaf(&["127.0.0.1"], false);
+    let gw = Gateway::builder(&[&backend])
+        .file("cert.pem", first.cert.clone())
+        .file("key.pem", first.key.clone())
+        .listeners(&format!(
+            "listeners:\n{}",
+            tls_listener("cert.pem", "key.pem")
+        ))
+        .start()
+        .await;
+    let url = format!("https://{}/v1/models", gw.addr);
+    let kept = pki.client(true);
+    let r = kept.get(&url).send().await.unwrap();
+    assert_eq!(peer_cert(&r), first.der);
+    r.bytes().await.unwrap();
+
+    let second = pki.leaf(&["127.0.0.1"], false);
+    std::fs::write(gw.path("cert.pem"), &second.cert).unwrap();
+    std::fs::write(gw.path("key.pem"), &second.key).unwrap();
+    gw.signal(nix::sys::signal::SIGHUP);
+    let served = || async {
+        let r = pki.client(true).get(&url).send().await.unwrap();
+        peer_cert(&r)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            served().await == second.der
+        })
+        .await,
+        "{}",
+        gw.log_unusual()
+    );
+    // The connection opened before the reload is still the same one: it still shows the
+    // certificate its handshake got.
+    let r = kept.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(peer_cert(&r), first.der);
+
+    // A broken certificate file is refused by the reload; the running one stays.
+    std::fs::write(gw.path("cert.pem"), "not a certificate").unwrap();
+    gw.signal(nix::sys::signal::SIGHUP);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            gw.log().contains("configuration not reloaded")
+        })
+        .await
+    );
+    assert!(gw.log().contains("cert.pem"), "{}", gw.log_unusual());
+    assert_eq!(served().await, second.der);
+}
+
+fn sha256_hex(s: &str) -> String {
+    vllm_edge::auth::sha256(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn api_keys_are_required_checked_and_never_forwarded_or_logged() {
+    // The replica wants its own key, which only the gateway knows.
+    let backend = sim_with(&["m"], |a| a.api_key = Some("backend-secret".into())).await;
+    let keys = format!(
+        "# team keys\nalice sk-alice-secret\nbot sha256:{}  # stored hashed\n",
+        sha256_hex("sk-bot-secret")
+    );
+    let gw = Gateway::builder(&[])
+        .backend_with(&backend.url(), "api_key_file: backend.key")
+        .file("backend.key", "# the replica's key\nbackend-secret\n")
+        .file("keys.txt", keys)
+        .yaml("auth:\n  api_keys_file: keys.txt")
+        .start()
+        .await;
+    let post = |key: Option<&str>| {
+        let mut r = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("m", "hi", false));
+        if let Some(k) = key {
+            r = r.header("authorization", k);
+        }
+        r.send()
+    };
+
+    let r = post(None).await.unwrap();
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let (status, body) = error_of(r).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["type"], "AuthenticationError");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Bearer"));
+
+    for wrong in [
+        "Bearer sk-alice-secreT",
+        "Bearer sk-alice",
+        "sk-alice-secret",
+        "Basic abc",
+    ] {
+        let (status, body) = error_of(post(Some(wrong)).await.unwrap()).await;
+        assert_eq!(status, 401, "{wrong}");
+        assert_eq!(body["error"]["message"], "The API key is not valid.");
+    }
+    // The hash in the file is not itself a key.
+    let h = format!("Bearer sha256:{}", sha256_hex("sk-bot-secret"));
+    assert_eq!(post(Some(&h)).await.unwrap().status(), 401);
+
+    // Good keys, plain and hashed, get through, with the backend's key in place of theirs.
+    for good in ["Bearer sk-alice-secret", "Bearer sk-bot-secret"] {
+        let r = post(Some(good)).await.unwrap();
+        assert_eq!(r.status(), 200, "{good}: {}", gw.log_unusual());
+    }
+    // /v1/models needs a key too; /health does not.
+    assert_eq!(
+        http1()
+            .get(gw.url("/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        http1()
+            .get(gw.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let m = gw.metrics_text().await;
+    assert!(
+        m.contains("vllm_edge_auth_refused_total{reason=\"missing\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("vllm_edge_auth_refused_total{reason=\"invalid\"} 5"),
+        "{m}"
+    );
+    // Neither keys nor their hashes reach the log or the metrics; names do.
+    let log = gw.log();
+    for secret in [
+        "sk-alice-secret",
+        "sk-bot-secret",
+        "backend-secret",
+        &sha256_hex("sk-bot-secret"),
+    ] {
+        assert!(!log.contains(secret), "{secret} leaked into the log");
+        assert!(!m.contains(secret), "{secret} leaked into the metrics");
+    }
+    assert!(
+        log.contains("key=\"alice\"") || log.contains("key=alice"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn the_clients_key_is_not_what_the_backend_sees() {
+    // The replica happens to require the very key the client holds: had the gateway
+    // forwarded the client's header, the replica would accept it.
+    let backend = sim_with(&["m"], |a| a.api_key = Some("sk-shared".into())).await;
+    let gw = Gateway::builder(&[])
+        .backend_with(&backend.url(), "models: [m]")
+        .file("keys.txt", "sk-shared\n")
+        .yaml("auth:\n  api_keys_file: keys.txt")
+        .start()
+        .await;
+    let r = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer sk-shared")
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    // Admitted by the gateway, refused by the replica, which got no key.
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (401, "{\"error\":\"Unauthorized\"}")
+    );
+}
+
+#[tokio::test]
+async fn per_key_limits_answer_429_with_retry_after() {
+    let backend = sim_with(&["m"], |a| a.time_scale = Some(1.0)).await;
+    let gw = Gateway::builder(&[&backend])
+        .file(
+            "keys.txt",
+            "limited sk-rpm rpm=2\nsolo sk-solo max_concurrent=1\nfree sk-free\n",
+        )
+        .yaml("auth:\n  api_keys_file: keys.txt")
+        .start()
+        .await;
+    let post = |key: &str, max_tokens: u32| {
+        http1()
+            .post(gw.url("/v1/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .json(&serde_json::json!({
+                "model": "m", "prompt": "x", "max_tokens": max_tokens,
+                "ignore_eos": true, "stream": true,
+            }))
+            .send()
+    };
+    for _ in 0..2 {
+        let r = post("sk-rpm", 1).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let r = post("sk-rpm", 1).await.unwrap();
+    let after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&after), "{after}");
+    let (status, body) = error_of(r).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["type"], "RateLimitError");
+    // Another key is not affected.
+    assert_eq!(post("sk-free", 1).await.unwrap().status(), 200);
+
+    // One stream at a time for `solo`: a second is refused while the first runs (at real
+    // speed, 400 tokens take seconds), and accepted once it ended.
+    let first = post("sk-solo", 400).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let mut first = first.bytes_stream();
+    first.next().await.expect("the first event").unwrap();
+    let r = post("sk-solo", 1).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    drop(first);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            post("sk-solo", 1).await.unwrap().status() == 200
+        })
+        .await,
+        "the slot came back after the stream ended: {}",
+        gw.log_unusual()
+    );
+    let m = gw.metrics_text().await;
+    assert!(
+        m.contains("vllm_edge_key_limited_total{key=\"limited\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("vllm_edge_key_limited_total{key=\"solo\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn keys_reload_on_sighup() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend])
+        .file("keys.txt", "old sk-old\n")
+        .yaml("auth:\n  api_keys_file: keys.txt")
+        .start()
+        .await;
+    let status = |key: &'static str| {
+        let url = gw.url("/v1/models");
+        async move {
+            http1()
+                .get(url)
+                .header("authorization", format!("Bearer {key}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!((status("sk-old").await, status("sk-new").await), (200, 401));
+    std::fs::write(gw.path("keys.txt"), "new sk-new\n").unwrap();
+    gw.signal(nix::sys::signal::SIGHUP);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            status("sk-new").await == 200
+        })
+        .await
+    );
+    assert_eq!(status("sk-old").await, 401);
+    // A keys file with a mistake is refused whole, naming its line.
+    std::fs::write(gw.path("keys.txt"), "new sk-new\nbroken a b c\n").unwrap();
+    gw.signal(nix::sys::signal::SIGHUP);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            gw.log().contains("keys.txt:2:")
+        })
+        .await,
+        "{}",
+        gw.log_unusual()
+    );
+    assert_eq!(status("sk-new").await, 200);
+}
+
+#[tokio::test]
+async fn admin_api_is_separate_and_token_protected() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend])
+        .file("admin.token", "admin-secret\n")
+        .yaml("admin:\n  address: 127.0.0.1:0\n  token_file: admin.token")
+        .start()
+        .await;
+    // Not on the data plane.
+    for path in ["/metrics", "/load-stats", "/ready"] {
+        let r = http1().get(gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = http1().get(gw.admin_url(path));
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.send()
+    };
+    for path in ["/metrics", "/load-stats"] {
+        assert_eq!(get(path, None).await.unwrap().status(), 401, "{path}");
+        assert_eq!(get(path, Some("admin-secreT")).await.unwrap().status(), 401);
+        let r = get(path, Some("admin-secret")).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    // Probes need no token.
+    assert_eq!(get("/health", None).await.unwrap().status(), 200);
+    assert!(!gw.log().contains("admin-secret"));
+}
+
+#[tokio::test]
+async fn check_names_the_file_and_key_of_bad_tls_and_auth_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let pki = Pki::new("check");
+    let leaf = pki.leaf(&["127.0.0.1"], false);
+    let other = pki.leaf(&["127.0.0.1"], false);
+    write("cert.pem", &leaf.cert);
+    write("other.key", &other.key);
+    write("bad-keys.txt", "a b c d\n");
+    let cases = [
+        (
+            "listeners:\n  - address: 127.0.0.1:0\n    tls:\n      cert: missing.pem\n      key: other.key\n",
+            "listeners[0].tls",
+            "missing.pem: cannot read",
+        ),
+        (
+            "listeners:\n  - address: 127.0.0.1:0\n    tls:\n      cert: cert.pem\n      key: other.key\n",
+            "listeners[0].tls",
+            "do not belong together",
+        ),
+        (
+            "auth:\n  api_keys_file: bad-keys.txt\n",
+            "auth.api_keys_file",
+            "bad-keys.txt:1:",
+        ),
+        (
+            "admin:\n  address: 127.0.0.1:0\n  token_file: nope\n",
+            "admin.token_file",
+            "cannot read",
+        ),
+    ];
+    for (i, (yaml, key, needle)) in cases.iter().enumerate() {
+        let conf = write(
+            &format!("c{i}.yaml"),
+            &format!("{yaml}backends:\n  - url: http://127.0.0.1:1\n"),
+        );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
+            .args(["check", "-c"])
+            .arg(&conf)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{yaml}");
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert!(err.contains(&format!("c{i}.yaml:")), "{err}");
+    }
+}
