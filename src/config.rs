@@ -73,6 +73,8 @@ pub mod defaults {
     /// SIGTERM waits this long for in-flight streams.
     pub const GRACE_PERIOD: Duration = Duration::from_secs(30);
     pub const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Where a running gateway hands its listening sockets to its successor (an upgrade).
+    pub const UPGRADE_SOCK: &str = "/tmp/vllm-edge-upgrade.sock";
     pub const UPSTREAM_KEEPALIVE_POOL: usize = 256;
 
     pub fn threads() -> usize {
@@ -252,6 +254,8 @@ struct FileServer {
     grace_period: Option<HumanDuration>,
     #[serde(default)]
     graceful_shutdown_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    upgrade_sock: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -308,6 +312,7 @@ pub struct Config {
     pub threads: usize,
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
+    pub upgrade_sock: PathBuf,
 }
 
 /// A data-plane listen address, and its TLS certificate if it terminates TLS.
@@ -752,6 +757,11 @@ impl Config {
                 file.server.graceful_shutdown_timeout,
                 defaults::GRACEFUL_SHUTDOWN_TIMEOUT,
             ),
+            upgrade_sock: file
+                .server
+                .upgrade_sock
+                .as_deref()
+                .map_or_else(|| PathBuf::from(defaults::UPGRADE_SOCK), resolve),
         })
     }
 

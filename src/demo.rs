@@ -104,5 +104,5 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
         admin = args.admin,
         model = args.model,
     );
-    Ok(crate::server::run(config)?)
+    Ok(crate::server::run(config, false)?)
 }

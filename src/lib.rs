@@ -49,6 +49,7 @@ pub mod engine_metrics;
 pub mod fleet;
 pub mod health;
 pub mod httpclient;
+pub mod lifecycle;
 pub mod metrics;
 pub mod openai;
 pub mod proxy;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use vllm_edge::config::Config;
-use vllm_edge::{demo, server, sim};
+use vllm_edge::{demo, lifecycle, server, sim};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +25,10 @@ enum Command {
     Run {
         #[arg(short, long, env = "VLLM_EDGE_CONFIG")]
         config: PathBuf,
+        /// Take the listening sockets over from a running gateway (see `server.upgrade_sock`;
+        /// SIGUSR2 to a running gateway starts its successor this way).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a configuration file and exit (non-zero with the file, line and key on error).
     Check {
@@ -52,6 +56,7 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    lifecycle::remember_exe();
     let cli = Cli::parse();
     init_logging();
     match cli.command {
@@ -71,7 +76,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             let c = match Config::load_with_env(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -79,7 +84,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match server::run(c) {
+            match server::run(c, upgrade) {
                 Ok(never) => match never {},
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -160,6 +160,7 @@ fn keep_restart_only(cur: &Config, new: &mut Config) -> Vec<&'static str> {
         graceful_shutdown_timeout,
         "server.graceful_shutdown_timeout"
     );
+    keep!(upgrade_sock, "server.upgrade_sock");
     keep!(keepalive_pool_size, "upstream.keepalive_pool_size");
     keep!(scrape_interval, "discovery.scrape_interval");
     keep!(scrape_timeout, "discovery.scrape_timeout");

@@ -25,6 +25,7 @@ use std::time::Duration;
 use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::fleet::Fleet;
+use crate::lifecycle::{self, Handover};
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
 use crate::scraper::Scraper;
@@ -81,7 +82,9 @@ fn socket_options(bound: &Bound) -> TcpSocketOptions {
 }
 
 /// Runs the gateway until it is told to stop; never returns.
-pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
+/// With `upgrade`, the listening sockets are taken over from a running gateway (see
+/// `crate::lifecycle`).
+pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, StartError> {
     let config = Arc::new(config);
     let listeners: Vec<Bound> = config
         .listeners
@@ -97,11 +100,27 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
         upstream_keepalive_pool_size: config.keepalive_pool_size,
         // A fail-safe only: our retry hooks decide, bounded by `max_attempts`.
         max_retries: config.max_attempts as usize + 3,
+        upgrade_sock: config.upgrade_sock.to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
     conf.daemon = false;
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    if upgrade {
+        // The config is valid: ask for the sockets (bootstrap waits for them).
+        lifecycle::ask_predecessor_to_hand_over();
+    }
     server.bootstrap();
+    if let Err(e) = lifecycle::listen_for_upgrade(Handover {
+        config: config.source.clone(),
+        listeners: listeners.iter().map(|b| b.addr).collect(),
+        admin: admin.addr,
+    }) {
+        tracing::error!(error = %e, "cannot install the SIGUSR2 handler: upgrades need a restart");
+    }
 
     let fleet = Fleet::new(&config.backends);
     let ready = Arc::new(AtomicBool::new(false));
@@ -164,6 +183,7 @@ pub fn run(config: Config) -> Result<std::convert::Infallible, StartError> {
         ReadyAnnouncer {
             listeners: listeners.iter().map(|b| b.addr).collect(),
             admin: admin.addr,
+            upgrade,
             ready,
             reservations: Mutex::new(
                 listeners
@@ -231,6 +251,8 @@ impl BackgroundService for Drainer {
 struct ReadyAnnouncer {
     listeners: Vec<SocketAddr>,
     admin: SocketAddr,
+    /// Took the sockets over from a predecessor: tell systemd this is the main process now.
+    upgrade: bool,
     ready: Arc<AtomicBool>,
     reservations: Mutex<Vec<socket2::Socket>>,
 }
@@ -261,11 +283,17 @@ impl BackgroundService for ReadyAnnouncer {
             "event": "ready",
             "listeners": self.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "admin": self.admin.to_string(),
+            "pid": std::process::id(),
         });
         let mut out = std::io::stdout().lock();
         if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
             // Nobody reads our stdout (closed pipe): the log line below still says it.
             tracing::debug!(error = %e, "cannot print the ready line");
+        }
+        if self.upgrade {
+            lifecycle::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        } else {
+            lifecycle::notify_systemd("READY=1");
         }
         tracing::info!(listeners = ?self.listeners, admin = %self.admin, "ready");
     }

@@ -21,6 +21,7 @@ use crate::auth::{Denied, Permit};
 use crate::config::Config;
 use crate::fleet::{Backend, Fleet, InFlightGuard};
 use crate::health::{FailureKind, RetryBudget};
+use crate::lifecycle;
 use crate::openai::{self, ApiError, Route, RoutingInfo};
 use crate::selection::{self, NoCandidate, Selector};
 use body::BodyError;
@@ -157,6 +158,9 @@ async fn respond_json(
         resp.insert_header(*k, *v)?;
     }
     if keepalive {
+        if lifecycle::handing_over() {
+            session.set_keepalive(None);
+        }
         session.write_response_header(Box::new(resp), false).await?;
         let head = session.req_header().method == http::Method::HEAD;
         session
@@ -504,10 +508,15 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if lifecycle::handing_over() {
+            // A successor has the listening sockets: send HTTP/1.1 clients there for
+            // their next request.
+            session.set_keepalive(None);
+        }
         if ctx.in_flight.is_some() {
             resp.insert_header("x-vllm-edge-backend", ctx.backend_name())?;
         }

@@ -35,6 +35,8 @@ pub struct Gateway {
     pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
     dir: tempfile::TempDir,
+    /// Every line the gateway (and any successor it started) printed on stdout.
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 pub struct GatewayBuilder {
@@ -42,6 +44,7 @@ pub struct GatewayBuilder {
     extra: String,
     listeners: Option<String>,
     files: Vec<(String, Vec<u8>)>,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -54,6 +57,7 @@ impl Gateway {
             extra: String::new(),
             listeners: None,
             files: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -118,6 +122,22 @@ impl Gateway {
             .collect()
     }
 
+    /// The pids of the "ready" lines printed so far: the gateway's, then its successors'.
+    pub fn ready_pids(&self) -> Vec<u32> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "ready")
+            .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
+            .collect()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The gateway's log so far (for assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
@@ -127,6 +147,15 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        // Successors (upgrades) are not our children: kill them by pid.
+        for pid in self.ready_pids() {
+            if Some(pid) != self.child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 
@@ -148,6 +177,12 @@ impl GatewayBuilder {
     /// The `listeners:` section (default: one plain listener on 127.0.0.1:0).
     pub fn listeners(mut self, yaml: &str) -> Self {
         self.listeners = Some(yaml.to_string());
+        self
+    }
+
+    /// An environment variable of the gateway process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -200,6 +235,7 @@ impl GatewayBuilder {
             .arg("-c")
             .arg(&conf)
             .env("RUST_LOG", "info,pingora_core=warn,pingora_proxy=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -224,8 +260,14 @@ impl GatewayBuilder {
             Ok(Some(v)) => v,
             _ => panic!("gateway did not become ready; its log:\n{}", log()),
         };
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(vec![v.to_string()]));
         // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let kept = stdout.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = lines.next_line().await {
+                kept.lock().unwrap().push(l);
+            }
+        });
         let listeners: Vec<SocketAddr> = v["listeners"]
             .as_array()
             .unwrap()
@@ -238,6 +280,7 @@ impl GatewayBuilder {
             listeners,
             admin: v["admin"].as_str().unwrap().parse().unwrap(),
             dir,
+            stdout,
         }
     }
 }
