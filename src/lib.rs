@@ -1,8 +1,10 @@
 //! vllm-edge: a vLLM-aware OpenAI gateway on Pingora.
 //!
 //! ```text
-//!  client ──h1/h2c──▶ proxy::Gateway (Pingora ProxyHttp)
-//!                       request_filter: openai::route → local answers (/health, /v1/models)
+//!  client ──h1/h2c, or TLS (tls::CertResolver) with h2/http1.1 by ALPN──▶
+//!                     proxy::Gateway (Pingora ProxyHttp)
+//!                       request_filter: openai::route; auth::ApiKeys::admit (401/429)
+//!                                       → local answers (/health, /v1/models)
 //!                                       or proxy::body::read_full_body (capped, replayable)
 //!                                       → openai::inspect → RoutingInfo {model, stream, ...}
 //!                       upstream_peer:  selection::Selector::best(fleet.load(), request,
@@ -20,7 +22,10 @@
 //!              backend, parsed by engine_metrics ──▶ Fleet (ArcSwap snapshot)
 //!              health::HealthChecker ── /health of every backend (hysteresis), probes
 //!              of open circuits ──▶ Backend::health (atomics)
-//!  SIGHUP: reload::Reloader ── config file ──▶ live Config (ArcSwap) + Fleet backends
+//!  SIGHUP: reload::Reloader ── config file, certificates, keys ──▶ live Config
+//!          (ArcSwap) + Fleet backends + listeners' certificates
+//!  SIGUSR2: lifecycle ── starts the new binary, which takes the listening sockets over
+//!           Pingora's upgrade socket (SIGQUIT to the old process)
 //!  admin listener: admin::AdminApp (/health /ready /metrics /load-stats)
 //! ```
 //!
@@ -37,6 +42,9 @@
 //! - [`proxy`]: the data plane;
 //! - [`admin`], [`metrics`]: the admin listener and the gateway's metrics;
 //! - [`reload`]: SIGHUP re-reads and swaps the configuration;
+//! - [`auth`]: API keys, per-key limits, secrets (admin token, backend keys);
+//! - [`tls`]: listener certificates, replaced on reload;
+//! - [`lifecycle`]: zero-downtime binary upgrade, systemd notifications;
 //! - [`server`]: wiring the Pingora server from a `Config`;
 //! - [`sim`]: the simulated vLLM server;
 //! - [`demo`]: a simulated fleet plus the gateway in one process.
