@@ -21,6 +21,7 @@ fn fleet(n: usize, now: Instant) -> FleetSnapshot {
             max_concurrent_requests: None,
             drain: false,
             api_key: None,
+            tls: None,
         })
         .collect();
     let entries = Fleet::new(&cfgs)

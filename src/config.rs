@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::auth::{ApiKeys, Secret};
 use crate::health::HealthPolicy;
-use crate::tls::{LoadedCert, TlsFiles};
+use crate::tls::{client_config, BackendTls, LoadedCert, TlsFiles};
 
 /// Every default in one place. The comments say what each prevents.
 pub mod defaults {
@@ -167,6 +167,9 @@ struct FileBackend {
     /// A file holding the key this backend requires (`vllm serve --api-key`).
     #[serde(default)]
     api_key_file: Option<String>,
+    /// `https://` backends: verify the certificate (default true).
+    #[serde(default)]
+    tls_verify: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +216,9 @@ struct FileUpstream {
     retry_budget: Option<f64>,
     #[serde(default)]
     retry_budget_min: Option<u32>,
+    /// CA certificates (PEM) that `https://` backends' certificates are checked against.
+    #[serde(default)]
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -304,6 +310,8 @@ pub struct Config {
     pub retry_budget_ratio: f64,
     pub retry_budget_min: u32,
     pub keepalive_pool_size: usize,
+    /// CA certificates for `https://` backends; `None`: the system's.
+    pub upstream_ca_file: Option<PathBuf>,
     pub health: HealthPolicy,
     pub scrape_interval: Duration,
     pub scrape_timeout: Duration,
@@ -355,6 +363,8 @@ pub struct BackendConfig {
     pub drain: bool,
     /// Sent upstream as `Authorization: Bearer`, in place of the client's key.
     pub api_key: Option<Secret>,
+    /// For `https://` backends.
+    pub tls: Option<BackendTls>,
 }
 
 /// Limits on one attempt at a backend, besides `connect`.
@@ -589,6 +599,13 @@ impl Config {
                 "at least one backend is required (e.g. `- url: http://127.0.0.1:8000`)".into(),
             ));
         }
+        let upstream_ca_file = file.upstream.ca_file.as_deref().map(resolve);
+        if let Some(p) = &upstream_ca_file {
+            // Checked even with no https:// backend yet: a reload may add one.
+            client_config(Some(p), true).map_err(|m| invalid("upstream.ca_file", m))?;
+        }
+        // Built once per config, and only if some backend speaks TLS.
+        let mut tls_clients: [Option<Arc<rustls::ClientConfig>>; 2] = [None, None];
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(file.backends.len());
         for (i, b) in file.backends.into_iter().enumerate() {
             let name = b.name.unwrap_or_else(|| b.url.addr.to_string());
@@ -628,7 +645,37 @@ impl Config {
                         .map_err(|m| invalid(&format!("backends[{i}].api_key_file"), m))?,
                 ),
             };
+            let tls = match &b.url.tls_host {
+                None => {
+                    if b.tls_verify.is_some() {
+                        return Err(invalid(
+                            &format!("backends[{i}].tls_verify"),
+                            "only https:// backends speak TLS".into(),
+                        ));
+                    }
+                    None
+                }
+                Some(host) => {
+                    let verify = b.tls_verify.unwrap_or(true);
+                    let slot = &mut tls_clients[usize::from(verify)];
+                    let client = match slot {
+                        Some(c) => c.clone(),
+                        None => {
+                            let c = client_config(upstream_ca_file.as_deref(), verify)
+                                .map_err(|m| invalid("upstream.ca_file", m))?;
+                            *slot = Some(c.clone());
+                            c
+                        }
+                    };
+                    Some(BackendTls {
+                        sni: host.clone(),
+                        verify,
+                        client,
+                    })
+                }
+            };
             backends.push(BackendConfig {
+                tls,
                 api_key,
                 name,
                 url: b.url.url,
@@ -743,6 +790,7 @@ impl Config {
                 .retry_budget_min
                 .unwrap_or(defaults::RETRY_BUDGET_MIN),
             health,
+            upstream_ca_file,
             keepalive_pool_size: file
                 .upstream
                 .keepalive_pool_size
@@ -859,12 +907,14 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
-/// A backend URL `http://HOST:PORT` with an optional trailing `/`. Host names are resolved
-/// once, at load time, so the request path never does DNS.
+/// A backend URL `http://HOST:PORT` or `https://HOST:PORT` with an optional trailing `/`.
+/// Host names are resolved once, at load time, so the request path never does DNS.
 #[derive(Debug)]
 struct BackendUrl {
     url: String,
     addr: SocketAddr,
+    /// For `https://`: the host name (SNI, certificate check).
+    tls_host: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for BackendUrl {
@@ -875,15 +925,13 @@ impl<'de> Deserialize<'de> for BackendUrl {
 }
 
 fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
-    let rest = if let Some(rest) = s.strip_prefix("http://") {
-        rest
-    } else if s.starts_with("https://") {
-        return Err(format!(
-            "`{s}`: https:// backends are not supported yet; use http://"
-        ));
+    let (scheme, rest, default_port) = if let Some(rest) = s.strip_prefix("http://") {
+        ("http", rest, 80)
+    } else if let Some(rest) = s.strip_prefix("https://") {
+        ("https", rest, 443)
     } else {
         return Err(format!(
-            "`{s}` must start with http:// (e.g. http://127.0.0.1:8000)"
+            "`{s}` must start with http:// or https:// (e.g. http://127.0.0.1:8000)"
         ));
     };
     let hostport = rest.trim_end_matches('/');
@@ -899,16 +947,23 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
     {
         hostport.to_string()
     } else {
-        format!("{hostport}:80")
+        format!("{hostport}:{default_port}")
     };
     let addr = with_port
         .to_socket_addrs()
         .map_err(|e| format!("`{s}`: cannot resolve `{hostport}`: {e}"))?
         .next()
         .ok_or_else(|| format!("`{s}`: `{hostport}` resolves to no address"))?;
+    let host = with_port
+        .rsplit_once(':')
+        .map_or(with_port.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     Ok(BackendUrl {
-        url: format!("http://{hostport}"),
+        url: format!("{scheme}://{hostport}"),
         addr,
+        tls_host: (scheme == "https").then_some(host),
     })
 }
 
@@ -1093,6 +1148,23 @@ mod tests {
         );
         assert!(parse_backend_url("127.0.0.1:8000").is_err());
         assert!(parse_backend_url("http://127.0.0.1:8000/v1").is_err());
+        let https = parse_backend_url("https://localhost").unwrap();
+        assert_eq!(https.addr.port(), 443);
+        assert_eq!(https.tls_host.as_deref(), Some("localhost"));
+        assert_eq!(https.url, "https://localhost");
+        let v6 = parse_backend_url("https://[::1]:8443").unwrap();
+        assert_eq!(v6.tls_host.as_deref(), Some("::1"));
+        assert_eq!(
+            parse_backend_url("http://127.0.0.1:1").unwrap().tls_host,
+            None
+        );
+        let e = parse("backends:\n  - url: http://127.0.0.1:1\n    tls_verify: false\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backends[0].tls_verify") && e.contains("https"),
+            "{e}"
+        );
         assert_eq!(parse_size("32MiB").unwrap(), 32 << 20);
         assert_eq!(parse_size("1000").unwrap(), 1000);
         assert!(parse_size("-1").is_err());

@@ -16,6 +16,7 @@ use crate::auth::Secret;
 use crate::config::BackendConfig;
 use crate::engine_metrics::EngineLoad;
 use crate::health::BackendHealth;
+use crate::tls::BackendTls;
 
 /// The oldest scrape start still fresh at `now` (`None`: every scrape is, because the
 /// process is younger than `stale_after`).
@@ -37,6 +38,8 @@ pub struct Backend {
     pub max_concurrent_requests: Option<u32>,
     /// Sent upstream in place of the client's key.
     pub api_key: Option<Secret>,
+    /// For `https://` backends.
+    pub tls: Option<BackendTls>,
     /// Whether it may be sent requests (checks, circuit breaker, draining).
     pub health: BackendHealth,
     in_flight: AtomicUsize,
@@ -63,6 +66,7 @@ impl Backend {
             weight: cfg.weight,
             max_concurrent_requests: cfg.max_concurrent_requests,
             api_key: cfg.api_key.clone(),
+            tls: cfg.tls.clone(),
             in_flight: AtomicUsize::new(0),
             dispatched: AtomicU64::new(0),
             completed: AtomicU64::new(0),
@@ -79,6 +83,7 @@ impl Backend {
             && self.weight == cfg.weight
             && self.max_concurrent_requests == cfg.max_concurrent_requests
             && self.api_key == cfg.api_key
+            && self.tls == cfg.tls
     }
 
     /// Requests this gateway has sent to the backend that have not finished.
@@ -415,6 +420,7 @@ mod tests {
             max_concurrent_requests: None,
             drain: false,
             api_key: None,
+            tls: None,
         }
     }
 

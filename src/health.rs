@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::fleet::{Backend, Fleet};
-use crate::httpclient;
+use crate::httpclient::{self, Target};
 
 /// Why a request's attempt counts against its backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,7 +379,7 @@ impl HealthChecker {
 /// Checks one backend's `/health` and feeds the result to its hysteresis.
 pub async fn check(backend: Arc<Backend>, policy: HealthPolicy) {
     let result =
-        match httpclient::get(backend.addr, "/health", None, policy.timeout, 64 * 1024).await {
+        match httpclient::get(Target::of(&backend), "/health", policy.timeout, 64 * 1024).await {
             Ok(r) if r.status == 200 => Ok(()),
             Ok(r) => Err(format!("GET /health: status {}", r.status)),
             Err(e) => Err(format!("GET /health: {e}")),
@@ -403,9 +403,8 @@ async fn probe(backend: Arc<Backend>, model: Option<String>, timeout: Duration) 
         return;
     };
     let result = httpclient::post_json(
-        backend.addr,
+        Target::of(&backend),
         "/v1/completions",
-        backend.api_key.as_ref(),
         &probe_body(&model),
         timeout,
         1024 * 1024,

@@ -10,11 +10,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::Secret;
+use crate::fleet::Backend;
+use crate::tls::BackendTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("i/o: {0}")]
@@ -31,51 +35,91 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// `GET path` on `addr`, the whole exchange bounded by `timeout`; `key` is sent as
-/// `Authorization: Bearer`.
+/// Where a request goes: an address, over TLS for `https://` backends, with the backend's
+/// key (`Authorization: Bearer`) if it has one.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub addr: SocketAddr,
+    pub key: Option<&'a Secret>,
+    pub tls: Option<&'a BackendTls>,
+}
+
+impl<'a> Target<'a> {
+    pub fn of(b: &'a Backend) -> Target<'a> {
+        Target {
+            addr: b.addr,
+            key: b.api_key.as_ref(),
+            tls: b.tls.as_ref(),
+        }
+    }
+}
+
+/// `GET path` on `target`, the whole exchange bounded by `timeout`.
 pub async fn get(
-    addr: SocketAddr,
+    target: Target<'_>,
     path: &str,
-    key: Option<&Secret>,
     timeout: Duration,
     max_body: usize,
 ) -> Result<Response, FetchError> {
-    tokio::time::timeout(timeout, exchange(addr, "GET", path, key, None, max_body))
+    tokio::time::timeout(timeout, exchange(target, "GET", path, None, max_body))
         .await
         .map_err(|_| FetchError::Timeout(timeout))?
 }
 
-/// `POST path` on `addr` with a JSON body, the whole exchange bounded by `timeout`.
+/// `POST path` on `target` with a JSON body, the whole exchange bounded by `timeout`.
 pub async fn post_json(
-    addr: SocketAddr,
+    target: Target<'_>,
     path: &str,
-    key: Option<&Secret>,
     body: &[u8],
     timeout: Duration,
     max_body: usize,
 ) -> Result<Response, FetchError> {
     tokio::time::timeout(
         timeout,
-        exchange(addr, "POST", path, key, Some(body), max_body),
+        exchange(target, "POST", path, Some(body), max_body),
     )
     .await
     .map_err(|_| FetchError::Timeout(timeout))?
 }
 
 async fn exchange(
-    addr: SocketAddr,
+    target: Target<'_>,
     method: &str,
     path: &str,
-    key: Option<&Secret>,
     body: Option<&[u8]>,
     max_body: usize,
 ) -> Result<Response, FetchError> {
-    let mut stream = TcpStream::connect(addr)
+    let addr = target.addr;
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(FetchError::Connect)?;
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let Some(tls) = target.tls else {
+        let host = addr.to_string();
+        return talk(tcp, &host, target.key, method, path, body, max_body).await;
+    };
+    let name = rustls::pki_types::ServerName::try_from(tls.sni.clone())
+        .map_err(|e| FetchError::Tls(format!("`{}` is not a server name: {e}", tls.sni)))?;
+    let stream = tokio_rustls::TlsConnector::from(tls.client.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| FetchError::Tls(e.to_string()))?;
+    let host = format!("{}:{}", tls.sni, addr.port());
+    talk(stream, &host, target.key, method, path, body, max_body).await
+}
+
+/// One request and its response over an open connection.
+async fn talk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    host: &str,
+    key: Option<&Secret>,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    max_body: usize,
+) -> Result<Response, FetchError> {
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vllm-edge\r\nAccept: */*\r\nConnection: close\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vllm-edge\r\nAccept: */*\r\nConnection: close\r\n"
     )
     .into_bytes();
     if let Some(k) = key {
@@ -177,8 +221,8 @@ fn framing_of(headers: &[httparse::Header]) -> Result<Framing, FetchError> {
     Ok(Framing::Close)
 }
 
-async fn read_chunked(
-    stream: &mut TcpStream,
+async fn read_chunked<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
     mut buf: BytesMut,
     max_body: usize,
 ) -> Result<Bytes, FetchError> {

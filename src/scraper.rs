@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::engine_metrics::{self, SumCount};
 use crate::fleet::{Backend, BackendState, Fleet, FrozenBaseline};
 use crate::health::HealthChecker;
-use crate::httpclient;
+use crate::httpclient::{self, Target};
 use crate::openai;
 
 /// A `/v1/models` answer above this is not a model list.
@@ -111,9 +111,8 @@ async fn observe(
         let dispatched = backend.dispatched();
         let started = Instant::now();
         let result = match httpclient::get(
-            backend.addr,
+            Target::of(&backend),
             "/metrics",
-            None,
             scrape_timeout,
             MAX_METRICS_BODY,
         )
@@ -218,15 +217,9 @@ async fn observe(
 
 /// The models a backend serves (from `/v1/models`).
 pub async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<String>, String> {
-    let resp = httpclient::get(
-        backend.addr,
-        "/v1/models",
-        backend.api_key.as_ref(),
-        timeout,
-        MAX_MODELS_BODY,
-    )
-    .await
-    .map_err(|e| format!("GET /v1/models: {e}"))?;
+    let resp = httpclient::get(Target::of(backend), "/v1/models", timeout, MAX_MODELS_BODY)
+        .await
+        .map_err(|e| format!("GET /v1/models: {e}"))?;
     if resp.status != 200 {
         return Err(format!("GET /v1/models: status {}", resp.status));
     }

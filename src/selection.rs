@@ -374,6 +374,7 @@ mod tests {
                 max_concurrent_requests: None,
                 drain: false,
                 api_key: None,
+                tls: None,
             })
             .collect();
         let fleet = Fleet::new(&cfgs);

@@ -101,6 +101,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
         // A fail-safe only: our retry hooks decide, bounded by `max_attempts`.
         max_retries: config.max_attempts as usize + 3,
         upgrade_sock: config.upgrade_sock.to_string_lossy().into_owned(),
+        // Pingora's connector trusts these for https:// backends (else the system's roots).
+        ca_file: config
+            .upstream_ca_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
         ..ServerConf::default()
     };
     conf.daemon = false;

@@ -1,9 +1,13 @@
-//! TLS termination on the data-plane listeners: a certificate chain and key loaded from PEM
-//! files, served through a resolver whose certificate a reload replaces without touching
-//! the listening socket or the connections already open.
+//! TLS on both sides.
 //!
-//! The protocol versions (TLS 1.2 and 1.3 only) and ALPN (`h2`, then `http/1.1`) are set
-//! where the listener is built (`server`); this module owns the key material.
+//! Listeners: a certificate chain and key loaded from PEM files, served through a resolver
+//! whose certificate a reload replaces without touching the listening socket or the
+//! connections already open. The protocol versions (TLS 1.2 and 1.3 only) and ALPN (`h2`,
+//! then `http/1.1`) are set where the listener is built (`server`).
+//!
+//! Backends (`https://` URLs): the client configuration the gateway's own background
+//! requests use ([`BackendTls`]); proxied requests go through Pingora's connector, given
+//! the same CA file (`upstream.ca_file`) and verification setting.
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -109,5 +113,118 @@ impl CertResolver {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
+    }
+}
+
+/// How the gateway speaks TLS to one `https://` backend.
+#[derive(Clone)]
+pub struct BackendTls {
+    /// The URL's host name: sent as SNI and checked against the certificate.
+    pub sni: String,
+    /// Whether the backend's certificate is verified (`backends[].tls_verify`).
+    pub verify: bool,
+    /// For the background requests (health, discovery, metrics, probes).
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendTls")
+            .field("sni", &self.sni)
+            .field("verify", &self.verify)
+            .finish()
+    }
+}
+
+/// The CA file is the same for every backend and needs a restart to change, so two
+/// settings are the same when their name and verification agree.
+impl PartialEq for BackendTls {
+    fn eq(&self, other: &BackendTls) -> bool {
+        self.sni == other.sni && self.verify == other.verify
+    }
+}
+
+/// The client configuration for backends: trusting `ca_file` if given, else the system's
+/// roots (as Pingora's connector does); without `verify`, trusting any certificate.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    verify: bool,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| format!("TLS client: {e}"))?;
+    let config = if verify {
+        let mut roots = rustls::RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                for c in read_certs(path)? {
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+                }
+            }
+            None => {
+                for c in rustls_native_certs::load_native_certs().unwrap_or_default() {
+                    let _ = roots.add(c);
+                }
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// `tls_verify: false`: the connection is encrypted, but the backend is not authenticated.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -400,7 +400,15 @@ impl ProxyHttp for Gateway {
         ctx.watchdog = None;
         ctx.got_body = false;
 
-        let mut peer = HttpPeer::new(backend.addr, false, String::new());
+        let mut peer = match &backend.tls {
+            None => HttpPeer::new(backend.addr, false, String::new()),
+            Some(tls) => {
+                let mut p = HttpPeer::new(backend.addr, true, tls.sni.clone());
+                p.options.verify_cert = tls.verify;
+                p.options.verify_hostname = tls.verify;
+                p
+            }
+        };
         let o = &mut peer.options;
         o.connection_timeout = Some(cfg.connect_timeout);
         o.total_connection_timeout = Some(cfg.connect_timeout);

@@ -651,3 +651,89 @@ async fn check_names_the_file_and_key_of_bad_tls_and_auth_settings() {
         assert!(err.contains(&format!("c{i}.yaml:")), "{err}");
     }
 }
+
+#[tokio::test]
+async fn https_backends_are_verified_against_the_configured_ca() {
+    // The "replica" speaking TLS: a gateway with a TLS listener in front of a sim.
+    let backend = sim(&["m"]).await;
+    let pki = Pki::new("upstream");
+    let leaf = pki.leaf(&["127.0.0.1"], false);
+    let front = Gateway::builder(&[&backend])
+        .file("cert.pem", leaf.cert)
+        .file("key.pem", leaf.key)
+        .listeners(&format!(
+            "listeners:\n{}",
+            tls_listener("cert.pem", "key.pem")
+        ))
+        .start()
+        .await;
+    let https = format!("https://{}", front.addr);
+
+    // Trusting the CA: models are discovered and requests proxied, both over TLS.
+    let gw = Gateway::builder(&[])
+        .backend_url(&https)
+        .file("ca.pem", pki.ca.pem())
+        .yaml("upstream:\n  ca_file: ca.pem")
+        .start()
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            models(&gw).await == vec!["m".to_string()]
+        })
+        .await,
+        "{}",
+        gw.log_unusual()
+    );
+    let r = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("m", "over tls", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", gw.log_unusual());
+    assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+
+    // Trusting another CA: the certificate is refused (the health checks take the backend
+    // out at once), no request gets through, and a backend without verification
+    // (`tls_verify: false`) works.
+    let other = Pki::new("other");
+    let strict = Gateway::builder(&[])
+        .backend_with(&https, "models: [m]\nname: verified")
+        .backend_with(
+            &https.replace("127.0.0.1", "localhost"),
+            "models: [n]\nname: unverified\ntls_verify: false",
+        )
+        .file("ca.pem", other.ca.pem())
+        .yaml("upstream:\n  ca_file: ca.pem")
+        .start()
+        .await;
+    let (status, _) = error_of(
+        http1()
+            .post(strict.url("/v1/chat/completions"))
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(status == 502 || status == 503, "{status}");
+    assert!(
+        strict.log().contains("UnknownIssuer") || strict.log().contains("invalid peer certificate"),
+        "{}",
+        strict.log_unusual()
+    );
+    // `n` is not served by the front gateway, so the replica's own 404 proves the request
+    // went through TLS to it.
+    let r = http1()
+        .post(strict.url("/v1/chat/completions"))
+        .json(&chat_body("n", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(r).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("`n`"),
+        "{body}"
+    );
+}
