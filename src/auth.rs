@@ -96,7 +96,7 @@ pub struct KeyCounters {
 
 #[derive(Debug)]
 pub struct KeyEntry {
-    pub name: String,
+    pub name: Arc<str>,
     digest: Digest,
     pub limits: KeyLimits,
     counters: Arc<KeyCounters>,
@@ -124,7 +124,8 @@ pub enum Denied {
 /// An admitted request's hold on its key's concurrency slot.
 #[derive(Debug)]
 pub struct Permit {
-    pub key: String,
+    /// The key's name (shared, so admitting a request allocates nothing).
+    pub key: Arc<str>,
     counters: Arc<KeyCounters>,
 }
 
@@ -206,14 +207,14 @@ impl ApiKeys {
                     format!("the same key is already on line {}", lines_of[j]),
                 ));
             }
-            if let Some(j) = entries.iter().position(|e| e.name == name) {
+            if let Some(j) = entries.iter().position(|e| *e.name == *name) {
                 return Err((
                     line_no,
                     format!("the name `{name}` is already used on line {}", lines_of[j]),
                 ));
             }
             entries.push(KeyEntry {
-                name,
+                name: name.into(),
                 digest,
                 limits,
                 counters: Arc::default(),
@@ -269,7 +270,7 @@ impl ApiKeys {
             if c.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
                 c.in_flight.fetch_sub(1, Ordering::Relaxed);
                 return Err(Denied::Limited {
-                    key: e.name.clone(),
+                    key: e.name.to_string(),
                     message: format!(
                         "This key already has {max} requests in progress, its limit; retry when \
                          one finishes."
@@ -288,7 +289,7 @@ impl ApiKeys {
         if let Some(rpm) = e.limits.requests_per_minute {
             if let Err(wait) = take_token(c, rpm, now) {
                 return Err(Denied::Limited {
-                    key: e.name.clone(),
+                    key: e.name.to_string(),
                     message: format!(
                         "This key is limited to {rpm} requests per minute; retry later."
                     ),
@@ -346,13 +347,13 @@ mod tests {
         assert_eq!(keys.len(), 3);
         let now = Instant::now();
         let p = keys.admit(Some(b"Bearer sk-one"), now).unwrap();
-        assert_eq!(p.key, format!("key:{}", short_hash(&sha256(b"sk-one"))));
+        assert_eq!(&*p.key, format!("key:{}", short_hash(&sha256(b"sk-one"))));
         assert_eq!(
-            keys.admit(Some(b"bearer  sk-two "), now).unwrap().key,
+            &*keys.admit(Some(b"bearer  sk-two "), now).unwrap().key,
             "bot"
         );
         assert_eq!(
-            keys.admit(Some(b"Bearer sk-three"), now).unwrap().key,
+            &*keys.admit(Some(b"Bearer sk-three"), now).unwrap().key,
             "batch"
         );
         assert_eq!(

@@ -456,7 +456,7 @@ impl ProxyHttp for Gateway {
         let backend_key = ctx
             .in_flight
             .as_ref()
-            .and_then(|g| g.backend().api_key.clone());
+            .and_then(|g| g.backend().api_key.as_ref());
         if let Some(k) = backend_key {
             req.insert_header(
                 http::header::AUTHORIZATION,
@@ -707,7 +707,7 @@ impl ProxyHttp for Gateway {
             model = ctx.info.as_ref().map_or("-", |i| i.model.as_str()),
             stream = ctx.info.as_ref().is_some_and(|i| i.stream),
             backend = ctx.backend_name(),
-            key = ctx.key.as_ref().map_or("-", |k| k.key.as_str()),
+            key = ctx.key.as_ref().map_or("-", |k| &*k.key),
             status = ctx.status,
             attempts = ctx.attempts,
             stream_error_event = ctx.stream_error_sent,
