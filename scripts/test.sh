@@ -17,3 +17,13 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev
   "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
 fi
 "$venv/bin/python" tests/e2e/openai_sdk.py target/debug/vllm-edge
+
+# The live dashboard in headless Chromium against the demo under load (skipped, loudly,
+# only where Chromium cannot be installed).
+status=0
+bash scripts/dashboard-check.sh target/debug/vllm-edge target/dashboard.png || status=$?
+case $status in
+  0) ;;
+  3) echo "test.sh: dashboard check SKIPPED: chromium cannot be installed here" >&2 ;;
+  *) exit "$status" ;;
+esac

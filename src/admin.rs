@@ -1,15 +1,20 @@
 //! The admin listener (loopback by default, separate from the data plane): `/health`,
-//! `/ready`, `/metrics` and `/load-stats`. With `admin.token_file` set, everything but
-//! `/health` and `/ready` requires `Authorization: Bearer TOKEN`.
+//! `/ready`, `/metrics`, `/load-stats` and `/dashboard`. With `admin.token_file` set,
+//! everything but `/health`, `/ready` and the dashboard's page requires
+//! `Authorization: Bearer TOKEN`. The page holds no data: it asks for the token and sends
+//! it with its own `/load-stats` requests.
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::auth;
 use crate::config::Config;
@@ -17,11 +22,115 @@ use crate::fleet::{Fleet, FleetSnapshot};
 use crate::metrics;
 use crate::selection;
 
+/// The live dashboard: one self-contained page (no external assets) that polls
+/// `/load-stats`.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
 pub struct AdminApp {
     pub config: Arc<ArcSwap<Config>>,
     pub fleet: Arc<Fleet>,
     /// Set once every listener accepts connections.
     pub ready: Arc<AtomicBool>,
+    pub history: Arc<History>,
+}
+
+/// Samples kept for the dashboard's sparklines (one a second): a page opened now shows
+/// the last minute and a half at once.
+pub const HISTORY_SAMPLES: usize = 90;
+pub const HISTORY_PERIOD: Duration = Duration::from_secs(1);
+
+/// One second of the fleet, as the dashboard draws it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sample {
+    /// Unix time, ms.
+    pub t_ms: u64,
+    pub requests_total: u64,
+    pub errors_5xx_total: u64,
+    pub backends: Vec<BackendSample>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendSample {
+    pub name: String,
+    pub running: Option<f64>,
+    pub waiting: Option<f64>,
+    pub kv_usage: Option<f64>,
+    pub in_flight: usize,
+    pub requests_total: u64,
+}
+
+/// The recent samples, oldest first (`GET /load-stats?history=1`).
+#[derive(Debug, Default)]
+pub struct History {
+    samples: Mutex<VecDeque<Sample>>,
+}
+
+impl History {
+    pub fn record(&self, config: &Config, snap: &FleetSnapshot) {
+        let now = Instant::now();
+        let fresh = crate::fleet::fresh_since(now, config.stale_after());
+        let answered = metrics::sums_by(&metrics::REQUESTS, "backend");
+        let by_class = metrics::sums_by(&metrics::REQUESTS, "status_class");
+        let sample = Sample {
+            t_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            requests_total: by_class.values().sum(),
+            errors_5xx_total: by_class.get("5xx").copied().unwrap_or(0),
+            backends: snap
+                .backends
+                .iter()
+                .map(|e| {
+                    let l = e.state.fresh_load(fresh);
+                    BackendSample {
+                        name: e.backend.name.clone(),
+                        running: l.and_then(|l| l.running),
+                        waiting: l.and_then(|l| l.waiting),
+                        kv_usage: l.and_then(|l| l.kv_usage),
+                        in_flight: e.backend.in_flight(),
+                        requests_total: answered.get(&e.backend.name).copied().unwrap_or(0),
+                    }
+                })
+                .collect(),
+        };
+        let mut samples = self.samples.lock().expect("not poisoned");
+        if samples.len() == HISTORY_SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    pub fn samples(&self) -> Vec<Sample> {
+        self.samples
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Records a [`History`] sample every [`HISTORY_PERIOD`].
+pub struct HistorySampler {
+    pub config: Arc<ArcSwap<Config>>,
+    pub fleet: Arc<Fleet>,
+    pub history: Arc<History>,
+}
+
+#[async_trait]
+impl BackgroundService for HistorySampler {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(HISTORY_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() { return; }
+                }
+                _ = tick.tick() => self.history.record(&self.config.load(), &self.fleet.load()),
+            }
+        }
+    }
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -38,7 +147,7 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         // `/health` and `/ready` tell nothing worth a token, and probes rarely carry one.
-        if !matches!(path.as_str(), "/health" | "/ready") {
+        if !matches!(path.as_str(), "/health" | "/ready" | "/dashboard") {
             if let Some(token) = &self.config.load().admin_token {
                 let presented = session
                     .req_header()
@@ -78,9 +187,22 @@ impl ServeHttp for AdminApp {
                     body.into_bytes(),
                 )
             }
-            "/metrics" => reply(200, "text/plain; version=0.0.4", metrics::render()),
+            "/dashboard" => reply(
+                200,
+                "text/html; charset=utf-8",
+                DASHBOARD.as_bytes().to_vec(),
+            ),
+            "/metrics" => reply(
+                200,
+                "text/plain; version=0.0.4",
+                metrics::render(&self.fleet.load(), self.config.load().stale_after()),
+            ),
             "/load-stats" => {
-                let v = load_stats(&self.config.load(), &self.fleet.load(), Instant::now());
+                let mut v = load_stats(&self.config.load(), &self.fleet.load(), Instant::now());
+                let query = session.req_header().uri.query().unwrap_or("");
+                if query.split('&').any(|p| p == "history=1") {
+                    v["history"] = serde_json::to_value(self.history.samples()).unwrap_or_default();
+                }
                 reply(
                     200,
                     "application/json",
@@ -113,6 +235,9 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
         max_tokens: Some(256),
     };
     let default_itl = snap.min_itl_s.unwrap_or(selection::DEFAULT_ITL_S);
+    let answered = metrics::sums_by(&metrics::REQUESTS, "backend");
+    let failed = metrics::sums_by(&metrics::UPSTREAM_ERRORS, "backend");
+    let by_class = metrics::sums_by(&metrics::REQUESTS, "status_class");
     let (mut running, mut waiting, mut in_flight, mut kv_sum, mut kv_n, mut healthy) =
         (0.0, 0.0, 0usize, 0.0, 0usize, 0usize);
     let backends: Vec<serde_json::Value> = snap
@@ -167,6 +292,8 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
                 "waiting": fresh.and_then(|l| l.waiting),
                 "kv_usage": kv,
                 "in_flight": b.in_flight(),
+                "requests_total": answered.get(&b.name).copied().unwrap_or(0),
+                "upstream_errors_total": failed.get(&b.name).copied().unwrap_or(0),
                 "dispatched_since_scrape": b.dispatched().saturating_sub(st.dispatched_at_scrape),
                 "capacity": {
                     "kv_tokens": load.and_then(|l| l.kv_capacity_tokens),
@@ -195,6 +322,10 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
     json!({
         "policy": config.policy.to_string(),
         "scrape_interval_ms": config.scrape_interval.as_millis() as u64,
+        "requests": {
+            "total": by_class.values().sum::<u64>(),
+            "by_status_class": by_class,
+        },
         "fleet": {
             "backends": snap.backends.len(),
             "healthy": healthy,

@@ -111,6 +111,17 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     auth: FileAuth,
+    #[serde(default)]
+    log: FileLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    #[serde(default)]
+    format: Option<LogFormat>,
+    #[serde(default)]
+    access: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,15 +289,32 @@ pub enum Policy {
     Vllm,
 }
 
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Policy::RoundRobin => "round-robin",
             Policy::LeastRequest => "least-request",
             Policy::PowerOfTwo => "power-of-two",
             Policy::Vllm => "vllm",
-        })
+        }
     }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How log lines are written (`log.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, fields at the top level (for log shippers).
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -321,6 +349,9 @@ pub struct Config {
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
     pub upgrade_sock: PathBuf,
+    pub log_format: LogFormat,
+    /// Write one access-log line per request (target `access`).
+    pub access_log: bool,
 }
 
 /// A data-plane listen address, and its TLS certificate if it terminates TLS.
@@ -810,6 +841,8 @@ impl Config {
                 .upgrade_sock
                 .as_deref()
                 .map_or_else(|| PathBuf::from(defaults::UPGRADE_SOCK), resolve),
+            log_format: file.log.format.unwrap_or_default(),
+            access_log: file.log.access.unwrap_or(true),
         })
     }
 

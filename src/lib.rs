@@ -26,7 +26,8 @@
 //!          (ArcSwap) + Fleet backends + listeners' certificates
 //!  SIGUSR2: lifecycle ── starts the new binary, which takes the listening sockets over
 //!           Pingora's upgrade socket (SIGQUIT to the old process)
-//!  admin listener: admin::AdminApp (/health /ready /metrics /load-stats)
+//!  admin listener: admin::AdminApp (/health /ready /metrics /load-stats /dashboard),
+//!                  admin::HistorySampler (the dashboard's last 90 s)
 //! ```
 //!
 //! Modules, one concept each:
@@ -47,7 +48,8 @@
 //! - [`lifecycle`]: zero-downtime binary upgrade, systemd notifications;
 //! - [`server`]: wiring the Pingora server from a `Config`;
 //! - [`sim`]: the simulated vLLM server;
-//! - [`demo`]: a simulated fleet plus the gateway in one process.
+//! - [`demo`]: a simulated fleet plus the gateway in one process;
+//! - [`top`]: `vllm-edge top`, the fleet live in a terminal.
 
 pub mod admin;
 pub mod auth;
@@ -67,3 +69,4 @@ pub mod selection;
 pub mod server;
 pub mod sim;
 pub mod tls;
+pub mod top;

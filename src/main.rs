@@ -4,8 +4,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vllm_edge::config::Config;
-use vllm_edge::{demo, lifecycle, server, sim};
+use vllm_edge::config::{Config, LogFormat};
+use vllm_edge::{demo, lifecycle, server, sim, top};
 
 #[derive(Parser)]
 #[command(
@@ -39,26 +39,39 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run one simulated vLLM server.
     Sim(Box<sim::SimArgs>),
+    /// Watch a running gateway's fleet live in the terminal (from its admin /load-stats).
+    Top(top::TopArgs),
 }
 
-/// The log filter: VLLM_EDGE_LOG, else RUST_LOG, else info (Pingora's own at warn).
-fn init_logging() {
+/// The log filter: VLLM_EDGE_LOG, else RUST_LOG, else info (Pingora's own at warn); the
+/// line format from the config's `log.format`.
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VLLM_EDGE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
         });
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
     lifecycle::remember_exe();
     let cli = Cli::parse();
-    init_logging();
+    if !matches!(cli.command, Command::Run { .. }) {
+        init_logging(LogFormat::Text);
+    }
     match cli.command {
         Command::Check { config } => match Config::load_with_env(&config) {
             Ok(c) => {
@@ -84,6 +97,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            init_logging(c.log_format);
             match server::run(c, upgrade) {
                 Ok(never) => match never {},
                 Err(e) => {
@@ -94,6 +108,13 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => match demo::run(args) {
             Ok(never) => match never {},
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Top(args) => match top::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE

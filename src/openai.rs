@@ -84,6 +84,15 @@ pub struct RoutingInfo {
     pub prompt_bytes: usize,
     /// `max_completion_tokens` if given, else `max_tokens`.
     pub max_tokens: Option<u64>,
+    /// The response will carry a `usage` object: every non-streaming answer, and streams
+    /// that asked for it (`stream_options.include_usage`).
+    pub usage_reported: bool,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +105,8 @@ struct Probe<'a> {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
     #[serde(borrow, default)]
     messages: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -120,9 +131,15 @@ pub fn inspect(body: &[u8]) -> Result<RoutingInfo, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let probe: Probe = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
-        let param = ["model", "stream", "max_tokens", "max_completion_tokens"]
-            .into_iter()
-            .find(|f| *f == field);
+        let param = [
+            "model",
+            "stream",
+            "max_tokens",
+            "max_completion_tokens",
+            "stream_options",
+        ]
+        .into_iter()
+        .find(|f| field.split(['.', '[']).next() == Some(*f));
         let inner = e.into_inner();
         let what = if inner.is_data() {
             "The request body has a field of the wrong type"
@@ -165,11 +182,17 @@ pub fn inspect(body: &[u8]) -> Result<RoutingInfo, ApiError> {
     .flatten()
     .map(|r| r.get().len())
     .sum();
+    let stream = probe.stream.unwrap_or(false);
+    let include_usage = probe
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
     Ok(RoutingInfo {
         model,
-        stream: probe.stream.unwrap_or(false),
+        stream,
         prompt_bytes,
         max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
+        usage_reported: !stream || include_usage,
     })
 }
 
@@ -364,6 +387,65 @@ pub fn parse_models(body: &[u8]) -> Result<Vec<String>, String> {
     Ok(list.data.into_iter().map(|e| e.id).collect())
 }
 
+/// Token counts from a response's `usage` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+/// How much of a response's end is kept to find its `usage`: vLLM writes it last (the
+/// final stream event before `[DONE]`, or near the end of the JSON object), followed by a
+/// few hundred bytes at most.
+const USAGE_TAIL_BYTES: usize = 2048;
+
+/// The last bytes of a response body, from which its `usage` is read at the end. Kept
+/// as the response passes, so the body is never buffered whole.
+#[derive(Debug, Default)]
+pub struct UsageTail {
+    buf: Vec<u8>,
+}
+
+impl UsageTail {
+    pub fn push(&mut self, chunk: &[u8]) {
+        if chunk.len() >= USAGE_TAIL_BYTES {
+            self.buf.clear();
+            self.buf
+                .extend_from_slice(&chunk[chunk.len() - USAGE_TAIL_BYTES..]);
+            return;
+        }
+        let excess = (self.buf.len() + chunk.len()).saturating_sub(USAGE_TAIL_BYTES);
+        self.buf.drain(..excess);
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The last `"usage": {...}` object in the tail. Inside JSON strings a quote is
+    /// always escaped, so generated text cannot fake the key.
+    pub fn usage(&self) -> Option<Usage> {
+        const KEY: &[u8] = b"\"usage\"";
+        let buf = &self.buf[..];
+        let mut end = buf.len();
+        while let Some(at) = buf[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+            end = at;
+            let rest = &buf[at + KEY.len()..];
+            let Some(colon) = rest.iter().position(|b| !b.is_ascii_whitespace()) else {
+                continue;
+            };
+            if rest[colon] != b':' {
+                continue;
+            }
+            let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..])
+                .into_iter::<Option<Usage>>();
+            if let Some(Ok(Some(u))) = values.next() {
+                return Some(u);
+            }
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,5 +527,74 @@ mod tests {
         );
         let text = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
         assert_eq!(parse_models(&text).unwrap(), vec!["tiny-llama".to_string()]);
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = format!(
+            "{}/../shared/fixtures/vllm-0.32/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    fn tail_of(body: &[u8], chunk: usize) -> UsageTail {
+        let mut t = UsageTail::default();
+        for c in body.chunks(chunk) {
+            t.push(c);
+        }
+        t
+    }
+
+    #[test]
+    fn usage_is_read_from_the_end_of_real_responses_in_any_chunking() {
+        let usage = |p, c| {
+            Some(Usage {
+                prompt_tokens: p,
+                completion_tokens: c,
+            })
+        };
+        for chunk in [1, 7, 100, 4096, 1 << 20] {
+            let stream = fixture("chat-stream.sse.txt");
+            assert_eq!(
+                tail_of(&stream, chunk).usage(),
+                usage(14, 8),
+                "chunk {chunk}"
+            );
+            let pretty = fixture("chat-completion.json");
+            assert_eq!(
+                tail_of(&pretty, chunk).usage(),
+                usage(41, 24),
+                "chunk {chunk}"
+            );
+            let compact =
+                fixture("completion-prompt-plus-max-tokens-over-limit-is-clamped.http.txt");
+            assert_eq!(
+                tail_of(&compact, chunk).usage(),
+                usage(1881, 167),
+                "chunk {chunk}"
+            );
+            // A stream that did not ask for usage has none.
+            let none = fixture("completion-stream.sse.txt");
+            assert_eq!(tail_of(&none, chunk).usage(), None, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn generated_text_cannot_fake_usage() {
+        let body =
+            br#"{"choices":[{"text":"say \"usage\": {\"prompt_tokens\": 9}"}],"usage":null}"#;
+        assert_eq!(tail_of(body, 5).usage(), None);
+        // A null usage after a real one (continuous stats end) keeps the real one.
+        let body = br#"data: {"usage":{"prompt_tokens":3,"completion_tokens":4}}
+
+data: {"usage":null}
+"#;
+        assert_eq!(
+            tail_of(body, 3).usage(),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
     }
 }

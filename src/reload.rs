@@ -161,6 +161,7 @@ fn keep_restart_only(cur: &Config, new: &mut Config) -> Vec<&'static str> {
         "server.graceful_shutdown_timeout"
     );
     keep!(upgrade_sock, "server.upgrade_sock");
+    keep!(log_format, "log.format");
     keep!(upstream_ca_file, "upstream.ca_file");
     keep!(keepalive_pool_size, "upstream.keepalive_pool_size");
     keep!(scrape_interval, "discovery.scrape_interval");

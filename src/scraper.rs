@@ -126,6 +126,9 @@ async fn observe(
         };
         // Every request sent after this point reached the engine after it wrote the text.
         let dispatched_after = backend.dispatched();
+        crate::metrics::SCRAPE_DURATION
+            .with_label_values(&[&backend.name])
+            .observe(started.elapsed().as_secs_f64());
         (dispatched, completed, started, result, dispatched_after)
     };
     let (models, (dispatched, completed, started, load, dispatched_after)) =
@@ -208,6 +211,9 @@ async fn observe(
             state.scrape_error = None;
         }
         Err(e) => {
+            crate::metrics::SCRAPE_ERRORS
+                .with_label_values(&[&backend.name])
+                .inc();
             // The last load is kept but ages: once stale it is no longer used.
             state.scrape_error = Some(format!("GET /metrics: {e}"));
         }

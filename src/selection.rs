@@ -25,6 +25,61 @@ pub enum NoCandidate {
     Unavailable,
 }
 
+/// Why a backend was picked: the access log's `chosen_by` and the `reason` label of
+/// `vllm_edge_selections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// It was the only healthy, untried backend serving the model.
+    OnlyCandidate,
+    /// `round-robin`: its turn.
+    Rotation,
+    /// `least-request`: fewest requests in flight from this gateway.
+    FewestInFlight,
+    /// `power-of-two`: the less busy of two random picks.
+    TwoChoices,
+    /// `vllm`: the lowest estimated wait, from a fresh scrape of its engine.
+    LowestScore,
+    /// `vllm`: the lowest estimate, but its scrape is stale or failing, so the estimate
+    /// rests on this gateway's own accounting.
+    LocalEstimate,
+    /// Every backend's circuit was open: picked anyway rather than refusing.
+    OpenCircuitFallback,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 7] = [
+        Reason::OnlyCandidate,
+        Reason::Rotation,
+        Reason::FewestInFlight,
+        Reason::TwoChoices,
+        Reason::LowestScore,
+        Reason::LocalEstimate,
+        Reason::OpenCircuitFallback,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::OnlyCandidate => "only_candidate",
+            Reason::Rotation => "rotation",
+            Reason::FewestInFlight => "fewest_in_flight",
+            Reason::TwoChoices => "two_choices",
+            Reason::LowestScore => "lowest_score",
+            Reason::LocalEstimate => "local_estimate",
+            Reason::OpenCircuitFallback => "open_circuit_fallback",
+        }
+    }
+}
+
+/// The backend [`Selector::best`] picked, and why.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Choice {
+    /// Index in the snapshot.
+    pub index: usize,
+    pub reason: Reason,
+    /// The `vllm` policy's estimate for it, in seconds.
+    pub score_s: Option<f64>,
+}
+
 /// Whether backend `i` may be picked. Strictly: checks pass, not draining, circuit
 /// closed. When no backend of a model is strictly routable, the open circuits are ignored:
 /// a fleet-wide slowdown that opened every circuit must degrade service, not stop it.
@@ -281,7 +336,7 @@ impl Selector {
         req: &Request,
         tried: &[usize],
         now: Instant,
-    ) -> Result<usize, NoCandidate> {
+    ) -> Result<Choice, NoCandidate> {
         let serving = snap.serving(req.model).ok_or(NoCandidate::UnknownModel)?;
         let strict = serving
             .iter()
@@ -290,34 +345,67 @@ impl Selector {
             .iter()
             .copied()
             .filter(|&i| routable(snap, i, strict) && !tried.contains(&i));
-        let best = match policy {
+        let fresh = fresh_since(now, self.stale_after);
+        // (best index, its score, how many were eligible)
+        let (index, score, n) = match policy {
             Policy::Vllm => {
                 let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
-                let fresh = fresh_since(now, self.stale_after);
                 // Strictly lower wins: ties keep configuration order, as in `candidates`.
-                eligible
-                    .map(|i| {
-                        let score = vllm_score(&snap.backends[i], req, fresh, default_itl);
-                        (score, i)
-                    })
-                    .fold(None, |best: Option<(f64, usize)>, (s, i)| match best {
-                        Some((b, _)) if b <= s => best,
-                        _ => Some((s, i)),
-                    })
-                    .map(|(_, i)| i)
+                let (best, n) = eligible
+                    .map(|i| (vllm_score(&snap.backends[i], req, fresh, default_itl), i))
+                    .fold(
+                        (None, 0),
+                        |(best, n): (Option<(f64, usize)>, usize), (s, i)| {
+                            let best = match best {
+                                Some((b, _)) if b <= s => best,
+                                _ => Some((s, i)),
+                            };
+                            (best, n + 1)
+                        },
+                    );
+                let (s, i) = best.ok_or(NoCandidate::Unavailable)?;
+                (i, Some(s), n)
             }
-            Policy::LeastRequest => eligible
-                .map(|i| (snap.backends[i].backend.in_flight(), i))
-                .fold(None, |best: Option<(usize, usize)>, (l, i)| match best {
-                    Some((b, _)) if b <= l => best,
-                    _ => Some((l, i)),
-                })
-                .map(|(_, i)| i),
+            Policy::LeastRequest => {
+                let (best, n) = eligible
+                    .map(|i| (snap.backends[i].backend.in_flight(), i))
+                    .fold(
+                        (None, 0),
+                        |(best, n): (Option<(usize, usize)>, usize), (l, i)| {
+                            let best = match best {
+                                Some((b, _)) if b <= l => best,
+                                _ => Some((l, i)),
+                            };
+                            (best, n + 1)
+                        },
+                    );
+                (best.ok_or(NoCandidate::Unavailable)?.1, None, n)
+            }
             Policy::RoundRobin | Policy::PowerOfTwo => {
-                return self.candidates(policy, snap, req, tried, now).map(|c| c[0]);
+                let c = self.candidates(policy, snap, req, tried, now)?;
+                (c[0], None, c.len())
             }
         };
-        best.ok_or(NoCandidate::Unavailable)
+        let reason = if !strict {
+            Reason::OpenCircuitFallback
+        } else if n == 1 {
+            Reason::OnlyCandidate
+        } else {
+            match policy {
+                Policy::RoundRobin => Reason::Rotation,
+                Policy::LeastRequest => Reason::FewestInFlight,
+                Policy::PowerOfTwo => Reason::TwoChoices,
+                Policy::Vllm if snap.backends[index].state.fresh_load(fresh).is_some() => {
+                    Reason::LowestScore
+                }
+                Policy::Vllm => Reason::LocalEstimate,
+            }
+        };
+        Ok(Choice {
+            index,
+            reason,
+            score_s: score,
+        })
     }
 
     fn cursor(&self, model: &str) -> Arc<AtomicUsize> {
@@ -411,6 +499,51 @@ mod tests {
         e.state.itl_s = Some(itl);
         e.state.e2e_s = Some(itl * 200.0);
         FleetSnapshot::new(entries)
+    }
+
+    #[test]
+    fn the_reason_says_why_a_backend_was_picked() {
+        let now = Instant::now();
+        let sel = Selector::new(STALE);
+        let mut snap = snapshot(&[true, true, true]);
+        snap = scraped(snap, 0, 250.0, 80.0, 0.97, 0.05, now);
+        snap = scraped(snap, 1, 200.0, 40.0, 0.95, 0.05, now);
+        snap = scraped(snap, 2, 0.0, 0.0, 0.0, 0.02, now - 10 * STALE);
+        let reason = |snap: &FleetSnapshot, p: Policy, tried: &[usize]| {
+            sel.best(p, snap, &req(), tried, now).unwrap()
+        };
+        let c = reason(&snap, Policy::Vllm, &[2]);
+        assert_eq!((c.index, c.reason), (1, Reason::LowestScore));
+        assert!(c.score_s.is_some_and(|s| s > 0.0));
+        // The idle-looking backend 2 is stale: if it wins, the log must say so.
+        let c = reason(&snap, Policy::Vllm, &[]);
+        assert_eq!((c.index, c.reason), (2, Reason::LocalEstimate));
+        assert_eq!(
+            reason(&snap, Policy::Vllm, &[0, 2]).reason,
+            Reason::OnlyCandidate
+        );
+        assert_eq!(
+            reason(&snap, Policy::RoundRobin, &[]).reason,
+            Reason::Rotation
+        );
+        assert_eq!(
+            reason(&snap, Policy::LeastRequest, &[]).reason,
+            Reason::FewestInFlight
+        );
+        assert_eq!(
+            reason(&snap, Policy::PowerOfTwo, &[]).reason,
+            Reason::TwoChoices
+        );
+        for e in &snap.backends {
+            for _ in 0..3 {
+                e.backend
+                    .health
+                    .record_failure(crate::health::FailureKind::Connect, 3, now);
+            }
+        }
+        let c = reason(&snap, Policy::LeastRequest, &[]);
+        assert_eq!(c.reason, Reason::OpenCircuitFallback);
+        assert_eq!(c.score_s, None);
     }
 
     #[test]
@@ -609,7 +742,7 @@ mod tests {
                 let tried: Vec<usize> = (0..n).filter(|&i| tried_mask[i]).collect();
                 let want: Vec<usize> = (0..n).filter(|&i| healthy[i] && !tried_mask[i]).collect();
                 let sel = Selector::new(STALE);
-                let best = sel.best(policy, &snap, &req(), &tried, now);
+                let best = sel.best(policy, &snap, &req(), &tried, now).map(|c| c.index);
                 match sel.candidates(policy, &snap, &req(), &tried, now) {
                     Ok(mut got) => {
                         if matches!(policy, Policy::Vllm | Policy::LeastRequest) {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::admin::AdminApp;
+use crate::admin::{AdminApp, History, HistorySampler};
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::lifecycle::{self, Handover};
@@ -173,12 +173,22 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
         }
     }
 
+    let history = Arc::new(History::default());
+    let sampler = background_service(
+        "history",
+        HistorySampler {
+            config: live.clone(),
+            fleet: fleet.clone(),
+            history: history.clone(),
+        },
+    );
     let mut admin_svc = Service::new(
         "admin".to_string(),
         AdminApp {
             config: live.clone(),
             fleet: fleet.clone(),
             ready: ready.clone(),
+            history: history.clone(),
         },
     );
     admin_svc.add_tcp_with_settings(&admin.addr.to_string(), socket_options(&admin));
@@ -206,6 +216,8 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
     let admin_h = server.add_service(admin_svc);
     let announcer_h = server.add_service(announcer);
     server.add_service(drainer);
+    let sampler_h = server.add_service(sampler);
+    sampler_h.add_dependency(&scraper_h);
     announcer_h.add_dependency(&proxy_h);
     announcer_h.add_dependency(&admin_h);
 

@@ -22,8 +22,8 @@ use crate::config::Config;
 use crate::fleet::{Backend, Fleet, InFlightGuard};
 use crate::health::{FailureKind, RetryBudget};
 use crate::lifecycle;
-use crate::openai::{self, ApiError, Route, RoutingInfo};
-use crate::selection::{self, NoCandidate, Selector};
+use crate::openai::{self, ApiError, Route, RoutingInfo, UsageTail};
+use crate::selection::{self, NoCandidate, Reason, Selector};
 use body::BodyError;
 use deadline::{Limits, Watchdog};
 
@@ -36,6 +36,25 @@ const BEARER_CHALLENGE: (&str, &str) = ("www-authenticate", "Bearer");
 
 /// How long an unwanted request body is drained after an early error answer.
 const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// The header that carries a request's id: taken from the client when it sends a usable
+/// one, generated otherwise; forwarded to the backend (vLLM builds its own request id on
+/// it) and returned to the client.
+const REQUEST_ID: &str = "x-request-id";
+/// A client's request id longer than this is replaced (it ends up in every log line).
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The client's `x-request-id` if it is short and plain (visible ASCII), else a new one.
+fn request_id(header: &pingora::http::RequestHeader) -> String {
+    if let Some(v) = header.headers.get(REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
+        {
+            return String::from_utf8_lossy(b).into_owned();
+        }
+    }
+    format!("{:032x}", rand::random::<u128>())
+}
 
 pub struct Gateway {
     /// The running configuration; a reload swaps it (see `crate::reload`).
@@ -133,6 +152,15 @@ pub struct RequestCtx {
     status: u16,
     /// The client's API key (when keys are required): its name, and its concurrency slot.
     key: Option<Permit>,
+    request_id: String,
+    /// Why the current attempt's backend was picked, and its `vllm` score in seconds.
+    chosen_by: Option<(Reason, Option<f64>)>,
+    /// When the first body byte of the answer arrived, since `started`.
+    first_byte: Option<Duration>,
+    /// Body bytes relayed from the backend to the client.
+    bytes_out: u64,
+    /// The end of a response that reports `usage`, to count its tokens.
+    usage_tail: Option<UsageTail>,
 }
 
 impl RequestCtx {
@@ -195,6 +223,7 @@ async fn respond_error_with(
     };
     let mut extra: Vec<(&'static str, &str)> = allow.map(|a| ("allow", a)).into_iter().collect();
     extra.extend_from_slice(headers);
+    extra.push((REQUEST_ID, &ctx.request_id));
     respond_json(session, err.status, err.body(), false, &extra).await?;
     linger(session).await;
     Ok(true)
@@ -247,11 +276,17 @@ impl ProxyHttp for Gateway {
             stream_error_sent: false,
             status: 0,
             key: None,
+            request_id: String::new(),
+            chosen_by: None,
+            first_byte: None,
+            bytes_out: 0,
+            usage_tail: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let header = session.req_header();
+        ctx.request_id = request_id(header);
         ctx.route = openai::route(&header.method, header.uri.path());
         if ctx.route != Route::Health {
             if let Some(keys) = &self.config.load().api_keys {
@@ -297,7 +332,7 @@ impl ProxyHttp for Gateway {
                     200,
                     Bytes::from_static(b"{\"status\":\"ok\"}"),
                     true,
-                    &[],
+                    &[(REQUEST_ID, &ctx.request_id)],
                 )
                 .await?;
                 Ok(true)
@@ -305,7 +340,7 @@ impl ProxyHttp for Gateway {
             Route::Models => {
                 ctx.status = 200;
                 let body = openai::models_body(&self.fleet.load().healthy_models());
-                respond_json(session, 200, body, true, &[]).await?;
+                respond_json(session, 200, body, true, &[(REQUEST_ID, &ctx.request_id)]).await?;
                 Ok(true)
             }
             Route::MethodNotAllowed(allow) => {
@@ -387,7 +422,11 @@ impl ProxyHttp for Gateway {
                 ));
             }
         };
-        let backend = &snap.backends[chosen].backend;
+        crate::metrics::SELECTIONS
+            .with_label_values(&[cfg.policy.as_str(), chosen.reason.as_str()])
+            .inc();
+        ctx.chosen_by = Some((chosen.reason, chosen.score_s));
+        let backend = &snap.backends[chosen.index].backend;
         ctx.attempts += 1;
         // Streams tell us when prefill ends (the first chunk); non-streaming answers only
         // come at the end, so their prefill is not tracked.
@@ -451,6 +490,7 @@ impl ProxyHttp for Gateway {
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             req.insert_header("x-forwarded-for", addr.ip().to_string())?;
         }
+        req.insert_header(REQUEST_ID, &ctx.request_id)?;
         // The client's key is ours to check, never the replica's to see; a backend that
         // wants a key gets its own.
         let backend_key = ctx
@@ -511,6 +551,8 @@ impl ProxyHttp for Gateway {
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         ctx.status = status;
+        let usage = status == 200 && ctx.info.as_ref().is_some_and(|i| i.usage_reported);
+        ctx.usage_tail = usage.then(UsageTail::default);
         Ok(())
     }
 
@@ -528,6 +570,7 @@ impl ProxyHttp for Gateway {
         if ctx.in_flight.is_some() {
             resp.insert_header("x-vllm-edge-backend", ctx.backend_name())?;
         }
+        resp.insert_header(REQUEST_ID, &ctx.request_id)?;
         Ok(())
     }
 
@@ -538,13 +581,18 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        if body.as_ref().is_some_and(|b| !b.is_empty()) {
+        if let Some(b) = body.as_ref().filter(|b| !b.is_empty()) {
+            ctx.bytes_out += b.len() as u64;
+            if let Some(t) = ctx.usage_tail.as_mut() {
+                t.push(b);
+            }
             if let Some(w) = &ctx.watchdog {
                 w.first_byte();
                 w.progress();
             }
             if !ctx.got_body {
                 ctx.got_body = true;
+                ctx.first_byte.get_or_insert_with(|| ctx.started.elapsed());
                 if let Some(g) = ctx.in_flight.as_mut() {
                     g.first_byte();
                     // The backend answered and made progress.
@@ -611,7 +659,7 @@ impl ProxyHttp for Gateway {
         if !(nothing_sent_down && ctx.body.is_some()) {
             // Part of the answer reached the client: no retry, but the backend failed.
             tracing::warn!(peer = %peer, error = %e, "upstream failed mid-response");
-            self.note_failure(ctx, &e, kind);
+            self.note_failure_as(ctx, &e, kind, "mid_stream");
             e.set_retry(false);
             return e;
         }
@@ -684,10 +732,11 @@ impl ProxyHttp for Gateway {
         };
         ctx.status = err.status;
         let retry_after = self.retry_after();
+        let id = (REQUEST_ID, ctx.request_id.as_str());
         let extra: &[(&'static str, &str)] = if err.status == 503 {
-            &[("retry-after", retry_after.as_str())]
+            &[("retry-after", retry_after.as_str()), id]
         } else {
-            &[]
+            &[id]
         };
         if let Err(write_err) = respond_json(session, err.status, err.body(), false, extra).await {
             tracing::debug!(error = %write_err, "could not write the error response");
@@ -699,22 +748,43 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let header = session.req_header();
-        tracing::info!(
-            target: "access",
-            method = %header.method,
-            path = header.uri.path(),
-            model = ctx.info.as_ref().map_or("-", |i| i.model.as_str()),
-            stream = ctx.info.as_ref().is_some_and(|i| i.stream),
-            backend = ctx.backend_name(),
-            key = ctx.key.as_ref().map_or("-", |k| &*k.key),
-            status = ctx.status,
-            attempts = ctx.attempts,
-            stream_error_event = ctx.stream_error_sent,
-            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
-            error = e.map(|e| e.to_string()).as_deref().unwrap_or(""),
-        );
+        let duration = ctx.started.elapsed();
         let model = ctx.info.as_ref().map_or("-", |i| i.model.as_str());
+        let usage = ctx.usage_tail.take().and_then(|t| t.usage());
+        if self.config.load().access_log {
+            let header = session.req_header();
+            let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
+            tracing::info!(
+                target: "access",
+                request_id = %ctx.request_id,
+                method = %header.method,
+                path = header.uri.path(),
+                model,
+                stream = ctx.info.as_ref().is_some_and(|i| i.stream),
+                backend = ctx.backend_name(),
+                chosen_by = ctx.chosen_by.map_or("-", |(r, _)| r.as_str()),
+                score_ms = ctx.chosen_by.and_then(|(_, s)| s).map(|s| (s * 1e5).round() / 100.0),
+                key = ctx.key.as_ref().map_or("-", |k| &*k.key),
+                status = ctx.status,
+                attempts = ctx.attempts,
+                ttfb_ms = ctx.first_byte.map(ms),
+                duration_ms = ms(duration),
+                bytes_in = ctx.body.as_ref().map_or(0, |b| b.len()),
+                bytes_out = ctx.bytes_out,
+                prompt_tokens = usage.map(|u| u.prompt_tokens),
+                completion_tokens = usage.map(|u| u.completion_tokens),
+                stream_error_event = ctx.stream_error_sent,
+                error = e.map(|e| e.to_string()).as_deref().unwrap_or(""),
+            );
+        }
+        if let Some(u) = usage {
+            crate::metrics::TOKENS
+                .with_label_values(&[model, "prompt"])
+                .inc_by(u.prompt_tokens);
+            crate::metrics::TOKENS
+                .with_label_values(&[model, "completion"])
+                .inc_by(u.completion_tokens);
+        }
         crate::metrics::REQUESTS
             .with_label_values(&[
                 model,
@@ -729,7 +799,12 @@ impl ProxyHttp for Gateway {
         };
         crate::metrics::REQUEST_DURATION
             .with_label_values(&[stream])
-            .observe(ctx.started.elapsed().as_secs_f64());
+            .observe(duration.as_secs_f64());
+        if let Some(t) = ctx.first_byte {
+            crate::metrics::TIME_TO_FIRST_BYTE
+                .with_label_values(&[stream])
+                .observe(t.as_secs_f64());
+        }
         ctx.watchdog = None;
         ctx.in_flight = None;
     }
@@ -740,8 +815,20 @@ impl Gateway {
     /// backend is not tried again for this request, and the client is told about the
     /// failure if no other replica succeeds.
     fn note_failure(&self, ctx: &mut RequestCtx, e: &Error, kind: FailureKind) {
+        self.note_failure_as(ctx, e, kind, kind.as_str());
+    }
+
+    /// [`Gateway::note_failure`], counted in `vllm_edge_upstream_errors_total` under
+    /// `metric_kind`.
+    fn note_failure_as(
+        &self,
+        ctx: &mut RequestCtx,
+        e: &Error,
+        kind: FailureKind,
+        metric_kind: &str,
+    ) {
         crate::metrics::UPSTREAM_ERRORS
-            .with_label_values(&[ctx.backend_name(), kind.as_str()])
+            .with_label_values(&[ctx.backend_name(), metric_kind])
             .inc();
         if let Some(guard) = ctx.in_flight.take() {
             let b = guard.backend();

@@ -687,10 +687,14 @@ impl Sim {
         let include_usage = v["stream_options"]["include_usage"]
             .as_bool()
             .unwrap_or(false);
+        // As vLLM does, the client's `X-Request-Id` becomes the base of the request's id.
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let base = req
+            .header("x-request-id")
+            .map_or_else(|| format!("sim{n:012x}"), str::to_string);
         let id = match kind {
-            Kind::Chat => format!("chatcmpl-sim{n:012x}"),
-            Kind::Completion => format!("cmpl-sim{n:012x}"),
+            Kind::Chat => format!("chatcmpl-{base}"),
+            Kind::Completion => format!("cmpl-{base}"),
         };
         // Tokenization and validation take time in vLLM too, before the engine sees it.
         let api = self.engine.cfg.scheduler.perf.api_overhead_ms * self.engine.cfg.time_scale;

@@ -7,6 +7,7 @@ mod discovery;
 mod edge;
 mod errors;
 mod lifecycle;
+mod observability;
 mod reload;
 mod resilience;
 mod selection;

@@ -450,7 +450,16 @@ async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_counted() {
     assert_eq!(end, End::CutWithErrorEvent, "{why:?}");
     let text = gw.metrics_text().await;
     assert_eq!(
-        metric(&text, "vllm_edge_upstream_errors_total", "kind=\"reset\""),
+        metric(
+            &text,
+            "vllm_edge_upstream_errors_total",
+            "kind=\"mid_stream\""
+        ),
+        1.0,
+        "a reset after the stream began: {text}"
+    );
+    assert_eq!(
+        metric(&text, "vllm_edge_upstream_errors_total", ""),
         1.0,
         "{text}"
     );

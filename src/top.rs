@@ -1,0 +1,525 @@
+//! `vllm-edge top`: the fleet in a terminal, refreshed live from the admin listener's
+//! `/load-stats` (the operator's `htop` for the fleet). One line per backend: its state,
+//! what its engine runs and queues, this gateway's requests in flight, KV-cache usage,
+//! request rate, errors, latencies, the `vllm` policy's score, and a sparkline of the
+//! last minute and a half. `q` or Ctrl-C quits; `--once` prints one frame and exits.
+
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::auth::Secret;
+use crate::config::{defaults, Config};
+use crate::httpclient::{self, Target};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopArgs {
+    /// The gateway's admin address (default: the config's with -c, else 127.0.0.1:9090).
+    #[arg(long, env = "VLLM_EDGE_ADMIN")]
+    pub admin: Option<String>,
+    /// Take the admin address and token from this configuration file.
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
+    /// A file holding the admin token (`admin.token_file` of the gateway).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Refresh period in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Print one frame (after two samples, so rates are known) and exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("GET /load-stats from {addr}: {why}")]
+    Fetch { addr: SocketAddr, why: String },
+}
+
+/// Rates are taken over this many samples (5 intervals).
+const RATE_WINDOW: usize = 6;
+/// Samples kept per backend for the sparkline (one per refresh).
+const SPARK_SAMPLES: usize = 90;
+/// The largest `/load-stats` answer read (a fleet of a few hundred backends with history).
+const MAX_STATS_BYTES: usize = 16 << 20;
+const SPARK: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// What `top` remembers between refreshes: load history and the previous counters, for
+/// sparklines and rates.
+#[derive(Debug, Default)]
+pub struct View {
+    load: HashMap<String, VecDeque<f64>>,
+    /// (seconds, fleet total, fleet 5xx, per-backend totals) of the last samples: rates
+    /// are taken over this window, so they do not jump with every finished request.
+    window: VecDeque<(f64, u64, u64, HashMap<String, u64>)>,
+    rps: Option<f64>,
+    eps: Option<f64>,
+    backend_rps: HashMap<String, f64>,
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn total_5xx(stats: &Value) -> u64 {
+    stats["requests"]["by_status_class"]["5xx"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+impl View {
+    /// Takes the gateway's own history (`/load-stats?history=1`), so the first frame has
+    /// sparklines and rates.
+    pub fn seed(&mut self, history: &[Value]) {
+        for s in history {
+            let t = s["t_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+            let per: HashMap<String, u64> = s["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    let name = b["name"].as_str().unwrap_or("").to_string();
+                    let load =
+                        num(&b["running"]).unwrap_or(0.0) + num(&b["waiting"]).unwrap_or(0.0);
+                    self.push_load(&name, load);
+                    (name, b["requests_total"].as_u64().unwrap_or(0))
+                })
+                .collect();
+            self.rates(
+                t,
+                s["requests_total"].as_u64().unwrap_or(0),
+                s["errors_5xx_total"].as_u64().unwrap_or(0),
+                per,
+            );
+        }
+    }
+
+    /// Takes one `/load-stats` answer, observed at `t` seconds (any fixed origin).
+    pub fn update(&mut self, stats: &Value, t: f64) {
+        let mut per = HashMap::new();
+        for b in stats["backends"].as_array().into_iter().flatten() {
+            let name = b["name"].as_str().unwrap_or("").to_string();
+            let load = num(&b["running"]).unwrap_or(0.0) + num(&b["waiting"]).unwrap_or(0.0);
+            self.push_load(&name, load);
+            per.insert(name, b["requests_total"].as_u64().unwrap_or(0));
+        }
+        self.load.retain(|name, _| per.contains_key(name));
+        let total = stats["requests"]["total"].as_u64().unwrap_or(0);
+        self.rates(t, total, total_5xx(stats), per);
+    }
+
+    fn push_load(&mut self, name: &str, v: f64) {
+        let h = self.load.entry(name.to_string()).or_default();
+        if h.len() == SPARK_SAMPLES {
+            h.pop_front();
+        }
+        h.push_back(v);
+    }
+
+    fn rates(&mut self, t: f64, total: u64, errors: u64, per: HashMap<String, u64>) {
+        // A sample from another clock (the gateway's history, then ours) starts anew.
+        if self.window.back().is_some_and(|w| w.0 >= t) {
+            self.window.clear();
+        }
+        if self.window.len() == RATE_WINDOW {
+            self.window.pop_front();
+        }
+        if let Some((t0, total0, errors0, per0)) = self.window.front() {
+            let dt = t - t0;
+            let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+            self.rps = Some(rate(total, *total0));
+            self.eps = Some(rate(errors, *errors0));
+            self.backend_rps = per
+                .iter()
+                .map(|(n, v)| (n.clone(), rate(*v, per0.get(n).copied().unwrap_or(*v))))
+                .collect();
+        }
+        self.window.push_back((t, total, errors, per));
+    }
+}
+
+fn sparkline(values: &VecDeque<f64>, width: usize) -> String {
+    let shown: Vec<f64> = values
+        .iter()
+        .skip(values.len().saturating_sub(width))
+        .copied()
+        .collect();
+    let top = shown.iter().copied().fold(0.0f64, f64::max);
+    shown
+        .iter()
+        .map(|&v| {
+            if top <= 0.0 {
+                SPARK[0]
+            } else {
+                SPARK[((v / top) * 7.0).round().clamp(0.0, 7.0) as usize]
+            }
+        })
+        .collect()
+}
+
+fn kv_bar(kv: Option<f64>, width: usize) -> String {
+    match kv {
+        None => format!("{:<width$} {:>5}", "", "-"),
+        Some(k) => {
+            let filled = ((k.clamp(0.0, 1.0)) * width as f64).round() as usize;
+            format!(
+                "{}{} {:>4.0}%",
+                "█".repeat(filled),
+                "░".repeat(width - filled),
+                k * 100.0
+            )
+        }
+    }
+}
+
+fn opt(v: &Value, decimals: usize, unit: &str) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.decimals$}{unit}"),
+        None => "-".into(),
+    }
+}
+
+fn cut(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// One screen, `width` columns wide. `color` adds ANSI colors for the states.
+pub fn render(stats: &Value, view: &View, source: &str, width: usize, color: bool) -> String {
+    let paint = |s: String, code: &str| {
+        if color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s
+        }
+    };
+    let f = &stats["fleet"];
+    let mut out = String::new();
+    let rate = |r: Option<f64>, d: usize| r.map_or("-".to_string(), |r| format!("{r:.d$}"));
+    let header = format!(
+            "vllm-edge top · {source} · {} · {}/{} healthy · {} req/s · {} 5xx/s · in flight {} · run {} · wait {} · KV {}",
+            stats["policy"].as_str().unwrap_or("?"),
+            f["healthy"].as_u64().unwrap_or(0),
+            f["backends"].as_u64().unwrap_or(0),
+            rate(view.rps, 1),
+            rate(view.eps, 2),
+            f["in_flight"].as_u64().unwrap_or(0),
+            opt(&f["running"], 0, ""),
+            opt(&f["waiting"], 0, ""),
+            f["kv_usage_mean"].as_f64().map_or("-".into(), |k| format!("{:.1}%", k * 100.0)),
+        );
+    out.push_str(&paint(cut(&header, width), "1"));
+    out.push('\n');
+    const NAME: usize = 18;
+    let fixed = NAME + 1 + 13 + 3 * 6 + 17 + 7 + 6 + 8 + 8 + 8 + 1;
+    let spark_w = width.saturating_sub(fixed).clamp(8, SPARK_SAMPLES);
+    out.push_str(&paint(
+        format!(
+            "{:<NAME$} {:<13}{:>6}{:>6}{:>6} {:<16}{:>7}{:>6}{:>8}{:>8}{:>8} {}",
+            "BACKEND",
+            "STATE",
+            "RUN",
+            "WAIT",
+            "INFL",
+            "KV CACHE",
+            "REQ/S",
+            "ERR",
+            "TTFT",
+            "ITL",
+            "SCORE",
+            "RUN+WAIT"
+        ),
+        "7",
+    ));
+    out.push('\n');
+    for b in stats["backends"].as_array().into_iter().flatten() {
+        let name = b["name"].as_str().unwrap_or("?");
+        let (state, code) = if b["draining"].as_bool() == Some(true) {
+            ("draining".to_string(), "33")
+        } else if b["healthy"].as_bool() != Some(true) {
+            ("down".to_string(), "31")
+        } else if b["circuit"].as_str() != Some("closed") {
+            (
+                format!("circuit {}", b["circuit"].as_str().unwrap_or("?")),
+                "33",
+            )
+        } else if b["scrape_fresh"].as_bool() != Some(true) {
+            ("stale metrics".to_string(), "33")
+        } else {
+            ("up".to_string(), "32")
+        };
+        let empty = VecDeque::new();
+        out.push_str(&format!(
+            "{:<NAME$} {}{:>6}{:>6}{:>6} {:<16}{:>7}{:>6}{:>8}{:>8}{:>8} {}\n",
+            cut(name, NAME),
+            paint(format!("{:<13}", cut(&state, 13)), code),
+            opt(&b["running"], 0, ""),
+            opt(&b["waiting"], 0, ""),
+            b["in_flight"].as_u64().unwrap_or(0),
+            kv_bar(b["kv_usage"].as_f64(), 10),
+            view.backend_rps
+                .get(name)
+                .map_or("-".into(), |r| format!("{r:.1}")),
+            b["upstream_errors_total"].as_u64().unwrap_or(0),
+            opt(&b["ttft_ms"], 0, "ms"),
+            opt(&b["itl_ms"], 1, "ms"),
+            opt(&b["score_ms"], 0, "ms"),
+            sparkline(view.load.get(name).unwrap_or(&empty), spark_w),
+        ));
+        let problem = [
+            &b["health_error"],
+            &b["last_scrape_error"],
+            &b["models_error"],
+        ]
+        .into_iter()
+        .find_map(|v| v.as_str());
+        if let Some(p) = problem {
+            out.push_str(&paint(
+                format!("  └ {}", cut(p, width.saturating_sub(4))),
+                "31",
+            ));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Where the admin API is and its token: flags, else the config file, else defaults.
+fn target(args: &TopArgs) -> Result<(SocketAddr, Option<Secret>), TopError> {
+    let config = match &args.config {
+        Some(p) => Some(Config::load_with_env(p).map_err(|e| TopError::Setup(e.to_string()))?),
+        None => None,
+    };
+    let addr = match (&args.admin, &config) {
+        (Some(a), _) => a
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut it| it.next())
+            .ok_or_else(|| TopError::Setup(format!("--admin {a}: not a host:port address")))?,
+        (None, Some(c)) => c.admin,
+        (None, None) => defaults::ADMIN_LISTEN
+            .parse()
+            .expect("the default admin address is valid"),
+    };
+    let token = match (&args.token_file, config) {
+        (Some(p), _) => Some(Secret::read(p).map_err(TopError::Setup)?),
+        (None, Some(c)) => c.admin_token,
+        (None, None) => None,
+    };
+    Ok((addr, token))
+}
+
+async fn fetch(addr: SocketAddr, token: Option<&Secret>, history: bool) -> Result<Value, TopError> {
+    let t = Target {
+        addr,
+        key: token,
+        tls: None,
+    };
+    let path = if history {
+        "/load-stats?history=1"
+    } else {
+        "/load-stats"
+    };
+    let fail = |why: String| TopError::Fetch { addr, why };
+    let r = httpclient::get(t, path, Duration::from_secs(3), MAX_STATS_BYTES)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    match r.status {
+        200 => serde_json::from_slice(&r.body).map_err(|e| fail(format!("not JSON: {e}"))),
+        401 => Err(fail(
+            "401: the admin API needs its token (--token-file, or -c with admin.token_file)".into(),
+        )),
+        s => Err(fail(format!("status {s}"))),
+    }
+}
+
+/// The terminal's width: the tty's, else `COLUMNS`, else 120.
+fn width() -> usize {
+    // SAFETY: TIOCGWINSZ only writes a winsize struct we own.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    if unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_col > 0
+    {
+        return ws.ws_col as usize;
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(120)
+}
+
+/// Keys without Enter and without echo while `top` runs (Ctrl-C still signals); the
+/// terminal's settings come back on drop.
+struct RawKeys(Option<libc::termios>);
+
+impl RawKeys {
+    fn enable() -> RawKeys {
+        // SAFETY: tcgetattr/tcsetattr on stdin with a termios struct we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::isatty(libc::STDIN_FILENO) != 1
+                || libc::tcgetattr(libc::STDIN_FILENO, &mut t) != 0
+            {
+                return RawKeys(None);
+            }
+            let saved = t;
+            t.c_lflag &= !(libc::ICANON | libc::ECHO);
+            t.c_cc[libc::VMIN] = 1;
+            t.c_cc[libc::VTIME] = 0;
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t);
+            RawKeys(Some(saved))
+        }
+    }
+}
+
+impl Drop for RawKeys {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: restores the settings read in `enable`.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
+        }
+    }
+}
+
+pub fn run(args: TopArgs) -> Result<(), TopError> {
+    let (addr, token) = target(&args)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TopError::Setup(format!("tokio runtime: {e}")))?;
+    let period = Duration::from_millis(args.interval_ms.max(100));
+    let source = addr.to_string();
+    let started = Instant::now();
+    let mut view = View::default();
+    rt.block_on(async {
+        let first = fetch(addr, token.as_ref(), true).await?;
+        if let Some(h) = first["history"].as_array() {
+            view.seed(h);
+        }
+        view.update(&first, started.elapsed().as_secs_f64());
+        if args.once {
+            let color = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            print!("{}", render(&first, &view, &source, width(), color));
+            return Ok(());
+        }
+        let _raw = RawKeys::enable();
+        let (quit_tx, mut quit_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut byte = [0u8; 1];
+            while std::io::stdin().read(&mut byte).is_ok_and(|n| n == 1) {
+                if matches!(byte[0], b'q' | b'Q') {
+                    let _ = quit_tx.send(());
+                    return;
+                }
+            }
+        });
+        let mut stdout = std::io::stdout();
+        let _ = write!(stdout, "\x1b[?1049h\x1b[?25l");
+        let mut stats = Ok(first);
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            let screen = match &stats {
+                Ok(s) => render(s, &view, &source, width(), true),
+                Err(e) => format!("vllm-edge top · {source}\n\n\x1b[31m{e}\x1b[0m (retrying)\n"),
+            };
+            let screen = screen.replace('\n', "\x1b[K\n");
+            let _ = write!(stdout, "\x1b[H{screen}\x1b[J");
+            let _ = stdout.flush();
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = quit_rx.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+            stats = fetch(addr, token.as_ref(), false).await;
+            if let Ok(s) = &stats {
+                view.update(s, started.elapsed().as_secs_f64());
+            }
+        }
+        let _ = write!(stdout, "\x1b[?25h\x1b[?1049l");
+        let _ = stdout.flush();
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stats(total: u64, b0_requests: u64, running: f64) -> Value {
+        json!({
+            "policy": "vllm",
+            "requests": {"total": total, "by_status_class": {"2xx": total}},
+            "fleet": {"backends": 2, "healthy": 1, "running": running, "waiting": 0.0,
+                      "in_flight": 3, "kv_usage_mean": 0.25},
+            "backends": [
+                {"name": "gpu-0", "healthy": true, "circuit": "closed", "draining": false,
+                 "scrape_fresh": true, "running": running, "waiting": 0.0, "in_flight": 3,
+                 "kv_usage": 0.5, "requests_total": b0_requests, "upstream_errors_total": 0,
+                 "ttft_ms": 41.0, "itl_ms": 12.5, "score_ms": 80.0},
+                {"name": "gpu-1", "healthy": false, "circuit": "open", "draining": false,
+                 "scrape_fresh": false, "running": null, "waiting": null, "in_flight": 0,
+                 "kv_usage": null, "requests_total": 0, "upstream_errors_total": 7,
+                 "health_error": "GET /health: connect: Connection refused"}
+            ]
+        })
+    }
+
+    #[test]
+    fn a_frame_shows_every_backend_its_state_and_rates() {
+        let mut view = View::default();
+        view.update(&stats(100, 100, 4.0), 0.0);
+        view.update(&stats(120, 120, 8.0), 2.0);
+        let text = render(&stats(120, 120, 8.0), &view, "127.0.0.1:9090", 140, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains("1/2 healthy") && lines[0].contains("10.0 req/s"),
+            "{text}"
+        );
+        let gpu0 = lines.iter().find(|l| l.starts_with("gpu-0")).expect(&text);
+        assert!(gpu0.contains(" up "), "{gpu0}");
+        assert!(gpu0.contains("█████░░░░░"), "KV bar at 50%: {gpu0}");
+        assert!(gpu0.contains("10.0"), "backend rate: {gpu0}");
+        assert!(gpu0.ends_with("▅█"), "sparkline 4 then 8: {gpu0}");
+        let gpu1 = lines.iter().find(|l| l.starts_with("gpu-1")).expect(&text);
+        assert!(gpu1.contains("down"), "{gpu1}");
+        assert!(
+            text.contains("└ GET /health: connect: Connection refused"),
+            "{text}"
+        );
+        assert!(
+            lines.iter().all(|l| l.chars().count() <= 140 + 40),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_gateways_history_seeds_sparklines_and_rates() {
+        let sample = |t: u64, total: u64, running: f64| {
+            json!({"t_ms": t, "requests_total": total, "errors_5xx_total": 0, "backends": [
+                {"name": "gpu-0", "running": running, "waiting": 1.0, "in_flight": 0,
+                 "requests_total": total}]})
+        };
+        let mut view = View::default();
+        view.seed(&[
+            sample(1000, 10, 0.0),
+            sample(2000, 15, 3.0),
+            sample(3000, 25, 7.0),
+        ]);
+        assert_eq!(view.rps, Some(7.5), "15 requests over the 2 s window");
+        assert_eq!(view.load["gpu-0"], [1.0, 4.0, 8.0]);
+        assert_eq!(sparkline(&view.load["gpu-0"], 8), "▂▅█");
+    }
+}
