@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use vllm_edge::config::{Config, LogFormat};
 use vllm_edge::{demo, lifecycle, server, sim, top};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "vllm-edge",
