@@ -520,17 +520,19 @@ def main():
         print(f"memory: idle RSS {mem['idle']} KiB", flush=True)
 
     # Report (Markdown).
-    base = median_spread([r["rps"] for r in req.get("direct", [])])
-    print("\n| configuration | req/s | p50 ms | p99 ms | p99.9 ms | router CPU s / 1k req | errors |")
-    print("|---|---|---|---|---|---|---|")
+    nginx = [r["rps"] for r in req.get("nginx round-robin", [])]
+    ref = statistics.median(nginx) if nginx else None
+    print("\n| configuration | req/s | vs nginx rr | p50 ms | p99 ms | p99.9 ms | router CPU µs/request | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in configs:
         rs = req[c]
         if not rs:
-            print(f"| {c} | failed to start | | | | | |")
+            print(f"| {c} | failed to start | | | | | | |")
             continue
-        print(f"| {c} | {fmt([r['rps'] for r in rs], 0)} | {fmt([r['p50_ms'] for r in rs], 2)} | "
+        vs = f"{statistics.median([r['rps'] for r in rs]) / ref:.2f}" if ref else "-"
+        print(f"| {c} | {fmt([r['rps'] for r in rs], 0)} | {vs} | {fmt([r['p50_ms'] for r in rs], 2)} | "
               f"{fmt([r['p99_ms'] for r in rs], 2)} | {fmt([r['p999_ms'] for r in rs], 2)} | "
-              f"{fmt([r['cpu_s_per_1k'] for r in rs], 3)} | {sum(r['errors'] for r in rs)} |")
+              f"{fmt([r['cpu_s_per_1k'] for r in rs], 0, 1000.0)} | {sum(r['errors'] for r in rs)} |")
     direct = st.get("direct")
     d50 = statistics.median([r["transit_p50_ms"] for r in direct]) if direct else 0.0
     d99 = statistics.median([r["transit_p99_ms"] for r in direct]) if direct else 0.0

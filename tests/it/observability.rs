@@ -145,10 +145,6 @@ async fn exposition(gw: &Gateway) -> Exposition {
     parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
-fn name_of(s: &vllm_edge::sim::SimHandle) -> String {
-    s.url().trim_start_matches("http://").to_string()
-}
-
 #[test]
 fn the_exposition_parser_rejects_what_prometheus_would() {
     for bad in [

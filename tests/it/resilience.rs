@@ -208,10 +208,6 @@ fn metric(text: &str, name: &str, label: &str) -> f64 {
         + 0.0 // an empty sum is -0.0
 }
 
-fn name_of(s: &SimHandle) -> String {
-    s.url().trim_start_matches("http://").to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replica_loses_no_request_and_returns_within_two_health_intervals() {
     let (victim, b, c) = fleet(0.5).await;

@@ -23,6 +23,11 @@ pub async fn sim_with(models: &[&str], f: impl FnOnce(&mut SimArgs)) -> SimHandl
     sim::spawn(a).await.expect("sim binds a port")
 }
 
+/// The name the gateway gives a backend configured by its URL only (`host:port`).
+pub fn name_of(s: &SimHandle) -> String {
+    s.url().trim_start_matches("http://").to_string()
+}
+
 pub async fn sim(models: &[&str]) -> SimHandle {
     sim_with(models, |_| {}).await
 }
