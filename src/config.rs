@@ -27,6 +27,30 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
     /// A client that trickles its body this long is holding a slot for nothing.
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// A request head (request line and headers). Real clients send a few hundred bytes;
+    /// 64 KiB leaves room for long cookies and tracing headers. Pingora's own ceiling is
+    /// `MAX_HEADER_BYTES_CEILING`.
+    pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+    pub const MAX_HEADER_BYTES_CEILING: usize = 1_048_575;
+    /// Header fields in one request (hyper's default; Pingora refuses more than 256).
+    pub const MAX_HEADERS: usize = 100;
+    pub const MAX_HEADERS_CEILING: usize = 256;
+    /// From a connection's first byte (or a kept-alive one's next request's first byte) to
+    /// the end of the request head. A head is at most 64 KiB: any client sends it within
+    /// a second; a slowloris client trickling it holds a connection for nothing.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// A kept-alive client connection waiting for its next request (Pingora's default).
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Client connections open at once; more are answered 503 and closed. Each costs a
+    /// descriptor (two while proxied), so the process's descriptor limit is raised to fit.
+    pub const MAX_CONNECTIONS: usize = 16_384;
+    /// Concurrent streams on one HTTP/2 connection (nginx's default).
+    pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+    /// Nesting of a request body's JSON. Chat requests with tool schemas stay far below;
+    /// deeper documents are refused before they reach a replica's parser.
+    /// serde_json refuses more than `MAX_JSON_DEPTH_CEILING` anyway.
+    pub const MAX_JSON_DEPTH: usize = 64;
+    pub const MAX_JSON_DEPTH_CEILING: usize = 128;
     /// Short, so a dead replica is left quickly for another one.
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
     /// Streams: the first token, queueing included. vLLM queues rather than refusing, so
@@ -197,6 +221,20 @@ struct FileLimits {
     max_body_size: Option<ByteSize>,
     #[serde(default)]
     body_read_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    max_header_size: Option<ByteSize>,
+    #[serde(default)]
+    max_header_count: Option<usize>,
+    #[serde(default)]
+    header_read_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    keepalive_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    h2_max_concurrent_streams: Option<u32>,
+    #[serde(default)]
+    max_json_depth: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -329,8 +367,7 @@ pub struct Config {
     pub api_keys: Option<Arc<ApiKeys>>,
     pub backends: Vec<BackendConfig>,
     pub policy: Policy,
-    pub max_body_bytes: usize,
-    pub body_read_timeout: Duration,
+    pub limits: ClientLimits,
     pub connect_timeout: Duration,
     pub timeouts: Timeouts,
     pub pool_idle_timeout: Duration,
@@ -352,6 +389,113 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Write one access-log line per request (target `access`).
     pub access_log: bool,
+}
+
+/// What one client may send and hold (`limits:` in the file).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientLimits {
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    /// The request line plus every header field, counted as `name: value\r\n`.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_connections: usize,
+    /// Restart-only: HTTP/2 settings are fixed when the listeners start.
+    pub h2_max_concurrent_streams: u32,
+    pub max_json_depth: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            body_read_timeout: defaults::BODY_READ_TIMEOUT,
+            max_header_bytes: defaults::MAX_HEADER_BYTES,
+            max_headers: defaults::MAX_HEADERS,
+            header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+            keepalive_timeout: defaults::KEEPALIVE_TIMEOUT,
+            max_connections: defaults::MAX_CONNECTIONS,
+            h2_max_concurrent_streams: defaults::H2_MAX_CONCURRENT_STREAMS,
+            max_json_depth: defaults::MAX_JSON_DEPTH,
+        }
+    }
+}
+
+fn client_limits(
+    l: &FileLimits,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ClientLimits, ConfigError> {
+    let d = ClientLimits::default();
+    let dur = |v: Option<HumanDuration>, default: Duration| v.map_or(default, |v| v.0);
+    let limits = ClientLimits {
+        max_body_bytes: l.max_body_size.map_or(d.max_body_bytes, |s| s.0),
+        body_read_timeout: dur(l.body_read_timeout, d.body_read_timeout),
+        max_header_bytes: l.max_header_size.map_or(d.max_header_bytes, |s| s.0),
+        max_headers: l.max_header_count.unwrap_or(d.max_headers),
+        header_read_timeout: dur(l.header_read_timeout, d.header_read_timeout),
+        keepalive_timeout: dur(l.keepalive_timeout, d.keepalive_timeout),
+        max_connections: l.max_connections.unwrap_or(d.max_connections),
+        h2_max_concurrent_streams: l
+            .h2_max_concurrent_streams
+            .unwrap_or(d.h2_max_concurrent_streams),
+        max_json_depth: l.max_json_depth.unwrap_or(d.max_json_depth),
+    };
+    let range = |key: &str, v: usize, lo: usize, hi: usize| {
+        if (lo..=hi).contains(&v) {
+            Ok(())
+        } else {
+            Err(invalid(
+                key,
+                format!("must be between {lo} and {hi}, got {v}"),
+            ))
+        }
+    };
+    if limits.max_body_bytes == 0 {
+        return Err(invalid("limits.max_body_size", "must be above zero".into()));
+    }
+    range(
+        "limits.max_header_size",
+        limits.max_header_bytes,
+        1024,
+        defaults::MAX_HEADER_BYTES_CEILING,
+    )?;
+    range(
+        "limits.max_header_count",
+        limits.max_headers,
+        1,
+        defaults::MAX_HEADERS_CEILING,
+    )?;
+    range(
+        "limits.max_json_depth",
+        limits.max_json_depth,
+        1,
+        defaults::MAX_JSON_DEPTH_CEILING,
+    )?;
+    range("limits.max_connections", limits.max_connections, 1, 1 << 20)?;
+    range(
+        "limits.h2_max_concurrent_streams",
+        limits.h2_max_concurrent_streams as usize,
+        1,
+        65_536,
+    )?;
+    for (key, v) in [
+        ("limits.body_read_timeout", limits.body_read_timeout),
+        ("limits.header_read_timeout", limits.header_read_timeout),
+    ] {
+        if v.is_zero() {
+            return Err(invalid(key, "must be above zero".into()));
+        }
+    }
+    // Pingora counts keep-alive in whole seconds.
+    if limits.keepalive_timeout < Duration::from_secs(1) {
+        return Err(invalid(
+            "limits.keepalive_timeout",
+            "must be at least 1s".into(),
+        ));
+    }
+    Ok(limits)
 }
 
 /// A data-plane listen address, and its TLS certificate if it terminates TLS.
@@ -725,18 +869,12 @@ impl Config {
                 format!("must be between 1 and 10, got {max_attempts}"),
             ));
         }
-        let max_body_bytes = file
-            .limits
-            .max_body_size
-            .map_or(defaults::MAX_BODY_BYTES, |s| s.0);
-        if max_body_bytes == 0 {
-            return Err(invalid("limits.max_body_size", "must be above zero".into()));
-        }
         let threads = file.server.threads.unwrap_or_else(defaults::threads);
         if threads == 0 {
             return Err(invalid("server.threads", "must be at least 1".into()));
         }
         let dur = |d: Option<HumanDuration>, default: Duration| d.map_or(default, |d| d.0);
+        let limits = client_limits(&file.limits, &invalid)?;
         let retry_budget_ratio = file
             .upstream
             .retry_budget
@@ -809,8 +947,7 @@ impl Config {
             api_keys,
             backends,
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
-            max_body_bytes,
-            body_read_timeout: dur(file.limits.body_read_timeout, defaults::BODY_READ_TIMEOUT),
+            limits,
             connect_timeout: dur(file.timeouts.connect, defaults::CONNECT_TIMEOUT),
             timeouts,
             pool_idle_timeout: dur(file.upstream.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
@@ -1121,7 +1258,7 @@ mod tests {
             Policy::Vllm,
             "the default policy"
         );
-        assert_eq!(c.max_body_bytes, defaults::MAX_BODY_BYTES);
+        assert_eq!(c.limits, ClientLimits::default());
         assert!(c.pool_idle_timeout < Duration::from_secs(5));
     }
 

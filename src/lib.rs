@@ -54,6 +54,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod engine_metrics;
 pub mod fleet;

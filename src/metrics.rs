@@ -7,8 +7,8 @@
 //! or keys.
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, Gauge, GaugeVec,
-    HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use std::sync::LazyLock;
 use std::time::Instant;
@@ -98,6 +98,25 @@ pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "Failed attempts at a backend, by backend and kind (connect, timeout, reset, 5xx before \
          the answer; mid_stream once part of it reached the client).",
         &["backend", "kind"]
+    )
+    .expect("metric registers once")
+});
+
+pub static CONNECTIONS_OPEN: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "vllm_edge_client_connections",
+        "Client connections open on the data-plane listeners (limits.max_connections)."
+    )
+    .expect("metric registers once")
+});
+
+pub static LIMIT_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "vllm_edge_limit_refusals_total",
+        "Connections and requests refused by a client limit (max_connections, \
+         header_read_timeout, max_header_size, max_header_count, max_body_size, \
+         body_read_timeout, max_json_depth, framing).",
+        &["limit"]
     )
     .expect("metric registers once")
 });

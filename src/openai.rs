@@ -119,14 +119,48 @@ struct Probe<'a> {
     tokens: Option<&'a RawValue>,
 }
 
-/// Reads the routing fields of a request body. Every failure is a client error with a
-/// message that says what to fix.
-pub fn inspect(body: &[u8]) -> Result<RoutingInfo, ApiError> {
+/// How deeply arrays and objects nest in a JSON text, counted up to `limit + 1` (strings
+/// and their escapes skipped; the text need not be valid JSON). One pass, no recursion.
+pub fn json_depth_exceeds(body: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Reads the routing fields of a request body whose arrays and objects nest at most
+/// `max_depth` deep. Every failure is a client error with a message that says what to
+/// fix.
+pub fn inspect(body: &[u8], max_depth: usize) -> Result<RoutingInfo, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::bad_request(
             "The request body is empty; send a JSON object with a `model` field.",
             None,
         ));
+    }
+    if json_depth_exceeds(body, max_depth) {
+        return Err(ApiError::too_deep(max_depth));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let probe: Probe = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -268,6 +302,20 @@ impl ApiError {
             ),
         )
     }
+    pub fn too_deep(max_depth: usize) -> Self {
+        ApiError::bad_request(
+            format!(
+                "The request body's JSON nests deeper than {max_depth} levels \
+                 (limits.max_json_depth)."
+            ),
+            None,
+        )
+    }
+
+    pub fn header_too_large(message: String) -> Self {
+        ApiError::new(431, "RequestHeaderFieldsTooLargeError", message)
+    }
+
     pub fn body_timeout() -> Self {
         Self::new(
             408,
@@ -453,7 +501,7 @@ mod tests {
     #[test]
     fn inspects_routing_fields_only() {
         let body = br#"{"messages":[{"role":"user","content":"hi \"there\""}],"model":"m\u00e9","stream":true,"max_tokens":5,"max_completion_tokens":7,"temperature":0.2}"#;
-        let info = inspect(body).unwrap();
+        let info = inspect(body, 64).unwrap();
         assert_eq!(info.model, "mé");
         assert!(info.stream);
         assert_eq!(info.max_tokens, Some(7));
@@ -474,21 +522,35 @@ mod tests {
             (b"[1,2]", None),
             (b"{\"model\":\"\xff\xfe\"}", Some("model")),
         ] {
-            let e = inspect(body).unwrap_err();
+            let e = inspect(body, 64).unwrap_err();
             assert_eq!(e.status, 400, "{body:?}");
             assert_eq!(e.param, param, "{body:?}: {}", e.message);
         }
-        // Deep nesting inside a prompt field is only skipped (iteratively, no recursion):
-        // measured and forwarded, for vLLM to judge.
-        let deep = format!(
-            "{{\"model\":\"m\",\"messages\":{}{}}}",
-            "[".repeat(10_000),
-            "]".repeat(10_000)
+        // Nesting is counted over the whole document, the object itself included.
+        let nested = |n: usize, field: &str| {
+            format!(
+                "{{\"model\":\"m\",\"{field}\":{}{}}}",
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        assert_eq!(
+            inspect(nested(63, "messages").as_bytes(), 64)
+                .unwrap()
+                .prompt_bytes,
+            126
         );
-        assert_eq!(inspect(deep.as_bytes()).unwrap().prompt_bytes, 20_000);
-        // In a field we parse, it is a type error.
-        let deep_model = format!("{{\"model\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(inspect(deep_model.as_bytes()).unwrap_err().status, 400);
+        for (n, field) in [(64, "messages"), (10_000, "messages"), (10_000, "model")] {
+            let e = inspect(nested(n, field).as_bytes(), 64).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains("deeper than 64"), "{}", e.message);
+        }
+        // Brackets inside strings, escaped quotes included, are text.
+        let text = format!(
+            "{{\"model\":\"m\",\"prompt\":\"\\\"{}\"}}",
+            "[".repeat(1000)
+        );
+        assert!(inspect(text.as_bytes(), 2).is_ok());
     }
 
     #[test]

@@ -155,6 +155,10 @@ fn keep_restart_only(cur: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(listeners, "listeners");
     keep!(admin, "admin.address");
     keep!(threads, "server.threads");
+    keep!(
+        limits.h2_max_concurrent_streams,
+        "limits.h2_max_concurrent_streams"
+    );
     keep!(grace_period, "server.grace_period");
     keep!(
         graceful_shutdown_timeout,

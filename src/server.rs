@@ -86,6 +86,16 @@ fn socket_options(bound: &Bound) -> TcpSocketOptions {
 /// `crate::lifecycle`).
 pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, StartError> {
     let config = Arc::new(config);
+    let wanted = config.limits.max_connections as u64 * 2 + 256;
+    match crate::conn::raise_descriptor_limit() {
+        Some(n) if n < wanted => tracing::warn!(
+            descriptors = n,
+            max_connections = config.limits.max_connections,
+            "the descriptor limit is below what limits.max_connections needs (two per \
+             proxied connection); connections may fail before the limit refuses them"
+        ),
+        _ => {}
+    }
     let listeners: Vec<Bound> = config
         .listeners
         .iter()
@@ -149,14 +159,20 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
             grace_period: config.grace_period,
         },
     );
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "vllm-edge");
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut opts = pingora::apps::HttpServerOptions::default();
-        // Cleartext HTTP/2 with prior knowledge, next to HTTP/1.1 on the same port.
-        opts.h2c = true;
-        app.server_options = Some(opts);
-    }
+    let mut app = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let mut opts = pingora::apps::HttpServerOptions::default();
+    // Cleartext HTTP/2 with prior knowledge, next to HTTP/1.1 on the same port.
+    opts.h2c = true;
+    opts.h2_idle_timeout = Some(config.limits.keepalive_timeout);
+    app.server_options = Some(opts);
+    let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+    h2.max_concurrent_streams(config.limits.h2_max_concurrent_streams)
+        .max_header_list_size(config.limits.max_header_bytes as u32);
+    app.h2_options = Some(h2);
+    let mut proxy = Service::new(
+        "vllm-edge".to_string(),
+        crate::conn::EdgeApp::new(app, live.clone()),
+    );
     for (l, cert) in listeners.iter().zip(&certs) {
         match cert {
             None => proxy.add_tcp_with_settings(&l.addr.to_string(), socket_options(l)),

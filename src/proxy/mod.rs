@@ -172,6 +172,56 @@ impl RequestCtx {
 }
 
 /// Writes a complete JSON response.
+/// A request head the gateway refuses before reading the body: too large, too many
+/// fields, or framed ambiguously (both `Content-Length` and `Transfer-Encoding`, the
+/// ingredients of request smuggling). Returns the limit's name (for metrics) and the
+/// answer.
+fn head_refusal(
+    header: &pingora::http::RequestHeader,
+    limits: &crate::config::ClientLimits,
+) -> Option<(&'static str, ApiError)> {
+    let fields = header.headers.len();
+    if fields > limits.max_headers {
+        return Some((
+            "max_header_count",
+            ApiError::header_too_large(format!(
+                "The request has {fields} header fields; the limit is {} \
+                 (limits.max_header_count).",
+                limits.max_headers
+            )),
+        ));
+    }
+    let request_line = header.method.as_str().len() + header.raw_path().len() + 12;
+    let bytes = request_line
+        + header
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if bytes > limits.max_header_bytes {
+        return Some((
+            "max_header_size",
+            ApiError::header_too_large(format!(
+                "The request head is {bytes} bytes; the limit is {} (limits.max_header_size).",
+                limits.max_header_bytes
+            )),
+        ));
+    }
+    let h = &header.headers;
+    if h.contains_key(http::header::TRANSFER_ENCODING)
+        && h.contains_key(http::header::CONTENT_LENGTH)
+    {
+        return Some((
+            "framing",
+            ApiError::bad_request(
+                "The request has both Content-Length and Transfer-Encoding; send one.",
+                None,
+            ),
+        ));
+    }
+    None
+}
+
 async fn respond_json(
     session: &mut Session,
     status: u16,
@@ -288,6 +338,18 @@ impl ProxyHttp for Gateway {
         let header = session.req_header();
         ctx.request_id = request_id(header);
         ctx.route = openai::route(&header.method, header.uri.path());
+        let limits = self.config.load().limits;
+        if let Some((limit, err)) = head_refusal(header, &limits) {
+            crate::metrics::LIMIT_REFUSALS
+                .with_label_values(&[limit])
+                .inc();
+            return respond_error(session, ctx, &err).await;
+        }
+        if session.get_keepalive().is_some() {
+            // Pingora keeps an HTTP/1.1 client's connection open forever by default.
+            session.set_keepalive(Some(limits.keepalive_timeout.as_secs()));
+        }
+        let header = session.req_header();
         if ctx.route != Route::Health {
             if let Some(keys) = &self.config.load().api_keys {
                 let presented = header
@@ -352,19 +414,39 @@ impl ProxyHttp for Gateway {
             }
             Route::Inference => {
                 let cfg = self.config.load();
-                let body =
-                    match body::read_full_body(session, cfg.max_body_bytes, cfg.body_read_timeout)
-                        .await
-                    {
-                        Ok(b) => b,
-                        Err(BodyError::Reply(err)) => {
-                            return respond_error(session, ctx, &err).await
+                let body = match body::read_full_body(
+                    session,
+                    cfg.limits.max_body_bytes,
+                    cfg.limits.body_read_timeout,
+                )
+                .await
+                {
+                    Ok(b) => b,
+                    Err(BodyError::Reply(err)) => {
+                        let limit = match err.status {
+                            413 => Some("max_body_size"),
+                            408 => Some("body_read_timeout"),
+                            _ => None,
+                        };
+                        if let Some(limit) = limit {
+                            crate::metrics::LIMIT_REFUSALS
+                                .with_label_values(&[limit])
+                                .inc();
                         }
-                        Err(BodyError::ClientGone(e)) => return Err(e),
-                    };
-                let info = match openai::inspect(&body) {
+                        return respond_error(session, ctx, &err).await;
+                    }
+                    Err(BodyError::ClientGone(e)) => return Err(e),
+                };
+                let info = match openai::inspect(&body, cfg.limits.max_json_depth) {
                     Ok(info) => info,
-                    Err(err) => return respond_error(session, ctx, &err).await,
+                    Err(err) => {
+                        if err == ApiError::too_deep(cfg.limits.max_json_depth) {
+                            crate::metrics::LIMIT_REFUSALS
+                                .with_label_values(&["max_json_depth"])
+                                .inc();
+                        }
+                        return respond_error(session, ctx, &err).await;
+                    }
                 };
                 if self.fleet.load().serving(&info.model).is_none() {
                     return respond_error(session, ctx, &ApiError::model_not_found(&info.model))
