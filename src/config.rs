@@ -43,7 +43,7 @@ pub mod defaults {
     pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
     /// Client connections open at once; more are answered 503 and closed. Each costs a
     /// descriptor (two while proxied), so the process's descriptor limit is raised to fit.
-    pub const MAX_CONNECTIONS: usize = 16_384;
+    pub const MAX_CONNECTIONS: usize = 8_192;
     /// Concurrent streams on one HTTP/2 connection (nginx's default).
     pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
     /// Nesting of a request body's JSON. Chat requests with tool schemas stay far below;

@@ -71,6 +71,7 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     lifecycle::remember_exe();
+    vllm_edge::conn::no_huge_pages();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run { .. }) {
         init_logging(LogFormat::Text);

@@ -115,7 +115,7 @@ pub static LIMIT_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "vllm_edge_limit_refusals_total",
         "Connections and requests refused by a client limit (max_connections, \
          header_read_timeout, max_header_size, max_header_count, max_body_size, \
-         body_read_timeout, max_json_depth, framing).",
+         body_read_timeout, max_json_depth).",
         &["limit"]
     )
     .expect("metric registers once")

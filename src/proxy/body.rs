@@ -68,6 +68,13 @@ pub async fn read_full_body(
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => return Ok(()),
+                // Pingora's names for a chunked body it cannot parse (`v1/body.rs`).
+                Err(e) if matches!(e.etype().as_str(), "InvalidChunk" | "InvalidTrailerEnd") => {
+                    return Err(BodyError::Reply(ApiError::bad_request(
+                        "The request body's chunked encoding is invalid.",
+                        None,
+                    )))
+                }
                 Err(e) => return Err(BodyError::ClientGone(e)),
             }
         }

@@ -172,10 +172,11 @@ impl RequestCtx {
 }
 
 /// Writes a complete JSON response.
-/// A request head the gateway refuses before reading the body: too large, too many
-/// fields, or framed ambiguously (both `Content-Length` and `Transfer-Encoding`, the
-/// ingredients of request smuggling). Returns the limit's name (for metrics) and the
-/// answer.
+/// A request head the gateway refuses before reading the body: too large or too many
+/// fields. Returns the limit's name (for metrics) and the answer. (A head with both
+/// `Content-Length` and `Transfer-Encoding` never gets here as such: Pingora drops the
+/// length, reads the body as chunked and closes the connection after the answer, so a
+/// request smuggled behind the body is never read.)
 fn head_refusal(
     header: &pingora::http::RequestHeader,
     limits: &crate::config::ClientLimits,
@@ -205,18 +206,6 @@ fn head_refusal(
                 "The request head is {bytes} bytes; the limit is {} (limits.max_header_size).",
                 limits.max_header_bytes
             )),
-        ));
-    }
-    let h = &header.headers;
-    if h.contains_key(http::header::TRANSFER_ENCODING)
-        && h.contains_key(http::header::CONTENT_LENGTH)
-    {
-        return Some((
-            "framing",
-            ApiError::bad_request(
-                "The request has both Content-Length and Transfer-Encoding; send one.",
-                None,
-            ),
         ));
     }
     None
@@ -653,6 +642,16 @@ impl ProxyHttp for Gateway {
             resp.insert_header("x-vllm-edge-backend", ctx.backend_name())?;
         }
         resp.insert_header(REQUEST_ID, &ctx.request_id)?;
+        if ctx.in_flight.is_some()
+            && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !resp.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && session.req_header().version == http::Version::HTTP_11
+        {
+            // A body that ends when the replica's connection closes would reach an
+            // HTTP/1.1 client the same way, and a cut answer would look complete. Chunked,
+            // it needs its last chunk, which a cut never sends.
+            resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
         Ok(())
     }
 
@@ -683,6 +682,15 @@ impl ProxyHttp for Gateway {
             }
         }
         if end_of_stream {
+            if ctx.watchdog.as_ref().and_then(|w| w.fired()).is_some() {
+                // A body that ends when the replica's connection closes "ended" because a
+                // deadline shut that connection down: it was cut, and must fail as such
+                // (the error hooks read which deadline from the watchdog).
+                return Error::e_explain(
+                    ErrorType::ReadTimedout,
+                    "a deadline cut a body that ends with its connection",
+                );
+            }
             // Before Pingora may pool the connection: the watchdog must not touch it.
             if let Some(w) = ctx.watchdog.take() {
                 w.finish();

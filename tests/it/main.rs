@@ -1,6 +1,7 @@
 //! Integration tests: real sockets on loopback, port 0 everywhere, the gateway binary in
 //! front of in-process simulated vLLM servers.
 
+mod adversarial;
 mod body;
 mod cli;
 mod discovery;
