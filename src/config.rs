@@ -1350,4 +1350,41 @@ mod tests {
             Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any text: a configuration or an error, never a panic.
+            #[test]
+            fn any_text_is_loaded_or_refused(text in "\\PC{0,200}") {
+                let _ = parse(&text);
+            }
+
+            /// Any value under any limit: accepted, or refused with the file, the line and
+            /// the key.
+            #[test]
+            fn a_refused_limit_names_file_line_and_key(
+                key in prop::sample::select(vec![
+                    "max_body_size", "body_read_timeout", "max_header_size",
+                    "max_header_count", "header_read_timeout", "keepalive_timeout",
+                    "max_connections", "h2_max_concurrent_streams", "max_json_depth",
+                ]),
+                value in prop::sample::select(vec![
+                    "-1", "0", "1", "1.5", "abc", "[1, 2]", "{a: 1}", "''", "null", "true",
+                    "99999999999999999999", "1GiB", "10s", "0s", "1ms", "64KiB", "200",
+                ]),
+            ) {
+                let text = format!("{MINIMAL}limits:\n  {key}: {value}\n");
+                if let Err(e) = parse(&text) {
+                    let e = e.to_string();
+                    prop_assert!(e.contains("test.yaml:11:"), "{}", e);
+                    prop_assert!(e.contains(&format!("limits.{key}")), "{}", e);
+                }
+            }
+        }
+    }
 }

@@ -478,4 +478,52 @@ vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.6
         assert_eq!(s.label("b"), Some("héllo\n"));
         assert_eq!(s.value, 1500.0);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any bytes: a reading or an error, never a panic.
+            #[test]
+            fn any_payload_is_read_or_refused(payload in prop::collection::vec(any::<u8>(), 0..1024)) {
+                let _ = parse(&payload, MAX);
+            }
+
+            /// Lines made of the exposition's own characters, in any order.
+            #[test]
+            fn exposition_like_lines_never_panic(
+                lines in prop::collection::vec("[a-z_:{}=\",. 0-9e+#\\\\-]{0,60}", 0..20),
+            ) {
+                let _ = parse(lines.join("\n").as_bytes(), MAX);
+            }
+
+            /// Several engines' queues add up, and the engines are counted.
+            #[test]
+            fn engines_are_summed(values in prop::collection::vec((0u32..1000, 0u32..1000), 1..6)) {
+                let mut text = String::new();
+                for (i, (r, w)) in values.iter().enumerate() {
+                    text.push_str(&format!(
+                        "vllm:num_requests_running{{engine=\"{i}\",model_name=\"m\"}} {r}.0\n\
+                         vllm:num_requests_waiting{{engine=\"{i}\",model_name=\"m\"}} {w}.0\n"
+                    ));
+                }
+                let load = parse(text.as_bytes(), MAX).unwrap();
+                let running: u32 = values.iter().map(|v| v.0).sum();
+                let waiting: u32 = values.iter().map(|v| v.1).sum();
+                prop_assert_eq!(load.running, Some(f64::from(running)));
+                prop_assert_eq!(load.waiting, Some(f64::from(waiting)));
+                prop_assert_eq!(load.engines, values.len());
+            }
+
+            /// A payload over the limit is refused before it is read.
+            #[test]
+            fn oversized_payloads_are_refused(limit in 0usize..256, extra in 1usize..64) {
+                let payload = vec![b'#'; limit + extra];
+                prop_assert!(matches!(parse(&payload, limit), Err(MetricsError::TooLarge(_))));
+            }
+        }
+    }
 }

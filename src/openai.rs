@@ -659,4 +659,79 @@ data: {"usage":null}
             })
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any bytes at all: a routing decision or a 400, never a panic.
+            #[test]
+            fn any_body_is_read_or_refused_with_400(body in prop::collection::vec(any::<u8>(), 0..512)) {
+                match inspect(&body, 64) {
+                    Ok(info) => prop_assert!(!info.model.is_empty()),
+                    Err(e) => prop_assert_eq!(e.status, 400),
+                }
+            }
+
+            /// What a client sends in the routing fields is what routing reads.
+            #[test]
+            fn routing_fields_are_read_back(
+                model in "[a-zA-Z0-9/_.:-]{1,40}",
+                stream in any::<bool>(),
+                max_tokens in proptest::option::of(0u64..1_000_000),
+                content in "\\PC{0,64}",
+                extra in prop::collection::btree_map("[a-z_]{1,8}", any::<i64>(), 0..4),
+            ) {
+                let messages = serde_json::json!([{"role": "user", "content": content}]);
+                let mut body = serde_json::Map::new();
+                for (k, v) in extra {
+                    body.insert(format!("x_{k}"), v.into());
+                }
+                body.insert("model".into(), model.clone().into());
+                body.insert("stream".into(), stream.into());
+                body.insert("messages".into(), messages.clone());
+                if let Some(m) = max_tokens {
+                    body.insert("max_tokens".into(), m.into());
+                }
+                let bytes = serde_json::to_vec(&body).unwrap();
+                let info = inspect(&bytes, 64).unwrap();
+                prop_assert_eq!(info.model, model);
+                prop_assert_eq!(info.stream, stream);
+                prop_assert_eq!(info.max_tokens, max_tokens);
+                prop_assert_eq!(info.prompt_bytes, serde_json::to_string(&messages).unwrap().len());
+            }
+
+            /// Nesting is refused exactly above the limit, wherever it is.
+            #[test]
+            fn nesting_is_refused_exactly_above_the_limit(
+                depth in 1usize..200,
+                limit in 1usize..128,
+                field in prop::sample::select(vec!["messages", "prompt", "x_extra"]),
+            ) {
+                let inner = depth - 1;
+                let body = format!(
+                    "{{\"model\":\"m\",\"{field}\":{}{}}}",
+                    "[".repeat(inner),
+                    "]".repeat(inner)
+                );
+                let body = body.replace("\":}", "\":0}");
+                let result = inspect(body.as_bytes(), limit);
+                if depth <= limit {
+                    prop_assert!(result.is_ok(), "{:?}", result);
+                } else {
+                    prop_assert_eq!(result.unwrap_err(), ApiError::too_deep(limit));
+                }
+            }
+
+            /// Brackets and quotes inside strings are text, not structure.
+            #[test]
+            fn strings_do_not_count_as_nesting(s in "\\PC{0,64}") {
+                let body = serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": s})).unwrap();
+                prop_assert!(!json_depth_exceeds(&body, 1));
+            }
+        }
+    }
 }
