@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 
 cargo test --locked
+# Tests that load the machine (10,000 connections) run alone, after the others, so their
+# load cannot upset the timing of the rest.
+cargo test --locked --test it -- --ignored --test-threads=1
 
 # The systemd units (systemd-analyze verify).
 bash scripts/check-systemd.sh

@@ -1,0 +1,24 @@
+//! The request-body inspector: any bytes give routing fields or a 400, never a panic,
+//! and whatever it accepts is JSON nested no deeper than the limit.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vllm_edge::openai::{inspect, json_depth_exceeds};
+
+fuzz_target!(|body: &[u8]| {
+    let limit = 64;
+    match inspect(body, limit) {
+        Ok(info) => {
+            assert!(!info.model.is_empty());
+            assert!(info.prompt_bytes <= body.len());
+            assert!(!json_depth_exceeds(body, limit));
+        }
+        Err(e) => assert_eq!(e.status, 400),
+    }
+    // The usage reader sees replicas' answers: any bytes, any split.
+    let mut tail = vllm_edge::openai::UsageTail::default();
+    let (a, b) = body.split_at(body.len() / 2);
+    tail.push(a);
+    tail.push(b);
+    let _ = tail.usage();
+});
