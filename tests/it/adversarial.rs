@@ -24,16 +24,6 @@ const LIMITS: &str = "limits:
   max_json_depth: 32
   h2_max_concurrent_streams: 16";
 
-async fn still_serves(gw: &Gateway) {
-    let resp = http1()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body("m", "still there?", false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "{}", gw.log_unusual());
-}
-
 /// An answer read off a raw connection.
 #[derive(Debug)]
 struct Answer {
@@ -170,7 +160,7 @@ fn rss_kib(pid: u32) -> u64 {
 async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving() {
     let backend = sim(&["m"]).await;
     let gw = Gateway::builder(&[&backend]).yaml(LIMITS).start().await;
-    still_serves(&gw).await;
+    still_serves(&gw, "m").await;
     let rss_before = rss_kib(gw.pid().unwrap());
 
     let nested = format!(
@@ -300,7 +290,7 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
         eprintln!("case: {case}");
         let Some(a) = try_exchange(gw.addr, bytes).await else {
             assert_eq!(*want, 0, "{case}: closed without an answer");
-            still_serves(&gw).await;
+            still_serves(&gw, "m").await;
             continue;
         };
         assert_eq!(a.status, *want, "{case}: {}", a.head);
@@ -317,7 +307,7 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
             "{case}: a second answer followed: {:?}",
             String::from_utf8_lossy(&a.rest)
         );
-        still_serves(&gw).await;
+        still_serves(&gw, "m").await;
     }
 
     // A 100 MB body is refused from its Content-Length, while it is still being sent.
@@ -352,7 +342,7 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
     .await
     .expect("answered while the body was being sent");
     assert!(a.starts_with("HTTP/1.1 413"), "{a}");
-    still_serves(&gw).await;
+    still_serves(&gw, "m").await;
 
     let m = gw.metrics_text().await;
     for limit in [
@@ -400,7 +390,7 @@ async fn slow_clients_are_cut_off_by_their_deadlines() {
             }
         }
     };
-    let (_, ()) = tokio::join!(trickle, still_serves(&gw));
+    let (_, ()) = tokio::join!(trickle, still_serves(&gw, "m"));
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(4),
@@ -474,7 +464,7 @@ async fn slow_clients_are_cut_off_by_their_deadlines() {
             "{limit} not counted:\n{m}"
         );
     }
-    still_serves(&gw).await;
+    still_serves(&gw, "m").await;
 }
 
 #[tokio::test]
@@ -621,7 +611,7 @@ async fn http2_rapid_reset_is_stopped_and_stream_limits_are_announced() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    still_serves(&gw).await;
+    still_serves(&gw, "m").await;
 }
 
 #[tokio::test]
@@ -875,7 +865,7 @@ async fn lying_replicas_are_scraped_as_errors_and_their_answers_bounded() {
     }
     // ...and the backends are still used, scored from local accounting.
     for _ in 0..8 {
-        still_serves(&gw).await;
+        still_serves(&gw, "m").await;
     }
 
     // A non-streaming answer that never ends is cut at `non_stream_total`.
@@ -911,7 +901,7 @@ async fn lying_replicas_are_scraped_as_errors_and_their_answers_bounded() {
         .expect("the stream ends")
         .unwrap();
     assert_eq!(&body[..], BAD_EVENTS);
-    still_serves(&gw).await;
+    still_serves(&gw, "m").await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -980,7 +970,7 @@ async fn ten_thousand_idle_connections_and_streams_stay_within_the_memory_bound(
         .start()
         .await;
     let pid = gw.pid().unwrap();
-    still_serves(&gw).await;
+    still_serves(&gw, "m").await;
     let idle_rss = rss_kib(pid);
 
     // Idle connections: connected, nothing sent.
@@ -1006,7 +996,7 @@ async fn ten_thousand_idle_connections_and_streams_stay_within_the_memory_bound(
         gw.log_unusual()
     );
     let started = Instant::now();
-    still_serves(&gw).await;
+    still_serves(&gw, "m").await;
     let served_in = started.elapsed();
     let conn_rss = rss_kib(pid);
     drop(idle);
@@ -1055,7 +1045,7 @@ async fn ten_thousand_idle_connections_and_streams_stay_within_the_memory_bound(
         }
     }
     let started = Instant::now();
-    still_serves(&gw).await;
+    still_serves(&gw, "m").await;
     let served_streams_in = started.elapsed();
     let stream_rss = rss_kib(pid);
     drop(streams);

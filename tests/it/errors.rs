@@ -5,16 +5,6 @@ use crate::support::*;
 use std::time::Duration;
 use vllm_edge::sim::Faults;
 
-async fn still_serves(gw: &Gateway, model: &str) {
-    let resp = http1()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(model, "still there?", false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "{}", gw.log());
-}
-
 fn assert_openai_error(status: u16, body: &serde_json::Value, want: u16) {
     assert_eq!(status, want, "{body}");
     let e = &body["error"];

@@ -356,3 +356,15 @@ pub async fn models(gw: &Gateway) -> Vec<String> {
         .map(|m| m["id"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// A normal chat request for `model` succeeds (after a case that must not have hurt the
+/// gateway).
+pub async fn still_serves(gw: &Gateway, model: &str) {
+    let resp = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(model, "still there?", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", gw.log_unusual());
+}
