@@ -159,6 +159,27 @@ impl HeadDeadline {
         }
     }
 
+    /// An answer is being written: the next byte read starts the next head.
+    fn wrote(&mut self) {
+        if self.head == Head::Received {
+            self.head = Head::Between;
+        }
+    }
+
+    /// The head's deadline passed: counted once, and the error the read gets.
+    fn expired(&mut self) -> io::Error {
+        self.timer = None;
+        self.head = Head::Off;
+        metrics::LIMIT_REFUSALS
+            .with_label_values(&["header_read_timeout"])
+            .inc();
+        tracing::debug!("a client did not send its request head in time");
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the request head did not arrive within limits.header_read_timeout",
+        )
+    }
+
     fn observe(&mut self, data: &[u8]) {
         if data.is_empty() {
             return;
@@ -212,16 +233,7 @@ impl AsyncRead for HeadDeadline {
         let this = self.get_mut();
         if let Some(timer) = this.timer.as_mut() {
             if timer.as_mut().poll(cx).is_ready() {
-                this.timer = None;
-                this.head = Head::Off;
-                metrics::LIMIT_REFUSALS
-                    .with_label_values(&["header_read_timeout"])
-                    .inc();
-                tracing::debug!("a client did not send its request head in time");
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the request head did not arrive within limits.header_read_timeout",
-                )));
+                return Poll::Ready(Err(this.expired()));
             }
         }
         let before = buf.filled().len();
@@ -239,9 +251,7 @@ impl AsyncWrite for HeadDeadline {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let n = ready!(Pin::new(&mut *this.inner).poll_write(cx, data))?;
-        if this.head == Head::Received {
-            this.head = Head::Between;
-        }
+        this.wrote();
         Poll::Ready(Ok(n))
     }
 
@@ -252,9 +262,7 @@ impl AsyncWrite for HeadDeadline {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let n = ready!(Pin::new(&mut *this.inner).poll_write_vectored(cx, bufs))?;
-        if this.head == Head::Received {
-            this.head = Head::Between;
-        }
+        this.wrote();
         Poll::Ready(Ok(n))
     }
 
@@ -336,17 +344,7 @@ impl Peek for HeadDeadline {
             Some(deadline) => {
                 match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
                     Ok(peeked) => peeked,
-                    Err(_) => {
-                        self.timer = None;
-                        self.head = Head::Off;
-                        metrics::LIMIT_REFUSALS
-                            .with_label_values(&["header_read_timeout"])
-                            .inc();
-                        Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "nothing arrived within limits.header_read_timeout",
-                        ))
-                    }
+                    Err(_) => Err(self.expired()),
                 }
             }
         }
