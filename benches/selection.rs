@@ -58,6 +58,7 @@ fn pick(c: &mut Criterion) {
         model: "m",
         prompt_tokens: 800,
         max_tokens: Some(256),
+        affinity: None,
     };
     let mut group = c.benchmark_group("pick");
     for n in [4usize, 64, 1024] {

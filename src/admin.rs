@@ -233,6 +233,7 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
         model: "",
         prompt_tokens: 500,
         max_tokens: Some(256),
+        affinity: None,
     };
     let default_itl = snap.min_itl_s.unwrap_or(selection::DEFAULT_ITL_S);
     let answered = metrics::sums_by(&metrics::REQUESTS, "backend");

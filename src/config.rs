@@ -100,6 +100,18 @@ pub mod defaults {
     /// Where a running gateway hands its listening sockets to its successor (an upgrade).
     pub const UPGRADE_SOCK: &str = "/tmp/vllm-edge-upgrade.sock";
     pub const UPSTREAM_KEEPALIVE_POOL: usize = 256;
+    /// Prefix affinity with the `vllm` policy: a stateless key, preferred when it is cheap.
+    pub const AFFINITY_ENABLED: bool = true;
+    /// A key's home takes the request unless its load is above this factor of the mean
+    /// (the bound of "consistent hashing with bounded loads": 1.25 keeps every backend
+    /// within a quarter of the average while moving few keys).
+    pub const AFFINITY_LOAD_FACTOR: f64 = 1.25;
+    /// Leading bytes of a conversation (through its first user turn) or of a prompt that
+    /// make its key: about 1,000 tokens. A longer shared system prompt is a key by itself
+    /// (its requests share the cached prompt); a shorter one is keyed with the first user
+    /// turn (each conversation keeps its replica).
+    pub const AFFINITY_PREFIX_BYTES: usize = 4096;
+    pub const AFFINITY_SESSION_HEADER: &str = "x-session-id";
 
     pub fn threads() -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -212,6 +224,21 @@ struct FileBackend {
 struct FileRouting {
     #[serde(default)]
     policy: Option<Policy>,
+    #[serde(default)]
+    affinity: FileAffinity,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAffinity {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    load_factor: Option<f64>,
+    #[serde(default)]
+    prefix_bytes: Option<ByteSize>,
+    #[serde(default)]
+    session_header: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -325,6 +352,9 @@ pub enum Policy {
     LeastRequest,
     PowerOfTwo,
     Vllm,
+    /// Prefix affinity alone: the key's home unless overloaded (for comparison with
+    /// `vllm`, which combines the two).
+    Affinity,
 }
 
 impl Policy {
@@ -334,6 +364,7 @@ impl Policy {
             Policy::LeastRequest => "least-request",
             Policy::PowerOfTwo => "power-of-two",
             Policy::Vllm => "vllm",
+            Policy::Affinity => "affinity",
         }
     }
 }
@@ -367,6 +398,7 @@ pub struct Config {
     pub api_keys: Option<Arc<ApiKeys>>,
     pub backends: Vec<BackendConfig>,
     pub policy: Policy,
+    pub affinity: Affinity,
     pub limits: ClientLimits,
     pub connect_timeout: Duration,
     pub timeouts: Timeouts,
@@ -389,6 +421,75 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Write one access-log line per request (target `access`).
     pub access_log: bool,
+}
+
+/// Prefix affinity (`routing.affinity:` in the file; see `affinity.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Affinity {
+    /// With `policy: vllm`; `policy: affinity` always uses it.
+    pub enabled: bool,
+    pub load_factor: f64,
+    pub prefix_bytes: usize,
+    /// Lower-case header name carrying a client's session id.
+    pub session_header: String,
+}
+
+impl Default for Affinity {
+    fn default() -> Self {
+        Affinity {
+            enabled: defaults::AFFINITY_ENABLED,
+            load_factor: defaults::AFFINITY_LOAD_FACTOR,
+            prefix_bytes: defaults::AFFINITY_PREFIX_BYTES,
+            session_header: defaults::AFFINITY_SESSION_HEADER.to_string(),
+        }
+    }
+}
+
+impl Affinity {
+    /// Whether `policy` uses affinity keys under this setting.
+    pub fn used_by(&self, policy: Policy) -> bool {
+        policy == Policy::Affinity || (policy == Policy::Vllm && self.enabled)
+    }
+}
+
+fn affinity(
+    a: &FileAffinity,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Affinity, ConfigError> {
+    let d = Affinity::default();
+    let out = Affinity {
+        enabled: a.enabled.unwrap_or(d.enabled),
+        load_factor: a.load_factor.unwrap_or(d.load_factor),
+        prefix_bytes: a.prefix_bytes.map_or(d.prefix_bytes, |b| b.0),
+        session_header: a
+            .session_header
+            .clone()
+            .unwrap_or(d.session_header)
+            .to_ascii_lowercase(),
+    };
+    if !(out.load_factor.is_finite() && (1.0..=100.0).contains(&out.load_factor)) {
+        return Err(invalid(
+            "routing.affinity.load_factor",
+            format!(
+                "must be between 1 and 100 (1.25: a key's replica keeps its requests while it is \
+                 at most 25% above the best estimate or the mean load), got {}",
+                out.load_factor
+            ),
+        ));
+    }
+    if !(64..=1 << 20).contains(&out.prefix_bytes) {
+        return Err(invalid(
+            "routing.affinity.prefix_bytes",
+            format!("must be between 64 and 1MiB, got {}", out.prefix_bytes),
+        ));
+    }
+    if http::HeaderName::from_bytes(out.session_header.as_bytes()).is_err() {
+        return Err(invalid(
+            "routing.affinity.session_header",
+            format!("`{}` is not a valid header name", out.session_header),
+        ));
+    }
+    Ok(out)
 }
 
 /// What one client may send and hold (`limits:` in the file).
@@ -875,6 +976,7 @@ impl Config {
         }
         let dur = |d: Option<HumanDuration>, default: Duration| d.map_or(default, |d| d.0);
         let limits = client_limits(&file.limits, &invalid)?;
+        let affinity = affinity(&file.routing.affinity, &invalid)?;
         let retry_budget_ratio = file
             .upstream
             .retry_budget
@@ -947,6 +1049,7 @@ impl Config {
             api_keys,
             backends,
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
+            affinity,
             limits,
             connect_timeout: dur(file.timeouts.connect, defaults::CONNECT_TIMEOUT),
             timeouts,
@@ -1272,6 +1375,48 @@ mod tests {
         assert!(e.starts_with("test.yaml:7:"), "{e}");
         assert!(e.contains("backends[1]"), "{e}");
         assert!(e.contains("unknown field `urll`"), "{e}");
+    }
+
+    #[test]
+    fn affinity_settings_are_read_and_bad_ones_located() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.affinity, Affinity::default());
+        assert!(c.affinity.used_by(Policy::Affinity) && !c.affinity.used_by(Policy::RoundRobin));
+        let text = MINIMAL.replace(
+            "  policy: round-robin\n",
+            "  policy: affinity\n  affinity:\n    enabled: false\n    load_factor: 2\n    \
+             prefix_bytes: 1KiB\n    session_header: X-Conversation\n",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.policy, Policy::Affinity);
+        assert_eq!(
+            c.affinity,
+            Affinity {
+                enabled: false,
+                load_factor: 2.0,
+                prefix_bytes: 1024,
+                session_header: "x-conversation".into(),
+            }
+        );
+        // Off, but `policy: affinity` uses it anyway; `vllm` does not.
+        assert!(c.affinity.used_by(Policy::Affinity) && !c.affinity.used_by(Policy::Vllm));
+        for (bad, key) in [
+            ("    load_factor: 0.5\n", "routing.affinity.load_factor"),
+            ("    prefix_bytes: 10\n", "routing.affinity.prefix_bytes"),
+            (
+                "    session_header: \"not a header\"\n",
+                "routing.affinity.session_header",
+            ),
+            ("    sticky: yes\n", "sticky"),
+        ] {
+            let text = MINIMAL.replace(
+                "  policy: round-robin\n",
+                &format!("  policy: round-robin\n  affinity:\n{bad}"),
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with("test.yaml:"), "{e}");
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub fn fresh_since(now: Instant, stale_after: std::time::Duration) -> Option<Ins
 #[derive(Debug)]
 pub struct Backend {
     pub name: String,
+    /// Its identity for prefix affinity: a digest of `name`, the same in every gateway.
+    pub node_id: u64,
     pub url: String,
     pub addr: SocketAddr,
     /// Models from the config file; `None` means discover them from `/v1/models`.
@@ -60,6 +62,7 @@ impl Backend {
         Arc::new(Backend {
             health,
             name: cfg.name.clone(),
+            node_id: crate::affinity::node_id(&cfg.name),
             url: cfg.url.clone(),
             addr: cfg.addr,
             static_models: cfg.static_models.clone(),

@@ -52,6 +52,7 @@
 //! - [`top`]: `vllm-edge top`, the fleet live in a terminal.
 
 pub mod admin;
+pub mod affinity;
 pub mod auth;
 pub mod config;
 pub mod conn;

@@ -56,7 +56,8 @@ pub static SELECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "vllm_edge_selections_total",
         "Backends picked for an attempt, by policy and reason (only_candidate, rotation, \
-         fewest_in_flight, two_choices, lowest_score, local_estimate, open_circuit_fallback).",
+         fewest_in_flight, two_choices, lowest_score, local_estimate, open_circuit_fallback, \
+         affinity_home, affinity_spill).",
         &["policy", "reason"]
     )
     .expect("metric registers once")

@@ -87,6 +87,8 @@ pub struct RoutingInfo {
     /// The response will carry a `usage` object: every non-streaming answer, and streams
     /// that asked for it (`stream_options.include_usage`).
     pub usage_reported: bool,
+    /// Where the fields prefix affinity keys on are in the body.
+    pub spans: crate::affinity::BodySpans,
 }
 
 #[derive(Deserialize, Default)]
@@ -117,6 +119,8 @@ struct Probe<'a> {
     text: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    user: Option<&'a RawValue>,
 }
 
 /// How deeply arrays and objects nest in a JSON text, counted up to `limit + 1` (strings
@@ -221,12 +225,24 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<RoutingInfo, ApiError> {
         .stream_options
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    // The fields' JSON text lies inside `body`: their offsets locate them.
+    let span = |r: Option<&RawValue>| {
+        let r = r?;
+        let start = (r.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+        let end = start + r.get().len();
+        (end <= body.len()).then_some(start..end)
+    };
     Ok(RoutingInfo {
         model,
         stream,
         prompt_bytes,
         max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
         usage_reported: !stream || include_usage,
+        spans: crate::affinity::BodySpans {
+            messages: span(probe.messages),
+            prompt: span(probe.prompt),
+            user: span(probe.user),
+        },
     })
 }
 

@@ -6,13 +6,18 @@
 //! - `round-robin`: in turn, per model;
 //! - `least-request`: fewest requests in flight from this gateway;
 //! - `power-of-two`: the less busy (in flight) of two random replicas;
-//! - `vllm` (default): the lowest [`vllm_score`], an estimate of the time to first token.
+//! - `vllm` (default): the lowest [`vllm_score`], an estimate of the time to first token;
+//!   with `routing.affinity.enabled` (the default), the request's prefix-affinity home
+//!   instead when that is cheap: its estimate is within the load factor of the lowest,
+//!   plus the prefill its prefix cache likely saves;
+//! - `affinity`: the affinity home unless its load is above the bound (see `affinity.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::affinity::{self, AffinityKey};
 use crate::config::Policy;
 use crate::fleet::{fresh_since, BackendEntry, FleetSnapshot};
 
@@ -44,10 +49,15 @@ pub enum Reason {
     LocalEstimate,
     /// Every backend's circuit was open: picked anyway rather than refusing.
     OpenCircuitFallback,
+    /// The request's prefix-affinity home (the first backend in its key's order).
+    AffinityHome,
+    /// The affinity home was over the load bound: the next backend in the key's order
+    /// that is not.
+    AffinitySpill,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 9] = [
         Reason::OnlyCandidate,
         Reason::Rotation,
         Reason::FewestInFlight,
@@ -55,6 +65,8 @@ impl Reason {
         Reason::LowestScore,
         Reason::LocalEstimate,
         Reason::OpenCircuitFallback,
+        Reason::AffinityHome,
+        Reason::AffinitySpill,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +78,8 @@ impl Reason {
             Reason::LowestScore => "lowest_score",
             Reason::LocalEstimate => "local_estimate",
             Reason::OpenCircuitFallback => "open_circuit_fallback",
+            Reason::AffinityHome => "affinity_home",
+            Reason::AffinitySpill => "affinity_spill",
         }
     }
 }
@@ -99,6 +113,17 @@ pub struct Request<'a> {
     /// Estimated prompt tokens.
     pub prompt_tokens: usize,
     pub max_tokens: Option<u64>,
+    /// The request's prefix-affinity key, when the policy uses affinity and the request
+    /// has one.
+    pub affinity: Option<Sticky>,
+}
+
+/// A request's affinity key and the load bound it is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Sticky {
+    pub key: AffinityKey,
+    /// `routing.affinity.load_factor`.
+    pub load_factor: f64,
 }
 
 /// Bytes of prompt JSON per token, for estimating prompt tokens without a tokenizer
@@ -177,20 +202,9 @@ pub fn vllm_score(
     let b = &e.backend;
     let st = &e.state;
     let fresh = st.fresh_load(fresh_since);
-    let (running, waiting, kv, since, done) = match fresh {
-        Some(l) => (
-            l.running.unwrap_or_else(|| b.in_flight() as f64),
-            l.waiting.unwrap_or(0.0),
-            l.kv_usage,
-            b.dispatched().saturating_sub(st.dispatched_at_scrape) as f64,
-            b.completed().saturating_sub(st.completed_at_scrape) as f64,
-        ),
-        // Everything this gateway sent is in flight; nothing else is known.
-        None => (b.in_flight() as f64, 0.0, None, 0.0, 0.0),
-    };
-    let itl = st.itl_s.unwrap_or(default_itl / b.weight);
-    // The engine now: as scraped, plus what we sent since, minus what of ours finished.
-    let in_engine = (running + waiting + since - done).max(0.0);
+    let (running, waiting, in_engine) = engine_now(e, fresh_since);
+    let kv = fresh.and_then(|l| l.kv_usage);
+    let itl = itl_of(e, default_itl);
     let step = itl * (in_engine + 1.0) / (running + 1.0);
 
     // The batch limit: configured, else learned from the engine queueing; beyond it a
@@ -232,6 +246,72 @@ pub fn vllm_score(
     } else {
         score * STALE_PENALTY
     }
+}
+
+/// The engine as this gateway sees it now: `(running, waiting, sequences)`, where
+/// sequences = running + waiting as scraped, plus the requests this gateway sent since the
+/// scrape began, minus those of ours that finished since. With a stale or failing scrape
+/// everything this gateway sent is running, and nothing else is known.
+fn engine_now(e: &BackendEntry, fresh_since: Option<Instant>) -> (f64, f64, f64) {
+    let (b, st) = (&e.backend, &e.state);
+    match st.fresh_load(fresh_since) {
+        Some(l) => {
+            let running = l.running.unwrap_or_else(|| b.in_flight() as f64);
+            let waiting = l.waiting.unwrap_or(0.0);
+            let since = b.dispatched().saturating_sub(st.dispatched_at_scrape) as f64;
+            let done = b.completed().saturating_sub(st.completed_at_scrape) as f64;
+            (
+                running,
+                waiting,
+                (running + waiting + since - done).max(0.0),
+            )
+        }
+        None => {
+            let n = b.in_flight() as f64;
+            (n, 0.0, n)
+        }
+    }
+}
+
+/// The backend's measured inter-token latency, or the fleet's best divided by its weight
+/// before it has one.
+fn itl_of(e: &BackendEntry, default_itl: f64) -> f64 {
+    e.state.itl_s.unwrap_or(default_itl / e.backend.weight)
+}
+
+/// The `affinity` policy's load of a backend: sequences in its engine (with this request)
+/// per unit of weight; a stale scrape counts [`STALE_PENALTY`] times this gateway's own.
+fn affinity_load(e: &BackendEntry, fresh_since: Option<Instant>) -> f64 {
+    let (_, _, sequences) = engine_now(e, fresh_since);
+    let stale = if e.state.fresh_load(fresh_since).is_some() {
+        1.0
+    } else {
+        STALE_PENALTY
+    };
+    (sequences * stale + 1.0) / e.backend.weight.max(f64::MIN_POSITIVE)
+}
+
+/// Headroom of the `affinity` policy's load bound, in sequences: vLLM batches dozens of
+/// sequences at nearly the same step time, so one request more than an idle fleet's
+/// average (often one that finished between two scrapes) is not a reason to move a key.
+const AFFINITY_HEADROOM: f64 = 1.0;
+
+/// `(index, load)` pairs sorted into the key's preference order (highest rendezvous rank
+/// first).
+fn affinity_order(snap: &FleetSnapshot, sticky: &Sticky, items: &mut [(usize, f64)]) {
+    let rank = |i: usize| {
+        let b = &snap.backends[i].backend;
+        affinity::rank(sticky.key.key, b.node_id, b.weight)
+    };
+    items.sort_by(|a, b| rank(b.0).total_cmp(&rank(a.0)));
+}
+
+/// The `affinity` policy: the position, in the key's order, of the first backend within
+/// the load bound.
+fn affinity_pick(snap: &FleetSnapshot, sticky: &Sticky, loads: &mut [(usize, f64)]) -> usize {
+    affinity_order(snap, sticky, loads);
+    let only: Vec<f64> = loads.iter().map(|x| x.1).collect();
+    affinity::bounded(&only, sticky.load_factor, AFFINITY_HEADROOM).unwrap_or(0)
 }
 
 /// Per-gateway selection state: a round-robin cursor per model (so requests for other
@@ -278,6 +358,26 @@ impl Selector {
         if eligible.is_empty() {
             return Err(NoCandidate::Unavailable);
         }
+        if policy == Policy::Affinity
+            || (policy == Policy::Vllm && req.affinity.is_some_and(|a| a.key.reusable_bytes > 0))
+        {
+            // The pick first, then the rest by score (`vllm`) or in the key's order.
+            let first = self.best(policy, snap, req, tried, now)?.index;
+            let fresh = fresh_since(now, self.stale_after);
+            let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
+            let mut rest: Vec<(usize, f64)> = eligible
+                .iter()
+                .filter(|&&i| i != first)
+                .map(|&i| (i, vllm_score(&snap.backends[i], req, fresh, default_itl)))
+                .collect();
+            match (policy, &req.affinity) {
+                (Policy::Affinity, Some(sticky)) => affinity_order(snap, sticky, &mut rest),
+                _ => rest.sort_by(|a, b| a.1.total_cmp(&b.1)),
+            }
+            return Ok(std::iter::once(first)
+                .chain(rest.into_iter().map(|x| x.0))
+                .collect());
+        }
         match policy {
             Policy::RoundRobin => {
                 // One cursor step per request (not per retry).
@@ -311,7 +411,8 @@ impl Selector {
                     eligible.insert(0, x);
                 }
             }
-            Policy::Vllm => {
+            // (`affinity` returned above.)
+            Policy::Vllm | Policy::Affinity => {
                 let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
                 let fresh = fresh_since(now, self.stale_after);
                 let mut scored: Vec<(f64, usize)> = eligible
@@ -346,8 +447,60 @@ impl Selector {
             .copied()
             .filter(|&i| routable(snap, i, strict) && !tried.contains(&i));
         let fresh = fresh_since(now, self.stale_after);
-        // (best index, its score, how many were eligible)
-        let (index, score, n) = match policy {
+        // (best index, its score, how many were eligible, its position in the affinity
+        // order if affinity picked it)
+        let (index, score, n, affine) = match policy {
+            Policy::Vllm if req.affinity.is_some_and(|a| a.key.reusable_bytes > 0) => {
+                let sticky = req.affinity.as_ref().expect("matched");
+                let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
+                let mut scored: Vec<(usize, f64)> = eligible
+                    .map(|i| (i, vllm_score(&snap.backends[i], req, fresh, default_itl)))
+                    .collect();
+                let n = scored.len();
+                let low = scored
+                    .iter()
+                    .map(|x| x.1)
+                    .reduce(f64::min)
+                    .ok_or(NoCandidate::Unavailable)?;
+                // Affinity when it is cheap: the first backend in the key's order whose
+                // estimate is within the load factor of the lowest, plus what its prefix
+                // cache likely saves (the prefill of the reusable part of the prompt, at
+                // its speed). The lowest itself always qualifies.
+                affinity_order(snap, sticky, &mut scored);
+                let reusable = (sticky.key.reusable_bytes / BYTES_PER_TOKEN) as f64;
+                let pos = scored
+                    .iter()
+                    .position(|&(i, s)| {
+                        let gain = itl_of(&snap.backends[i], default_itl) * reusable
+                            / PREFILL_TOKENS_PER_STEP;
+                        s <= low * sticky.load_factor + gain
+                    })
+                    .unwrap_or(0);
+                let (i, s) = scored[pos];
+                (i, Some(s), n, Some(pos))
+            }
+            Policy::Affinity => {
+                let loads: Vec<(usize, f64)> = eligible
+                    .map(|i| (i, affinity_load(&snap.backends[i], fresh)))
+                    .collect();
+                let n = loads.len();
+                match &req.affinity {
+                    _ if n == 0 => return Err(NoCandidate::Unavailable),
+                    Some(sticky) => {
+                        let mut loads = loads;
+                        let pos = affinity_pick(snap, sticky, &mut loads);
+                        (loads[pos].0, None, n, Some(pos))
+                    }
+                    // No key: the least loaded.
+                    None => {
+                        let (i, _) = loads
+                            .into_iter()
+                            .reduce(|a, b| if b.1 < a.1 { b } else { a })
+                            .expect("not empty");
+                        (i, None, n, None)
+                    }
+                }
+            }
             Policy::Vllm => {
                 let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
                 // Strictly lower wins: ties keep configuration order, as in `candidates`.
@@ -364,7 +517,7 @@ impl Selector {
                         },
                     );
                 let (s, i) = best.ok_or(NoCandidate::Unavailable)?;
-                (i, Some(s), n)
+                (i, Some(s), n, None)
             }
             Policy::LeastRequest => {
                 let (best, n) = eligible
@@ -379,21 +532,27 @@ impl Selector {
                             (best, n + 1)
                         },
                     );
-                (best.ok_or(NoCandidate::Unavailable)?.1, None, n)
+                (best.ok_or(NoCandidate::Unavailable)?.1, None, n, None)
             }
             Policy::RoundRobin | Policy::PowerOfTwo => {
                 let c = self.candidates(policy, snap, req, tried, now)?;
-                (c[0], None, c.len())
+                (c[0], None, c.len(), None)
             }
         };
         let reason = if !strict {
             Reason::OpenCircuitFallback
         } else if n == 1 {
             Reason::OnlyCandidate
+        } else if let Some(pos) = affine {
+            if pos == 0 {
+                Reason::AffinityHome
+            } else {
+                Reason::AffinitySpill
+            }
         } else {
             match policy {
                 Policy::RoundRobin => Reason::Rotation,
-                Policy::LeastRequest => Reason::FewestInFlight,
+                Policy::LeastRequest | Policy::Affinity => Reason::FewestInFlight,
                 Policy::PowerOfTwo => Reason::TwoChoices,
                 Policy::Vllm if snap.backends[index].state.fresh_load(fresh).is_some() => {
                     Reason::LowestScore
@@ -448,6 +607,143 @@ mod tests {
             model: "m",
             prompt_tokens: 200,
             max_tokens: Some(100),
+            affinity: None,
+        }
+    }
+
+    fn keyed(key: u64, reusable_bytes: usize) -> Request<'static> {
+        Request {
+            affinity: Some(Sticky {
+                key: AffinityKey {
+                    key,
+                    source: affinity::Source::Conversation,
+                    reusable_bytes,
+                },
+                load_factor: 1.25,
+            }),
+            ..req()
+        }
+    }
+
+    /// Backend indices of `snap` in `key`'s rendezvous order.
+    fn rank_order(snap: &FleetSnapshot, key: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..snap.backends.len()).collect();
+        let rank = |i: usize| {
+            let b = &snap.backends[i].backend;
+            affinity::rank(key, b.node_id, b.weight)
+        };
+        order.sort_by(|&a, &b| rank(b).total_cmp(&rank(a)));
+        order
+    }
+
+    #[test]
+    fn affinity_sends_a_key_home_and_spills_to_its_next_when_the_home_is_overloaded() {
+        let now = Instant::now();
+        let sel = Selector::new(STALE);
+        let mut snap = snapshot(&[true; 4]);
+        for i in 0..4 {
+            snap = scraped(snap, i, 10.0, 0.0, 0.2, 0.01, now);
+        }
+        let mut homes = std::collections::HashSet::new();
+        for key in 0..64u64 {
+            let order = rank_order(&snap, key);
+            for policy in [Policy::Affinity, Policy::Vllm] {
+                let c = sel.best(policy, &snap, &keyed(key, 400), &[], now).unwrap();
+                assert_eq!(
+                    (c.index, c.reason),
+                    (order[0], Reason::AffinityHome),
+                    "{policy}"
+                );
+            }
+            homes.insert(order[0]);
+            // A tried home: the next in the key's order.
+            let c = sel
+                .best(Policy::Affinity, &snap, &keyed(key, 400), &[order[0]], now)
+                .unwrap();
+            assert_eq!((c.index, c.reason), (order[1], Reason::AffinityHome));
+        }
+        assert_eq!(homes.len(), 4, "keys spread over every backend");
+
+        // Overload the home of key 7: its requests go to the key's next backend (the same
+        // in every gateway), not to whichever is least loaded.
+        let key = 7;
+        let order = rank_order(&snap, key);
+        let mut busy = scraped(
+            FleetSnapshot::new(snap.backends.clone()),
+            order[0],
+            60.0,
+            20.0,
+            0.6,
+            0.01,
+            now,
+        );
+        busy = scraped(busy, order[2], 2.0, 0.0, 0.1, 0.01, now);
+        for policy in [Policy::Affinity, Policy::Vllm] {
+            let c = sel.best(policy, &busy, &keyed(key, 400), &[], now).unwrap();
+            assert_eq!(
+                (c.index, c.reason),
+                (order[1], Reason::AffinitySpill),
+                "{policy}"
+            );
+        }
+        // Candidates: the pick first, every other eligible backend after it.
+        let all = sel
+            .candidates(Policy::Affinity, &busy, &keyed(key, 400), &[], now)
+            .unwrap();
+        assert_eq!(all[0], order[1]);
+        assert_eq!(all.len(), 4);
+    }
+
+    #[test]
+    fn vllm_goes_home_only_when_it_is_cheap() {
+        let now = Instant::now();
+        let sel = Selector::new(STALE);
+        let key = 11;
+        let mut snap = snapshot(&[true; 3]);
+        for i in 0..3 {
+            snap = scraped(snap, i, 20.0, 0.0, 0.2, 0.01, now);
+        }
+        let home = rank_order(&snap, key)[0];
+        // The home a little slower (within the load factor): still home.
+        let a_bit = scraped(
+            FleetSnapshot::new(snap.backends.clone()),
+            home,
+            20.0,
+            0.0,
+            0.2,
+            0.011,
+            now,
+        );
+        let c = sel
+            .best(Policy::Vllm, &a_bit, &keyed(key, 4), &[], now)
+            .unwrap();
+        assert_eq!((c.index, c.reason), (home, Reason::AffinityHome));
+        // A third slower: within the load bound (1.25 × the mean), but beyond the band
+        // (1.25 × the lowest): the lowest score, unless a long reusable prefix pays for it.
+        let much = scraped(
+            FleetSnapshot::new(snap.backends.clone()),
+            home,
+            20.0,
+            0.0,
+            0.2,
+            0.0135,
+            now,
+        );
+        let c = sel
+            .best(Policy::Vllm, &much, &keyed(key, 4), &[], now)
+            .unwrap();
+        assert_ne!(c.index, home);
+        assert_eq!(c.reason, Reason::AffinitySpill);
+        let c = sel
+            .best(Policy::Vllm, &much, &keyed(key, 40_000), &[], now)
+            .unwrap();
+        assert_eq!((c.index, c.reason), (home, Reason::AffinityHome));
+        // Without a key, or with nothing to reuse yet (a first message): the lowest
+        // score, as always.
+        for r in [req(), keyed(key, 0)] {
+            let c = sel.best(Policy::Vllm, &a_bit, &r, &[], now).unwrap();
+            assert_ne!(c.index, home);
+            assert_eq!(c.reason, Reason::LowestScore);
         }
     }
 
@@ -726,7 +1022,8 @@ mod tests {
                 loads in prop::collection::vec((0.0f64..300.0, 0.0f64..50.0, 0.0f64..1.0, 0.001f64..0.2, any::<bool>()), 12),
                 tried_mask in prop::collection::vec(any::<bool>(), 12),
                 in_flight in prop::collection::vec(0usize..20, 12),
-                policy in prop::sample::select(vec![Policy::RoundRobin, Policy::LeastRequest, Policy::PowerOfTwo, Policy::Vllm]),
+                policy in prop::sample::select(vec![Policy::RoundRobin, Policy::LeastRequest, Policy::PowerOfTwo, Policy::Vllm, Policy::Affinity]),
+                key in prop::option::of((any::<u64>(), 0usize..100_000)),
             ) {
                 let now = Instant::now();
                 let n = healthy.len();
@@ -742,10 +1039,14 @@ mod tests {
                 let tried: Vec<usize> = (0..n).filter(|&i| tried_mask[i]).collect();
                 let want: Vec<usize> = (0..n).filter(|&i| healthy[i] && !tried_mask[i]).collect();
                 let sel = Selector::new(STALE);
-                let best = sel.best(policy, &snap, &req(), &tried, now).map(|c| c.index);
-                match sel.candidates(policy, &snap, &req(), &tried, now) {
+                let req = match key {
+                    Some((k, reusable)) => keyed(k, reusable),
+                    None => req(),
+                };
+                let best = sel.best(policy, &snap, &req, &tried, now).map(|c| c.index);
+                match sel.candidates(policy, &snap, &req, &tried, now) {
                     Ok(mut got) => {
-                        if matches!(policy, Policy::Vllm | Policy::LeastRequest) {
+                        if matches!(policy, Policy::Vllm | Policy::LeastRequest | Policy::Affinity) {
                             prop_assert_eq!(best, Ok(got[0]), "best() is the first candidate");
                         }
                         got.sort_unstable();

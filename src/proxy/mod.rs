@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::affinity::{self, AffinityKey};
 use crate::auth::{Denied, Permit};
 use crate::config::Config;
 use crate::fleet::{Backend, Fleet, InFlightGuard};
@@ -131,6 +132,8 @@ pub struct RequestCtx {
     /// The full request body: the replay source for every attempt.
     body: Option<Bytes>,
     info: Option<RoutingInfo>,
+    /// The request's prefix-affinity key, when the policy uses affinity.
+    affinity: Option<AffinityKey>,
     /// Backends that failed this request, not to be picked again.
     tried: Vec<Arc<Backend>>,
     /// Counts the current attempt's in-flight request on its backend.
@@ -303,6 +306,7 @@ impl ProxyHttp for Gateway {
             route: Route::NotFound,
             body: None,
             info: None,
+            affinity: None,
             tried: Vec::new(),
             in_flight: None,
             watchdog: None,
@@ -441,6 +445,15 @@ impl ProxyHttp for Gateway {
                     return respond_error(session, ctx, &ApiError::model_not_found(&info.model))
                         .await;
                 }
+                if cfg.affinity.used_by(cfg.policy) {
+                    let header = session
+                        .req_header()
+                        .headers
+                        .get(cfg.affinity.session_header.as_str())
+                        .map(|v| v.as_bytes());
+                    ctx.affinity =
+                        affinity::key_of(&body, &info.spans, header, cfg.affinity.prefix_bytes);
+                }
                 ctx.body = Some(body);
                 ctx.info = Some(info);
                 self.budget.record_request(Instant::now());
@@ -471,6 +484,14 @@ impl ProxyHttp for Gateway {
             model: &info.model,
             prompt_tokens: info.prompt_bytes / selection::BYTES_PER_TOKEN,
             max_tokens: info.max_tokens,
+            // A reload may have changed the policy since the key was made.
+            affinity: ctx
+                .affinity
+                .filter(|_| cfg.affinity.used_by(cfg.policy))
+                .map(|key| selection::Sticky {
+                    key,
+                    load_factor: cfg.affinity.load_factor,
+                }),
         };
         let chosen = match self
             .selector

@@ -2,6 +2,7 @@
 //! front of in-process simulated vLLM servers.
 
 mod adversarial;
+mod affinity;
 mod body;
 mod cli;
 mod discovery;
