@@ -1,0 +1,355 @@
+//! Prefix-cache affinity on a simulated fleet of 4 equal replicas (prefix caching on),
+//! driven through one router and through three router instances (requests spread across
+//! them, so consecutive turns of a conversation cross instances):
+//!
+//! - multi-turn chat: conversations start as a Poisson process; each has 5 turns, every
+//!   turn resending the whole history (a short shared system prompt, earlier questions and
+//!   answers) plus a new question, after the previous answer;
+//! - shared system prompt (`generated-shared-prefix`-like): 64 groups, each with its own
+//!   system prompt of 1,200 tokens, and unique 60-token questions; Poisson arrivals. The
+//!   64 prompts (77k tokens) do not fit in one replica's KV cache (40k), a quarter of
+//!   them do.
+//!
+//! Reported per configuration: the replicas' prefix-cache hit rate (from their
+//! `/metrics`, in tokens), TTFT p50/p99 and throughput. Each run gets a fresh fleet (empty
+//! caches) and the same schedule.
+//!
+//! Run: `benches/affinity.sh` (installs vllm-router, then runs this). Environment:
+//! `VLLM_ROUTER` (path; skipped when missing), `AF_SECONDS` (arrival window, default 30),
+//! `AF_LOAD` (fraction of the no-cache capacity, default 0.7), `AF_ROUTERS`
+//! (comma-separated subset of the router names), `AF_WORKLOADS` (`chat`, `shared`).
+
+mod common;
+
+use common::{pct, start_router, wait_idle, MAX_NUM_SEQS};
+use futures_util::StreamExt;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use vllm_edge::engine_metrics;
+use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
+use vllm_edge::sim::{self, Preset, SimArgs, SimHandle};
+
+const REPLICAS: usize = 4;
+const KV_TOKENS: usize = 40_000;
+const BUDGET: usize = 2048;
+const MAX_MODEL_LEN: usize = 8192;
+
+const TURNS: usize = 5;
+const QUESTION_WORDS: usize = 120;
+const CHAT_OUTPUT: usize = 80;
+const GROUPS: usize = 64;
+const SYSTEM_WORDS: usize = 1200;
+const SHARED_QUESTION_WORDS: usize = 60;
+const SHARED_OUTPUT: usize = 80;
+
+const WORDS: [&str; 12] = [
+    "alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta",
+    "iota", "rho",
+];
+
+/// `n` words, distinct for each `tag` (its first word), so unrelated texts share no prefix.
+fn text(tag: &str, n: usize, salt: usize) -> String {
+    let mut s = format!("{tag} ");
+    for k in 1..n {
+        s.push_str(WORDS[(k * 7 + salt * 13 + k / 5) % WORDS.len()]);
+        s.push(' ');
+    }
+    s
+}
+
+fn sched_config() -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: MAX_NUM_SEQS,
+        max_num_batched_tokens: BUDGET,
+        block_size: 16,
+        kv_tokens: KV_TOKENS,
+        enable_prefix_caching: false,
+        max_model_len: MAX_MODEL_LEN,
+        perf: PerfModel::LLAMA3_8B_A100,
+        speed_factor: 1.0,
+    }
+}
+
+/// Requests per second one replica completes, saturated, with prompts of `prompt` tokens
+/// and `output` tokens out, and no prefix cache (the virtual clock of the scheduler).
+fn capacity(prompt: usize, output: usize) -> f64 {
+    let trace: Vec<TraceRequest> = (0..2000u32)
+        .map(|i| TraceRequest {
+            arrival_s: 0.0,
+            prompt: (0..prompt as u32).map(|t| t ^ (i << 13)).collect(),
+            output_tokens: output,
+        })
+        .collect();
+    let r = simulate(sched_config(), &trace, 1);
+    trace.len() as f64 / r.duration_s
+}
+
+async fn fleet() -> Vec<SimHandle> {
+    let mut sims = Vec::new();
+    for i in 0..REPLICAS {
+        let mut a = SimArgs::defaults();
+        a.port = 0;
+        a.models = vec!["m".into()];
+        a.preset = Preset::Llama3A100;
+        a.max_num_seqs = Some(MAX_NUM_SEQS);
+        a.kv_tokens = Some(KV_TOKENS);
+        a.max_num_batched_tokens = Some(BUDGET);
+        a.max_model_len = Some(MAX_MODEL_LEN);
+        a.seed = i as u64;
+        a.name = Some(format!("r{i}"));
+        sims.push(sim::spawn(a).await.unwrap());
+    }
+    sims
+}
+
+/// Prefix-cache (hits, queries) in tokens, summed over the fleet.
+async fn prefix_cache(sims: &[SimHandle]) -> (f64, f64) {
+    let (mut hits, mut queries) = (0.0, 0.0);
+    for s in sims {
+        let body = reqwest::get(format!("{}/metrics", s.url()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let l = engine_metrics::parse(&body, 8 << 20).unwrap();
+        hits += l.prefix_hits.unwrap_or(0.0);
+        queries += l.prefix_queries.unwrap_or(0.0);
+    }
+    (hits, queries)
+}
+
+#[derive(Default)]
+struct Outcome {
+    ttft: Vec<f64>,
+    errors: usize,
+}
+
+/// One streamed chat request: its TTFT and the reply's text.
+async fn ask(
+    client: &reqwest::Client,
+    url: &str,
+    messages: &[Value],
+    max_tokens: usize,
+) -> Option<(f64, String)> {
+    let body = json!({"model": "m", "stream": true, "ignore_eos": true,
+                      "max_tokens": max_tokens, "messages": messages});
+    let sent = Instant::now();
+    let resp = client.post(url).json(&body).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let (mut ttft, mut reply, mut done) = (None, String::new(), false);
+    let mut pending = String::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        pending.push_str(&String::from_utf8_lossy(&chunk.ok()?));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).ok()?;
+            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+                if !piece.is_empty() && ttft.is_none() {
+                    ttft = Some(sent.elapsed().as_secs_f64());
+                }
+                reply.push_str(piece);
+            }
+        }
+    }
+    done.then_some((ttft?, reply))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap()
+}
+
+/// Multi-turn chat: conversations arrive at `rate` per second for `seconds`; turn `t` of
+/// conversation `c` goes to router instance `(c + t) % urls.len()`.
+async fn chat(urls: &[String], rate: f64, seconds: f64, seed: u64) -> (Outcome, usize, f64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let client = client();
+    let system = "You are a helpful assistant. Answer briefly and to the point.";
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let (mut t, mut c) = (0.0, 0usize);
+    while t < seconds {
+        t += -rng.gen_range(f64::MIN_POSITIVE..1.0f64).ln() / rate;
+        let think: Vec<f64> = (0..TURNS)
+            .map(|_| -rng.gen_range(f64::MIN_POSITIVE..1.0f64).ln() * 0.5)
+            .collect();
+        let (client, urls) = (client.clone(), urls.to_vec());
+        let at = start + Duration::from_secs_f64(t);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let mut history = vec![json!({"role": "system", "content": system})];
+            let mut results = Vec::new();
+            for (turn, pause) in think.iter().enumerate() {
+                let question = text(&format!("conversation{c}turn{turn}"), QUESTION_WORDS, c);
+                history.push(json!({"role": "user", "content": question}));
+                let url = &urls[(c + turn) % urls.len()];
+                match ask(&client, url, &history, CHAT_OUTPUT).await {
+                    Some((ttft, reply)) => {
+                        results.push(Some(ttft));
+                        history.push(json!({"role": "assistant", "content": reply}));
+                    }
+                    None => {
+                        results.push(None);
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs_f64(*pause)).await;
+            }
+            results
+        }));
+        c += 1;
+    }
+    let mut out = Outcome::default();
+    let mut n = 0;
+    for task in tasks {
+        for r in task.await.unwrap_or_default() {
+            n += 1;
+            match r {
+                Some(ttft) => out.ttft.push(ttft),
+                None => out.errors += 1,
+            }
+        }
+    }
+    (out, n, start.elapsed().as_secs_f64())
+}
+
+/// Shared system prompts: requests arrive at `rate` per second; request `i` goes to router
+/// instance `i % urls.len()`.
+async fn shared(urls: &[String], rate: f64, seconds: f64, seed: u64) -> (Outcome, usize, f64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let client = client();
+    let systems: Vec<String> = (0..GROUPS)
+        .map(|g| text(&format!("group{g}"), SYSTEM_WORDS, g))
+        .collect();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let mut t = 0.0;
+    while t < seconds {
+        t += -rng.gen_range(f64::MIN_POSITIVE..1.0f64).ln() / rate;
+        let i = tasks.len();
+        let g = rng.gen_range(0..GROUPS);
+        let messages = vec![
+            json!({"role": "system", "content": systems[g]}),
+            json!({"role": "user", "content": text(&format!("question{i}"), SHARED_QUESTION_WORDS, i)}),
+        ];
+        let (client, url) = (client.clone(), urls[i % urls.len()].clone());
+        let at = start + Duration::from_secs_f64(t);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            ask(&client, &url, &messages, SHARED_OUTPUT)
+                .await
+                .map(|x| x.0)
+        }));
+    }
+    let mut out = Outcome::default();
+    let n = tasks.len();
+    for task in tasks {
+        match task.await.ok().flatten() {
+            Some(ttft) => out.ttft.push(ttft),
+            None => out.errors += 1,
+        }
+    }
+    (out, n, start.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() {
+    let env = |k: &str| std::env::var(k).ok();
+    let seconds: f64 = env("AF_SECONDS")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30.0);
+    let load: f64 = env("AF_LOAD").and_then(|s| s.parse().ok()).unwrap_or(0.7);
+    let all = [
+        ("round-robin", "vllm-edge round-robin"),
+        ("vllm, no affinity", "vllm-edge vllm+noaffinity"),
+        ("vllm + affinity", "vllm-edge vllm"),
+        ("affinity", "vllm-edge affinity"),
+        ("vllm-router cache_aware", "vllm-router cache_aware"),
+    ];
+    let only = env("AF_ROUTERS");
+    let routers: Vec<(&str, &str)> = all
+        .iter()
+        .copied()
+        .filter(|(label, _)| {
+            only.as_ref()
+                .is_none_or(|o| o.split(',').any(|x| x.trim() == *label))
+        })
+        .collect();
+    let workloads: Vec<String> = env("AF_WORKLOADS")
+        .unwrap_or_else(|| "chat,shared".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+
+    // Load as a fraction of what the fleet completes without any prefix cache.
+    let chat_prompt = 15 + (TURNS / 2) * (QUESTION_WORDS + CHAT_OUTPUT) + QUESTION_WORDS;
+    let chat_rate = load * REPLICAS as f64 * capacity(chat_prompt, CHAT_OUTPUT) / TURNS as f64;
+    let shared_rate =
+        load * REPLICAS as f64 * capacity(SYSTEM_WORDS + SHARED_QUESTION_WORDS, SHARED_OUTPUT);
+    println!(
+        "Fleet: {REPLICAS} equal simulated replicas (A100 profile, {MAX_NUM_SEQS} sequences, \
+         {KV_TOKENS} KV tokens, prefix caching on); {seconds} s of arrivals per run at {:.0}% \
+         of the no-cache capacity: chat {chat_rate:.2} conversations/s ({TURNS} turns), \
+         shared prefix {shared_rate:.1} requests/s ({GROUPS} groups, {SYSTEM_WORDS}-token \
+         system prompts).\n",
+        load * 100.0
+    );
+    println!("| workload | router | instances | requests | errors | prefix-cache hit rate | TTFT p50 (s) | TTFT p99 (s) | throughput (req/s) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for workload in &workloads {
+        for instances in [1usize, 3] {
+            for (label, name) in &routers {
+                let sims = fleet().await;
+                let backends: Vec<String> = sims.iter().map(|s| s.url()).collect();
+                let mut started = Vec::new();
+                for _ in 0..instances {
+                    if let Some(r) = start_router(name, &backends).await {
+                        started.push(r);
+                    }
+                }
+                if started.len() < instances {
+                    eprintln!("skipping {label}");
+                    continue;
+                }
+                wait_idle(&sims).await;
+                let (h0, q0) = prefix_cache(&sims).await;
+                let urls: Vec<String> = started.iter().map(|r| r.url.clone()).collect();
+                let (mut out, n, wall) = match workload.as_str() {
+                    "chat" => chat(&urls, chat_rate, seconds, 42).await,
+                    _ => shared(&urls, shared_rate, seconds, 42).await,
+                };
+                let (h1, q1) = prefix_cache(&sims).await;
+                for mut r in started {
+                    let _ = r.child.kill().await;
+                }
+                for s in &sims {
+                    s.stop();
+                }
+                println!(
+                    "| {workload} | {label} | {instances} | {n} | {} | {:.1}% | {:.3} | {:.3} | {:.2} |",
+                    out.errors,
+                    100.0 * (h1 - h0) / (q1 - q0).max(1.0),
+                    pct(&mut out.ttft, 0.5),
+                    pct(&mut out.ttft, 0.99),
+                    out.ttft.len() as f64 / wall,
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Prefix-cache affinity benchmark (see benches/affinity.rs): round-robin, vllm with and
+# without affinity, affinity alone, and vllm-router cache_aware, through one and three
+# router instances. Installs vllm-router (PyPI venv under target/) when missing.
+# Environment: AF_SECONDS, AF_LOAD, AF_ROUTERS, AF_WORKLOADS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+venv=target/bench-venv
+if [ ! -x "$venv/bin/vllm-router" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "vllm-router==0.1.17"
+fi
+export VLLM_ROUTER="$PWD/$venv/bin/vllm-router"
+cargo bench --locked --bench affinity

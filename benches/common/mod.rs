@@ -1,0 +1,182 @@
+//! What the fleet benchmarks share: routers in front of a simulated fleet as child
+//! processes (vllm-edge with a policy, nginx `least_conn`, vllm-router), percentiles, and
+//! waiting for the fleet to drain.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use vllm_edge::sim::SimHandle;
+
+/// vLLM's `--max-num-seqs` of the simulated replicas.
+pub const MAX_NUM_SEQS: usize = 32;
+
+pub fn pct(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn wait_port(addr: SocketAddr) -> bool {
+    for _ in 0..600 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A router in front of the fleet, as a child process; `url` is its chat endpoint.
+pub struct Router {
+    pub child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let child = if let Some(policy) = name.strip_prefix("vllm-edge ") {
+        // "vllm-edge vllm+cap": the operator told the gateway vLLM's --max-num-seqs;
+        // "+noaffinity": prefix affinity off.
+        let (policy, affinity) = match policy.strip_suffix("+noaffinity") {
+            Some(p) => (p, "  affinity:\n    enabled: false\n"),
+            None => (policy, ""),
+        };
+        let (policy, cap) = match policy.strip_suffix("+cap") {
+            Some(p) => (p, format!("    max_concurrent_requests: {MAX_NUM_SEQS}\n")),
+            None => (policy, String::new()),
+        };
+        let mut yaml = format!(
+            "listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:0\nrouting:\n  policy: {policy}\n{affinity}server:\n  threads: 1\n  grace_period: 0s\nbackends:\n"
+        );
+        for b in backends {
+            yaml.push_str(&format!("  - url: {b}\n{cap}"));
+        }
+        let conf = dir.path().join("gw.yaml");
+        std::fs::write(&conf, yaml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
+            .args(["run", "-c"])
+            .arg(&conf)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .ok()?;
+        let mut lines = BufReader::new(child.stdout.take()?).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("\"ready\"") {
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        child
+    } else if name == "nginx least_conn" {
+        let nginx = std::env::var("NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
+        if !PathBuf::from(&nginx).exists() {
+            return None;
+        }
+        let servers: String = backends
+            .iter()
+            .map(|b| format!("server {};", b.trim_start_matches("http://")))
+            .collect();
+        let conf = format!(
+            "worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
+               upstream fleet {{ least_conn; {servers} keepalive 256; }}\n\
+               server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://fleet; proxy_http_version 1.1;\n\
+                 proxy_set_header Connection \"\"; proxy_buffering off; proxy_read_timeout 600s; }} }} }}\n",
+            d = dir.path().display()
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        Command::new(nginx)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .ok()?
+    } else if let Some(policy) = name.strip_prefix("vllm-router ") {
+        let bin = std::env::var("VLLM_ROUTER").ok()?;
+        if !PathBuf::from(&bin).exists() {
+            return None;
+        }
+        Command::new(bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--policy",
+                policy,
+                "--log-level",
+                "warning",
+                // Its metrics port defaults to a fixed 29000: one per instance.
+                "--prometheus-port",
+                &free_port().to_string(),
+                "--worker-urls",
+            ])
+            .args(backends)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .ok()?
+    } else {
+        return None;
+    };
+    if !wait_port(addr).await {
+        eprintln!("{name}: did not start");
+        return None;
+    }
+    // Ready when a request goes through.
+    let url = format!("http://{addr}/v1/chat/completions");
+    let probe = serde_json::json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::Client::new().post(&url).json(&probe).send().await {
+            if r.status().is_success() {
+                return Some(Router {
+                    child,
+                    url,
+                    _dir: dir,
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{name}: never answered");
+    None
+}
+
+pub async fn wait_idle(sims: &[SimHandle]) {
+    for _ in 0..1200 {
+        if sims.iter().all(|s| {
+            let st = s.sim.state();
+            st["running"] == 0 && st["waiting"] == 0
+        }) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
