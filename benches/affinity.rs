@@ -21,18 +21,16 @@
 
 mod common;
 
-use common::{pct, start_router, wait_idle, MAX_NUM_SEQS};
+use common::{pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS, MAX_NUM_SEQS};
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use vllm_edge::engine_metrics;
 use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
-use vllm_edge::sim::{self, Preset, SimArgs, SimHandle};
+use vllm_edge::sim::{self, SimHandle};
 
 const REPLICAS: usize = 4;
-const KV_TOKENS: usize = 40_000;
-const BUDGET: usize = 2048;
 const MAX_MODEL_LEN: usize = 8192;
 
 const TURNS: usize = 5;
@@ -88,16 +86,7 @@ fn capacity(prompt: usize, output: usize) -> f64 {
 async fn fleet() -> Vec<SimHandle> {
     let mut sims = Vec::new();
     for i in 0..REPLICAS {
-        let mut a = SimArgs::defaults();
-        a.port = 0;
-        a.models = vec!["m".into()];
-        a.preset = Preset::Llama3A100;
-        a.max_num_seqs = Some(MAX_NUM_SEQS);
-        a.kv_tokens = Some(KV_TOKENS);
-        a.max_num_batched_tokens = Some(BUDGET);
-        a.max_model_len = Some(MAX_MODEL_LEN);
-        a.seed = i as u64;
-        a.name = Some(format!("r{i}"));
+        let a = replica(i, MAX_MODEL_LEN);
         sims.push(sim::spawn(a).await.unwrap());
     }
     sims

@@ -11,17 +11,15 @@
 
 mod common;
 
-use common::{pct, start_router, wait_idle, MAX_NUM_SEQS};
+use common::{pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS, MAX_NUM_SEQS};
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
 use vllm_edge::engine_metrics;
 use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
-use vllm_edge::sim::{self, Preset, SimArgs, SimHandle};
+use vllm_edge::sim::{self, SimHandle};
 
 const SPEEDS: [f64; 4] = [1.0, 1.0, 1.0, 0.5];
-const KV_TOKENS: usize = 40_000;
-const BUDGET: usize = 2048;
 
 fn sched_config(speed: f64) -> SchedulerConfig {
     SchedulerConfig {
@@ -231,16 +229,8 @@ async fn main() {
 
     let mut sims = Vec::new();
     for (i, &speed) in SPEEDS.iter().enumerate() {
-        let mut a = SimArgs::defaults();
-        a.port = 0;
-        a.models = vec!["m".into()];
-        a.preset = Preset::Llama3A100;
-        a.max_num_seqs = Some(MAX_NUM_SEQS);
-        a.kv_tokens = Some(KV_TOKENS);
-        a.max_num_batched_tokens = Some(BUDGET);
-        a.max_model_len = Some(4096);
+        let mut a = replica(i, 4096);
         a.speed_factor = speed;
-        a.seed = i as u64;
         a.name = Some(format!("r{i}{}", if speed < 1.0 { "-slow" } else { "" }));
         sims.push(sim::spawn(a).await.unwrap());
     }

@@ -10,10 +10,30 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use vllm_edge::sim::SimHandle;
+use vllm_edge::sim::{Preset, SimArgs, SimHandle};
 
 /// vLLM's `--max-num-seqs` of the simulated replicas.
 pub const MAX_NUM_SEQS: usize = 32;
+/// KV-cache tokens of each simulated replica.
+pub const KV_TOKENS: usize = 40_000;
+/// Tokens per scheduler step (`--max-num-batched-tokens`).
+pub const BUDGET: usize = 2048;
+
+/// Simulated replica `i` of a benchmark fleet: model `m`, the A100 profile, the limits
+/// above, seeded by its index, named `r{i}`.
+pub fn replica(i: usize, max_model_len: usize) -> SimArgs {
+    let mut a = SimArgs::defaults();
+    a.port = 0;
+    a.models = vec!["m".into()];
+    a.preset = Preset::Llama3A100;
+    a.max_num_seqs = Some(MAX_NUM_SEQS);
+    a.kv_tokens = Some(KV_TOKENS);
+    a.max_num_batched_tokens = Some(BUDGET);
+    a.max_model_len = Some(max_model_len);
+    a.seed = i as u64;
+    a.name = Some(format!("r{i}"));
+    a
+}
 
 pub fn pct(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
