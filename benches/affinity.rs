@@ -21,12 +21,13 @@
 
 mod common;
 
-use common::{pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS, MAX_NUM_SEQS};
+use common::{
+    engine_loads, pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS, MAX_NUM_SEQS,
+};
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use vllm_edge::engine_metrics;
 use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
 use vllm_edge::sim::{self, SimHandle};
 
@@ -94,19 +95,15 @@ async fn fleet() -> Vec<SimHandle> {
 
 /// Prefix-cache (hits, queries) in tokens, summed over the fleet.
 async fn prefix_cache(sims: &[SimHandle]) -> (f64, f64) {
-    let (mut hits, mut queries) = (0.0, 0.0);
-    for s in sims {
-        let body = reqwest::get(format!("{}/metrics", s.url()))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let l = engine_metrics::parse(&body, 8 << 20).unwrap();
-        hits += l.prefix_hits.unwrap_or(0.0);
-        queries += l.prefix_queries.unwrap_or(0.0);
-    }
-    (hits, queries)
+    engine_loads(sims)
+        .await
+        .iter()
+        .fold((0.0, 0.0), |(h, q), l| {
+            (
+                h + l.prefix_hits.unwrap_or(0.0),
+                q + l.prefix_queries.unwrap_or(0.0),
+            )
+        })
 }
 
 #[derive(Default)]

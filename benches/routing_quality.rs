@@ -11,11 +11,12 @@
 
 mod common;
 
-use common::{pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS, MAX_NUM_SEQS};
+use common::{
+    engine_loads, pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS, MAX_NUM_SEQS,
+};
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
-use vllm_edge::engine_metrics;
 use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
 use vllm_edge::sim::{self, SimHandle};
 
@@ -176,20 +177,11 @@ async fn drive(url: &str, plan: &[Planned]) -> (Outcome, f64) {
 }
 
 async fn preemptions(sims: &[SimHandle]) -> f64 {
-    let mut total = 0.0;
-    for s in sims {
-        let body = reqwest::get(format!("{}/metrics", s.url()))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        total += engine_metrics::parse(&body, 8 << 20)
-            .unwrap()
-            .preemptions
-            .unwrap_or(0.0);
-    }
-    total
+    engine_loads(sims)
+        .await
+        .iter()
+        .map(|l| l.preemptions.unwrap_or(0.0))
+        .sum()
 }
 
 #[tokio::main]

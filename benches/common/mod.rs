@@ -200,3 +200,18 @@ pub async fn wait_idle(sims: &[SimHandle]) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Every replica's `/metrics`, parsed as the gateway parses it.
+pub async fn engine_loads(sims: &[SimHandle]) -> Vec<vllm_edge::engine_metrics::EngineLoad> {
+    let mut out = Vec::new();
+    for s in sims {
+        let body = reqwest::get(format!("{}/metrics", s.url()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        out.push(vllm_edge::engine_metrics::parse(&body, 8 << 20).unwrap());
+    }
+    out
+}
