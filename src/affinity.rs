@@ -86,15 +86,20 @@ const TAG_SESSION: &[u8] = b"vllm-edge/session\0";
 const TAG_CONVERSATION: &[u8] = b"vllm-edge/conversation\0";
 const TAG_PROMPT: &[u8] = b"vllm-edge/prompt\0";
 
+/// The first 8 bytes of a SHA-256, as a key.
+fn finish64(ctx: ring::digest::Context) -> u64 {
+    let d = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(first)
+}
+
 fn digest64(parts: &[&[u8]]) -> u64 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for p in parts {
         ctx.update(p);
     }
-    let d = ctx.finish();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d.as_ref()[..8]);
-    u64::from_be_bytes(first)
+    finish64(ctx)
 }
 
 #[derive(Deserialize)]
@@ -190,11 +195,8 @@ pub fn key_of(
                 break;
             }
         }
-        let d = ctx.finish();
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&d.as_ref()[..8]);
         return Some(AffinityKey {
-            key: u64::from_be_bytes(first),
+            key: finish64(ctx),
             source: Source::Conversation,
             reusable_bytes,
         });

@@ -361,15 +361,23 @@ impl Selector {
         if policy == Policy::Affinity
             || (policy == Policy::Vllm && req.affinity.is_some_and(|a| a.key.reusable_bytes > 0))
         {
-            // The pick first, then the rest by score (`vllm`) or in the key's order.
+            // The pick first, then the rest.
             let first = self.best(policy, snap, req, tried, now)?.index;
             let fresh = fresh_since(now, self.stale_after);
             let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
             let mut rest: Vec<(usize, f64)> = eligible
                 .iter()
                 .filter(|&&i| i != first)
-                .map(|&i| (i, vllm_score(&snap.backends[i], req, fresh, default_itl)))
+                .map(|&i| {
+                    let e = &snap.backends[i];
+                    let load = match policy {
+                        Policy::Affinity => affinity_load(e, fresh),
+                        _ => vllm_score(e, req, fresh, default_itl),
+                    };
+                    (i, load)
+                })
                 .collect();
+            // The rest: in the key's order (`affinity`), else by score or load.
             match (policy, &req.affinity) {
                 (Policy::Affinity, Some(sticky)) => affinity_order(snap, sticky, &mut rest),
                 _ => rest.sort_by(|a, b| a.1.total_cmp(&b.1)),
