@@ -470,6 +470,8 @@ async fn slow_clients_are_cut_off_by_their_deadlines() {
 #[tokio::test]
 async fn connections_over_the_limit_get_503_and_a_freed_slot_is_reused() {
     let backend = sim(&["m"]).await;
+    // The gateway listens on an address of its own (support::private_loopback): a stray
+    // connection from another test would take a slot.
     let gw = Gateway::builder(&[&backend])
         .yaml("limits:\n  max_connections: 4\n  header_read_timeout: 30s")
         .start()

@@ -179,7 +179,8 @@ impl GatewayBuilder {
         self
     }
 
-    /// The `listeners:` section (default: one plain listener on 127.0.0.1:0).
+    /// The `listeners:` section (default: one plain listener on port 0 of a
+    /// [`private_loopback`] address).
     pub fn listeners(mut self, yaml: &str) -> Self {
         self.listeners = Some(yaml.to_string());
         self
@@ -212,7 +213,7 @@ impl GatewayBuilder {
         let mut yaml = self
             .listeners
             .clone()
-            .unwrap_or_else(|| "listeners:\n  - address: 127.0.0.1:0\n".into());
+            .unwrap_or_else(|| format!("listeners:\n  - address: {}:0\n", private_loopback()));
         if !self.extra.contains("admin:") {
             yaml.push_str("admin:\n  address: 127.0.0.1:0\n");
         }
@@ -288,6 +289,18 @@ impl GatewayBuilder {
             stdout,
         }
     }
+}
+
+/// A loopback address of this test's own (127.x.y.z, chosen at random), where test
+/// gateways listen. Other tests run in parallel processes and bind
+/// 127.0.0.1:0; when one of their replicas dies, its gateway keeps probing the freed port,
+/// and a listener of ours that got that port would count those probes as clients.
+pub fn private_loopback() -> std::net::Ipv4Addr {
+    use std::hash::BuildHasher;
+    let r = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    let [a, b, c, ..] = r.to_le_bytes();
+    // 127.0.0.0/16 is left to everyone else; .0 and .255 are avoided as host bytes.
+    std::net::Ipv4Addr::new(127, a % 254 + 1, b, c % 254 + 1)
 }
 
 pub fn http1() -> reqwest::Client {
