@@ -34,6 +34,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EDGE = os.environ.get("VLLM_EDGE", os.path.join(ROOT, "target/release/vllm-edge"))
+# Pingora's proxy with nothing of ours in it (benches/bare_pingora.rs; overhead.sh builds it).
+BARE = os.environ.get("BARE_PINGORA", "")
 VLLM_ROUTER = os.environ.get("VLLM_ROUTER", os.path.join(ROOT, "target/bench-venv/bin/vllm-router"))
 SECONDS = int(os.environ.get("OH_SECONDS", "10"))
 RUNS = int(os.environ.get("OH_RUNS", "2"))
@@ -42,6 +44,9 @@ MEMORY = os.environ.get("OH_MEMORY", "1") != "0"
 STREAM_ROUNDS = int(os.environ.get("OH_STREAMS_ROUNDS", "3"))
 ROUTER_CORE, LOAD_CORE = "0", "1"
 WORK = tempfile.mkdtemp(prefix="vllm-edge-overhead-")
+# nginx's workers (user nobody when started as root) must read the canned /metrics file
+# in there; a 403 would leave the `vllm` policy without engine metrics.
+os.chmod(WORK, 0o755)
 
 CHAT_BODY = json.dumps({
     "model": "m",
@@ -241,6 +246,9 @@ def start_router(name, backend_ports, stream_backend=False):
         open(path, "w").write(conf)
         env = dict(os.environ, VLLM_EDGE_LOG=os.environ.get("OH_EDGE_LOG", "warn"))
         p = spawn([EDGE, "run", "-c", path], ROUTER_CORE, name.replace(" ", "_"), env)
+    elif name == "bare pingora":
+        p = spawn([BARE, f"127.0.0.1:{port}"] + [f"127.0.0.1:{bp}" for bp in backend_ports],
+                  ROUTER_CORE, "bare_pingora")
     elif name.startswith("nginx"):
         balance = "least_conn;" if "least_conn" in name else ""
         servers = "".join(f"server 127.0.0.1:{bp};" for bp in backend_ports)
@@ -431,11 +439,13 @@ def fmt(values, digits=1, scale=1.0):
 
 
 def main():
-    configs = ["direct", "vllm-edge round-robin", "vllm-edge vllm", "nginx round-robin",
+    configs = ["direct", "vllm-edge round-robin", "vllm-edge vllm", "bare pingora", "nginx round-robin",
                "nginx least_conn", "haproxy roundrobin", "haproxy leastconn",
                "vllm-router round_robin", "vllm-router power_of_two"]
     if ONLY:
         configs = [c for c in configs if c in ONLY]
+    if not os.path.exists(BARE):
+        configs = [c for c in configs if c != "bare pingora"]
     if not os.path.exists(VLLM_ROUTER):
         configs = [c for c in configs if not c.startswith("vllm-router")]
     machine = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'; nproc; "

@@ -20,6 +20,13 @@ if [ ! -x "$venv/bin/vllm-router" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check "vllm-router==0.1.17"
 fi
 cargo build --release --locked
+# Pingora alone, the floor of our framework (benches/bare_pingora.rs).
+bare=$(cargo bench --locked --no-run --bench bare_pingora --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bare_pingora" and m.get("executable"):
+        print(m["executable"])')
 out="benches/overhead-$(date +%F).txt"
-VLLM_ROUTER="$PWD/$venv/bin/vllm-router" python3 benches/overhead.py "$@" | tee "$out"
+BARE_PINGORA="$bare" VLLM_ROUTER="$PWD/$venv/bin/vllm-router" python3 benches/overhead.py "$@" | tee "$out"
 echo "raw output: $out" >&2

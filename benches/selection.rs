@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the request path's decisions: one pick among 4, 64 and 1024
-//! backends for each policy, and parsing a real vLLM `/metrics` payload.
+//! backends for each policy (and with a prefix-affinity key), reading a chat body's
+//! routing fields and its affinity key, and parsing a real vLLM `/metrics` payload.
 //!
 //! Run: `cargo bench --bench selection`.
 
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 use vllm_edge::config::{BackendConfig, Policy};
 use vllm_edge::engine_metrics::{self, EngineLoad};
 use vllm_edge::fleet::{BackendEntry, Fleet, FleetSnapshot};
-use vllm_edge::selection::{Request, Selector};
+use vllm_edge::selection::{Request, Selector, Sticky};
+use vllm_edge::{affinity, openai};
 
 fn fleet(n: usize, now: Instant) -> FleetSnapshot {
     let cfgs: Vec<BackendConfig> = (0..n)
@@ -79,6 +81,32 @@ fn pick(c: &mut Criterion) {
         }
     }
     group.finish();
+    // A keyed request (a conversation's later turn): the key's rendezvous order, then the
+    // load bound.
+    let body = chat_body();
+    let info = openai::inspect(&body, 128).unwrap();
+    let key = affinity::key_of(&body, &info.spans, None, 4096).expect("a keyed chat");
+    let keyed = Request {
+        affinity: Some(Sticky {
+            key,
+            load_factor: 1.25,
+        }),
+        ..req
+    };
+    let mut group = c.benchmark_group("keyed pick");
+    for n in [4usize, 64, 1024] {
+        let snap = fleet(n, now);
+        let sel = Selector::new(Duration::from_secs(1));
+        for policy in [Policy::Vllm, Policy::Affinity] {
+            group.bench_with_input(BenchmarkId::new(policy.to_string(), n), &n, |b, _| {
+                b.iter(|| {
+                    sel.best(policy, black_box(&snap), black_box(&keyed), &[], now)
+                        .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
     let snap = fleet(64, now);
     let sel = Selector::new(Duration::from_secs(1));
     c.bench_function("all candidates in order/vllm/64", |b| {
@@ -86,6 +114,34 @@ fn pick(c: &mut Criterion) {
             sel.candidates(Policy::Vllm, black_box(&snap), black_box(&req), &[], now)
                 .unwrap()
         })
+    });
+}
+
+/// The overhead benchmark's body (benches/overhead.py): 1.1 KB, a system prompt, a user
+/// turn, an earlier answer and the next turn.
+fn chat_body() -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant. ".repeat(8)},
+            {"role": "user", "content": format!("Summarise the following text in one sentence: {}", "lorem ipsum dolor sit amet ".repeat(20))},
+            {"role": "assistant", "content": "Lorem ipsum is placeholder text."},
+            {"role": "user", "content": "Shorter, please."},
+        ],
+        "max_tokens": 64,
+        "temperature": 0.2,
+    }))
+    .unwrap()
+}
+
+fn read_body(c: &mut Criterion) {
+    let body = chat_body();
+    c.bench_function("inspect a 1.1 KB chat body", |b| {
+        b.iter(|| openai::inspect(black_box(&body), 128).unwrap())
+    });
+    let info = openai::inspect(&body, 128).unwrap();
+    c.bench_function("affinity key of a 1.1 KB chat body", |b| {
+        b.iter(|| affinity::key_of(black_box(&body), &info.spans, None, 4096).unwrap())
     });
 }
 
@@ -103,6 +159,6 @@ fn parse_metrics(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = pick, parse_metrics
+    targets = pick, read_body, parse_metrics
 }
 criterion_main!(benches);

@@ -238,12 +238,19 @@ pub fn rank(key: u64, node: u64, weight: f64) -> f64 {
 /// preference order and non-negative; `load_factor` is at least 1, so the least loaded
 /// backend always qualifies. `None` only when `loads` is empty.
 pub fn bounded(loads: &[f64], load_factor: f64, headroom: f64) -> Option<usize> {
-    if loads.is_empty() {
-        return None;
-    }
-    let mean = loads.iter().sum::<f64>() / loads.len() as f64;
-    let bound = load_factor.max(1.0) * mean + headroom.max(0.0);
+    let bound = load_bound(loads.iter().copied(), load_factor, headroom)?;
     loads.iter().position(|&l| l <= bound).or(Some(0))
+}
+
+/// The load a backend may carry and still take its keys: `load_factor` × the mean of
+/// `loads`, plus `headroom` (see [`bounded`]). `None` when `loads` is empty.
+pub fn load_bound(
+    loads: impl Iterator<Item = f64>,
+    load_factor: f64,
+    headroom: f64,
+) -> Option<f64> {
+    let (sum, n) = loads.fold((0.0, 0usize), |(s, n), l| (s + l, n + 1));
+    (n > 0).then(|| load_factor.max(1.0) * sum / n as f64 + headroom.max(0.0))
 }
 
 #[cfg(test)]

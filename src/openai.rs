@@ -166,6 +166,11 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<RoutingInfo, ApiError> {
     if json_depth_exceeds(body, max_depth) {
         return Err(ApiError::too_deep(max_depth));
     }
+    // The common case, a valid body, is read without tracking the path; a failure is read
+    // again with it, for a message that names the field.
+    if let Ok(probe) = serde_json::from_slice::<Probe>(body) {
+        return routing_info(body, probe);
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let probe: Probe = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
@@ -194,6 +199,11 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<RoutingInfo, ApiError> {
     de.end().map_err(|e| {
         ApiError::bad_request(format!("The request body is not valid JSON: {e}."), None)
     })?;
+    routing_info(body, probe)
+}
+
+/// The routing fields of a well-formed body's `probe`.
+fn routing_info<'a>(body: &'a [u8], probe: Probe<'a>) -> Result<RoutingInfo, ApiError> {
     let model = match probe.model {
         Some(m) if !m.is_empty() => m.into_owned(),
         Some(_) => {

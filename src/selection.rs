@@ -296,22 +296,50 @@ fn affinity_load(e: &BackendEntry, fresh_since: Option<Instant>) -> f64 {
 /// average (often one that finished between two scrapes) is not a reason to move a key.
 const AFFINITY_HEADROOM: f64 = 1.0;
 
-/// `(index, load)` pairs sorted into the key's preference order (highest rendezvous rank
-/// first).
-fn affinity_order(snap: &FleetSnapshot, sticky: &Sticky, items: &mut [(usize, f64)]) {
-    let rank = |i: usize| {
-        let b = &snap.backends[i].backend;
-        affinity::rank(sticky.key.key, b.node_id, b.weight)
-    };
-    items.sort_by(|a, b| rank(b.0).total_cmp(&rank(a.0)));
+/// Backend `i`'s rendezvous rank for the request's key.
+fn affinity_rank(snap: &FleetSnapshot, sticky: &Sticky, i: usize) -> f64 {
+    let b = &snap.backends[i].backend;
+    affinity::rank(sticky.key.key, b.node_id, b.weight)
 }
 
-/// The `affinity` policy: the position, in the key's order, of the first backend within
-/// the load bound.
-fn affinity_pick(snap: &FleetSnapshot, sticky: &Sticky, loads: &mut [(usize, f64)]) -> usize {
-    affinity_order(snap, sticky, loads);
-    let only: Vec<f64> = loads.iter().map(|x| x.1).collect();
-    affinity::bounded(&only, sticky.load_factor, AFFINITY_HEADROOM).unwrap_or(0)
+/// `(index, value)` pairs sorted into the key's preference order (highest rendezvous rank
+/// first; each rank computed once).
+fn affinity_order(snap: &FleetSnapshot, sticky: &Sticky, items: &mut [(usize, f64)]) {
+    let mut ranked: Vec<(f64, (usize, f64))> = items
+        .iter()
+        .map(|&x| (affinity_rank(snap, sticky, x.0), x))
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (slot, (_, x)) in items.iter_mut().zip(ranked) {
+        *slot = x;
+    }
+}
+
+/// The first of `items` in the key's preference order that `qualifies`, or the key's home
+/// (its first of all) when none does; and whether that is the home. The same choice as
+/// [`affinity_order`] then a search, in one pass and without sorting.
+fn affinity_first(
+    snap: &FleetSnapshot,
+    sticky: &Sticky,
+    items: &[(usize, f64)],
+    qualifies: impl Fn(usize, f64) -> bool,
+) -> Option<((usize, f64), bool)> {
+    // (rank, position) of the home and of the best that qualifies; on equal ranks the
+    // earlier item wins, as in the stable sort.
+    let mut home: Option<(f64, usize)> = None;
+    let mut pick: Option<(f64, usize)> = None;
+    for (pos, &(i, v)) in items.iter().enumerate() {
+        let r = affinity_rank(snap, sticky, i);
+        if home.is_none_or(|(best, _)| r > best) {
+            home = Some((r, pos));
+        }
+        if qualifies(i, v) && pick.is_none_or(|(best, _)| r > best) {
+            pick = Some((r, pos));
+        }
+    }
+    let (_, home) = home?;
+    let pos = pick.map_or(home, |(_, p)| p);
+    Some((items[pos], pos == home))
 }
 
 /// Per-gateway selection state: a round-robin cursor per model (so requests for other
@@ -455,13 +483,13 @@ impl Selector {
             .copied()
             .filter(|&i| routable(snap, i, strict) && !tried.contains(&i));
         let fresh = fresh_since(now, self.stale_after);
-        // (best index, its score, how many were eligible, its position in the affinity
-        // order if affinity picked it)
+        // (best index, its score, how many were eligible, whether it is the key's home if
+        // affinity picked it)
         let (index, score, n, affine) = match policy {
             Policy::Vllm if req.affinity.is_some_and(|a| a.key.reusable_bytes > 0) => {
                 let sticky = req.affinity.as_ref().expect("matched");
                 let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
-                let mut scored: Vec<(usize, f64)> = eligible
+                let scored: Vec<(usize, f64)> = eligible
                     .map(|i| (i, vllm_score(&snap.backends[i], req, fresh, default_itl)))
                     .collect();
                 let n = scored.len();
@@ -474,18 +502,14 @@ impl Selector {
                 // estimate is within the load factor of the lowest, plus what its prefix
                 // cache likely saves (the prefill of the reusable part of the prompt, at
                 // its speed). The lowest itself always qualifies.
-                affinity_order(snap, sticky, &mut scored);
                 let reusable = (sticky.key.reusable_bytes / BYTES_PER_TOKEN) as f64;
-                let pos = scored
-                    .iter()
-                    .position(|&(i, s)| {
-                        let gain = itl_of(&snap.backends[i], default_itl) * reusable
-                            / PREFILL_TOKENS_PER_STEP;
-                        s <= low * sticky.load_factor + gain
-                    })
-                    .unwrap_or(0);
-                let (i, s) = scored[pos];
-                (i, Some(s), n, Some(pos))
+                let ((i, s), home) = affinity_first(snap, sticky, &scored, |i, s| {
+                    let gain =
+                        itl_of(&snap.backends[i], default_itl) * reusable / PREFILL_TOKENS_PER_STEP;
+                    s <= low * sticky.load_factor + gain
+                })
+                .expect("not empty");
+                (i, Some(s), n, Some(home))
             }
             Policy::Affinity => {
                 let loads: Vec<(usize, f64)> = eligible
@@ -495,9 +519,16 @@ impl Selector {
                 match &req.affinity {
                     _ if n == 0 => return Err(NoCandidate::Unavailable),
                     Some(sticky) => {
-                        let mut loads = loads;
-                        let pos = affinity_pick(snap, sticky, &mut loads);
-                        (loads[pos].0, None, n, Some(pos))
+                        let bound = affinity::load_bound(
+                            loads.iter().map(|x| x.1),
+                            sticky.load_factor,
+                            AFFINITY_HEADROOM,
+                        )
+                        .expect("not empty");
+                        let ((i, _), home) =
+                            affinity_first(snap, sticky, &loads, |_, load| load <= bound)
+                                .expect("not empty");
+                        (i, None, n, Some(home))
                     }
                     // No key: the least loaded.
                     None => {
@@ -551,8 +582,8 @@ impl Selector {
             Reason::OpenCircuitFallback
         } else if n == 1 {
             Reason::OnlyCandidate
-        } else if let Some(pos) = affine {
-            if pos == 0 {
+        } else if let Some(home) = affine {
+            if home {
                 Reason::AffinityHome
             } else {
                 Reason::AffinitySpill
@@ -1066,6 +1097,33 @@ mod tests {
                         prop_assert_eq!(best, Err(NoCandidate::Unavailable));
                     }
                 }
+            }
+
+            /// The one-pass keyed pick is the first backend that qualifies in the key's
+            /// sorted order (the home when none does), as the reference definition says.
+            #[test]
+            fn affinity_first_is_the_first_that_qualifies_in_key_order(
+                n in 1usize..12,
+                loads in prop::collection::vec(0.0f64..50.0, 12),
+                key in any::<u64>(),
+                factor in 1.0f64..3.0,
+            ) {
+                let snap = snapshot(&vec![true; n]);
+                let sticky = match keyed(key, 1000).affinity {
+                    Some(s) => s,
+                    None => unreachable!("keyed() gives a key"),
+                };
+                let items: Vec<(usize, f64)> = (0..n).map(|i| (i, loads[i])).collect();
+                let mut sorted = items.clone();
+                affinity_order(&snap, &sticky, &mut sorted);
+                let only: Vec<f64> = sorted.iter().map(|x| x.1).collect();
+                let want = affinity::bounded(&only, factor, AFFINITY_HEADROOM).unwrap();
+                let bound = affinity::load_bound(only.iter().copied(), factor, AFFINITY_HEADROOM).unwrap();
+                let got = affinity_first(&snap, &sticky, &items, |_, l| l <= bound).unwrap();
+                prop_assert_eq!(got, (sorted[want], want == 0));
+                // Nothing qualifies: the home.
+                let none = affinity_first(&snap, &sticky, &items, |_, _| false).unwrap();
+                prop_assert_eq!(none, (sorted[0], true));
             }
 
             /// Equal replicas under any load: a burst of k picks between two scrapes puts at

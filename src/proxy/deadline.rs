@@ -9,6 +9,14 @@
 //! proxy's error hooks see [`Watchdog::fired`] and treat the failure as a timeout (retried
 //! if nothing reached the client, counted against the backend either way).
 //!
+//! Only attempts with a gap deadline (streams) need the watchdog. A non-streaming answer
+//! has two deadlines, first byte and total, and Pingora's per-read timeout set to the
+//! nearer of them bounds the wait for the header and every stall of the body; the total
+//! is also checked as each piece of the body arrives, so an answer that keeps coming is
+//! cut there ([`Attempt::Checked`]). That spares every non-streaming request a descriptor
+//! duplicate, a task and a timer (issue 10). The price: a body that stalls after part of
+//! it arrived is cut one read timeout after its last piece, which may be past the total.
+//!
 //! The watchdog shuts down a duplicate of the upstream socket's descriptor, owned here,
 //! never the raw number Pingora holds: the number could be reused by another connection
 //! once Pingora closes it, the duplicate cannot. The duplicate is closed as soon as the
@@ -35,15 +43,89 @@ pub struct Limits {
 impl Limits {
     /// The longest a single read may legitimately wait: Pingora's own per-read timeout,
     /// kept as a backstop behind the watchdog.
+    /// Without a watchdog (no gap deadline) it is the nearer of the first-byte and total
+    /// deadlines, which it then enforces.
     pub fn longest_read(&self) -> Duration {
-        let mut d = self.first_byte;
-        if let Some(g) = self.gap {
-            d = d.max(g);
+        let Some(g) = self.gap else {
+            return self
+                .total
+                .map_or(self.first_byte, |t| t.min(self.first_byte));
+        };
+        let d = self.first_byte.max(g);
+        self.total.map_or(d, |t| d.min(t.max(self.first_byte)))
+    }
+}
+
+/// How one attempt's deadlines are enforced.
+#[derive(Debug)]
+pub enum Attempt {
+    /// A gap deadline moves with progress: a watchdog task watches it.
+    Watched(Watchdog),
+    /// No gap deadline: Pingora's per-read timeout ([`Limits::longest_read`]) and a check
+    /// of the total as each piece of the answer arrives.
+    Checked {
+        started: Instant,
+        total: Option<Duration>,
+        fired: Option<Expired>,
+    },
+}
+
+impl Attempt {
+    /// Starts enforcing `limits` on the upstream connection `fd` (as given to
+    /// `connected_to_upstream`) from `started`. `None` if a watchdog is needed and the
+    /// descriptor cannot be duplicated (then only Pingora's per-read timeout applies).
+    pub fn start(fd: RawFd, started: Instant, limits: Limits) -> Option<Attempt> {
+        if limits.gap.is_some() {
+            return Watchdog::start(fd, started, limits).map(Attempt::Watched);
         }
-        if let Some(t) = self.total {
-            d = d.min(t.max(self.first_byte));
+        Some(Attempt::Checked {
+            started,
+            total: limits.total,
+            fired: None,
+        })
+    }
+
+    /// The first byte arrived (for a stream, the first chunk; otherwise the header).
+    pub fn first_byte(&self) {
+        if let Attempt::Watched(w) = self {
+            w.first_byte();
         }
-        d
+    }
+
+    /// A piece of the answer arrived. `Err` with the deadline that passed when the
+    /// attempt must end now.
+    pub fn progress(&mut self) -> Result<(), Expired> {
+        match self {
+            Attempt::Watched(w) => {
+                w.first_byte();
+                w.progress();
+                Ok(())
+            }
+            Attempt::Checked {
+                started,
+                total: Some(total),
+                fired,
+            } if started.elapsed() > *total => {
+                *fired = Some(Expired::Total);
+                Err(Expired::Total)
+            }
+            Attempt::Checked { .. } => Ok(()),
+        }
+    }
+
+    /// The deadline that ended the attempt, if one did.
+    pub fn fired(&self) -> Option<Expired> {
+        match self {
+            Attempt::Watched(w) => w.fired(),
+            Attempt::Checked { fired, .. } => *fired,
+        }
+    }
+
+    /// The attempt ended: from now on nothing touches the connection.
+    pub fn finish(&self) {
+        if let Attempt::Watched(w) = self {
+            w.finish();
+        }
     }
 }
 
@@ -229,14 +311,37 @@ mod tests {
             limits(100, Some(300), None).longest_read(),
             Duration::from_millis(300)
         );
+        // Unwatched: it enforces the nearer of first byte and total.
         assert_eq!(
             limits(500, None, Some(400)).longest_read(),
-            Duration::from_millis(500)
+            Duration::from_millis(400)
+        );
+        assert_eq!(
+            limits(300, None, Some(400)).longest_read(),
+            Duration::from_millis(300)
         );
         assert_eq!(
             limits(100, Some(900), Some(400)).longest_read(),
             Duration::from_millis(400)
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_gap_deadline_needs_a_watchdog_and_a_checked_total_fires() {
+        let (client, _server) = pair().await;
+        let fd = client.as_raw_fd();
+        let stream = Attempt::start(fd, Instant::now(), limits(50, Some(50), None)).unwrap();
+        assert!(matches!(stream, Attempt::Watched(_)));
+        let mut a = Attempt::start(fd, Instant::now(), limits(1000, None, Some(30))).unwrap();
+        assert!(matches!(a, Attempt::Checked { .. }));
+        assert_eq!((a.progress(), a.fired()), (Ok(()), None));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(a.progress(), Err(Expired::Total));
+        assert_eq!(a.fired(), Some(Expired::Total));
+        // Without a total, pieces may keep coming (the per-read timeout bounds a stall).
+        let mut open = Attempt::start(fd, Instant::now(), limits(10, None, None)).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!((open.progress(), open.fired()), (Ok(()), None));
     }
 
     #[tokio::test]

@@ -26,7 +26,7 @@ use crate::lifecycle;
 use crate::openai::{self, ApiError, Route, RoutingInfo, UsageTail};
 use crate::selection::{self, NoCandidate, Reason, Selector};
 use body::BodyError;
-use deadline::{Limits, Watchdog};
+use deadline::{Attempt, Limits};
 
 /// A dead pooled connection (the backend closed it while idle) is retried on the same
 /// backend at most this many times per request, without counting as a failed attempt.
@@ -139,7 +139,7 @@ pub struct RequestCtx {
     /// Counts the current attempt's in-flight request on its backend.
     in_flight: Option<InFlightGuard>,
     /// Enforces the current attempt's deadlines.
-    watchdog: Option<Watchdog>,
+    deadlines: Option<Attempt>,
     /// The current attempt's first body byte arrived.
     got_body: bool,
     /// The response being relayed is an event stream (for the mid-stream error event).
@@ -309,7 +309,7 @@ impl ProxyHttp for Gateway {
             affinity: None,
             tried: Vec::new(),
             in_flight: None,
-            watchdog: None,
+            deadlines: None,
             got_body: false,
             sse: false,
             attempts: 0,
@@ -528,7 +528,7 @@ impl ProxyHttp for Gateway {
             0
         };
         ctx.in_flight = Some(backend.begin_request_with_prefill(prefill));
-        ctx.watchdog = None;
+        ctx.deadlines = None;
         ctx.got_body = false;
 
         let mut peer = match &backend.tls {
@@ -543,8 +543,9 @@ impl ProxyHttp for Gateway {
         let o = &mut peer.options;
         o.connection_timeout = Some(cfg.connect_timeout);
         o.total_connection_timeout = Some(cfg.connect_timeout);
-        // Pingora's timeout applies to every read alike: only a backstop here; the
-        // attempt's watchdog enforces the first-byte, gap and total deadlines.
+        // Pingora's timeout applies to every read alike: for a stream only a backstop
+        // behind the attempt's watchdog; otherwise it enforces the nearer of the
+        // first-byte and total deadlines (see `deadline`).
         o.read_timeout = Some(self.limits(info.stream).longest_read());
         o.write_timeout = Some(cfg.connect_timeout.max(Duration::from_secs(10)));
         o.idle_timeout = Some(cfg.pool_idle_timeout);
@@ -561,7 +562,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let stream = ctx.info.as_ref().is_some_and(|i| i.stream);
-        ctx.watchdog = Watchdog::start(fd, Instant::now(), self.limits(stream));
+        ctx.deadlines = Attempt::start(fd, Instant::now(), self.limits(stream));
         Ok(())
     }
 
@@ -634,8 +635,8 @@ impl ProxyHttp for Gateway {
         let stream = ctx.info.as_ref().is_some_and(|i| i.stream);
         if !stream {
             // A non-streaming answer's header is its first byte.
-            if let Some(w) = &ctx.watchdog {
-                w.first_byte();
+            if let Some(d) = &ctx.deadlines {
+                d.first_byte();
             }
         }
         ctx.sse = resp
@@ -688,9 +689,12 @@ impl ProxyHttp for Gateway {
             if let Some(t) = ctx.usage_tail.as_mut() {
                 t.push(b);
             }
-            if let Some(w) = &ctx.watchdog {
-                w.first_byte();
-                w.progress();
+            if let Some(Err(why)) = ctx.deadlines.as_mut().map(Attempt::progress) {
+                // The error hooks read which deadline from `deadlines`.
+                return Error::e_explain(
+                    ErrorType::ReadTimedout,
+                    format!("the {} deadline passed while the answer came", why.as_str()),
+                );
             }
             if !ctx.got_body {
                 ctx.got_body = true;
@@ -703,18 +707,18 @@ impl ProxyHttp for Gateway {
             }
         }
         if end_of_stream {
-            if ctx.watchdog.as_ref().and_then(|w| w.fired()).is_some() {
+            if ctx.deadlines.as_ref().and_then(Attempt::fired).is_some() {
                 // A body that ends when the replica's connection closes "ended" because a
                 // deadline shut that connection down: it was cut, and must fail as such
-                // (the error hooks read which deadline from the watchdog).
+                // (the error hooks read which deadline from `deadlines`).
                 return Error::e_explain(
                     ErrorType::ReadTimedout,
                     "a deadline cut a body that ends with its connection",
                 );
             }
             // Before Pingora may pool the connection: the watchdog must not touch it.
-            if let Some(w) = ctx.watchdog.take() {
-                w.finish();
+            if let Some(d) = ctx.deadlines.take() {
+                d.finish();
             }
         }
         Ok(None)
@@ -745,9 +749,9 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
         let nothing_sent_down = session.response_written().is_none();
-        let expired = ctx.watchdog.as_ref().and_then(|w| w.fired());
-        if let Some(w) = ctx.watchdog.take() {
-            w.finish();
+        let expired = ctx.deadlines.as_ref().and_then(Attempt::fired);
+        if let Some(d) = ctx.deadlines.take() {
+            d.finish();
         }
         let upstream_side = matches!(e.esource(), ErrorSource::Upstream)
             || matches!(e.etype(), ErrorType::HTTPStatus(_))
@@ -916,7 +920,7 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[stream])
                 .observe(t.as_secs_f64());
         }
-        ctx.watchdog = None;
+        ctx.deadlines = None;
         ctx.in_flight = None;
     }
 }
