@@ -506,10 +506,11 @@ def main():
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         limit = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-        # Each open stream holds two descriptors in the router (client and backend).
-        sizes = [n for n in (1000, 10000) if 2 * n + 500 <= limit] or [1000]
+        # Each open stream holds three descriptors in the router: the client's, the
+        # backend's, and the stream watchdog's duplicate of the backend's.
+        sizes = [n for n in (1000, 10000) if 3 * n + 500 <= limit] or [1000]
         if 10000 not in sizes:
-            sizes.append((limit - 500) // 2 // 1000 * 1000)
+            sizes.append((limit - 500) // 3 // 1000 * 1000)
             print(f"memory: descriptor limit {limit}: measuring {sizes[-1]} streams, not 10000", flush=True)
         holder, hport = start_sse_backend(gap=2.0, hold=True)
         try:
