@@ -17,7 +17,8 @@
 //! Run: `benches/affinity.sh` (installs vllm-router, then runs this). Environment:
 //! `VLLM_ROUTER` (path; skipped when missing), `AF_SECONDS` (arrival window, default 30),
 //! `AF_LOAD` (fraction of the no-cache capacity, default 0.7), `AF_ROUTERS`
-//! (comma-separated subset of the router names), `AF_WORKLOADS` (`chat`, `shared`).
+//! (semicolon-separated subset of the router names: some names have commas), `AF_WORKLOADS` (`chat`, `shared`),
+//! `AF_SEED` (the arrival schedule's seed, default 42).
 
 mod common;
 
@@ -261,6 +262,7 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30.0);
     let load: f64 = env("AF_LOAD").and_then(|s| s.parse().ok()).unwrap_or(0.7);
+    let seed: u64 = env("AF_SEED").and_then(|s| s.parse().ok()).unwrap_or(42);
     let all = [
         ("round-robin", "vllm-edge round-robin"),
         ("vllm, no affinity", "vllm-edge vllm+noaffinity"),
@@ -274,7 +276,7 @@ async fn main() {
         .copied()
         .filter(|(label, _)| {
             only.as_ref()
-                .is_none_or(|o| o.split(',').any(|x| x.trim() == *label))
+                .is_none_or(|o| o.split(';').any(|x| x.trim() == *label))
         })
         .collect();
     let workloads: Vec<String> = env("AF_WORKLOADS")
@@ -317,8 +319,8 @@ async fn main() {
                 let (h0, q0) = prefix_cache(&sims).await;
                 let urls: Vec<String> = started.iter().map(|r| r.url.clone()).collect();
                 let (mut out, n, wall) = match workload.as_str() {
-                    "chat" => chat(&urls, chat_rate, seconds, 42).await,
-                    _ => shared(&urls, shared_rate, seconds, 42).await,
+                    "chat" => chat(&urls, chat_rate, seconds, seed).await,
+                    _ => shared(&urls, shared_rate, seconds, seed).await,
                 };
                 let (h1, q1) = prefix_cache(&sims).await;
                 for mut r in started {

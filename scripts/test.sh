@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 
 cargo test --locked
+# The benchmarks are not run here, but they must keep compiling.
+cargo build --locked --benches
 # Tests that load the machine (10,000 connections) run alone, after the others, so their
 # load cannot upset the timing of the rest.
 cargo test --locked --test it -- --ignored --test-threads=1
