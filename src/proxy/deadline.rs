@@ -42,9 +42,8 @@ pub struct Limits {
 
 impl Limits {
     /// The longest a single read may legitimately wait: Pingora's own per-read timeout,
-    /// kept as a backstop behind the watchdog.
-    /// Without a watchdog (no gap deadline) it is the nearer of the first-byte and total
-    /// deadlines, which it then enforces.
+    /// kept as a backstop behind the watchdog. Without a watchdog (no gap deadline) it is
+    /// the nearer of the first-byte and total deadlines, which it then enforces.
     pub fn longest_read(&self) -> Duration {
         let Some(g) = self.gap else {
             return self
@@ -83,13 +82,6 @@ impl Attempt {
             total: limits.total,
             fired: None,
         })
-    }
-
-    /// The first byte arrived (for a stream, the first chunk; otherwise the header).
-    pub fn first_byte(&self) {
-        if let Attempt::Watched(w) = self {
-            w.first_byte();
-        }
     }
 
     /// A piece of the answer arrived. `Err` with the deadline that passed when the

@@ -632,13 +632,6 @@ impl ProxyHttp for Gateway {
                 format!("backend {} answered {status}", ctx.backend_name()),
             ));
         }
-        let stream = ctx.info.as_ref().is_some_and(|i| i.stream);
-        if !stream {
-            // A non-streaming answer's header is its first byte.
-            if let Some(d) = &ctx.deadlines {
-                d.first_byte();
-            }
-        }
         ctx.sse = resp
             .headers
             .get(http::header::CONTENT_TYPE)
