@@ -241,7 +241,9 @@ def start_router(name, backend_ports, stream_backend=False):
         conf = (f"listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{free_port()}\n"
                 f"backends:\n{backends}routing:\n  policy: {policy}\n"
                 f"server:\n  threads: 1\n  upgrade_sock: {d}/upgrade.sock\n"
-                f"timeouts:\n  stream_first_byte: 10m\n  stream_chunk_gap: 10m\n")
+                f"timeouts:\n  stream_first_byte: 10m\n  stream_chunk_gap: 10m\n"
+                # Room for the memory phase's streams (nginx gets 30,000 connections).
+                f"limits:\n  max_connections: 20000\n")
         path = os.path.join(d, "gateway.yaml")
         open(path, "w").write(conf)
         env = dict(os.environ, VLLM_EDGE_LOG=os.environ.get("OH_EDGE_LOG", "warn"))
@@ -506,11 +508,11 @@ def main():
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         limit = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-        # Each open stream holds three descriptors in the router: the client's, the
-        # backend's, and the stream watchdog's duplicate of the backend's.
-        sizes = [n for n in (1000, 10000) if 3 * n + 500 <= limit] or [1000]
+        # Each open HTTP/1.1 stream holds two descriptors in the router: the client's and
+        # the backend's (the stream watchdog holds none).
+        sizes = [n for n in (1000, 10000) if 2 * n + 200 <= limit] or [1000]
         if 10000 not in sizes:
-            sizes.append((limit - 500) // 3 // 1000 * 1000)
+            sizes.append((limit - 200) // 2 // 100 * 100)
             print(f"memory: descriptor limit {limit}: measuring {sizes[-1]} streams, not 10000", flush=True)
         holder, hport = start_sse_backend(gap=2.0, hold=True)
         try:

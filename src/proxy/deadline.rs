@@ -17,14 +17,17 @@
 //! duplicate, a task and a timer (issue 10). The price: a body that stalls after part of
 //! it arrived is cut one read timeout after its last piece, which may be past the total.
 //!
-//! The watchdog shuts down a duplicate of the upstream socket's descriptor, owned here,
-//! never the raw number Pingora holds: the number could be reused by another connection
-//! once Pingora closes it, the duplicate cannot. The duplicate is closed as soon as the
-//! attempt ends ([`Watchdog::finish`]), before Pingora can return the connection to its
-//! pool, so a pooled connection is never shut down by a late watchdog, and a closed
-//! upstream connection is not kept open by it.
+//! The watchdog holds no descriptor of its own while it waits (a held duplicate would
+//! cost every open stream a second descriptor: issue 9). It keeps the number Pingora uses
+//! and the socket's cookie (`SO_COOKIE`, unique for the life of the system and never
+//! reused). When a deadline passes it duplicates whatever the number refers to *now*,
+//! and shuts the socket down only if the duplicate's cookie is the one recorded: once
+//! Pingora has closed the connection the number may belong to another socket, and that
+//! socket is left alone ([`Target`]). The watch is disarmed as soon as the attempt ends
+//! ([`Watchdog::finish`]), before Pingora can return the connection to its pool, so a
+//! pooled connection is never shut down by a late watchdog.
 
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -72,7 +75,7 @@ pub enum Attempt {
 impl Attempt {
     /// Starts enforcing `limits` on the upstream connection `fd` (as given to
     /// `connected_to_upstream`) from `started`. `None` if a watchdog is needed and the
-    /// descriptor cannot be duplicated (then only Pingora's per-read timeout applies).
+    /// socket's cookie cannot be read (then only Pingora's per-read timeout applies).
     pub fn start(fd: RawFd, started: Instant, limits: Limits) -> Option<Attempt> {
         if limits.gap.is_some() {
             return Watchdog::start(fd, started, limits).map(Attempt::Watched);
@@ -150,8 +153,64 @@ struct Clock {
     last_progress: AtomicU64,
     /// 0, or 1 + the `Expired` variant index.
     fired: AtomicU8,
-    /// The duplicate descriptor; `None` once the attempt ended.
-    fd: Mutex<Option<OwnedFd>>,
+    /// The connection; `None` once the attempt ended.
+    target: Mutex<Option<Target>>,
+}
+
+/// One upstream socket, named by its descriptor number and its cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Target {
+    fd: RawFd,
+    cookie: u64,
+}
+
+/// The kernel's cookie of the socket behind `fd`.
+fn socket_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `fd` is a live descriptor for the duration of the borrow, and the option
+    // writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+impl Target {
+    /// Names the socket `fd`, which must be open for the duration of the call.
+    fn of(fd: RawFd) -> Option<Target> {
+        // SAFETY: the caller's descriptor is live for the duration of this call.
+        let cookie = socket_cookie(unsafe { BorrowedFd::borrow_raw(fd) }).ok()?;
+        Some(Target { fd, cookie })
+    }
+
+    /// Shuts the socket down if the number still refers to it. The number is duplicated
+    /// first, so that the check and the shutdown are about the same socket even if the
+    /// number is closed and reused meanwhile; a number that is closed or names another
+    /// socket is left alone.
+    fn shut_down(&self) -> bool {
+        // SAFETY: the number may be closed or reused, which is why nothing is done
+        // through it but `F_DUPFD_CLOEXEC`: that either fails (closed) or yields a
+        // descriptor of our own for whatever the number names now, checked below.
+        let Ok(now) = unsafe { BorrowedFd::borrow_raw(self.fd) }.try_clone_to_owned() else {
+            return false;
+        };
+        if socket_cookie(now.as_fd()).ok() != Some(self.cookie) {
+            return false;
+        }
+        socket2::SockRef::from(&now)
+            .shutdown(std::net::Shutdown::Both)
+            .is_ok()
+    }
 }
 
 impl Clock {
@@ -183,10 +242,10 @@ impl Clock {
     }
 
     fn fire(&self, why: Expired) {
-        let fd = self.fd.lock().expect("not poisoned");
-        if let Some(fd) = fd.as_ref() {
+        let target = self.target.lock().expect("not poisoned");
+        if let Some(t) = target.as_ref() {
             self.fired.store(why as u8 + 1, Ordering::Release);
-            let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+            t.shut_down();
         }
     }
 }
@@ -199,22 +258,19 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts watching the upstream connection `fd` (as given to `connected_to_upstream`)
-    /// from `started`. `None` if the descriptor cannot be duplicated (then only Pingora's
-    /// per-read timeout applies).
+    /// Starts watching the upstream connection `fd` (as given to `connected_to_upstream`,
+    /// which keeps it open for the duration of the call) from `started`. `None` if `fd`
+    /// is not a socket whose cookie can be read (then only Pingora's per-read timeout
+    /// applies).
     pub fn start(fd: RawFd, started: Instant, limits: Limits) -> Option<Watchdog> {
-        // SAFETY: Pingora hands us the descriptor of the live upstream connection for the
-        // duration of the hook; it is only borrowed here to duplicate it.
-        let dup = unsafe { BorrowedFd::borrow_raw(fd) }
-            .try_clone_to_owned()
-            .ok()?;
+        let target = Target::of(fd)?;
         let clock = Arc::new(Clock {
             started,
             limits,
             first_byte: AtomicU64::new(NOTHING),
             last_progress: AtomicU64::new(NOTHING),
             fired: AtomicU8::new(0),
-            fd: Mutex::new(Some(dup)),
+            target: Mutex::new(Some(target)),
         });
         let c = clock.clone();
         let task = tokio::spawn(async move {
@@ -264,7 +320,7 @@ impl Watchdog {
 
     /// The attempt ended: from now on the watchdog never touches the connection.
     pub fn finish(&self) {
-        self.clock.fd.lock().expect("not poisoned").take();
+        self.clock.target.lock().expect("not poisoned").take();
         self.task.abort();
     }
 }
@@ -374,6 +430,65 @@ mod tests {
         assert_eq!(n, 0);
         assert_eq!(w.fired(), Some(Expired::Gap));
         assert!(started.elapsed() >= Duration::from_millis(280));
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_holds_no_descriptor_of_the_connection() {
+        let (client, mut server) = pair().await;
+        let w = Watchdog::start(
+            client.as_raw_fd(),
+            Instant::now(),
+            limits(1000, Some(1000), None),
+        )
+        .unwrap();
+        // Closing the connection's only descriptor closes the connection, watch or not.
+        drop(client);
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("the peer sees the close at once")
+            .unwrap();
+        assert_eq!(n, 0);
+        w.finish();
+    }
+
+    #[tokio::test]
+    async fn only_the_socket_named_by_its_cookie_is_shut_down() {
+        let (a, _a_server) = pair().await;
+        let (mut b, mut b_server) = pair().await;
+        let of_a = Target::of(a.as_raw_fd()).unwrap();
+        let of_b = Target::of(b.as_raw_fd()).unwrap();
+        assert_ne!(of_a.cookie, of_b.cookie);
+        // B's number with A's cookie: what the watchdog sees when A was closed and its
+        // number went to B. B is left alone and still works both ways.
+        let reused = Target {
+            fd: b.as_raw_fd(),
+            cookie: of_a.cookie,
+        };
+        assert!(!reused.shut_down());
+        use tokio::io::AsyncWriteExt;
+        b_server.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = b.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        // A closed number is left alone too.
+        let closed = Target {
+            fd: of_a.fd,
+            cookie: of_a.cookie,
+        };
+        drop(a);
+        // (Closed, or reused by a socket of another test: either way not A's.)
+        assert!(!closed.shut_down());
+        // The socket itself is shut down: its reads end.
+        assert!(of_b.shut_down());
+        let n = tokio::time::timeout(Duration::from_secs(5), b.read(&mut buf))
+            .await
+            .expect("the shutdown ended the read")
+            .unwrap();
+        assert_eq!(n, 0);
+        // Not a socket: no cookie, no watch.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(Target::of(file.as_raw_fd()).is_none());
     }
 
     #[tokio::test]
