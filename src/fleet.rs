@@ -241,6 +241,9 @@ pub struct FleetSnapshot {
     /// The lowest inter-token latency measured on a healthy backend: what a backend not
     /// measured yet (probably idle) is assumed to have.
     pub min_itl_s: Option<f64>,
+    /// Every backend has the same weight: rendezvous ranks can then be compared without
+    /// their logarithm ([`crate::affinity::unweighted_rank`]).
+    pub equal_weights: bool,
 }
 
 impl FleetSnapshot {
@@ -261,10 +264,14 @@ impl FleetSnapshot {
             .filter(|e| e.backend.health.checks_up() && e.state.scrape_error.is_none())
             .filter_map(|e| e.state.itl_s)
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
+        let equal_weights = backends
+            .windows(2)
+            .all(|w| w[0].backend.weight == w[1].backend.weight);
         FleetSnapshot {
             backends,
             by_model,
             min_itl_s,
+            equal_weights,
         }
     }
 

@@ -118,6 +118,22 @@ pub struct Request<'a> {
     pub affinity: Option<Sticky>,
 }
 
+impl Request<'_> {
+    /// Prompt tokens the chosen backend will likely have to prefill for this request:
+    /// all of them, except at the key's home, which has likely cached the reusable
+    /// prefix. This is what the request adds to the backend's pending prefill. Counting
+    /// the whole prompt at the home made the home of a popular prefix look busier the
+    /// more of its requests were in flight, and pushed them off it (issue 8: one gateway
+    /// kept fewer turns home than three, which each saw a third of the traffic).
+    pub fn prefill_tokens(&self, choice: &Choice) -> usize {
+        let reused = match (&self.affinity, choice.reason) {
+            (Some(s), Reason::AffinityHome) => s.key.reusable_bytes / BYTES_PER_TOKEN,
+            _ => 0,
+        };
+        self.prompt_tokens.saturating_sub(reused)
+    }
+}
+
 /// A request's affinity key and the load bound it is held to.
 #[derive(Debug, Clone, Copy)]
 pub struct Sticky {
@@ -299,7 +315,11 @@ const AFFINITY_HEADROOM: f64 = 1.0;
 /// Backend `i`'s rendezvous rank for the request's key.
 fn affinity_rank(snap: &FleetSnapshot, sticky: &Sticky, i: usize) -> f64 {
     let b = &snap.backends[i].backend;
-    affinity::rank(sticky.key.key, b.node_id, b.weight)
+    if snap.equal_weights {
+        affinity::unweighted_rank(sticky.key.key, b.node_id)
+    } else {
+        affinity::rank(sticky.key.key, b.node_id, b.weight)
+    }
 }
 
 /// `(index, value)` pairs sorted into the key's preference order (highest rendezvous rank
@@ -734,6 +754,63 @@ mod tests {
     }
 
     #[test]
+    fn a_request_sent_home_adds_only_its_uncached_prompt_to_the_pending_prefill() {
+        let shared = Request {
+            prompt_tokens: 1260,
+            ..keyed(3, 1200 * BYTES_PER_TOKEN)
+        };
+        let choice = |reason| Choice {
+            index: 0,
+            reason,
+            score_s: None,
+        };
+        assert_eq!(shared.prefill_tokens(&choice(Reason::AffinityHome)), 60);
+        assert_eq!(shared.prefill_tokens(&choice(Reason::AffinitySpill)), 1260);
+        assert_eq!(shared.prefill_tokens(&choice(Reason::LowestScore)), 1260);
+        let unkeyed = Request {
+            prompt_tokens: 1260,
+            ..req()
+        };
+        assert_eq!(unkeyed.prefill_tokens(&choice(Reason::AffinityHome)), 1260);
+        let all_reused = Request {
+            prompt_tokens: 10,
+            ..keyed(3, 400)
+        };
+        assert_eq!(all_reused.prefill_tokens(&choice(Reason::AffinityHome)), 0);
+    }
+
+    /// One gateway sending a burst of requests that share a long prefix, between two
+    /// scrapes of equal replicas: they all stay home, because each counts only its
+    /// uncached part as pending prefill there (counting whole prompts pushed the later
+    /// ones off their home).
+    #[test]
+    fn a_burst_on_one_prefix_stays_home_under_the_vllm_policy() {
+        let now = Instant::now();
+        let sel = Selector::new(STALE);
+        let mut snap = snapshot(&[true; 4]);
+        for i in 0..4 {
+            snap = scraped(snap, i, 8.0, 0.0, 0.2, 0.02, now);
+        }
+        let key = 21;
+        let home = rank_order(&snap, key)[0];
+        let r = Request {
+            prompt_tokens: 1260,
+            ..keyed(key, 1200 * BYTES_PER_TOKEN)
+        };
+        let mut guards = Vec::new();
+        for n in 0..12 {
+            let c = sel.best(Policy::Vllm, &snap, &r, &[], now).unwrap();
+            assert_eq!(
+                (c.index, c.reason),
+                (home, Reason::AffinityHome),
+                "request {n} of the burst"
+            );
+            let b = &snap.backends[c.index].backend;
+            guards.push(b.begin_request_with_prefill(r.prefill_tokens(&c) as u64));
+        }
+    }
+
+    #[test]
     fn vllm_goes_home_only_when_it_is_cheap() {
         let now = Instant::now();
         let sel = Selector::new(STALE);
@@ -787,13 +864,17 @@ mod tests {
     }
 
     fn snapshot(healthy: &[bool]) -> FleetSnapshot {
+        snapshot_weighted(healthy, |_| 1.0)
+    }
+
+    fn snapshot_weighted(healthy: &[bool], weight: impl Fn(usize) -> f64) -> FleetSnapshot {
         let cfgs: Vec<BackendConfig> = (0..healthy.len())
             .map(|i| BackendConfig {
                 name: format!("b{i}"),
                 url: format!("http://b{i}"),
                 addr: "127.0.0.1:1".parse().unwrap(),
                 static_models: Some(vec!["m".into()]),
-                weight: 1.0,
+                weight: weight(i),
                 max_concurrent_requests: None,
                 drain: false,
                 api_key: None,
@@ -1100,15 +1181,21 @@ mod tests {
             }
 
             /// The one-pass keyed pick is the first backend that qualifies in the key's
-            /// sorted order (the home when none does), as the reference definition says.
+            /// sorted order (the home when none does), as the reference definition says;
+            /// and that order is the weighted rendezvous order, with equal weights too
+            /// (where the ranks skip their logarithm).
             #[test]
             fn affinity_first_is_the_first_that_qualifies_in_key_order(
                 n in 1usize..12,
                 loads in prop::collection::vec(0.0f64..50.0, 12),
                 key in any::<u64>(),
                 factor in 1.0f64..3.0,
+                weighted in any::<bool>(),
             ) {
-                let snap = snapshot(&vec![true; n]);
+                let snap = snapshot_weighted(&vec![true; n], |i| {
+                    if weighted { 1.0 + (i % 3) as f64 } else { 2.0 }
+                });
+                prop_assert_eq!(snap.equal_weights, !weighted || n < 2);
                 let sticky = match keyed(key, 1000).affinity {
                     Some(s) => s,
                     None => unreachable!("keyed() gives a key"),
@@ -1116,6 +1203,8 @@ mod tests {
                 let items: Vec<(usize, f64)> = (0..n).map(|i| (i, loads[i])).collect();
                 let mut sorted = items.clone();
                 affinity_order(&snap, &sticky, &mut sorted);
+                let order: Vec<usize> = sorted.iter().map(|x| x.0).collect();
+                prop_assert_eq!(order, rank_order(&snap, key));
                 let only: Vec<f64> = sorted.iter().map(|x| x.1).collect();
                 let want = affinity::bounded(&only, factor, AFFINITY_HEADROOM).unwrap();
                 let bound = affinity::load_bound(only.iter().copied(), factor, AFFINITY_HEADROOM).unwrap();

@@ -523,7 +523,7 @@ impl ProxyHttp for Gateway {
         // Streams tell us when prefill ends (the first chunk); non-streaming answers only
         // come at the end, so their prefill is not tracked.
         let prefill = if info.stream {
-            request.prompt_tokens as u64
+            request.prefill_tokens(&chosen) as u64
         } else {
             0
         };
