@@ -235,7 +235,6 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
         max_tokens: Some(256),
         affinity: None,
     };
-    let default_itl = snap.min_itl_s.unwrap_or(selection::DEFAULT_ITL_S);
     let answered = metrics::sums_by(&metrics::REQUESTS, "backend");
     let failed = metrics::sums_by(&metrics::UPSTREAM_ERRORS, "backend");
     let by_class = metrics::sums_by(&metrics::REQUESTS, "status_class");
@@ -244,7 +243,8 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
     let backends: Vec<serde_json::Value> = snap
         .backends
         .iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
             let st = &e.state;
             let b = &e.backend;
             let fresh = st.fresh_load(crate::fleet::fresh_since(now, stale_after));
@@ -312,10 +312,10 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
                 "scrape_age_ms": st.load_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 "last_scrape_error": st.scrape_error,
                 "score_ms": ms(Some(selection::vllm_score(
-                    e,
+                    snap,
+                    i,
                     &typical,
                     crate::fleet::fresh_since(now, stale_after),
-                    default_itl,
                 ))),
             })
         })

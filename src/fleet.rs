@@ -16,6 +16,7 @@ use crate::auth::Secret;
 use crate::config::BackendConfig;
 use crate::engine_metrics::EngineLoad;
 use crate::health::BackendHealth;
+use crate::selection::PickInputs;
 use crate::tls::BackendTls;
 
 /// The oldest scrape start still fresh at `now` (`None`: every scrape is, because the
@@ -244,6 +245,9 @@ pub struct FleetSnapshot {
     /// Every backend has the same weight: rendezvous ranks can then be compared without
     /// their logarithm ([`crate::affinity::unweighted_rank`]).
     pub equal_weights: bool,
+    /// Per backend (same index as `backends`), what a pick reads that changes only with
+    /// the snapshot.
+    pub(crate) pick_inputs: Vec<PickInputs>,
 }
 
 impl FleetSnapshot {
@@ -267,11 +271,17 @@ impl FleetSnapshot {
         let equal_weights = backends
             .windows(2)
             .all(|w| w[0].backend.weight == w[1].backend.weight);
+        let default_itl = min_itl_s.unwrap_or(crate::selection::DEFAULT_ITL_S);
+        let pick_inputs = backends
+            .iter()
+            .map(|e| PickInputs::of(e, default_itl))
+            .collect();
         FleetSnapshot {
             backends,
             by_model,
             min_itl_s,
             equal_weights,
+            pick_inputs,
         }
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::affinity::{self, AffinityKey};
 use crate::config::Policy;
-use crate::fleet::{fresh_since, BackendEntry, FleetSnapshot};
+use crate::fleet::{fresh_since, Backend, BackendEntry, FleetSnapshot};
 
 /// Why no candidate was returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +98,7 @@ pub struct Choice {
 /// closed. When no backend of a model is strictly routable, the open circuits are ignored:
 /// a fleet-wide slowdown that opened every circuit must degrade service, not stop it.
 fn routable(snap: &FleetSnapshot, i: usize, strict: bool) -> bool {
-    let h = &snap.backends[i].backend.health;
+    let h = &snap.pick_inputs[i].backend.health;
     if strict {
         h.routable()
     } else {
@@ -208,103 +208,207 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 /// - A stale or failing scrape falls back to this gateway's in-flight count as `running`
 ///   and multiplies the score by 1.5.
 ///
-/// `fresh_since` is [`fresh_since`]`(now, stale_after)`, computed once per pick.
+/// `fresh_since` is [`fresh_since`]`(now, stale_after)`, computed once per pick. Backend
+/// `i` of `snap` is scored from its [`PickInputs`] and its live counters.
 pub fn vllm_score(
-    e: &BackendEntry,
+    snap: &FleetSnapshot,
+    i: usize,
     req: &Request,
     fresh_since: Option<Instant>,
-    default_itl: f64,
 ) -> f64 {
-    let b = &e.backend;
-    let st = &e.state;
-    let fresh = st.fresh_load(fresh_since);
-    let (running, waiting, in_engine) = engine_now(e, fresh_since);
-    let kv = fresh.and_then(|l| l.kv_usage);
-    let itl = itl_of(e, default_itl);
-    let step = itl * (in_engine + 1.0) / (running + 1.0);
+    Scorer::new(req, fresh_since).score(snap, i)
+}
 
-    // The batch limit: configured, else learned from the engine queueing; beyond it a
-    // request waits for departures.
-    let cap = b
-        .max_concurrent_requests
-        .map(|m| m as f64)
-        .or(st.learned_max_running);
-    let ahead = match cap {
-        Some(c) => (in_engine + 1.0 - c).max(0.0),
-        None => waiting,
-    };
-    let queue = if ahead > 0.0 {
-        let e2e = st.e2e_s.unwrap_or(itl * DEFAULT_OUTPUT_TOKENS);
-        ahead * e2e / cap.unwrap_or(running).max(1.0)
-    } else {
-        0.0
-    };
+/// [`vllm_score`] for one request: what depends only on the request and the time is
+/// computed once per pick, then [`Scorer::score`] scores each backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Scorer {
+    fresh_since: Option<Instant>,
+    /// The request's prompt tokens.
+    prompt: f64,
+    /// Its KV footprint: prompt plus output tokens.
+    own: f64,
+}
 
-    let own = req.prompt_tokens as f64 + req.max_tokens.map_or(DEFAULT_OUTPUT_TOKENS, |m| m as f64);
-    let capacity = fresh.and_then(|l| l.kv_capacity_tokens).unwrap_or(0) as f64;
-    let k = match kv {
-        Some(k) if capacity > 0.0 => (k + own / capacity).min(MAX_KV_FOR_PRESSURE),
-        Some(k) => k.min(MAX_KV_FOR_PRESSURE),
-        None => 0.0,
-    };
-    let pressure = if k > 0.0 {
-        step * k * k / (1.0 - k)
-    } else {
-        0.0
-    };
-    // Our prompt's prefill waits behind the prefill already queued there by this gateway.
-    let prefill_tokens = b.pending_prefill() as f64 + req.prompt_tokens as f64;
-    let prefill = itl * prefill_tokens * (1.0 / PREFILL_TOKENS_PER_STEP);
+impl Scorer {
+    pub fn new(req: &Request, fresh_since: Option<Instant>) -> Scorer {
+        let prompt = req.prompt_tokens as f64;
+        Scorer {
+            fresh_since,
+            prompt,
+            own: prompt + req.max_tokens.map_or(DEFAULT_OUTPUT_TOKENS, |m| m as f64),
+        }
+    }
 
-    let score = STEPS_TO_FIRST_TOKEN * step + queue + pressure + prefill;
-    if fresh.is_some() {
-        score
-    } else {
-        score * STALE_PENALTY
+    /// Backend `i` of `snap`, from its [`PickInputs`] and its live counters.
+    #[inline(always)]
+    pub fn score(&self, snap: &FleetSnapshot, i: usize) -> f64 {
+        let p = &snap.pick_inputs[i];
+        let b = &*p.backend;
+        let (running, waiting, in_engine, fresh) = engine_now(p, b, self.fresh_since);
+        let itl = p.itl;
+        let step = if fresh && !p.running.is_nan() {
+            p.itl_per_slot * (in_engine + 1.0)
+        } else {
+            itl * (in_engine + 1.0) / (running + 1.0)
+        };
+
+        // The batch limit: configured, else learned from the engine queueing; beyond it a
+        // request waits for departures.
+        let ahead = if p.cap.is_nan() {
+            waiting
+        } else {
+            (in_engine + 1.0 - p.cap).max(0.0)
+        };
+        let queue = if ahead <= 0.0 {
+            0.0
+        } else if !p.cap.is_nan() || !p.running.is_nan() {
+            ahead * p.queue_per_ahead
+        } else {
+            ahead * p.e2e / running.max(1.0)
+        };
+
+        let pressure = if fresh && !p.kv.is_nan() {
+            let k = (p.kv + self.own * p.inv_kv_capacity).min(MAX_KV_FOR_PRESSURE);
+            if k > 0.0 {
+                step * k * k / (1.0 - k)
+            } else {
+                0.0
+            }
+        } else {
+            0.0
+        };
+        // Our prompt's prefill waits behind the prefill already queued there by this
+        // gateway.
+        let prefill_tokens = count(b.pending_prefill()) + self.prompt;
+        let prefill = itl * prefill_tokens * (1.0 / PREFILL_TOKENS_PER_STEP);
+
+        let score = STEPS_TO_FIRST_TOKEN * step + queue + pressure + prefill;
+        if fresh {
+            score
+        } else {
+            score * STALE_PENALTY
+        }
     }
 }
 
-/// The engine as this gateway sees it now: `(running, waiting, sequences)`, where
+/// A counter as a float (through `i64`, which converts in one instruction).
+fn count(n: u64) -> f64 {
+    n.min(i64::MAX as u64) as i64 as f64
+}
+
+/// What a pick reads of one backend that changes only when the snapshot does (a scrape, a
+/// health change, a reload): resolved once in [`FleetSnapshot::new`] and kept in one dense
+/// array, so that a pick among many backends reads one small record each, follows no
+/// pointer but to the live counters, and divides only by what depends on the request.
+/// Unknown values are NaN.
+#[derive(Debug, Clone)]
+pub struct PickInputs {
+    /// The backend's live counters.
+    backend: Arc<Backend>,
+    /// When the scrape behind `running`, `waiting` and `kv` started (`None`: none yet).
+    load_at: Option<Instant>,
+    running: f64,
+    waiting: f64,
+    /// `Backend::dispatched()` and `Backend::completed()` when that scrape started.
+    dispatched_at: u64,
+    completed_at: u64,
+    /// The measured inter-token latency, or the fleet's best divided by the weight.
+    itl: f64,
+    /// `itl / (running + 1)`: a step's duration per sequence of the scraped batch.
+    itl_per_slot: f64,
+    /// The batch limit: configured, else learned.
+    cap: f64,
+    /// The recent end-to-end latency, or `itl` × an assumed output length.
+    e2e: f64,
+    /// How long each request ahead in the queue adds: `e2e / cap`, or `e2e / running`
+    /// without a cap (NaN when neither is known).
+    queue_per_ahead: f64,
+    kv: f64,
+    /// `1 / kv_capacity_tokens`, 0 when unknown.
+    inv_kv_capacity: f64,
+    /// For rendezvous ranks: the backend's `node_id` and weight.
+    node_id: u64,
+    weight: f64,
+}
+
+impl PickInputs {
+    /// `default_itl`: what a backend never measured is assumed to have at weight 1 (the
+    /// snapshot's `min_itl_s`, else [`DEFAULT_ITL_S`]).
+    pub fn of(e: &BackendEntry, default_itl: f64) -> PickInputs {
+        let (b, st) = (&e.backend, &e.state);
+        let load = st.load.as_ref();
+        let running = load.and_then(|l| l.running).unwrap_or(f64::NAN);
+        let itl = st.itl_s.unwrap_or(default_itl / b.weight);
+        let capacity = load.and_then(|l| l.kv_capacity_tokens).unwrap_or(0);
+        let cap = b
+            .max_concurrent_requests
+            .map(|m| m as f64)
+            .or(st.learned_max_running)
+            .unwrap_or(f64::NAN);
+        let e2e = st.e2e_s.unwrap_or(itl * DEFAULT_OUTPUT_TOKENS);
+        PickInputs {
+            backend: b.clone(),
+            load_at: st.load_at.filter(|_| load.is_some()),
+            running,
+            waiting: load.and_then(|l| l.waiting).unwrap_or(0.0),
+            dispatched_at: st.dispatched_at_scrape,
+            completed_at: st.completed_at_scrape,
+            itl,
+            itl_per_slot: itl / (running + 1.0),
+            cap,
+            e2e,
+            queue_per_ahead: e2e / if cap.is_nan() { running } else { cap }.max(1.0),
+            kv: load.and_then(|l| l.kv_usage).unwrap_or(f64::NAN),
+            inv_kv_capacity: if capacity > 0 {
+                1.0 / capacity as f64
+            } else {
+                0.0
+            },
+            node_id: b.node_id,
+            weight: b.weight,
+        }
+    }
+
+    fn fresh(&self, fresh_since: Option<Instant>) -> bool {
+        matches!(self.load_at, Some(at) if fresh_since.is_none_or(|f| at >= f))
+    }
+}
+
+/// The engine as this gateway sees it now: `(running, waiting, sequences, fresh)`, where
 /// sequences = running + waiting as scraped, plus the requests this gateway sent since the
 /// scrape began, minus those of ours that finished since. With a stale or failing scrape
-/// everything this gateway sent is running, and nothing else is known.
-fn engine_now(e: &BackendEntry, fresh_since: Option<Instant>) -> (f64, f64, f64) {
-    let (b, st) = (&e.backend, &e.state);
-    match st.fresh_load(fresh_since) {
-        Some(l) => {
-            let running = l.running.unwrap_or_else(|| b.in_flight() as f64);
-            let waiting = l.waiting.unwrap_or(0.0);
-            let since = b.dispatched().saturating_sub(st.dispatched_at_scrape) as f64;
-            let done = b.completed().saturating_sub(st.completed_at_scrape) as f64;
-            (
-                running,
-                waiting,
-                (running + waiting + since - done).max(0.0),
-            )
-        }
-        None => {
-            let n = b.in_flight() as f64;
-            (n, 0.0, n)
-        }
+/// (`fresh` false) everything this gateway sent is running, and nothing else is known.
+#[inline]
+fn engine_now(p: &PickInputs, b: &Backend, fresh_since: Option<Instant>) -> (f64, f64, f64, bool) {
+    if p.fresh(fresh_since) {
+        let running = if p.running.is_nan() {
+            b.in_flight() as f64
+        } else {
+            p.running
+        };
+        let since = count(b.dispatched().saturating_sub(p.dispatched_at));
+        let done = count(b.completed().saturating_sub(p.completed_at));
+        (
+            running,
+            p.waiting,
+            (running + p.waiting + since - done).max(0.0),
+            true,
+        )
+    } else {
+        let n = b.in_flight() as f64;
+        (n, 0.0, n, false)
     }
 }
 
-/// The backend's measured inter-token latency, or the fleet's best divided by its weight
-/// before it has one.
-fn itl_of(e: &BackendEntry, default_itl: f64) -> f64 {
-    e.state.itl_s.unwrap_or(default_itl / e.backend.weight)
-}
-
-/// The `affinity` policy's load of a backend: sequences in its engine (with this request)
-/// per unit of weight; a stale scrape counts [`STALE_PENALTY`] times this gateway's own.
-fn affinity_load(e: &BackendEntry, fresh_since: Option<Instant>) -> f64 {
-    let (_, _, sequences) = engine_now(e, fresh_since);
-    let stale = if e.state.fresh_load(fresh_since).is_some() {
-        1.0
-    } else {
-        STALE_PENALTY
-    };
-    (sequences * stale + 1.0) / e.backend.weight.max(f64::MIN_POSITIVE)
+/// The `affinity` policy's load of backend `i`: sequences in its engine (with this
+/// request) per unit of weight; a stale scrape counts [`STALE_PENALTY`] times this
+/// gateway's own.
+fn affinity_load(snap: &FleetSnapshot, i: usize, fresh_since: Option<Instant>) -> f64 {
+    let p = &snap.pick_inputs[i];
+    let (_, _, sequences, fresh) = engine_now(p, &p.backend, fresh_since);
+    let stale = if fresh { 1.0 } else { STALE_PENALTY };
+    (sequences * stale + 1.0) / p.weight.max(f64::MIN_POSITIVE)
 }
 
 /// Headroom of the `affinity` policy's load bound, in sequences: vLLM batches dozens of
@@ -314,11 +418,11 @@ const AFFINITY_HEADROOM: f64 = 1.0;
 
 /// Backend `i`'s rendezvous rank for the request's key.
 fn affinity_rank(snap: &FleetSnapshot, sticky: &Sticky, i: usize) -> f64 {
-    let b = &snap.backends[i].backend;
+    let p = &snap.pick_inputs[i];
     if snap.equal_weights {
-        affinity::unweighted_rank(sticky.key.key, b.node_id)
+        affinity::unweighted_rank(sticky.key.key, p.node_id)
     } else {
-        affinity::rank(sticky.key.key, b.node_id, b.weight)
+        affinity::rank(sticky.key.key, p.node_id, p.weight)
     }
 }
 
@@ -412,15 +516,14 @@ impl Selector {
             // The pick first, then the rest.
             let first = self.best(policy, snap, req, tried, now)?.index;
             let fresh = fresh_since(now, self.stale_after);
-            let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
+            let scorer = Scorer::new(req, fresh);
             let mut rest: Vec<(usize, f64)> = eligible
                 .iter()
                 .filter(|&&i| i != first)
                 .map(|&i| {
-                    let e = &snap.backends[i];
                     let load = match policy {
-                        Policy::Affinity => affinity_load(e, fresh),
-                        _ => vllm_score(e, req, fresh, default_itl),
+                        Policy::Affinity => affinity_load(snap, i, fresh),
+                        _ => scorer.score(snap, i),
                     };
                     (i, load)
                 })
@@ -448,7 +551,7 @@ impl Selector {
             }
             Policy::LeastRequest => {
                 // Stable sort: ties keep configuration order.
-                eligible.sort_by_key(|&i| snap.backends[i].backend.in_flight());
+                eligible.sort_by_key(|&i| snap.pick_inputs[i].backend.in_flight());
             }
             Policy::PowerOfTwo => {
                 let n = eligible.len();
@@ -459,7 +562,7 @@ impl Selector {
                     if b >= a {
                         b += 1;
                     }
-                    let load = |i: usize| snap.backends[eligible[i]].backend.in_flight();
+                    let load = |i: usize| snap.pick_inputs[eligible[i]].backend.in_flight();
                     let (first, second) = if load(b) < load(a) { (b, a) } else { (a, b) };
                     let (x, y) = (eligible[first], eligible[second]);
                     eligible.retain(|&i| i != x && i != y);
@@ -469,11 +572,10 @@ impl Selector {
             }
             // (`affinity` returned above.)
             Policy::Vllm | Policy::Affinity => {
-                let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
-                let fresh = fresh_since(now, self.stale_after);
+                let scorer = Scorer::new(req, fresh_since(now, self.stale_after));
                 let mut scored: Vec<(f64, usize)> = eligible
                     .iter()
-                    .map(|&i| (vllm_score(&snap.backends[i], req, fresh, default_itl), i))
+                    .map(|&i| (scorer.score(snap, i), i))
                     .collect();
                 // Stable: equal scores keep configuration order.
                 scored.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -508,32 +610,31 @@ impl Selector {
         let (index, score, n, affine) = match policy {
             Policy::Vllm if req.affinity.is_some_and(|a| a.key.reusable_bytes > 0) => {
                 let sticky = req.affinity.as_ref().expect("matched");
-                let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
-                let scored: Vec<(usize, f64)> = eligible
-                    .map(|i| (i, vllm_score(&snap.backends[i], req, fresh, default_itl)))
-                    .collect();
+                let scorer = Scorer::new(req, fresh);
+                let mut scored: Vec<(usize, f64)> = Vec::with_capacity(serving.len());
+                let mut low = f64::INFINITY;
+                for i in eligible {
+                    let s = scorer.score(snap, i);
+                    low = low.min(s);
+                    scored.push((i, s));
+                }
                 let n = scored.len();
-                let low = scored
-                    .iter()
-                    .map(|x| x.1)
-                    .reduce(f64::min)
-                    .ok_or(NoCandidate::Unavailable)?;
                 // Affinity when it is cheap: the first backend in the key's order whose
                 // estimate is within the load factor of the lowest, plus what its prefix
                 // cache likely saves (the prefill of the reusable part of the prompt, at
                 // its speed). The lowest itself always qualifies.
-                let reusable = (sticky.key.reusable_bytes / BYTES_PER_TOKEN) as f64;
+                let reusable_steps =
+                    (sticky.key.reusable_bytes / BYTES_PER_TOKEN) as f64 / PREFILL_TOKENS_PER_STEP;
+                let band = low * sticky.load_factor;
                 let ((i, s), home) = affinity_first(snap, sticky, &scored, |i, s| {
-                    let gain =
-                        itl_of(&snap.backends[i], default_itl) * reusable / PREFILL_TOKENS_PER_STEP;
-                    s <= low * sticky.load_factor + gain
+                    s <= band + snap.pick_inputs[i].itl * reusable_steps
                 })
-                .expect("not empty");
+                .ok_or(NoCandidate::Unavailable)?;
                 (i, Some(s), n, Some(home))
             }
             Policy::Affinity => {
                 let loads: Vec<(usize, f64)> = eligible
-                    .map(|i| (i, affinity_load(&snap.backends[i], fresh)))
+                    .map(|i| (i, affinity_load(snap, i, fresh)))
                     .collect();
                 let n = loads.len();
                 match &req.affinity {
@@ -561,26 +662,24 @@ impl Selector {
                 }
             }
             Policy::Vllm => {
-                let default_itl = snap.min_itl_s.unwrap_or(DEFAULT_ITL_S);
+                let scorer = Scorer::new(req, fresh);
                 // Strictly lower wins: ties keep configuration order, as in `candidates`.
-                let (best, n) = eligible
-                    .map(|i| (vllm_score(&snap.backends[i], req, fresh, default_itl), i))
-                    .fold(
-                        (None, 0),
-                        |(best, n): (Option<(f64, usize)>, usize), (s, i)| {
-                            let best = match best {
-                                Some((b, _)) if b <= s => best,
-                                _ => Some((s, i)),
-                            };
-                            (best, n + 1)
-                        },
-                    );
+                let (best, n) = eligible.map(|i| (scorer.score(snap, i), i)).fold(
+                    (None, 0),
+                    |(best, n): (Option<(f64, usize)>, usize), (s, i)| {
+                        let best = match best {
+                            Some((b, _)) if b <= s => best,
+                            _ => Some((s, i)),
+                        };
+                        (best, n + 1)
+                    },
+                );
                 let (s, i) = best.ok_or(NoCandidate::Unavailable)?;
                 (i, Some(s), n, None)
             }
             Policy::LeastRequest => {
                 let (best, n) = eligible
-                    .map(|i| (snap.backends[i].backend.in_flight(), i))
+                    .map(|i| (snap.pick_inputs[i].backend.in_flight(), i))
                     .fold(
                         (None, 0),
                         |(best, n): (Option<(usize, usize)>, usize), (l, i)| {
@@ -1093,12 +1192,8 @@ mod tests {
             .collect();
         snap = FleetSnapshot::new(snap.backends.clone());
         let sel = Selector::new(STALE);
-        let e1 = &snap.backends[1];
-        let e0 = &snap.backends[0];
-        assert!(
-            vllm_score(e1, &req(), fresh_since(now, STALE), 0.012)
-                > vllm_score(e0, &req(), fresh_since(now, STALE), 0.012)
-        );
+        let fresh = fresh_since(now, STALE);
+        assert!(vllm_score(&snap, 1, &req(), fresh) > vllm_score(&snap, 0, &req(), fresh));
         assert_eq!(
             sel.candidates(Policy::Vllm, &snap, &req(), &[], now)
                 .unwrap()[0],
