@@ -12,7 +12,22 @@ use vllm_edge::fleet::{BackendEntry, Fleet, FleetSnapshot};
 use vllm_edge::selection::{Request, Selector, Sticky};
 use vllm_edge::{affinity, openai};
 
+/// A fleet of `n` backends, each at its own load and speed.
 fn fleet(n: usize, now: Instant) -> FleetSnapshot {
+    fleet_with(n, now, |i| (i * 7 % 200, i % 5, i % 10, i % 13))
+}
+
+/// The same fleet at one load and speed: a key's home is within the band of the lowest.
+fn fleet_even(n: usize, now: Instant) -> FleetSnapshot {
+    fleet_with(n, now, |_| (20, 0, 3, 2))
+}
+
+/// `load(i)`: running, waiting, KV usage in tenths, ITL above 10 ms in ms.
+fn fleet_with(
+    n: usize,
+    now: Instant,
+    load: impl Fn(usize) -> (usize, usize, usize, usize),
+) -> FleetSnapshot {
     let cfgs: Vec<BackendConfig> = (0..n)
         .map(|i| BackendConfig {
             name: format!("b{i}"),
@@ -34,16 +49,17 @@ fn fleet(n: usize, now: Instant) -> FleetSnapshot {
         .map(|(i, e)| {
             let mut state = e.state.clone();
             e.backend.health.observe_check(Ok(()), &Default::default());
+            let (running, waiting, kv, itl) = load(i);
             state.load = Some(EngineLoad {
-                running: Some((i * 7 % 200) as f64),
-                waiting: Some((i % 5) as f64),
-                kv_usage: Some((i % 10) as f64 / 10.0),
+                running: Some(running as f64),
+                waiting: Some(waiting as f64),
+                kv_usage: Some(kv as f64 / 10.0),
                 kv_capacity_tokens: Some(450_000),
                 engines: 1,
                 ..EngineLoad::default()
             });
             state.load_at = Some(now);
-            state.itl_s = Some(0.01 + (i % 13) as f64 / 1000.0);
+            state.itl_s = Some(0.01 + itl as f64 / 1000.0);
             state.e2e_s = Some(2.0);
             BackendEntry {
                 backend: e.backend.clone(),
@@ -105,6 +121,19 @@ fn pick(c: &mut Criterion) {
                 })
             });
         }
+    }
+    group.finish();
+    // The same, on an evenly loaded fleet: the home is cheap, which is the common case.
+    let mut group = c.benchmark_group("keyed pick, even load");
+    for n in [4usize, 64, 1024] {
+        let snap = fleet_even(n, now);
+        let sel = Selector::new(Duration::from_secs(1));
+        group.bench_with_input(BenchmarkId::new("vllm", n), &n, |b, _| {
+            b.iter(|| {
+                sel.best(Policy::Vllm, black_box(&snap), black_box(&keyed), &[], now)
+                    .unwrap()
+            })
+        });
     }
     group.finish();
     let snap = fleet(64, now);

@@ -248,6 +248,9 @@ pub struct FleetSnapshot {
     /// Per backend (same index as `backends`), what a pick reads that changes only with
     /// the snapshot.
     pub(crate) pick_inputs: Vec<PickInputs>,
+    /// The lowest inter-token latency any backend is scored with (measured or assumed):
+    /// a bound under every `vllm` estimate.
+    pub(crate) itl_floor: f64,
 }
 
 impl FleetSnapshot {
@@ -272,16 +275,18 @@ impl FleetSnapshot {
             .windows(2)
             .all(|w| w[0].backend.weight == w[1].backend.weight);
         let default_itl = min_itl_s.unwrap_or(crate::selection::DEFAULT_ITL_S);
-        let pick_inputs = backends
+        let pick_inputs: Vec<PickInputs> = backends
             .iter()
             .map(|e| PickInputs::of(e, default_itl))
             .collect();
+        let itl_floor = crate::selection::itl_floor(&pick_inputs);
         FleetSnapshot {
             backends,
             by_model,
             min_itl_s,
             equal_weights,
             pick_inputs,
+            itl_floor,
         }
     }
 

@@ -292,6 +292,11 @@ impl Scorer {
     }
 }
 
+/// The lowest ITL among `inputs` (infinite when there are none).
+pub(crate) fn itl_floor(inputs: &[PickInputs]) -> f64 {
+    inputs.iter().map(|p| p.itl).fold(f64::INFINITY, f64::min)
+}
+
 /// A counter as a float (through `i64`, which converts in one instruction).
 fn count(n: u64) -> f64 {
     n.min(i64::MAX as u64) as i64 as f64
@@ -466,6 +471,71 @@ fn affinity_first(
     Some((items[pos], pos == home))
 }
 
+/// The `vllm` policy's pick for a request with an affinity key: affinity when it is cheap,
+/// that is the first backend in the key's order whose estimate is within the load factor
+/// of the lowest, plus what its prefix cache likely saves (the prefill of the reusable
+/// part of the prompt, at its speed). The lowest itself always qualifies. Returns `(index,
+/// score, how many were eligible, whether it is the key's home)`; `None` when nothing is
+/// eligible.
+///
+/// Most keyed requests go home, so the home is tried first against a bound rather than
+/// the lowest estimate: no estimate is below [`FleetSnapshot::itl_floor`] × prompt / 150
+/// (every estimate includes the request's own prefill, at no less than the fleet's
+/// lowest ITL), so a home within the band of that bound is within the band of the
+/// lowest, and is the same pick. That costs one estimate instead of one per backend.
+fn keyed_vllm<I: Iterator<Item = usize>>(
+    snap: &FleetSnapshot,
+    req: &Request,
+    sticky: &Sticky,
+    fresh: Option<Instant>,
+    eligible: impl Fn() -> I,
+) -> Option<(usize, f64, usize, bool)> {
+    let scorer = Scorer::new(req, fresh);
+    let reusable_steps =
+        (sticky.key.reusable_bytes / BYTES_PER_TOKEN) as f64 / PREFILL_TOKENS_PER_STEP;
+    // What backend `i`'s prefix cache likely saves it.
+    let gain = |i: usize| snap.pick_inputs[i].itl * reusable_steps;
+
+    // Each eligible backend's rank, and the home (the highest; on equal ranks the
+    // earlier, as in `affinity_first`), tried against the bound.
+    // (index, rank, gain, estimate)
+    let mut ranked: Vec<(usize, f64, f64, f64)> = Vec::with_capacity(snap.pick_inputs.len());
+    let mut home: Option<(f64, usize)> = None;
+    for i in eligible() {
+        let r = affinity_rank(snap, sticky, i);
+        if home.is_none_or(|(best, _)| r > best) {
+            home = Some((r, i));
+        }
+        ranked.push((i, r, gain(i), 0.0));
+    }
+    let (_, h) = home?;
+    let n = ranked.len();
+    let s = scorer.score(snap, h);
+    let floor = snap.itl_floor * scorer.prompt * (1.0 / PREFILL_TOKENS_PER_STEP);
+    if s <= floor * sticky.load_factor + gain(h) {
+        return Some((h, s, n, true));
+    }
+
+    // Every estimate, then the highest-ranked within the band of the lowest, or the home.
+    let mut low = f64::INFINITY;
+    for x in ranked.iter_mut() {
+        x.3 = scorer.score(snap, x.0);
+        low = low.min(x.3);
+    }
+    let band = low * sticky.load_factor;
+    let mut pick: Option<(f64, usize, f64)> = None;
+    for &(i, r, g, s) in &ranked {
+        if s <= band + g && pick.is_none_or(|(best, _, _)| r > best) {
+            pick = Some((r, i, s));
+        }
+    }
+    let (i, s) = match pick {
+        Some((_, i, s)) => (i, s),
+        None => (h, ranked.iter().find(|x| x.0 == h).map_or(s, |x| x.3)),
+    };
+    Some((i, s, n, i == h))
+}
+
 /// Per-gateway selection state: a round-robin cursor per model (so requests for other
 /// models in between do not skew one model's rotation) and a random stream.
 #[derive(Debug)]
@@ -610,26 +680,14 @@ impl Selector {
         let (index, score, n, affine) = match policy {
             Policy::Vllm if req.affinity.is_some_and(|a| a.key.reusable_bytes > 0) => {
                 let sticky = req.affinity.as_ref().expect("matched");
-                let scorer = Scorer::new(req, fresh);
-                let mut scored: Vec<(usize, f64)> = Vec::with_capacity(serving.len());
-                let mut low = f64::INFINITY;
-                for i in eligible {
-                    let s = scorer.score(snap, i);
-                    low = low.min(s);
-                    scored.push((i, s));
-                }
-                let n = scored.len();
-                // Affinity when it is cheap: the first backend in the key's order whose
-                // estimate is within the load factor of the lowest, plus what its prefix
-                // cache likely saves (the prefill of the reusable part of the prompt, at
-                // its speed). The lowest itself always qualifies.
-                let reusable_steps =
-                    (sticky.key.reusable_bytes / BYTES_PER_TOKEN) as f64 / PREFILL_TOKENS_PER_STEP;
-                let band = low * sticky.load_factor;
-                let ((i, s), home) = affinity_first(snap, sticky, &scored, |i, s| {
-                    s <= band + snap.pick_inputs[i].itl * reusable_steps
-                })
-                .ok_or(NoCandidate::Unavailable)?;
+                let eligible = || {
+                    serving
+                        .iter()
+                        .copied()
+                        .filter(|&i| routable(snap, i, strict) && !tried.contains(&i))
+                };
+                let (i, s, n, home) = keyed_vllm(snap, req, sticky, fresh, eligible)
+                    .ok_or(NoCandidate::Unavailable)?;
                 (i, Some(s), n, Some(home))
             }
             Policy::Affinity => {
@@ -1308,6 +1366,59 @@ mod tests {
                 // Nothing qualifies: the home.
                 let none = affinity_first(&snap, &sticky, &items, |_, _| false).unwrap();
                 prop_assert_eq!(none, (sorted[0], true));
+            }
+
+            /// The keyed `vllm` pick, with its shortcut through the home, is what the
+            /// definition gives: every estimate, then the first backend in the key's order
+            /// within the band of the lowest (the home when none is). Fleets of mixed speed
+            /// and load, some stale, some with prefill pending from this gateway.
+            #[test]
+            fn keyed_vllm_pick_is_the_first_within_the_band_of_the_lowest(
+                n in 1usize..10,
+                loads in prop::collection::vec(
+                    (0.0f64..64.0, 0.0f64..8.0, 0.0f64..0.98, 0.005f64..0.06, 0u64..3000, any::<bool>()),
+                    10,
+                ),
+                key in any::<u64>(),
+                prompt in 1usize..4000,
+                reused in 0.0f64..1.0,
+                factor in 1.0f64..3.0,
+            ) {
+                let now = Instant::now();
+                let mut snap = snapshot(&vec![true; n]);
+                let mut guards = Vec::new();
+                for (i, &(running, waiting, kv, itl, pending, stale)) in loads.iter().take(n).enumerate() {
+                    let at = if stale { now - 10 * STALE } else { now };
+                    snap = scraped(snap, i, running, waiting, kv, itl, at);
+                    guards.push(snap.backends[i].backend.begin_request_with_prefill(pending));
+                }
+                let reusable_bytes = ((prompt as f64 * reused) as usize).max(1) * BYTES_PER_TOKEN;
+                let mut r = keyed(key, reusable_bytes);
+                r.prompt_tokens = prompt;
+                let sticky = r.affinity.as_mut().expect("keyed");
+                sticky.load_factor = factor;
+                let sticky = *sticky;
+
+                let fresh = fresh_since(now, STALE);
+                let scored: Vec<(usize, f64)> =
+                    (0..n).map(|i| (i, vllm_score(&snap, i, &r, fresh))).collect();
+                let low = scored.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+                let gain = |i: usize| {
+                    snap.pick_inputs[i].itl * (reusable_bytes / BYTES_PER_TOKEN) as f64
+                        / PREFILL_TOKENS_PER_STEP
+                };
+                let mut sorted = scored.clone();
+                affinity_order(&snap, &sticky, &mut sorted);
+                let want = sorted
+                    .iter()
+                    .position(|&(i, s)| s <= low * factor + gain(i))
+                    .unwrap_or(0);
+                let got = Selector::new(STALE).best(Policy::Vllm, &snap, &r, &[], now).unwrap();
+                prop_assert_eq!(got.index, sorted[want].0);
+                if n > 1 {
+                    let reason = if want == 0 { Reason::AffinityHome } else { Reason::AffinitySpill };
+                    prop_assert_eq!(got.reason, reason);
+                }
             }
 
             /// Equal replicas under any load: a burst of k picks between two scrapes puts at
