@@ -21,7 +21,9 @@
 //! `VLLM_ROUTER` (path; skipped when missing), `AF_SECONDS` (arrival window, default 30),
 //! `AF_LOAD` (fraction of the no-cache capacity, default 0.7), `AF_ROUTERS`
 //! (semicolon-separated subset of the router names: some names have commas), `AF_WORKLOADS` (`chat`, `shared`),
-//! `AF_SEED` (the arrival schedule's seed, default 42), `AF_WARMUP` (seconds, default 15).
+//! `AF_SEED` (the arrival schedule's seed, default 42), `AF_WARMUP` (seconds, default 15),
+//! `AF_TRACE` (a file to append one line per answered request to: workload, router,
+//! instances, sent, TTFT, group, turn, backend).
 
 mod common;
 
@@ -115,6 +117,10 @@ struct Outcome {
     /// (sent, seconds after the run's start; TTFT)
     ttft: Vec<(f64, f64)>,
     errors: usize,
+    /// One line per answered request for `AF_TRACE`: sent, TTFT, the prompt's group (the
+    /// system prompt's, or the conversation's), the turn, and the backend that served it
+    /// (vllm-edge's `x-vllm-edge-backend`; `-` for other routers).
+    trace: Vec<String>,
 }
 
 impl Outcome {
@@ -130,13 +136,13 @@ impl Outcome {
     }
 }
 
-/// One streamed chat request: its TTFT and the reply's text.
+/// One streamed chat request: its TTFT, the reply's text and the backend that served it.
 async fn ask(
     client: &reqwest::Client,
     url: &str,
     messages: &[Value],
     max_tokens: usize,
-) -> Option<(f64, String)> {
+) -> Option<(f64, String, String)> {
     let body = json!({"model": "m", "stream": true, "ignore_eos": true,
                       "max_tokens": max_tokens, "messages": messages});
     let sent = Instant::now();
@@ -144,6 +150,12 @@ async fn ask(
     if !resp.status().is_success() {
         return None;
     }
+    let backend = resp
+        .headers()
+        .get("x-vllm-edge-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
     let (mut ttft, mut reply, mut done) = (None, String::new(), false);
     let mut pending = String::new();
     let mut stream = resp.bytes_stream();
@@ -167,7 +179,7 @@ async fn ask(
             }
         }
     }
-    done.then_some((ttft?, reply))
+    done.then_some((ttft?, reply, backend))
 }
 
 fn client() -> reqwest::Client {
@@ -205,8 +217,12 @@ async fn chat(urls: &[String], rate: f64, seconds: f64, seed: u64) -> (Outcome, 
                 let url = &urls[(c + turn) % urls.len()];
                 let sent = start.elapsed().as_secs_f64();
                 match ask(&client, url, &history, CHAT_OUTPUT).await {
-                    Some((ttft, reply)) => {
-                        results.push(Some((sent, ttft)));
+                    Some((ttft, reply, backend)) => {
+                        results.push(Some((
+                            sent,
+                            ttft,
+                            format!("{sent:.3} {ttft:.4} c{c} {turn} {backend}"),
+                        )));
                         history.push(json!({"role": "assistant", "content": reply}));
                     }
                     None => {
@@ -226,7 +242,10 @@ async fn chat(urls: &[String], rate: f64, seconds: f64, seed: u64) -> (Outcome, 
         for r in task.await.unwrap_or_default() {
             n += 1;
             match r {
-                Some(ttft) => out.ttft.push(ttft),
+                Some((sent, ttft, line)) => {
+                    out.ttft.push((sent, ttft));
+                    out.trace.push(line);
+                }
                 None => out.errors += 1,
             }
         }
@@ -260,14 +279,19 @@ async fn shared(urls: &[String], rate: f64, seconds: f64, seed: u64) -> (Outcome
             let sent = start.elapsed().as_secs_f64();
             ask(&client, &url, &messages, SHARED_OUTPUT)
                 .await
-                .map(|x| (sent, x.0))
+                .map(|(ttft, _, backend)| {
+                    (sent, ttft, format!("{sent:.3} {ttft:.4} g{g} 0 {backend}"))
+                })
         }));
     }
     let mut out = Outcome::default();
     let n = tasks.len();
     for task in tasks {
         match task.await.ok().flatten() {
-            Some(ttft) => out.ttft.push(ttft),
+            Some((sent, ttft, line)) => {
+                out.ttft.push((sent, ttft));
+                out.trace.push(line);
+            }
             None => out.errors += 1,
         }
     }
@@ -345,6 +369,22 @@ async fn main() {
                     _ => shared(&urls, shared_rate, seconds, seed).await,
                 };
                 let (h1, q1) = prefix_cache(&sims).await;
+                if let Some(path) = env("AF_TRACE") {
+                    use std::io::Write;
+                    let mut f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .expect("AF_TRACE is writable");
+                    for line in &out.trace {
+                        writeln!(
+                            f,
+                            "{workload} {} {instances} {line}",
+                            name.replace(' ', "_")
+                        )
+                        .expect("written");
+                    }
+                }
                 for mut r in started {
                     let _ = r.child.kill().await;
                 }

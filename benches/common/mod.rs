@@ -87,8 +87,11 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
         let mut yaml = format!(
             "listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:0\nrouting:\n  policy: {policy}\n{affinity}server:\n  threads: 1\n  grace_period: 0s\nbackends:\n"
         );
-        for b in backends {
-            yaml.push_str(&format!("  - url: {b}\n{cap}"));
+        // Named as the replicas name themselves: a backend's name is its identity for
+        // prefix affinity, so every run and every gateway splits keys the same way (by
+        // default the name is host:port, and the ports change from run to run).
+        for (i, b) in backends.iter().enumerate() {
+            yaml.push_str(&format!("  - name: r{i}\n    url: {b}\n{cap}"));
         }
         let conf = dir.path().join("gw.yaml");
         std::fs::write(&conf, yaml).unwrap();
