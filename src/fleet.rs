@@ -25,6 +25,11 @@ pub fn fresh_since(now: Instant, stale_after: std::time::Duration) -> Option<Ins
     now.checked_sub(stale_after)
 }
 
+/// Whether a scrape that started at `at` is fresh (see [`fresh_since`]).
+pub fn is_fresh(at: Option<Instant>, fresh_since: Option<Instant>) -> bool {
+    matches!(at, Some(at) if fresh_since.is_none_or(|f| at >= f))
+}
+
 /// A backend's identity, shared by every snapshot that contains it. Its counters live as
 /// long as the backend stays in the configuration.
 #[derive(Debug)]
@@ -202,10 +207,9 @@ impl BackendState {
     /// The scraped load, if its scrape started at or after `fresh_since` (see
     /// [`fresh_since`]).
     pub fn fresh_load(&self, fresh_since: Option<Instant>) -> Option<&EngineLoad> {
-        match (self.load.as_ref(), self.load_at) {
-            (Some(l), Some(at)) if fresh_since.is_none_or(|f| at >= f) => Some(l),
-            _ => None,
-        }
+        self.load
+            .as_ref()
+            .filter(|_| is_fresh(self.load_at, fresh_since))
     }
 
     pub fn unknown(backend: &Backend) -> BackendState {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::affinity::{self, AffinityKey};
 use crate::config::Policy;
-use crate::fleet::{fresh_since, Backend, BackendEntry, FleetSnapshot};
+use crate::fleet::{fresh_since, is_fresh, Backend, BackendEntry, FleetSnapshot};
 
 /// Why no candidate was returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,7 +376,7 @@ impl PickInputs {
     }
 
     fn fresh(&self, fresh_since: Option<Instant>) -> bool {
-        matches!(self.load_at, Some(at) if fresh_since.is_none_or(|f| at >= f))
+        is_fresh(self.load_at, fresh_since)
     }
 }
 
