@@ -48,9 +48,10 @@ const SYSTEM_WORDS: usize = 1200;
 const SHARED_QUESTION_WORDS: usize = 60;
 const SHARED_OUTPUT: usize = 80;
 
+/// Three-letter words: with the space, 4 bytes per (simulated) token, the density of
+/// English text that the gateway assumes when it estimates tokens from bytes.
 const WORDS: [&str; 12] = [
-    "alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta",
-    "iota", "rho",
+    "ant", "bee", "cat", "dog", "elk", "fox", "gnu", "hen", "owl", "pig", "rat", "yak",
 ];
 
 /// `n` words, distinct for each `tag` (its first word), so unrelated texts share no prefix.
@@ -313,6 +314,10 @@ async fn main() {
         ("round-robin", "vllm-edge round-robin"),
         ("vllm, no affinity", "vllm-edge vllm+noaffinity"),
         ("vllm + affinity", "vllm-edge vllm"),
+        (
+            "vllm + affinity, no placement",
+            "vllm-edge vllm+noplacement",
+        ),
         ("affinity", "vllm-edge affinity"),
         ("vllm-router cache_aware", "vllm-router cache_aware"),
     ];

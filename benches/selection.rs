@@ -106,6 +106,7 @@ fn pick(c: &mut Criterion) {
         affinity: Some(Sticky {
             key,
             load_factor: 1.25,
+            placed: None,
         }),
         ..req
     };

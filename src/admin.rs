@@ -199,6 +199,7 @@ impl ServeHttp for AdminApp {
             ),
             "/load-stats" => {
                 let mut v = load_stats(&self.config.load(), &self.fleet.load(), Instant::now());
+                v["affinity_placement"] = placement_stats(&self.fleet.placer.placement());
                 let query = session.req_header().uri.query().unwrap_or("");
                 if query.split('&').any(|p| p == "history=1") {
                     v["history"] = serde_json::to_value(self.history.samples()).unwrap_or_default();
@@ -221,6 +222,24 @@ impl ServeHttp for AdminApp {
 fn ms(s: Option<f64>) -> serde_json::Value {
     s.map_or(serde_json::Value::Null, |s| {
         serde_json::json!((s * 1e5).round() / 100.0)
+    })
+}
+
+/// This gateway's placement of long-lived affinity keys (see `affinity::Placer`): how many
+/// it tracks as long-lived, how many it homes away from their rendezvous home, and per
+/// backend the prefix tokens homed there against its budget.
+pub fn placement_stats(p: &crate::affinity::Placement) -> serde_json::Value {
+    let homes: Vec<serde_json::Value> = p
+        .homed
+        .iter()
+        .map(|(name, tokens, budget)| {
+            serde_json::json!({"backend": name, "prefix_tokens": tokens.round(), "budget_tokens": budget.round()})
+        })
+        .collect();
+    serde_json::json!({
+        "long_lived_keys": p.long_lived,
+        "moved_keys": p.moved_keys(),
+        "homes": homes,
     })
 }
 

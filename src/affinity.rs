@@ -22,15 +22,26 @@
 //!    most `load_factor` times the mean load of the candidates takes the request, so a hot
 //!    key or a slow replica spills to the key's next backend (the same one in every
 //!    gateway) instead of piling up.
+//! 4. **Placement of long-lived keys** ([`Placer`], [`place`]): a home is not given more
+//!    long-lived prefixes than a share of its KV cache holds; the rest are homed on their
+//!    next backend with room. The plan depends only on the set of long-lived keys, which
+//!    every gateway sees alike, so gateways agree once each has seen them.
 //!
 //! The digests are SHA-256 (from `ring`), so they are the same in every process, build and
 //! version.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+
+use crate::fleet::FleetSnapshot;
 
 /// Where the affinity-relevant fields are in a request body (byte ranges of their JSON
 /// text), found while the body is inspected; the key is computed from them only when
@@ -265,6 +276,293 @@ pub fn load_bound(
     (n > 0).then(|| load_factor.max(1.0) * sum / n as f64 + headroom.max(0.0))
 }
 
+// Long-lived prefixes and their homes' KV caches.
+//
+// Rendezvous hashing spreads keys evenly only on average: 64 system prompts over 4
+// backends gave one backend 26 of them in the affinity bench, 31k tokens of prefixes
+// against a 40k-token KV cache. That home evicted its own prefixes and missed at home,
+// while the load bound saw nothing wrong (no queue, moderate KV usage). So each gateway
+// also keeps a ledger of the keys it routes, and places the long-lived ones (keys in use
+// for at least `long_lived_after`: shared system prompts, long sessions; not a short
+// conversation) so that no backend is home to more prefix tokens than `kv_share` of its
+// KV cache. The plan is a pure function of the long-lived keys and the fleet, so gateways
+// that see the same keys (every gateway sees every busy prefix) make the same plan.
+
+/// A key not seen for this long is dropped from the ledger (its prefix has likely left
+/// the cache, and it no longer counts against its home's share).
+pub const LEDGER_IDLE: Duration = Duration::from_secs(60);
+/// The most keys a ledger tracks; beyond it new keys are not tracked until old ones go
+/// idle (about 100 bytes each).
+pub const LEDGER_KEYS: usize = 16_384;
+/// How often a gateway plans placement (the scraper's passes, at most this often).
+pub const PLAN_EVERY: Duration = Duration::from_secs(1);
+
+/// One key in the ledger.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    model: u32,
+    /// The most reusable bytes a request with this key carried.
+    bytes: usize,
+    first: Instant,
+    last: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    keys: HashMap<u64, Seen>,
+    /// Model names, interned: the ledger stores an index per key.
+    models: Vec<Box<str>>,
+    last_plan: Option<Instant>,
+}
+
+impl Ledger {
+    fn model_id(&mut self, model: &str) -> u32 {
+        match self.models.iter().position(|m| &**m == model) {
+            Some(i) => i as u32,
+            None => {
+                self.models.push(model.into());
+                (self.models.len() - 1) as u32
+            }
+        }
+    }
+}
+
+/// Where a long-lived key is placed, when that is not its rendezvous home.
+#[derive(Debug, Default, Clone)]
+pub struct Placement {
+    /// key → node id of the backend it is placed on.
+    moved: HashMap<u64, u64>,
+    /// Long-lived keys in the last plan.
+    pub long_lived: usize,
+    /// Per backend name: estimated prefix tokens placed there and its budget
+    /// (`kv_share` × KV capacity), for backends whose capacity is known.
+    pub homed: Vec<(String, f64, f64)>,
+}
+
+impl Placement {
+    /// The node id of the backend `key` is placed on, if not its rendezvous home.
+    pub fn moved(&self, key: u64) -> Option<u64> {
+        if self.moved.is_empty() {
+            None
+        } else {
+            self.moved.get(&key).copied()
+        }
+    }
+
+    /// How many long-lived keys are placed away from their rendezvous home.
+    pub fn moved_keys(&self) -> usize {
+        self.moved.len()
+    }
+}
+
+/// Placement settings (`routing.affinity` in the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlacementSettings {
+    /// The share of a backend's KV cache the long-lived prefixes homed on it may fill; 0
+    /// turns placement off.
+    pub kv_share: f64,
+    /// How long a key must have been in use to count as long-lived.
+    pub long_lived_after: Duration,
+}
+
+/// A gateway's ledger of affinity keys and its current placement of the long-lived ones.
+#[derive(Debug, Default)]
+pub struct Placer {
+    ledger: Mutex<Ledger>,
+    placement: ArcSwap<Placement>,
+}
+
+impl Placer {
+    /// Notes that a request for `model` with affinity key `key` and `bytes` of reusable
+    /// prefix was routed at `now`.
+    pub fn record(&self, model: &str, key: u64, bytes: usize, now: Instant) {
+        if bytes == 0 {
+            return;
+        }
+        let mut l = self.ledger.lock().expect("not poisoned");
+        let full = l.keys.len() >= LEDGER_KEYS;
+        let model = l.model_id(model);
+        match l.keys.get_mut(&key) {
+            Some(s) => {
+                s.last = now;
+                s.bytes = s.bytes.max(bytes);
+                s.model = model;
+            }
+            None if !full => {
+                l.keys.insert(
+                    key,
+                    Seen {
+                        model,
+                        bytes,
+                        first: now,
+                        last: now,
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// The current placement (what the request path reads).
+    pub fn placement(&self) -> Arc<Placement> {
+        self.placement.load_full()
+    }
+
+    /// Where `key` is placed, if not at its rendezvous home.
+    pub fn moved(&self, key: u64) -> Option<u64> {
+        self.placement.load().moved(key)
+    }
+
+    /// Forgets idle keys and plans again from the long-lived ones and `snap`, at most
+    /// every [`PLAN_EVERY`].
+    pub fn replan(&self, snap: &FleetSnapshot, settings: PlacementSettings, now: Instant) {
+        let long_lived: Vec<(String, u64, usize)> = {
+            let mut l = self.ledger.lock().expect("not poisoned");
+            if l.last_plan
+                .is_some_and(|t| now.saturating_duration_since(t) < PLAN_EVERY)
+            {
+                return;
+            }
+            l.last_plan = Some(now);
+            l.keys
+                .retain(|_, s| now.saturating_duration_since(s.last) <= LEDGER_IDLE);
+            l.keys
+                .iter()
+                .filter(|(_, s)| {
+                    s.last.saturating_duration_since(s.first) >= settings.long_lived_after
+                })
+                .map(|(&k, s)| (l.models[s.model as usize].to_string(), k, s.bytes))
+                .collect()
+        };
+        self.placement
+            .store(Arc::new(plan(snap, &long_lived, settings.kv_share)));
+    }
+}
+
+/// One backend as placement sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Bin {
+    pub node: u64,
+    pub weight: f64,
+    /// Prefix tokens it may be home to (infinite when its KV capacity is unknown).
+    pub budget: f64,
+}
+
+/// Places `keys` (key, prefix tokens) on `bins`: first every key that fits at its
+/// rendezvous home, in key order; then each key that did not, in key order, on the first
+/// backend in its preference order with room left; a key that fits nowhere stays home.
+/// Returns the keys placed away from home (key → node id), and the tokens placed on each
+/// bin. The result depends only on the set of keys and the bins, never on their order.
+pub fn place(
+    keys: &[(u64, f64)],
+    bins: &[Bin],
+    equal_weights: bool,
+) -> (HashMap<u64, u64>, Vec<f64>) {
+    let mut keys = keys.to_vec();
+    keys.sort_by_key(|k| k.0);
+    keys.dedup_by_key(|k| k.0);
+    let rank_of = |key: u64, b: &Bin| {
+        if equal_weights {
+            unweighted_rank(key, b.node)
+        } else {
+            rank(key, b.node, b.weight)
+        }
+    };
+    let mut used = vec![0.0; bins.len()];
+    let mut moved = HashMap::new();
+    if bins.is_empty() {
+        return (moved, used);
+    }
+    let mut left = Vec::new();
+    for &(key, tokens) in &keys {
+        let home = (0..bins.len())
+            .max_by(|&a, &b| rank_of(key, &bins[a]).total_cmp(&rank_of(key, &bins[b])))
+            .expect("not empty");
+        if used[home] + tokens <= bins[home].budget {
+            used[home] += tokens;
+        } else {
+            left.push((key, tokens, home));
+        }
+    }
+    for (key, tokens, home) in left {
+        let mut order: Vec<(f64, usize)> = (0..bins.len())
+            .filter(|&b| b != home)
+            .map(|b| (rank_of(key, &bins[b]), b))
+            .collect();
+        order.sort_by(|a, b| b.0.total_cmp(&a.0));
+        match order
+            .iter()
+            .find(|(_, b)| used[*b] + tokens <= bins[*b].budget)
+        {
+            Some(&(_, b)) => {
+                used[b] += tokens;
+                moved.insert(key, bins[b].node);
+            }
+            None => used[home] += tokens,
+        }
+    }
+    (moved, used)
+}
+
+/// The placement of `keys` (model, key, reusable bytes) on `snap`'s backends that take
+/// requests, model by model.
+pub fn plan(snap: &FleetSnapshot, keys: &[(String, u64, usize)], kv_share: f64) -> Placement {
+    let mut out = Placement {
+        long_lived: keys.len(),
+        ..Placement::default()
+    };
+    if kv_share <= 0.0 || keys.is_empty() {
+        return out;
+    }
+    let mut models: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    models.sort_unstable();
+    models.dedup();
+    let mut homed: HashMap<usize, f64> = HashMap::new();
+    for model in models {
+        let Some(serving) = snap.serving(model) else {
+            continue;
+        };
+        let idx: Vec<usize> = serving
+            .iter()
+            .copied()
+            .filter(|&i| snap.backends[i].backend.health.routable())
+            .collect();
+        let bins: Vec<Bin> = idx
+            .iter()
+            .map(|&i| {
+                let e = &snap.backends[i];
+                let capacity = e.state.load.as_ref().and_then(|l| l.kv_capacity_tokens);
+                Bin {
+                    node: e.backend.node_id,
+                    weight: e.backend.weight,
+                    budget: capacity.map_or(f64::INFINITY, |c| c as f64 * kv_share),
+                }
+            })
+            .collect();
+        let ks: Vec<(u64, f64)> = keys
+            .iter()
+            .filter(|k| k.0 == model)
+            .map(|k| (k.1, (k.2 / crate::selection::BYTES_PER_TOKEN) as f64))
+            .collect();
+        let (moved, used) = place(&ks, &bins, snap.equal_weights);
+        out.moved.extend(moved);
+        for (&i, u) in idx.iter().zip(used) {
+            *homed.entry(i).or_default() += u;
+        }
+    }
+    let mut homed: Vec<(usize, f64)> = homed.into_iter().collect();
+    homed.sort_by_key(|h| h.0);
+    out.homed = homed
+        .into_iter()
+        .filter_map(|(i, u)| {
+            let e = &snap.backends[i];
+            let c = e.state.load.as_ref().and_then(|l| l.kv_capacity_tokens)?;
+            Some((e.backend.name.clone(), u, c as f64 * kv_share))
+        })
+        .collect();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,5 +777,110 @@ mod tests {
         assert_eq!(bounded(&[2.0, 1.0, 1.0, 1.0], 1.25, 1.0), Some(0));
         // ...but it is negligible under real load.
         assert_eq!(bounded(&[80.0, 40.0, 40.0, 40.0], 1.25, 1.0), Some(1));
+    }
+
+    fn bins(n: usize, budget: f64) -> Vec<Bin> {
+        (0..n)
+            .map(|i| Bin {
+                node: node_id(&format!("b{i}")),
+                weight: 1.0,
+                budget,
+            })
+            .collect()
+    }
+
+    /// Bin positions in `key`'s rendezvous order.
+    fn order(key: u64, bins: &[Bin]) -> Vec<usize> {
+        let mut o: Vec<usize> = (0..bins.len()).collect();
+        o.sort_by(|&a, &b| {
+            unweighted_rank(key, bins[b].node).total_cmp(&unweighted_rank(key, bins[a].node))
+        });
+        o
+    }
+
+    #[test]
+    fn long_lived_keys_stay_home_while_it_has_room_and_overflow_to_their_next_with_room() {
+        let keys: Vec<(u64, f64)> = (0..64u64)
+            .map(|i| (digest64(&[b"k", &i.to_be_bytes()]), 100.0))
+            .collect();
+        // Room for all: nothing moves.
+        let (moved, used) = place(&keys, &bins(4, f64::INFINITY), true);
+        assert!(moved.is_empty());
+        assert_eq!(used.iter().sum::<f64>(), 6400.0);
+        let node_pos = |bins: &[Bin], node: u64| bins.iter().position(|b| b.node == node).unwrap();
+
+        // Room for 18 keys per backend (72 in all): the keys beyond 18 at their home, in
+        // key order, move to the first backend of their order with room at their turn.
+        let b = bins(4, 1800.0);
+        let (moved, used) = place(&keys, &b, true);
+        let mut sorted = keys.clone();
+        sorted.sort_by_key(|k| k.0);
+        let mut at_home = [0usize; 4];
+        let mut room = [18usize; 4];
+        let mut overflow = Vec::new();
+        for &(k, _) in &sorted {
+            let home = order(k, &b)[0];
+            if at_home[home] < 18 {
+                at_home[home] += 1;
+                room[home] -= 1;
+                assert!(!moved.contains_key(&k), "a key that fits at home moved");
+            } else {
+                overflow.push(k);
+            }
+        }
+        assert!(
+            !overflow.is_empty(),
+            "the split of 64 keys over 4 is uneven: {at_home:?}"
+        );
+        assert_eq!(moved.len(), overflow.len());
+        for k in overflow {
+            let want = order(k, &b)[1..]
+                .iter()
+                .copied()
+                .find(|&x| room[x] > 0)
+                .unwrap();
+            room[want] -= 1;
+            assert_eq!(node_pos(&b, moved[&k]), want, "key {k:x}");
+        }
+        assert!(used.iter().all(|&u| u <= 1800.0), "{used:?}");
+
+        // A key larger than every budget stays home.
+        let (moved, _) = place(&[(7, 5000.0)], &b, true);
+        assert!(moved.is_empty());
+        // No backends: nothing to place.
+        assert!(place(&keys, &[], true).0.is_empty());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// The plan is a function of the set of keys: every gateway that sees the same
+            /// long-lived keys, in whatever order, makes the same plan; no backend is
+            /// filled past its budget by keys moved to it.
+            #[test]
+            fn placement_depends_on_the_set_of_keys_only(
+                keys in prop::collection::vec((any::<u64>(), 1.0f64..500.0), 0..80),
+                budget in 100.0f64..4000.0,
+                n in 1usize..6,
+                rotate in any::<usize>(),
+            ) {
+                let b = bins(n, budget);
+                let (moved, used) = place(&keys, &b, true);
+                let mut other = keys.clone();
+                other.reverse();
+                if !other.is_empty() {
+                    let len = other.len();
+                    other.rotate_left(rotate % len);
+                }
+                let (again, used_again) = place(&other, &b, true);
+                prop_assert_eq!(&moved, &again);
+                prop_assert_eq!(used, used_again);
+                for (k, node) in &moved {
+                    prop_assert_ne!(b[order(*k, &b)[0]].node, *node);
+                }
+            }
+        }
     }
 }

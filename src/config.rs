@@ -112,6 +112,12 @@ pub mod defaults {
     /// turn (each conversation keeps its replica).
     pub const AFFINITY_PREFIX_BYTES: usize = 4096;
     pub const AFFINITY_SESSION_HEADER: &str = "x-session-id";
+    /// The share of a backend's KV cache that the long-lived prefixes homed on it may
+    /// fill; the rest is for the running requests' own tokens (see `affinity::Placer`).
+    pub const AFFINITY_KV_SHARE: f64 = 0.6;
+    /// A key in use this long is long-lived (a shared system prompt, a long session),
+    /// unlike a short conversation, whose prefix leaves the cache soon anyway.
+    pub const AFFINITY_LONG_LIVED_AFTER: Duration = Duration::from_secs(20);
 
     pub fn threads() -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -239,6 +245,10 @@ struct FileAffinity {
     prefix_bytes: Option<ByteSize>,
     #[serde(default)]
     session_header: Option<String>,
+    #[serde(default)]
+    kv_share: Option<f64>,
+    #[serde(default)]
+    long_lived_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -432,6 +442,8 @@ pub struct Affinity {
     pub prefix_bytes: usize,
     /// Lower-case header name carrying a client's session id.
     pub session_header: String,
+    /// Placement of long-lived prefixes against their homes' KV caches.
+    pub placement: crate::affinity::PlacementSettings,
 }
 
 impl Default for Affinity {
@@ -441,6 +453,10 @@ impl Default for Affinity {
             load_factor: defaults::AFFINITY_LOAD_FACTOR,
             prefix_bytes: defaults::AFFINITY_PREFIX_BYTES,
             session_header: defaults::AFFINITY_SESSION_HEADER.to_string(),
+            placement: crate::affinity::PlacementSettings {
+                kv_share: defaults::AFFINITY_KV_SHARE,
+                long_lived_after: defaults::AFFINITY_LONG_LIVED_AFTER,
+            },
         }
     }
 }
@@ -466,7 +482,33 @@ fn affinity(
             .clone()
             .unwrap_or(d.session_header)
             .to_ascii_lowercase(),
+        placement: crate::affinity::PlacementSettings {
+            kv_share: a.kv_share.unwrap_or(d.placement.kv_share),
+            long_lived_after: a
+                .long_lived_after
+                .map_or(d.placement.long_lived_after, |v| v.0),
+        },
     };
+    if !(out.placement.kv_share.is_finite() && (0.0..=1.0).contains(&out.placement.kv_share)) {
+        return Err(invalid(
+            "routing.affinity.kv_share",
+            format!(
+                "must be between 0 and 1 (0.6: the long-lived prefixes homed on a backend may \
+                 fill 60% of its KV cache; 0 turns this off), got {}",
+                out.placement.kv_share
+            ),
+        ));
+    }
+    if out.placement.long_lived_after > Duration::from_secs(600) {
+        return Err(invalid(
+            "routing.affinity.long_lived_after",
+            format!(
+                "must be at most 10m (keys idle for {}s are forgotten), got {:?}",
+                crate::affinity::LEDGER_IDLE.as_secs(),
+                out.placement.long_lived_after
+            ),
+        ));
+    }
     if !(out.load_factor.is_finite() && (1.0..=100.0).contains(&out.load_factor)) {
         return Err(invalid(
             "routing.affinity.load_factor",
@@ -1385,7 +1427,8 @@ mod tests {
         let text = MINIMAL.replace(
             "  policy: round-robin\n",
             "  policy: affinity\n  affinity:\n    enabled: false\n    load_factor: 2\n    \
-             prefix_bytes: 1KiB\n    session_header: X-Conversation\n",
+             prefix_bytes: 1KiB\n    session_header: X-Conversation\n    kv_share: 0.4\n    \
+             long_lived_after: 45s\n",
         );
         let c = parse(&text).unwrap();
         assert_eq!(c.policy, Policy::Affinity);
@@ -1396,6 +1439,10 @@ mod tests {
                 load_factor: 2.0,
                 prefix_bytes: 1024,
                 session_header: "x-conversation".into(),
+                placement: crate::affinity::PlacementSettings {
+                    kv_share: 0.4,
+                    long_lived_after: Duration::from_secs(45),
+                },
             }
         );
         // Off, but `policy: affinity` uses it anyway; `vllm` does not.
@@ -1403,6 +1450,12 @@ mod tests {
         for (bad, key) in [
             ("    load_factor: 0.5\n", "routing.affinity.load_factor"),
             ("    prefix_bytes: 10\n", "routing.affinity.prefix_bytes"),
+            ("    kv_share: 1.5\n", "routing.affinity.kv_share"),
+            ("    kv_share: -0.1\n", "routing.affinity.kv_share"),
+            (
+                "    long_lived_after: 1h\n",
+                "routing.affinity.long_lived_after",
+            ),
             (
                 "    session_header: \"not a header\"\n",
                 "routing.affinity.session_header",

@@ -318,6 +318,8 @@ impl FleetSnapshot {
 #[derive(Debug)]
 pub struct Fleet {
     current: ArcSwap<FleetSnapshot>,
+    /// This gateway's ledger of affinity keys and its placement of the long-lived ones.
+    pub placer: crate::affinity::Placer,
 }
 
 impl Fleet {
@@ -333,6 +335,7 @@ impl Fleet {
             .collect();
         Arc::new(Fleet {
             current: ArcSwap::from_pointee(FleetSnapshot::new(entries)),
+            placer: Default::default(),
         })
     }
 

@@ -4,6 +4,7 @@
 //! `/v1/models` (unless the config lists the models). Alongside, it runs the
 //! [`HealthChecker`] (active `/health` checks and circuit probes, see [`crate::health`]).
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -33,6 +34,8 @@ const EWMA_NEW: f64 = 0.5;
 
 pub struct Scraper {
     fleet: Arc<Fleet>,
+    /// The live config, for the settings a reload may change (affinity placement).
+    config: Option<Arc<ArcSwap<Config>>>,
     scrape_interval: Duration,
     scrape_timeout: Duration,
     models_interval: Duration,
@@ -44,6 +47,7 @@ impl Scraper {
     pub fn new(fleet: Arc<Fleet>, config: &Config) -> Scraper {
         Scraper {
             fleet: fleet.clone(),
+            config: None,
             scrape_interval: config.scrape_interval,
             scrape_timeout: config.scrape_timeout,
             models_interval: config.models_interval,
@@ -54,6 +58,12 @@ impl Scraper {
                 config.timeouts.stream_first_byte,
             ),
         }
+    }
+
+    /// Follows `live` for the settings a reload may change.
+    pub fn following(mut self, live: Arc<ArcSwap<Config>>) -> Scraper {
+        self.config = Some(live);
+        self
     }
 
     /// Observes every backend once (models too if `with_models`) and publishes the
@@ -76,6 +86,16 @@ impl Scraper {
             .zip(observed)
             .collect();
         self.fleet.update_states(&observed);
+        if let Some(live) = &self.config {
+            let cfg = live.load();
+            if cfg.affinity.used_by(cfg.policy) {
+                self.fleet.placer.replan(
+                    &self.fleet.load(),
+                    cfg.affinity.placement,
+                    Instant::now(),
+                );
+            }
+        }
     }
 }
 

@@ -140,6 +140,11 @@ pub struct Sticky {
     pub key: AffinityKey,
     /// `routing.affinity.load_factor`.
     pub load_factor: f64,
+    /// The node id of the backend the key is placed on when that is not its rendezvous
+    /// home (a long-lived prefix moved off a home whose share of KV cache it would
+    /// overfill; see [`crate::affinity::Placer`]): that backend comes first in the key's
+    /// order, then the rest in rendezvous order.
+    pub placed: Option<u64>,
 }
 
 /// Bytes of prompt JSON per token, for estimating prompt tokens without a tokenizer
@@ -424,7 +429,9 @@ const AFFINITY_HEADROOM: f64 = 1.0;
 /// Backend `i`'s rendezvous rank for the request's key.
 fn affinity_rank(snap: &FleetSnapshot, sticky: &Sticky, i: usize) -> f64 {
     let p = &snap.pick_inputs[i];
-    if snap.equal_weights {
+    if sticky.placed == Some(p.node_id) {
+        f64::INFINITY
+    } else if snap.equal_weights {
         affinity::unweighted_rank(sticky.key.key, p.node_id)
     } else {
         affinity::rank(sticky.key.key, p.node_id, p.weight)
@@ -836,6 +843,7 @@ mod tests {
                     reusable_bytes,
                 },
                 load_factor: 1.25,
+                placed: None,
             }),
             ..req()
         }
@@ -850,6 +858,168 @@ mod tests {
         };
         order.sort_by(|&a, &b| rank(b).total_cmp(&rank(a)));
         order
+    }
+
+    #[test]
+    fn a_placed_key_goes_first_to_its_placement_then_in_rendezvous_order() {
+        let now = Instant::now();
+        let sel = Selector::new(STALE);
+        let mut snap = snapshot(&[true, true, true, true]);
+        for i in 0..4 {
+            snap = scraped(snap, i, 2.0, 0.0, 0.1, 0.02, now);
+        }
+        let key = 0x5eed;
+        let order = rank_order(&snap, key);
+        let mut req = keyed(key, 8000);
+        // Not placed: its rendezvous home.
+        for policy in [Policy::Vllm, Policy::Affinity] {
+            let c = sel.best(policy, &snap, &req, &[], now).unwrap();
+            assert_eq!(
+                (c.index, c.reason),
+                (order[0], Reason::AffinityHome),
+                "{policy}"
+            );
+        }
+        // Placed on its third: that one is its home now, and its old home comes next.
+        let placed = order[2];
+        if let Some(s) = req.affinity.as_mut() {
+            s.placed = Some(snap.backends[placed].backend.node_id);
+        }
+        for policy in [Policy::Vllm, Policy::Affinity] {
+            let c = sel.best(policy, &snap, &req, &[], now).unwrap();
+            assert_eq!(
+                (c.index, c.reason),
+                (placed, Reason::AffinityHome),
+                "{policy}"
+            );
+            let c = sel.best(policy, &snap, &req, &[placed], now).unwrap();
+            assert_eq!(c.index, order[0], "{policy}");
+        }
+        let all = sel
+            .candidates(Policy::Affinity, &snap, &req, &[], now)
+            .unwrap();
+        assert_eq!(all, vec![order[2], order[0], order[1], order[3]]);
+    }
+
+    #[test]
+    fn the_placer_moves_long_lived_keys_off_a_home_past_its_share_of_kv() {
+        use crate::affinity::{PlacementSettings, Placer};
+        let t0 = Instant::now();
+        let mut snap = snapshot(&[true, true, true, true]);
+        for i in 0..4 {
+            // 450,000 tokens of KV each: a share of 1% is 4,500 tokens, four keys of 1,000.
+            snap = scraped(snap, i, 2.0, 0.0, 0.1, 0.02, t0);
+        }
+        let settings = PlacementSettings {
+            kv_share: 0.01,
+            long_lived_after: Duration::from_secs(20),
+        };
+        // Twelve keys, six of them homed on one backend (room for four there).
+        let (mut keys, mut on_first) = (Vec::new(), 0);
+        for i in 0..1000u64 {
+            let k = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let first = rank_order(&snap, k)[0] == 0;
+            if (first && on_first < 6) || (!first && keys.len() - on_first < 6) {
+                on_first += first as usize;
+                keys.push(k);
+            }
+        }
+        assert_eq!(keys.len(), 12);
+        let bytes = 1000 * BYTES_PER_TOKEN;
+        let homes = |snap: &FleetSnapshot, placer: &Placer| -> Vec<usize> {
+            let p = placer.placement();
+            keys.iter()
+                .map(|&k| match p.moved(k) {
+                    Some(node) => snap
+                        .pick_inputs
+                        .iter()
+                        .position(|x| x.node_id == node)
+                        .unwrap(),
+                    None => rank_order(snap, k)[0],
+                })
+                .collect()
+        };
+        // Two gateways see the same keys, in other orders and at other times.
+        let (a, b) = (Placer::default(), Placer::default());
+        for (n, &k) in keys.iter().enumerate() {
+            a.record("m", k, bytes, t0);
+            b.record(
+                "m",
+                keys[keys.len() - 1 - n],
+                bytes,
+                t0 + Duration::from_secs(2),
+            );
+        }
+        // Seen once: not long-lived, nothing placed.
+        a.replan(&snap, settings, t0 + Duration::from_secs(21));
+        assert_eq!(a.placement().long_lived, 0);
+        for (n, &k) in keys.iter().enumerate() {
+            a.record("m", k, bytes, t0 + Duration::from_secs(25 + n as u64 % 3));
+            b.record("m", k, bytes, t0 + Duration::from_secs(30));
+        }
+        let t = t0 + Duration::from_secs(30);
+        a.replan(&snap, settings, t);
+        b.replan(&snap, settings, t);
+        let (pa, pb) = (a.placement(), b.placement());
+        assert_eq!(pa.long_lived, 12);
+        let ha = homes(&snap, &a);
+        assert_eq!(
+            ha,
+            homes(&snap, &b),
+            "two gateways placed the keys differently"
+        );
+        let unplaced: Vec<usize> = keys.iter().map(|&k| rank_order(&snap, k)[0]).collect();
+        let per = |h: &[usize]| {
+            (0..4)
+                .map(|i| h.iter().filter(|&&x| x == i).count())
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            per(&unplaced).iter().any(|&n| n > 4),
+            "the test needs an uneven split: {:?}",
+            per(&unplaced)
+        );
+        assert!(
+            per(&ha).iter().all(|&n| n <= 4),
+            "{:?} -> {:?}",
+            per(&unplaced),
+            per(&ha)
+        );
+        assert!(pa.moved_keys() > 0 && pa.moved_keys() == pb.moved_keys());
+        assert!(
+            pa.homed.iter().all(|(_, used, budget)| used <= budget),
+            "{:?}",
+            pa.homed
+        );
+        // The plan is followed.
+        let sel = Selector::new(STALE);
+        for (n, &k) in keys.iter().enumerate() {
+            let mut req = keyed(k, bytes);
+            if let Some(s) = req.affinity.as_mut() {
+                s.placed = a.moved(k);
+            }
+            let c = sel.best(Policy::Affinity, &snap, &req, &[], t).unwrap();
+            assert_eq!(c.index, ha[n]);
+        }
+        // Off: nothing moves.
+        let off = PlacementSettings {
+            kv_share: 0.0,
+            ..settings
+        };
+        a.replan(&snap, off, t + Duration::from_secs(2));
+        assert_eq!(a.placement().moved_keys(), 0);
+        // Keys idle for a minute are forgotten.
+        a.replan(&snap, settings, t + Duration::from_secs(4));
+        assert_eq!(a.placement().long_lived, 12);
+        a.replan(
+            &snap,
+            settings,
+            t + crate::affinity::LEDGER_IDLE + Duration::from_secs(1),
+        );
+        assert_eq!(
+            (a.placement().long_lived, a.placement().moved_keys()),
+            (0, 0)
+        );
     }
 
     #[test]

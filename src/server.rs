@@ -149,7 +149,10 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
         tracing::error!(error = %e, "cannot install the SIGHUP handler: reload needs a restart");
     }
 
-    let scraper = background_service("scraper", Scraper::new(fleet.clone(), &config));
+    let scraper = background_service(
+        "scraper",
+        Scraper::new(fleet.clone(), &config).following(live.clone()),
+    );
 
     let gateway = Gateway::new(live.clone(), fleet.clone());
     let drainer = background_service(

@@ -75,10 +75,15 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
     let log = std::fs::File::create(dir.path().join("log")).unwrap();
     let child = if let Some(policy) = name.strip_prefix("vllm-edge ") {
         // "vllm-edge vllm+cap": the operator told the gateway vLLM's --max-num-seqs;
-        // "+noaffinity": prefix affinity off.
-        let (policy, affinity) = match policy.strip_suffix("+noaffinity") {
-            Some(p) => (p, "  affinity:\n    enabled: false\n"),
-            None => (policy, ""),
+        // "+noaffinity": prefix affinity off; "+noplacement": affinity without placing
+        // long-lived prefixes against their homes' KV caches.
+        let (policy, affinity) = match (
+            policy.strip_suffix("+noaffinity"),
+            policy.strip_suffix("+noplacement"),
+        ) {
+            (Some(p), _) => (p, "  affinity:\n    enabled: false\n"),
+            (_, Some(p)) => (p, "  affinity:\n    kv_share: 0\n"),
+            _ => (policy, ""),
         };
         let (policy, cap) = match policy.strip_suffix("+cap") {
             Some(p) => (p, format!("    max_concurrent_requests: {MAX_NUM_SEQS}\n")),

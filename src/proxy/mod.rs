@@ -453,6 +453,14 @@ impl ProxyHttp for Gateway {
                         .map(|v| v.as_bytes());
                     ctx.affinity =
                         affinity::key_of(&body, &info.spans, header, cfg.affinity.prefix_bytes);
+                    if let Some(k) = &ctx.affinity {
+                        self.fleet.placer.record(
+                            &info.model,
+                            k.key,
+                            k.reusable_bytes,
+                            Instant::now(),
+                        );
+                    }
                 }
                 ctx.body = Some(body);
                 ctx.info = Some(info);
@@ -491,6 +499,7 @@ impl ProxyHttp for Gateway {
                 .map(|key| selection::Sticky {
                     key,
                     load_factor: cfg.affinity.load_factor,
+                    placed: self.fleet.placer.moved(key.key),
                 }),
         };
         let chosen = match self

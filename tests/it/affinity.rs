@@ -5,6 +5,7 @@
 use crate::support::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::time::Duration;
 use vllm_edge::sim::SimHandle;
 
 /// A system prompt of about 2 KB (500 tokens), as agents and assistants send: a prefix
@@ -178,5 +179,108 @@ async fn an_unavailable_home_sends_its_conversations_to_the_same_next_replica_ev
         let on_b = turn(&b, &mut opening(), question).await;
         assert_ne!(on_a, home);
         assert_eq!(on_a, on_b, "the gateways disagree on the next replica");
+    }
+}
+
+#[tokio::test]
+async fn gateways_place_long_lived_prompts_alike_and_within_each_home_s_share_of_kv() {
+    use vllm_edge::affinity;
+    // 20,000 tokens of KV each, of which 5% (1,000 tokens) may hold long-lived prefixes:
+    // three 300-token system prompts.
+    let mut sims = Vec::new();
+    for _ in 0..4 {
+        sims.push(
+            sim_with(&["m"], |a| {
+                a.kv_tokens = Some(20_000);
+                a.max_model_len = Some(8192);
+            })
+            .await,
+        );
+    }
+    let refs: Vec<&SimHandle> = sims.iter().collect();
+    let names: Vec<String> = sims.iter().map(name_of).collect();
+    let body = |system: &str| {
+        json!({"model": "m", "max_tokens": 4, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "go"}]})
+    };
+    // Nine prompts of 1,200 bytes, five of them homed (by rendezvous) on one replica: more
+    // than its share holds.
+    let home_of = |system: &str| {
+        let b = serde_json::to_vec(&body(system)).unwrap();
+        let info = vllm_edge::openai::inspect(&b, 64).unwrap();
+        let key = affinity::key_of(&b, &info.spans, None, 4096).unwrap();
+        (0..names.len())
+            .max_by(|&x, &y| {
+                let r = |i: usize| affinity::unweighted_rank(key.key, affinity::node_id(&names[i]));
+                r(x).total_cmp(&r(y))
+            })
+            .unwrap()
+    };
+    let (mut prompts, mut on_first) = (Vec::new(), 0);
+    for p in 0..400 {
+        let system =
+            format!("{p:04} {}", "you are a helpful assistant. ".repeat(43))[..1200].to_string();
+        let first = home_of(&system) == 0;
+        if (first && on_first < 5) || (!first && prompts.len() - on_first < 4) {
+            on_first += first as usize;
+            prompts.push(system);
+        }
+    }
+    assert_eq!(prompts.len(), 9);
+
+    let yaml =
+        "routing:\n  policy: affinity\n  affinity:\n    kv_share: 0.05\n    long_lived_after: 0s";
+    let a = Gateway::builder(&refs).yaml(yaml).start().await;
+    let b = Gateway::builder(&refs).yaml(yaml).start().await;
+    let ask = |gw: &Gateway, system: &str| {
+        let req = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&body(system));
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.headers()["x-vllm-edge-backend"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    // Each gateway sees the prompts once, in its own order; then plans.
+    for p in &prompts {
+        ask(&a, p).await;
+    }
+    for p in prompts.iter().rev() {
+        ask(&b, p).await;
+    }
+    for gw in [&a, &b] {
+        let planned = eventually(Duration::from_secs(10), || async {
+            let v = get_json(gw.admin_url("/load-stats")).await;
+            v["affinity_placement"]["long_lived_keys"] == 9
+                && v["affinity_placement"]["moved_keys"].as_u64() > Some(0)
+        })
+        .await;
+        assert!(
+            planned,
+            "{}",
+            get_json(gw.admin_url("/load-stats")).await["affinity_placement"]
+        );
+    }
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for p in &prompts {
+        let (on_a, on_b) = (ask(&a, p).await, ask(&b, p).await);
+        assert_eq!(on_a, on_b, "the gateways placed a prompt differently");
+        *per_backend.entry(on_a).or_default() += 1;
+    }
+    assert!(
+        per_backend.values().all(|&n| n <= 3),
+        "a replica is home to more prompts than its share holds: {per_backend:?}"
+    );
+    let stats = get_json(a.admin_url("/load-stats")).await["affinity_placement"].clone();
+    for h in stats["homes"].as_array().unwrap() {
+        assert!(
+            h["prefix_tokens"].as_f64() <= h["budget_tokens"].as_f64(),
+            "{stats}"
+        );
     }
 }
