@@ -434,8 +434,14 @@ impl Placer {
                 .map(|(&k, s)| (l.models[s.model as usize].to_string(), k, s.bytes))
                 .collect()
         };
-        self.placement
-            .store(Arc::new(plan(snap, &long_lived, settings.kv_share)));
+        let placement = plan(snap, &long_lived, settings.kv_share);
+        crate::metrics::AFFINITY_KEYS
+            .with_label_values(&["long_lived"])
+            .set(placement.long_lived as i64);
+        crate::metrics::AFFINITY_KEYS
+            .with_label_values(&["moved"])
+            .set(placement.moved_keys() as i64);
+        self.placement.store(Arc::new(placement));
     }
 }
 

@@ -8,7 +8,8 @@
 
 use prometheus::{
     register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    register_int_gauge_vec, Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 use std::sync::LazyLock;
 use std::time::Instant;
@@ -107,6 +108,17 @@ pub static CONNECTIONS_OPEN: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "vllm_edge_client_connections",
         "Client connections open on the data-plane listeners (limits.max_connections)."
+    )
+    .expect("metric registers once")
+});
+
+pub static AFFINITY_KEYS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "vllm_edge_affinity_keys",
+        "Affinity keys in this gateway's last placement plan: long_lived (in use for \
+         routing.affinity.long_lived_after), moved (homed off their rendezvous home because \
+         it had no room left in its routing.affinity.kv_share of KV cache).",
+        &["state"]
     )
     .expect("metric registers once")
 });

@@ -276,6 +276,12 @@ async fn gateways_place_long_lived_prompts_alike_and_within_each_home_s_share_of
         per_backend.values().all(|&n| n <= 3),
         "a replica is home to more prompts than its share holds: {per_backend:?}"
     );
+    let text = a.metrics_text().await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("vllm_edge_affinity_keys{state=\"long_lived\"} 9")),
+        "{text}"
+    );
     let stats = get_json(a.admin_url("/load-stats")).await["affinity_placement"].clone();
     for h in stats["homes"].as_array().unwrap() {
         assert!(
