@@ -175,6 +175,23 @@ fn read_body(c: &mut Criterion) {
     });
 }
 
+/// A placement plan (the scraper's, about once a second): long-lived keys of 1,200 tokens
+/// over 64 backends of 450k KV tokens (a 60% share holds 225 keys each).
+fn placement(c: &mut Criterion) {
+    let now = Instant::now();
+    let snap = fleet(64, now);
+    let mut group = c.benchmark_group("placement plan, 64 backends");
+    for n in [1024u64, 16_384] {
+        let keys: Vec<(String, u64, usize)> = (0..n)
+            .map(|i| ("m".to_string(), i.wrapping_mul(0x9e37_79b9_7f4a_7c15), 4800))
+            .collect();
+        group.bench_with_input(BenchmarkId::new("keys", n), &n, |b, _| {
+            b.iter(|| affinity::plan(black_box(&snap), &keys, 0.6))
+        });
+    }
+    group.finish();
+}
+
 fn parse_metrics(c: &mut Criterion) {
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -189,6 +206,6 @@ fn parse_metrics(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = pick, read_body, parse_metrics
+    targets = pick, read_body, placement, parse_metrics
 }
 criterion_main!(benches);
