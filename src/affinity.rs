@@ -255,6 +255,17 @@ pub fn unweighted_rank(key: u64, node: u64) -> f64 {
     uniform_bits(key, node) as f64
 }
 
+/// A backend's rank for `key` as selection compares ranks: [`unweighted_rank`] when every
+/// backend has the same weight (`equal_weights`), else [`rank`].
+#[inline]
+pub fn preference(key: u64, node: u64, weight: f64, equal_weights: bool) -> f64 {
+    if equal_weights {
+        unweighted_rank(key, node)
+    } else {
+        rank(key, node, weight)
+    }
+}
+
 /// The position, in a key's preference order, of the backend that takes the request: the
 /// first whose load is at most `load_factor` × the mean load, plus `headroom` (so that at
 /// near-zero loads a difference of one request does not move keys). `loads` are in
@@ -467,13 +478,7 @@ pub fn place(
     let mut keys = keys.to_vec();
     keys.sort_by_key(|k| k.0);
     keys.dedup_by_key(|k| k.0);
-    let rank_of = |key: u64, b: &Bin| {
-        if equal_weights {
-            unweighted_rank(key, b.node)
-        } else {
-            rank(key, b.node, b.weight)
-        }
-    };
+    let rank_of = |key: u64, b: &Bin| preference(key, b.node, b.weight, equal_weights);
     let mut used = vec![0.0; bins.len()];
     let mut moved = HashMap::new();
     if bins.is_empty() {
@@ -523,6 +528,12 @@ pub fn plan(snap: &FleetSnapshot, keys: &[(String, u64, usize)], kv_share: f64) 
     let mut models: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
     models.sort_unstable();
     models.dedup();
+    // Prefix tokens backend `i` may be home to, when its KV capacity is known.
+    let budget = |i: usize| {
+        let load = snap.backends[i].state.load.as_ref();
+        load.and_then(|l| l.kv_capacity_tokens)
+            .map(|c| c as f64 * kv_share)
+    };
     let mut homed: HashMap<usize, f64> = HashMap::new();
     for model in models {
         let Some(serving) = snap.serving(model) else {
@@ -535,14 +546,10 @@ pub fn plan(snap: &FleetSnapshot, keys: &[(String, u64, usize)], kv_share: f64) 
             .collect();
         let bins: Vec<Bin> = idx
             .iter()
-            .map(|&i| {
-                let e = &snap.backends[i];
-                let capacity = e.state.load.as_ref().and_then(|l| l.kv_capacity_tokens);
-                Bin {
-                    node: e.backend.node_id,
-                    weight: e.backend.weight,
-                    budget: capacity.map_or(f64::INFINITY, |c| c as f64 * kv_share),
-                }
+            .map(|&i| Bin {
+                node: snap.backends[i].backend.node_id,
+                weight: snap.backends[i].backend.weight,
+                budget: budget(i).unwrap_or(f64::INFINITY),
             })
             .collect();
         let ks: Vec<(u64, f64)> = keys
@@ -560,11 +567,7 @@ pub fn plan(snap: &FleetSnapshot, keys: &[(String, u64, usize)], kv_share: f64) 
     homed.sort_by_key(|h| h.0);
     out.homed = homed
         .into_iter()
-        .filter_map(|(i, u)| {
-            let e = &snap.backends[i];
-            let c = e.state.load.as_ref().and_then(|l| l.kv_capacity_tokens)?;
-            Some((e.backend.name.clone(), u, c as f64 * kv_share))
-        })
+        .filter_map(|(i, u)| Some((snap.backends[i].backend.name.clone(), u, budget(i)?)))
         .collect();
     out
 }

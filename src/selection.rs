@@ -431,10 +431,8 @@ fn affinity_rank(snap: &FleetSnapshot, sticky: &Sticky, i: usize) -> f64 {
     let p = &snap.pick_inputs[i];
     if sticky.placed == Some(p.node_id) {
         f64::INFINITY
-    } else if snap.equal_weights {
-        affinity::unweighted_rank(sticky.key.key, p.node_id)
     } else {
-        affinity::rank(sticky.key.key, p.node_id, p.weight)
+        affinity::preference(sticky.key.key, p.node_id, p.weight, snap.equal_weights)
     }
 }
 
