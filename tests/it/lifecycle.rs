@@ -189,7 +189,6 @@ async fn a_binary_upgrade_under_load_fails_no_request_and_cuts_no_stream() {
         .await
         .expect("the old process exits once its streams are done");
     let old_exit = t0.elapsed();
-    let exited_at = Instant::now();
     assert!(status.success(), "{status:?}: {}", gw.log_unusual());
     // The successor alone serves now: let the load run on it for a while.
     let after = done.load(Ordering::Relaxed);
@@ -221,12 +220,11 @@ async fn a_binary_upgrade_under_load_fails_no_request_and_cuts_no_stream() {
             "a long stream was cut: …{}",
             &text[text.len().saturating_sub(300)..]
         );
-        // The old process served it to its end, past the moment it stopped accepting
-        // (5 s after the handover began), then exited.
-        assert!(
-            ended <= exited_at,
-            "the stream ended after the old process exited"
-        );
+        // The old process served it to its end (it began before the successor existed,
+        // so its connection is the old process's, and it ended with [DONE], uncut),
+        // past the moment it stopped accepting (5 s after the handover began). When the
+        // client read the end is no measure of when the old process sent it: on a busy
+        // machine this task can read it after the test saw the process exit.
         assert!(
             ended.duration_since(t0) > Duration::from_secs(5),
             "the stream ended {:?} after the upgrade began: too short to span the shutdown",
