@@ -12,60 +12,12 @@
 mod common;
 
 use common::{
-    engine_loads, pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS, MAX_NUM_SEQS,
+    arrivals, engine_loads, fleet_capacity, pct, replica, start_router, wait_idle, KV_TOKENS,
+    MAX_NUM_SEQS, SPEEDS,
 };
 use futures_util::StreamExt;
-use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
-use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
 use vllm_edge::sim::{self, SimHandle};
-
-const SPEEDS: [f64; 4] = [1.0, 1.0, 1.0, 0.5];
-
-fn sched_config(speed: f64) -> SchedulerConfig {
-    SchedulerConfig {
-        max_num_seqs: MAX_NUM_SEQS,
-        max_num_batched_tokens: BUDGET,
-        block_size: 16,
-        kv_tokens: KV_TOKENS,
-        enable_prefix_caching: true,
-        max_model_len: 4096,
-        perf: PerfModel::LLAMA3_8B_A100,
-        speed_factor: speed,
-    }
-}
-
-/// ShareGPT-like lengths (research/vllm-sim-spec.md §6.1): lognormal, input median 100
-/// and p99 ~1000, output median 150 and p99 ~1000; 4..1024 each, at most 2048 together.
-fn lengths(rng: &mut impl Rng) -> (usize, usize) {
-    let mut lognormal = |median: f64, p99: f64| {
-        let sigma = (p99 / median).ln() / 2.326;
-        median * vllm_edge::sim::scheduler::jitter(rng, sigma)
-    };
-    let p = (lognormal(100.0, 1000.0) as usize).clamp(4, 1024);
-    let o = (lognormal(150.0, 1000.0) as usize)
-        .clamp(4, 1024)
-        .min(2048 - p);
-    (p, o)
-}
-
-/// Requests per second one replica completes when saturated with this workload,
-/// measured on the scheduler's virtual clock.
-fn capacity(speed: f64) -> f64 {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let trace: Vec<TraceRequest> = (0..3000)
-        .map(|i| {
-            let (p, o) = lengths(&mut rng);
-            TraceRequest {
-                arrival_s: 0.0,
-                prompt: (0..p as u32).map(|t| t ^ (i << 12)).collect(),
-                output_tokens: o,
-            }
-        })
-        .collect();
-    let r = simulate(sched_config(speed), &trace, 1);
-    trace.len() as f64 / r.duration_s
-}
 
 struct Planned {
     at: Duration,
@@ -74,28 +26,26 @@ struct Planned {
 }
 
 fn schedule(rate: f64, seconds: f64, seed: u64) -> Vec<Planned> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut t = 0.0;
-    let mut out = Vec::new();
     let words = [
         "alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta",
     ];
-    while t < seconds {
-        t += -rng.gen_range(f64::MIN_POSITIVE..1.0f64).ln() / rate;
-        let (p, o) = lengths(&mut rng);
-        // A unique leading word per request: no accidental prefix sharing.
-        let mut prompt = format!("req{} ", out.len());
-        for k in 1..p {
-            prompt.push_str(words[(k * 7 + out.len()) % words.len()]);
-            prompt.push(' ');
-        }
-        out.push(Planned {
-            at: Duration::from_secs_f64(t),
-            prompt,
-            output: o,
-        });
-    }
-    out
+    arrivals(rate, seconds, seed)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (at, p, o))| {
+            // A unique leading word per request: no accidental prefix sharing.
+            let mut prompt = format!("req{i} ");
+            for k in 1..p {
+                prompt.push_str(words[(k * 7 + i) % words.len()]);
+                prompt.push(' ');
+            }
+            Planned {
+                at: Duration::from_secs_f64(at),
+                prompt,
+                output: o,
+            }
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -216,7 +166,7 @@ async fn main() {
         })
         .collect();
 
-    let fleet_capacity: f64 = SPEEDS.iter().map(|&s| capacity(s)).sum();
+    let fleet_capacity = fleet_capacity();
     eprintln!("fleet capacity (virtual clock, saturated): {fleet_capacity:.1} requests/s");
 
     let mut sims = Vec::new();

@@ -279,9 +279,18 @@ impl FleetSnapshot {
             .windows(2)
             .all(|w| w[0].backend.weight == w[1].backend.weight);
         let default_itl = min_itl_s.unwrap_or(crate::selection::DEFAULT_ITL_S);
+        let default_cap = backends
+            .iter()
+            .filter_map(|e| {
+                e.backend
+                    .max_concurrent_requests
+                    .map(f64::from)
+                    .or(e.state.learned_max_running)
+            })
+            .fold(f64::NAN, f64::max);
         let pick_inputs: Vec<PickInputs> = backends
             .iter()
-            .map(|e| PickInputs::of(e, default_itl))
+            .map(|e| PickInputs::of(e, default_itl, default_cap))
             .collect();
         let itl_floor = crate::selection::itl_floor(&pick_inputs);
         FleetSnapshot {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::engine_metrics::{self, SumCount};
+use crate::engine_metrics::{self, EngineLoad, SumCount};
 use crate::fleet::{Backend, BackendState, Fleet, FrozenBaseline};
 use crate::health::HealthChecker;
 use crate::httpclient::{self, Target};
@@ -197,38 +197,17 @@ async fn observe(
     });
     match load {
         Ok(load) => {
-            let prev = state.load.take();
-            let p = prev.as_ref();
-            state.itl_s = smooth(state.itl_s, window(load.itl, p.and_then(|l| l.itl)));
-            state.ttft_s = smooth(state.ttft_s, window(load.ttft, p.and_then(|l| l.ttft)));
-            state.e2e_s = smooth(state.e2e_s, window(load.e2e, p.and_then(|l| l.e2e)));
             if !load.anomalies.is_empty() {
                 tracing::debug!(backend = %backend.name, anomalies = ?load.anomalies, "dropped metric values");
             }
-            if let (Some(r), Some(w)) = (load.running, load.waiting) {
-                if w > 0.0 && r > 0.0 {
-                    state.learned_max_running =
-                        Some(state.learned_max_running.map_or(r, |m| m.max(r)));
-                }
-            }
-            let e2e_now = load.e2e;
-            state.load = Some(load);
-            state.load_at = Some(started);
-            state.dispatched_at_scrape = dispatched;
-            state.completed_at_scrape = completed;
-            if let Some(e2e) = e2e_now {
-                let renew = state.frozen_baseline.is_none_or(|b| {
-                    b.at.elapsed() >= FROZEN_WINDOW || e2e.count < b.engine_finished
-                });
-                if renew {
-                    state.frozen_baseline = Some(FrozenBaseline {
-                        at: started,
-                        engine_finished: e2e.count,
-                        dispatched_after,
-                    });
-                }
-            }
-            state.scrape_error = None;
+            accept(
+                &mut state,
+                load,
+                dispatched,
+                completed,
+                started,
+                dispatched_after,
+            );
         }
         Err(e) => {
             crate::metrics::SCRAPE_ERRORS
@@ -239,6 +218,48 @@ async fn observe(
         }
     }
     state
+}
+
+/// Takes a scraped load into `state`: recent latencies (smoothed), the learned batch limit,
+/// and the gateway's counters when the scrape started (`dispatched`, `completed`), against
+/// which the work sent since is counted. `dispatched_after`: `Backend::dispatched()` once
+/// the answer had arrived. Public for what-if runs of the policy (`benches/routing_bound`).
+pub fn accept(
+    state: &mut BackendState,
+    load: EngineLoad,
+    dispatched: u64,
+    completed: u64,
+    started: Instant,
+    dispatched_after: u64,
+) {
+    let prev = state.load.take();
+    let p = prev.as_ref();
+    state.itl_s = smooth(state.itl_s, window(load.itl, p.and_then(|l| l.itl)));
+    state.ttft_s = smooth(state.ttft_s, window(load.ttft, p.and_then(|l| l.ttft)));
+    state.e2e_s = smooth(state.e2e_s, window(load.e2e, p.and_then(|l| l.e2e)));
+    if let (Some(r), Some(w)) = (load.running, load.waiting) {
+        if w > 0.0 && r > 0.0 {
+            state.learned_max_running = Some(state.learned_max_running.map_or(r, |m| m.max(r)));
+        }
+    }
+    let e2e_now = load.e2e;
+    state.load = Some(load);
+    state.load_at = Some(started);
+    state.dispatched_at_scrape = dispatched;
+    state.completed_at_scrape = completed;
+    if let Some(e2e) = e2e_now {
+        let renew = state
+            .frozen_baseline
+            .is_none_or(|b| b.at.elapsed() >= FROZEN_WINDOW || e2e.count < b.engine_finished);
+        if renew {
+            state.frozen_baseline = Some(FrozenBaseline {
+                at: started,
+                engine_finished: e2e.count,
+                dispatched_after,
+            });
+        }
+    }
+    state.scrape_error = None;
 }
 
 /// The models a backend serves (from `/v1/models`).

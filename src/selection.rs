@@ -161,9 +161,8 @@ const DEFAULT_OUTPUT_TOKENS: f64 = 256.0;
 /// apart from decode speed in vLLM's metrics; erring low sends long prompts to the
 /// replicas with the shortest steps, where their prefill is quickest.
 const PREFILL_TOKENS_PER_STEP: f64 = 150.0;
-/// A request usually reaches its first token after the rest of the current step plus
-/// one full step (which carries its prefill): 1.5 steps on average.
-const STEPS_TO_FIRST_TOKEN: f64 = 1.5;
+/// A new request waits for the rest of the step in progress: half a step on average.
+const RESIDUAL_STEP: f64 = 0.5;
 /// Unknown engine state (stale or failing scrape) is assumed this much busier than what
 /// this gateway's own accounting shows: such a backend is never mistaken for idle.
 const STALE_PENALTY: f64 = 1.5;
@@ -180,17 +179,21 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 /// in      = running + waiting + since − done    (the engine's sequences now)
 /// itl     = measured inter-token latency        (or 15 ms / weight before any)
 /// step    = itl × (in + 1) / (running + 1)      step time with our request in the batch
-/// cap     = max_concurrent_requests, else the largest `running` seen while requests waited
-/// ahead   = in + 1 − cap  (if positive; without a cap: waiting)
+/// cap     = max_concurrent_requests, else the largest `running` seen while requests waited,
+///           else the largest cap of any backend in the fleet
+/// ahead   = max(in, ours) + 1 − cap  (if positive; without a cap: waiting), where
+///           ours = this gateway's requests in flight there
 /// queue   = ahead × e2e / cap                   waiting for departures
 /// k       = kv_usage + (prompt + max_tokens) / kv_capacity,  at most 0.99
 /// pending = prompt tokens of this gateway's streams there still without a first byte
-/// score   = 1.5 × step + queue + step × k² / (1 − k) + itl × (pending + prompt) / 150
+/// prefill = itl × (pending + prompt) / 150
+/// score   = 0.5 × step + max(step, prefill) + queue + step × k² / (1 − k)
 /// ```
 ///
 /// Why each term:
 /// - `step`: vLLM admits a request at the next step while it has room, so the first
-///   token comes after about 1.5 steps; a step's duration is what differs between
+///   token comes after the rest of the current step (half of one on average) and the
+///   step that carries the request's prefill; a step's duration is what differs between
 ///   replicas (a slower GPU, a bigger batch). The measured ITL includes the GPU's speed
 ///   and the current batch; scaling it by the batch growth our request and the
 ///   dispatched-since-scrape requests cause is pessimistic for small batches (step time
@@ -202,14 +205,25 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 /// - `queue`: vLLM runs at most `max_num_seqs` sequences (it does not export the limit:
 ///   the gateway learns it, as `running` stops growing while requests wait); beyond it a
 ///   new request waits for departures, which happen at `cap / e2e` per second (Little's
-///   law). Queueing dominates TTFT when present.
+///   law). Queueing dominates TTFT when present. A replica that never queued has taught
+///   nothing about its limit; it is assumed to share the fleet's (replicas usually run
+///   the same engine flags), so a slower replica is not filled past it unseen.
+/// - `ahead` counts at least this gateway's own requests in flight there: one still on
+///   its way into the engine when the scrape was taken is in neither the engine's numbers
+///   nor `since`, and missing one at a full batch is missing the whole queue term. (Only
+///   there: in the step term, requests of ours that the engine has finished and whose
+///   answers are still on their way would count as batch growth.)
 /// - `k²/(1−k)`: near a full KV cache vLLM preempts running requests (recomputing them)
 ///   and stops admitting; negligible below half full, dominant near full. The request's
 ///   own footprint counts, so a long prompt avoids a nearly full replica.
-/// - `pending + prompt`: a new request's first token waits for its own prefill and for the
+/// - `prefill`: a new request's first token waits for its own prefill and for the
 ///   prefill queued before it, each chunk of the step budget costing about a decode step
 ///   at the replica's speed; this is what differs most between replicas when requests
-///   arrive fast (the ITL, mostly decode steps, hides it).
+///   arrive fast (the ITL, mostly decode steps, hides it). A short prefill rides in the
+///   next step at no extra cost (a step's time is mostly reading the weights), so the
+///   estimate is the larger of one step and the prefill, not their sum: adding both
+///   counted the prefill step twice and made a replica with a slightly longer step look
+///   worse than one whose batch is full (the routing bound, `benches/routing_bound.rs`).
 /// - A stale or failing scrape falls back to this gateway's in-flight count as `running`
 ///   and multiplies the score by 1.5.
 ///
@@ -263,7 +277,11 @@ impl Scorer {
         let ahead = if p.cap.is_nan() {
             waiting
         } else {
-            (in_engine + 1.0 - p.cap).max(0.0)
+            // Never fewer sequences than this gateway's own requests there: one on its
+            // way into the engine when the scrape was taken is in neither count, and
+            // missing it at a full batch misses the whole queue.
+            let seqs = in_engine.max(b.in_flight() as f64);
+            (seqs + 1.0 - p.cap).max(0.0)
         };
         let queue = if ahead <= 0.0 {
             0.0
@@ -288,7 +306,9 @@ impl Scorer {
         let prefill_tokens = count(b.pending_prefill()) + self.prompt;
         let prefill = itl * prefill_tokens * (1.0 / PREFILL_TOKENS_PER_STEP);
 
-        let score = STEPS_TO_FIRST_TOKEN * step + queue + pressure + prefill;
+        // The rest of the step in progress, then the steps that carry the prefill queued
+        // ahead and ours: one at least, more when that prefill outweighs a step.
+        let score = RESIDUAL_STEP * step + step.max(prefill) + queue + pressure;
         if fresh {
             score
         } else {
@@ -345,7 +365,12 @@ pub struct PickInputs {
 impl PickInputs {
     /// `default_itl`: what a backend never measured is assumed to have at weight 1 (the
     /// snapshot's `min_itl_s`, else [`DEFAULT_ITL_S`]).
-    pub fn of(e: &BackendEntry, default_itl: f64) -> PickInputs {
+    ///
+    /// `default_cap`: the batch limit assumed for a backend whose limit is neither
+    /// configured nor learned yet (the largest any backend of the snapshot has, NaN when
+    /// none has one): replicas of a fleet usually run the same `--max-num-seqs`, and one
+    /// that never queued would otherwise look able to take any number of requests.
+    pub fn of(e: &BackendEntry, default_itl: f64, default_cap: f64) -> PickInputs {
         let (b, st) = (&e.backend, &e.state);
         let load = st.load.as_ref();
         let running = load.and_then(|l| l.running).unwrap_or(f64::NAN);
@@ -355,7 +380,7 @@ impl PickInputs {
             .max_concurrent_requests
             .map(|m| m as f64)
             .or(st.learned_max_running)
-            .unwrap_or(f64::NAN);
+            .unwrap_or(default_cap);
         let e2e = st.e2e_s.unwrap_or(itl * DEFAULT_OUTPUT_TOKENS);
         PickInputs {
             backend: b.clone(),
@@ -1405,6 +1430,82 @@ mod tests {
                 .unwrap()[0],
             0
         );
+    }
+
+    /// Sets the batch limit the scraper learned on backend `i`.
+    fn with_cap(snap: FleetSnapshot, i: usize, cap: f64) -> FleetSnapshot {
+        let mut entries = snap.backends.clone();
+        entries[i].state.learned_max_running = Some(cap);
+        FleetSnapshot::new(entries)
+    }
+
+    #[test]
+    fn vllm_sees_a_full_batch_the_scrape_missed_and_assumes_the_fleet_s_limit() {
+        let now = Instant::now();
+        let sel = Selector::new(STALE);
+        let pick = |snap: &FleetSnapshot| sel.best(Policy::Vllm, snap, &req(), &[], now).unwrap();
+        // b0 is fast, b1 a third slower with room: both run at most 32 sequences.
+        let fleet = || {
+            let snap = scraped(snapshot(&[true, true]), 1, 20.0, 0.0, 0.1, 0.016, now);
+            with_cap(snap, 1, 32.0)
+        };
+
+        // This gateway has 32 requests in flight on b0, but its scrape shows 31: one was
+        // still on its way into the engine. b0's batch is full: our request would queue.
+        let snap = fleet();
+        let _ours: Vec<_> = (0..32)
+            .map(|_| snap.backends[0].backend.begin_request())
+            .collect();
+        let snap = with_cap(scraped(snap, 0, 31.0, 0.0, 0.1, 0.010, now), 0, 32.0);
+        assert_eq!(pick(&snap).index, 1);
+        // With one request fewer of ours there, b0 has room, and its speed wins.
+        drop(_ours);
+        let snap = fleet();
+        let _ours: Vec<_> = (0..31)
+            .map(|_| snap.backends[0].backend.begin_request())
+            .collect();
+        let snap = with_cap(scraped(snap, 0, 31.0, 0.0, 0.1, 0.010, now), 0, 32.0);
+        assert_eq!(pick(&snap).index, 0);
+
+        // b0 never queued, so its own limit is unknown: it is assumed to be the fleet's,
+        // and at 32 running it is full.
+        let snap = scraped(fleet(), 0, 32.0, 0.0, 0.1, 0.010, now);
+        assert_eq!(pick(&snap).index, 1);
+        // With no limit known anywhere, nothing is assumed: b0 is faster.
+        let mut entries = snap.backends.clone();
+        entries[1].state.learned_max_running = None;
+        assert_eq!(pick(&FleetSnapshot::new(entries)).index, 0);
+    }
+
+    #[test]
+    fn a_short_prefill_rides_in_the_next_step() {
+        let now = Instant::now();
+        let snap = snapshot(&[true, true]);
+        // 100 prompt tokens of ours are waiting for their first token on b0.
+        let _pending = snap.backends[0].backend.begin_request_with_prefill(100);
+        let mut snap = scraped(snap, 0, 10.0, 0.0, 0.1, 0.015, now);
+        snap = scraped(snap, 1, 10.0, 0.0, 0.1, 0.015, now);
+        let fresh = fresh_since(now, STALE);
+        let with_prompt = |tokens| Request {
+            prompt_tokens: tokens,
+            ..req()
+        };
+        // 100 + 40 tokens fit in one step's worth of prefill (150): b0's first token
+        // comes as soon as b1's.
+        let short = with_prompt(40);
+        let (s0, s1) = (
+            vllm_score(&snap, 0, &short, fresh),
+            vllm_score(&snap, 1, &short, fresh),
+        );
+        assert!((s0 - s1).abs() < 1e-12, "{s0} vs {s1}");
+        // 100 + 100 do not: b0 is later by the prefill beyond one step.
+        let long = with_prompt(100);
+        let (s0, s1) = (
+            vllm_score(&snap, 0, &long, fresh),
+            vllm_score(&snap, 1, &long, fresh),
+        );
+        let beyond = 0.015 * (200.0 / PREFILL_TOKENS_PER_STEP - 1.0);
+        assert!((s0 - s1 - beyond).abs() < 1e-9, "{s0} vs {s1}");
     }
 
     #[test]

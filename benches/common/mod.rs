@@ -4,12 +4,14 @@
 
 #![allow(dead_code)]
 
+use rand::{Rng, SeedableRng};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
 use vllm_edge::sim::{Preset, SimArgs, SimHandle};
 
 /// vLLM's `--max-num-seqs` of the simulated replicas.
@@ -220,6 +222,78 @@ pub async fn engine_loads(sims: &[SimHandle]) -> Vec<vllm_edge::engine_metrics::
             .await
             .unwrap();
         out.push(vllm_edge::engine_metrics::parse(&body, 8 << 20).unwrap());
+    }
+    out
+}
+
+// -----------------------------------------------------------------------------------------
+// The routing workload (routing_quality, routing_bound)
+// -----------------------------------------------------------------------------------------
+
+/// Speed factors of the heterogeneous fleet: three replicas at full speed, one at half.
+pub const SPEEDS: [f64; 4] = [1.0, 1.0, 1.0, 0.5];
+
+/// The scheduler of a routing-workload replica at `speed` (what [`replica`] runs).
+pub fn sched_config(speed: f64) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: MAX_NUM_SEQS,
+        max_num_batched_tokens: BUDGET,
+        block_size: 16,
+        kv_tokens: KV_TOKENS,
+        enable_prefix_caching: true,
+        max_model_len: 4096,
+        perf: PerfModel::LLAMA3_8B_A100,
+        speed_factor: speed,
+    }
+}
+
+/// ShareGPT-like lengths (research/vllm-sim-spec.md §6.1): lognormal, input median 100
+/// and p99 ~1000, output median 150 and p99 ~1000; 4..1024 each, at most 2048 together.
+pub fn lengths(rng: &mut impl Rng) -> (usize, usize) {
+    let mut lognormal = |median: f64, p99: f64| {
+        let sigma = (p99 / median).ln() / 2.326;
+        median * vllm_edge::sim::scheduler::jitter(rng, sigma)
+    };
+    let p = (lognormal(100.0, 1000.0) as usize).clamp(4, 1024);
+    let o = (lognormal(150.0, 1000.0) as usize)
+        .clamp(4, 1024)
+        .min(2048 - p);
+    (p, o)
+}
+
+/// Requests per second one replica completes when saturated with this workload,
+/// measured on the scheduler's virtual clock.
+pub fn capacity(speed: f64) -> f64 {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let trace: Vec<TraceRequest> = (0..3000)
+        .map(|i| {
+            let (p, o) = lengths(&mut rng);
+            TraceRequest {
+                arrival_s: 0.0,
+                prompt: (0..p as u32).map(|t| t ^ (i << 12)).collect(),
+                output_tokens: o,
+            }
+        })
+        .collect();
+    let r = simulate(sched_config(speed), &trace, 1);
+    trace.len() as f64 / r.duration_s
+}
+
+/// Capacity of the whole [`SPEEDS`] fleet, in requests per second.
+pub fn fleet_capacity() -> f64 {
+    SPEEDS.iter().map(|&s| capacity(s)).sum()
+}
+
+/// Open-loop Poisson arrivals at `rate` per second for `seconds`: (arrival in seconds,
+/// prompt tokens, output tokens), the same for a given seed.
+pub fn arrivals(rate: f64, seconds: f64, seed: u64) -> Vec<(f64, usize, usize)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut t = 0.0;
+    let mut out = Vec::new();
+    while t < seconds {
+        t += -rng.gen_range(f64::MIN_POSITIVE..1.0f64).ln() / rate;
+        let (p, o) = lengths(&mut rng);
+        out.push((t, p, o));
     }
     out
 }

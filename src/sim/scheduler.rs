@@ -112,7 +112,7 @@ pub struct NewSeq {
     pub output_tokens: usize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Seq {
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -189,7 +189,7 @@ const NONE: u32 = u32::MAX;
 /// indices, so a cache hit can take a block out of the middle), and the prefix cache's
 /// hash → block map. Free blocks that hold a cached prefix stay reusable by hash until
 /// they are popped for a new allocation (eviction).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct BlockPool {
     ref_cnt: Vec<u32>,
     hash: Vec<Option<u64>>,
@@ -333,6 +333,9 @@ fn generated_token(id: SeqId, index: usize) -> u32 {
 // Scheduler
 // -----------------------------------------------------------------------------------------
 
+/// Cloneable, so that a what-if (the routing bound in `benches/routing_bound.rs`) can run a
+/// copy forward.
+#[derive(Clone)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
     pool: BlockPool,
