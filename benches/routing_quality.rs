@@ -126,6 +126,31 @@ async fn drive(url: &str, plan: &[Planned]) -> (Outcome, f64) {
     (out, start.elapsed().as_secs_f64())
 }
 
+/// First tokens the engines produced more than 100 ms after the request reached them
+/// (vLLM's TTFT histogram has a bucket at 0.1 s), over the whole fleet: with the client's
+/// own count, this tells the engines' queueing from delay added on the way (the router,
+/// the client, a busy machine).
+async fn engine_ttft_over_100ms(sims: &[SimHandle]) -> f64 {
+    let mut over = 0.0;
+    for s in sims {
+        let text = reqwest::get(format!("{}/metrics", s.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |prefix: &str, label: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix) && l.contains(label))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        over += value("vllm:time_to_first_token_seconds_count", "")
+            - value("vllm:time_to_first_token_seconds_bucket", "le=\"0.1\"");
+    }
+    over
+}
+
 async fn preemptions(sims: &[SimHandle]) -> f64 {
     engine_loads(sims)
         .await
@@ -179,8 +204,8 @@ async fn main() {
     let backends: Vec<String> = sims.iter().map(|s| s.url()).collect();
 
     println!("Fleet: 4 simulated replicas (A100 profile, {MAX_NUM_SEQS} sequences, {KV_TOKENS} KV tokens, speeds {SPEEDS:?}); capacity {fleet_capacity:.1} req/s; {seconds} s of Poisson arrivals per run.\n");
-    println!("| load | router | requests | errors | TTFT p50 (s) | TTFT p99 (s) | e2e p99 (s) | throughput (req/s) | tokens/s | preemptions | share / TTFT p99 per replica |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| load | router | requests | errors | TTFT p50 (s) | TTFT p99 (s) | e2e p99 (s) | throughput (req/s) | tokens/s | preemptions | TTFT over 100 ms: client / engine | share / TTFT p99 per replica |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &load in &loads {
         let plan = schedule(load * fleet_capacity, seconds, 42);
         for name in &routers {
@@ -190,8 +215,11 @@ async fn main() {
                 continue;
             };
             let p0 = preemptions(&sims).await;
+            let slow0 = engine_ttft_over_100ms(&sims).await;
             let (mut out, wall) = drive(&router.url, &plan).await;
             let p1 = preemptions(&sims).await;
+            let slow_engine = engine_ttft_over_100ms(&sims).await - slow0;
+            let slow_client = out.ttft.iter().filter(|&&t| t > 0.1).count();
             let _ = router.child.kill().await;
             let n = out.ttft.len();
             let per_replica: Vec<String> = out
@@ -206,7 +234,7 @@ async fn main() {
                 })
                 .collect();
             println!(
-                "| {:.0}% | {name} | {} | {} | {:.3} | {:.3} | {:.2} | {:.1} | {:.0} | {:.0} | {} |",
+                "| {:.0}% | {name} | {} | {} | {:.3} | {:.3} | {:.2} | {:.1} | {:.0} | {:.0} | {slow_client} / {slow_engine:.0} | {} |",
                 load * 100.0,
                 n,
                 out.errors,

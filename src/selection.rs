@@ -12,6 +12,7 @@
 //!   plus the prefill its prefix cache likely saves;
 //! - `affinity`: the affinity home unless its load is above the bound (see `affinity.rs`).
 
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -529,7 +530,8 @@ fn keyed_vllm<I: Iterator<Item = usize>>(
     // Each eligible backend's rank, and the home (the highest; on equal ranks the
     // earlier, as in `affinity_first`), tried against the bound.
     // (index, rank, gain, estimate)
-    let mut ranked: Vec<(usize, f64, f64, f64)> = Vec::with_capacity(snap.pick_inputs.len());
+    // On the stack for fleets of up to 64 backends: no allocation per pick.
+    let mut ranked: SmallVec<[(usize, f64, f64, f64); 64]> = SmallVec::new();
     let mut home: Option<(f64, usize)> = None;
     for i in eligible() {
         let r = affinity_rank(snap, sticky, i);
