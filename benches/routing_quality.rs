@@ -220,6 +220,22 @@ async fn main() {
             let p1 = preemptions(&sims).await;
             let slow_engine = engine_ttft_over_100ms(&sims).await - slow0;
             let slow_client = out.ttft.iter().filter(|&&t| t > 0.1).count();
+            if let Some(admin) = &router.admin {
+                // What the gateway learned of each engine's batch limit.
+                let stats: serde_json::Value = reqwest::get(format!("http://{admin}/load-stats"))
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let limits: Vec<String> = stats["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| format!("{} {}", b["name"], b["capacity"]["max_running_learned"]))
+                    .collect();
+                eprintln!("{name}: learned batch limits: {}", limits.join(", "));
+            }
             let _ = router.child.kill().await;
             let n = out.ttft.len();
             let per_replica: Vec<String> = out

@@ -192,8 +192,13 @@ pub struct BackendState {
     /// What frozen `/metrics` are detected against (see the scraper).
     pub frozen_baseline: Option<FrozenBaseline>,
     /// The engine's batch limit (vLLM's `max_num_seqs`, which it does not export):
-    /// learned as the largest `running` seen while requests were waiting.
+    /// once requests have been seen waiting (so a limit exists), the largest `running`
+    /// ever seen. A scrape can catch a request in the moment between its arrival and the
+    /// next step, waiting below the limit; the largest `running` is still a lower bound
+    /// of the limit, and the closest one seen.
     pub learned_max_running: Option<f64>,
+    /// The largest `running` any scrape has shown, queueing or not.
+    pub max_running_seen: f64,
     /// Why the last scrape failed, if it did.
     pub scrape_error: Option<String>,
     /// Recent mean inter-token latency, time to first token and end-to-end latency
@@ -223,6 +228,7 @@ impl BackendState {
             completed_at_scrape: 0,
             frozen_baseline: None,
             learned_max_running: None,
+            max_running_seen: 0.0,
             scrape_error: None,
             itl_s: None,
             ttft_s: None,

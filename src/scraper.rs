@@ -237,10 +237,12 @@ pub fn accept(
     state.itl_s = smooth(state.itl_s, window(load.itl, p.and_then(|l| l.itl)));
     state.ttft_s = smooth(state.ttft_s, window(load.ttft, p.and_then(|l| l.ttft)));
     state.e2e_s = smooth(state.e2e_s, window(load.e2e, p.and_then(|l| l.e2e)));
-    if let (Some(r), Some(w)) = (load.running, load.waiting) {
-        if w > 0.0 && r > 0.0 {
-            state.learned_max_running = Some(state.learned_max_running.map_or(r, |m| m.max(r)));
-        }
+    if let Some(r) = load.running {
+        state.max_running_seen = state.max_running_seen.max(r);
+    }
+    let queued = matches!((load.running, load.waiting), (Some(r), Some(w)) if w > 0.0 && r > 0.0);
+    if queued || state.learned_max_running.is_some() {
+        state.learned_max_running = Some(state.max_running_seen);
     }
     let e2e_now = load.e2e;
     state.load = Some(load);
@@ -311,5 +313,45 @@ impl BackgroundService for Scraper {
             }
         };
         tokio::join!(health, scrape);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+
+    #[test]
+    fn the_batch_limit_is_the_largest_running_seen_once_requests_have_waited() {
+        let cfg = BackendConfig {
+            name: "b".into(),
+            url: "http://b".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            static_models: Some(vec!["m".into()]),
+            weight: 1.0,
+            max_concurrent_requests: None,
+            drain: false,
+            api_key: None,
+            tls: None,
+        };
+        let mut state = BackendState::unknown(&Backend::new(&cfg));
+        let mut scrape = |running: f64, waiting: f64| {
+            let load = EngineLoad {
+                running: Some(running),
+                waiting: Some(waiting),
+                ..EngineLoad::default()
+            };
+            accept(&mut state, load, 0, 0, Instant::now(), 0);
+            state.learned_max_running
+        };
+        // Nothing waited yet: no limit is known, however many run.
+        assert_eq!(scrape(20.0, 0.0), None);
+        assert_eq!(scrape(32.0, 0.0), None);
+        // A request caught between its arrival and the next step, at 12 running: a limit
+        // exists, and it is at least the 32 seen before.
+        assert_eq!(scrape(12.0, 1.0), Some(32.0));
+        // More running later, without queueing: the limit was higher.
+        assert_eq!(scrape(40.0, 0.0), Some(40.0));
+        assert_eq!(scrape(5.0, 0.0), Some(40.0));
     }
 }

@@ -67,6 +67,8 @@ pub async fn wait_port(addr: SocketAddr) -> bool {
 pub struct Router {
     pub child: Child,
     pub url: String,
+    /// vllm-edge's admin address (`/load-stats`), from its ready line.
+    pub admin: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -75,6 +77,7 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut admin = None;
     let child = if let Some(policy) = name.strip_prefix("vllm-edge ") {
         // "vllm-edge vllm+cap": the operator told the gateway vLLM's --max-num-seqs;
         // "+noaffinity": prefix affinity off; "+noplacement": affinity without placing
@@ -114,6 +117,9 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
         let mut lines = BufReader::new(child.stdout.take()?).lines();
         while let Ok(Some(l)) = lines.next_line().await {
             if l.contains("\"ready\"") {
+                admin = serde_json::from_str::<serde_json::Value>(&l)
+                    .ok()
+                    .and_then(|v| v["admin"].as_str().map(str::to_string));
                 break;
             }
         }
@@ -189,6 +195,7 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
                 return Some(Router {
                     child,
                     url,
+                    admin,
                     _dir: dir,
                 });
             }

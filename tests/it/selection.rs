@@ -68,6 +68,9 @@ async fn requests_avoid_a_replica_whose_engine_queues() {
     let stats = load_stats(&gw).await;
     let b = backend(&stats, &busy.addr);
     assert_eq!(b["running"], 8.0);
+    // It ran 8 while requests waited: that is its batch limit, learned.
+    assert_eq!(b["capacity"]["max_running_learned"], 8.0, "{stats}");
+    assert!(backend(&stats, &idle.addr)["capacity"]["max_running_learned"].is_null());
     assert!(b["kv_usage"].as_f64().unwrap() > 0.0 && b["capacity"]["kv_tokens"] == 4096);
     assert!(
         b["score_ms"].as_f64() > backend(&stats, &idle.addr)["score_ms"].as_f64(),
