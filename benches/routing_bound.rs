@@ -275,7 +275,7 @@ fn run(policy: Policy, rate: f64, seconds: f64, seed: u64) -> Outcome {
                 let caps: Vec<String> = gw
                     .entries
                     .iter()
-                    .map(|e| format!("{:?}", e.state.learned_max_running))
+                    .map(|e| format!("{:?}", e.state.learned_max_running()))
                     .collect();
                 if caps != last_caps {
                     eprintln!("  t={now:.2} learned caps {}", caps.join(" "));

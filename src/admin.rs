@@ -318,9 +318,8 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
                 "capacity": {
                     "kv_tokens": load.and_then(|l| l.kv_capacity_tokens),
                     "max_concurrent_requests": b.max_concurrent_requests,
-                    // The engine's batch limit as learned (the largest `running` seen
-                    // while requests waited); null until it has queued.
-                    "max_running_learned": st.learned_max_running,
+                    // The engine's batch limit as learned; null until it has queued.
+                    "max_running_learned": st.learned_max_running(),
                     "weight": b.weight,
                 },
                 "utilization": utilization,

@@ -191,14 +191,11 @@ pub struct BackendState {
     pub completed_at_scrape: u64,
     /// What frozen `/metrics` are detected against (see the scraper).
     pub frozen_baseline: Option<FrozenBaseline>,
-    /// The engine's batch limit (vLLM's `max_num_seqs`, which it does not export):
-    /// once requests have been seen waiting (so a limit exists), the largest `running`
-    /// ever seen. A scrape can catch a request in the moment between its arrival and the
-    /// next step, waiting below the limit; the largest `running` is still a lower bound
-    /// of the limit, and the closest one seen.
-    pub learned_max_running: Option<f64>,
     /// The largest `running` any scrape has shown, queueing or not.
     pub max_running_seen: f64,
+    /// Whether a scrape has shown requests waiting while some ran: the engine has a batch
+    /// limit, and has reached it (see [`BackendState::learned_max_running`]).
+    pub queued_seen: bool,
     /// Why the last scrape failed, if it did.
     pub scrape_error: Option<String>,
     /// Recent mean inter-token latency, time to first token and end-to-end latency
@@ -217,6 +214,14 @@ impl BackendState {
             .filter(|_| is_fresh(self.load_at, fresh_since))
     }
 
+    /// The engine's batch limit (vLLM's `max_num_seqs`, which it does not export): once
+    /// it has been seen queueing, the largest `running` ever seen. A scrape can catch a
+    /// request between its arrival and the next step, waiting below the limit; the
+    /// largest `running` is still a lower bound of the limit, and the closest seen.
+    pub fn learned_max_running(&self) -> Option<f64> {
+        self.queued_seen.then_some(self.max_running_seen)
+    }
+
     pub fn unknown(backend: &Backend) -> BackendState {
         BackendState {
             models: backend.static_models.clone().unwrap_or_default(),
@@ -227,8 +232,8 @@ impl BackendState {
             dispatched_at_scrape: 0,
             completed_at_scrape: 0,
             frozen_baseline: None,
-            learned_max_running: None,
             max_running_seen: 0.0,
+            queued_seen: false,
             scrape_error: None,
             itl_s: None,
             ttft_s: None,
@@ -291,7 +296,7 @@ impl FleetSnapshot {
                 e.backend
                     .max_concurrent_requests
                     .map(f64::from)
-                    .or(e.state.learned_max_running)
+                    .or(e.state.learned_max_running())
             })
             .fold(f64::NAN, f64::max);
         let pick_inputs: Vec<PickInputs> = backends

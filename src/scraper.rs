@@ -240,10 +240,8 @@ pub fn accept(
     if let Some(r) = load.running {
         state.max_running_seen = state.max_running_seen.max(r);
     }
-    let queued = matches!((load.running, load.waiting), (Some(r), Some(w)) if w > 0.0 && r > 0.0);
-    if queued || state.learned_max_running.is_some() {
-        state.learned_max_running = Some(state.max_running_seen);
-    }
+    state.queued_seen |=
+        matches!((load.running, load.waiting), (Some(r), Some(w)) if w > 0.0 && r > 0.0);
     let e2e_now = load.e2e;
     state.load = Some(load);
     state.load_at = Some(started);
@@ -342,7 +340,7 @@ mod tests {
                 ..EngineLoad::default()
             };
             accept(&mut state, load, 0, 0, Instant::now(), 0);
-            state.learned_max_running
+            state.learned_max_running()
         };
         // Nothing waited yet: no limit is known, however many run.
         assert_eq!(scrape(20.0, 0.0), None);

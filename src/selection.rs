@@ -180,7 +180,7 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 /// in      = running + waiting + since − done    (the engine's sequences now)
 /// itl     = measured inter-token latency        (or 15 ms / weight before any)
 /// step    = itl × (in + 1) / (running + 1)      step time with our request in the batch
-/// cap     = max_concurrent_requests, else the largest `running` seen while requests waited,
+/// cap     = max_concurrent_requests, else once it has queued the largest `running` seen,
 ///           else the largest cap of any backend in the fleet
 /// ahead   = max(in, ours) + 1 − cap  (if positive; without a cap: waiting), where
 ///           ours = this gateway's requests in flight there
@@ -380,7 +380,7 @@ impl PickInputs {
         let cap = b
             .max_concurrent_requests
             .map(|m| m as f64)
-            .or(st.learned_max_running)
+            .or(st.learned_max_running())
             .unwrap_or(default_cap);
         let e2e = st.e2e_s.unwrap_or(itl * DEFAULT_OUTPUT_TOKENS);
         PickInputs {
@@ -1437,7 +1437,8 @@ mod tests {
     /// Sets the batch limit the scraper learned on backend `i`.
     fn with_cap(snap: FleetSnapshot, i: usize, cap: f64) -> FleetSnapshot {
         let mut entries = snap.backends.clone();
-        entries[i].state.learned_max_running = Some(cap);
+        entries[i].state.max_running_seen = cap;
+        entries[i].state.queued_seen = true;
         FleetSnapshot::new(entries)
     }
 
@@ -1475,7 +1476,7 @@ mod tests {
         assert_eq!(pick(&snap).index, 1);
         // With no limit known anywhere, nothing is assumed: b0 is faster.
         let mut entries = snap.backends.clone();
-        entries[1].state.learned_max_running = None;
+        entries[1].state.queued_seen = false;
         assert_eq!(pick(&FleetSnapshot::new(entries)).index, 0);
     }
 
