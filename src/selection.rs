@@ -1453,21 +1453,22 @@ mod tests {
             with_cap(snap, 1, 32.0)
         };
 
-        // This gateway has 32 requests in flight on b0, but its scrape shows 31: one was
-        // still on its way into the engine. b0's batch is full: our request would queue.
-        let snap = fleet();
-        let _ours: Vec<_> = (0..32)
-            .map(|_| snap.backends[0].backend.begin_request())
-            .collect();
-        let snap = with_cap(scraped(snap, 0, 31.0, 0.0, 0.1, 0.010, now), 0, 32.0);
+        // b0 scraped at 31 running, with `ours` requests of this gateway in flight there
+        // (sent before the scrape); the guards are returned to keep them in flight.
+        let b0_with = |ours: usize| {
+            let snap = fleet();
+            let guards: Vec<_> = (0..ours)
+                .map(|_| snap.backends[0].backend.begin_request())
+                .collect();
+            let snap = with_cap(scraped(snap, 0, 31.0, 0.0, 0.1, 0.010, now), 0, 32.0);
+            (snap, guards)
+        };
+        // 32 of ours, but the scrape shows 31: one was still on its way into the engine.
+        // b0's batch is full: our request would queue.
+        let (snap, _ours) = b0_with(32);
         assert_eq!(pick(&snap).index, 1);
         // With one request fewer of ours there, b0 has room, and its speed wins.
-        drop(_ours);
-        let snap = fleet();
-        let _ours: Vec<_> = (0..31)
-            .map(|_| snap.backends[0].backend.begin_request())
-            .collect();
-        let snap = with_cap(scraped(snap, 0, 31.0, 0.0, 0.1, 0.010, now), 0, 32.0);
+        let (snap, _ours) = b0_with(31);
         assert_eq!(pick(&snap).index, 0);
 
         // b0 never queued, so its own limit is unknown: it is assumed to be the fleet's,
