@@ -17,7 +17,9 @@ is pinned to core 0; the load generator and the fake backends to core 1.
 
 Each configuration runs OH_RUNS times (default 2), interleaved; the report gives medians
 and the spread (min-max). Environment: OH_SECONDS (per wrk run, default 10), OH_RUNS,
-OH_ONLY (comma-separated configuration names), OH_MEMORY (0 to skip), OH_STREAMS_ROUNDS.
+OH_ONLY (comma-separated configuration names), OH_MEMORY (0 to skip), OH_STREAMS_ROUNDS,
+OH_BASELINE (another vllm-edge binary, e.g. an earlier commit's: adds "baseline round-robin"
+and "baseline vllm", run interleaved with the rest, for a before/after in one run).
 """
 
 import asyncio
@@ -36,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EDGE = os.environ.get("VLLM_EDGE", os.path.join(ROOT, "target/release/vllm-edge"))
 # Pingora's proxy with nothing of ours in it (benches/bare_pingora.rs; overhead.sh builds it).
 BARE = os.environ.get("BARE_PINGORA", "")
+BASELINE = os.environ.get("OH_BASELINE", "")
 VLLM_ROUTER = os.environ.get("VLLM_ROUTER", os.path.join(ROOT, "target/bench-venv/bin/vllm-router"))
 SECONDS = int(os.environ.get("OH_SECONDS", "10"))
 RUNS = int(os.environ.get("OH_RUNS", "2"))
@@ -235,7 +238,7 @@ def start_router(name, backend_ports, stream_backend=False):
     d = os.path.join(WORK, name.replace(" ", "_"))
     os.makedirs(d, exist_ok=True)
     urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
-    if name.startswith("vllm-edge"):
+    if name.startswith("vllm-edge") or name.startswith("baseline"):
         policy = name.split()[1]
         backends = "".join(f"  - url: {u}\n    models: [m]\n" for u in urls)
         conf = (f"listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{free_port()}\n"
@@ -247,7 +250,8 @@ def start_router(name, backend_ports, stream_backend=False):
         path = os.path.join(d, "gateway.yaml")
         open(path, "w").write(conf)
         env = dict(os.environ, VLLM_EDGE_LOG=os.environ.get("OH_EDGE_LOG", "warn"))
-        p = spawn([EDGE, "run", "-c", path], ROUTER_CORE, name.replace(" ", "_"), env)
+        binary = BASELINE if name.startswith("baseline") else EDGE
+        p = spawn([binary, "run", "-c", path], ROUTER_CORE, name.replace(" ", "_"), env)
     elif name == "bare pingora":
         p = spawn([BARE, f"127.0.0.1:{port}"] + [f"127.0.0.1:{bp}" for bp in backend_ports],
                   ROUTER_CORE, "bare_pingora")
@@ -444,6 +448,8 @@ def main():
     configs = ["direct", "vllm-edge round-robin", "vllm-edge vllm", "bare pingora", "nginx round-robin",
                "nginx least_conn", "haproxy roundrobin", "haproxy leastconn",
                "vllm-router round_robin", "vllm-router power_of_two"]
+    if BASELINE:
+        configs[3:3] = ["baseline round-robin", "baseline vllm"]
     if ONLY:
         configs = [c for c in configs if c in ONLY]
     if not os.path.exists(BARE):

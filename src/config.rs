@@ -927,6 +927,16 @@ impl Config {
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(file.backends.len());
         for (i, b) in file.backends.into_iter().enumerate() {
             let name = b.name.unwrap_or_else(|| b.url.addr.to_string());
+            if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic() || c == b' ') {
+                return Err(invalid(
+                    &format!("backends[{i}].name"),
+                    format!(
+                        "`{name}` cannot be a backend name: it is sent in the \
+                         x-vllm-edge-backend response header, so use visible ASCII \
+                         characters (letters, digits, punctuation, spaces)"
+                    ),
+                ));
+            }
             if backends.iter().any(|o| o.name == name) {
                 return Err(invalid(
                     &format!("backends[{i}]"),
@@ -1505,6 +1515,24 @@ mod tests {
             e.contains("`backends[1]`") && e.contains("test.yaml:7:"),
             "{e}"
         );
+        // A name goes into a response header: one that cannot is refused at load, not
+        // on every request.
+        for bad in ["\"gpu\\u00e9\"", "\"a\\tb\"", "\"\""] {
+            let text = MINIMAL.replace(
+                "  - url: http://127.0.0.1:8002\n",
+                &format!("  - url: http://127.0.0.1:8002\n    name: {bad}\n"),
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains("`backends[1].name`") && e.contains("test.yaml:8:"),
+                "{bad}: {e}"
+            );
+        }
+        let ok = MINIMAL.replace(
+            "  - url: http://127.0.0.1:8002\n",
+            "  - url: http://127.0.0.1:8002\n    name: gpu 2 (spare)\n",
+        );
+        assert_eq!(parse(&ok).unwrap().backends[1].name, "gpu 2 (spare)");
     }
 
     #[test]

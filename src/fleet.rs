@@ -35,6 +35,8 @@ pub fn is_fresh(at: Option<Instant>, fresh_since: Option<Instant>) -> bool {
 #[derive(Debug)]
 pub struct Backend {
     pub name: String,
+    /// `name` as the value of the `x-vllm-edge-backend` response header, made once.
+    pub name_header: http::HeaderValue,
     /// Its identity for prefix affinity: a digest of `name`, the same in every gateway.
     pub node_id: u64,
     pub url: String,
@@ -68,6 +70,9 @@ impl Backend {
         Arc::new(Backend {
             health,
             name: cfg.name.clone(),
+            // The config checks names are valid header values.
+            name_header: http::HeaderValue::from_str(&cfg.name)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("-")),
             node_id: crate::affinity::node_id(&cfg.name),
             url: cfg.url.clone(),
             addr: cfg.addr,

@@ -125,21 +125,31 @@ struct Probe<'a> {
 
 /// How deeply arrays and objects nest in a JSON text, counted up to `limit + 1` (strings
 /// and their escapes skipped; the text need not be valid JSON). One pass, no recursion.
+/// Most of a request body is string content (the prompt), which is skipped with `memchr`
+/// up to the next quote or backslash rather than byte by byte.
 pub fn json_depth_exceeds(body: &[u8], limit: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Skip the string: to its closing quote, stepping over escapes.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
+                        // An unterminated string: nothing after it counts.
+                        None => return false,
+                        Some(n) if body[i + n] == b'\\' => i += n + 2,
+                        Some(n) => {
+                            i += n;
+                            break;
+                        }
+                    }
+                    if i >= body.len() {
+                        return false;
+                    }
+                }
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
@@ -149,6 +159,7 @@ pub fn json_depth_exceeds(body: &[u8], limit: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
@@ -690,6 +701,36 @@ data: {"usage":null}
         use super::*;
         use proptest::prelude::*;
 
+        /// The depth scan written the obvious way, one byte at a time: the reference
+        /// for the faster one.
+        fn byte_by_byte(body: &[u8], limit: usize) -> bool {
+            let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+            for &b in body {
+                if in_string {
+                    if escaped {
+                        escaped = false;
+                    } else if b == b'\\' {
+                        escaped = true;
+                    } else if b == b'"' {
+                        in_string = false;
+                    }
+                    continue;
+                }
+                match b {
+                    b'"' => in_string = true,
+                    b'[' | b'{' => {
+                        depth += 1;
+                        if depth > limit {
+                            return true;
+                        }
+                    }
+                    b']' | b'}' => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+            }
+            false
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -757,6 +798,17 @@ data: {"usage":null}
             fn strings_do_not_count_as_nesting(s in "\\PC{0,64}") {
                 let body = serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": s})).unwrap();
                 prop_assert!(!json_depth_exceeds(&body, 1));
+            }
+
+            /// The string-skipping scan agrees with a plain byte-by-byte one on any text,
+            /// valid JSON or not (escapes at the end, unterminated strings, stray quotes).
+            #[test]
+            fn the_fast_depth_scan_agrees_with_a_byte_by_byte_one(
+                body in prop::collection::vec(
+                    prop::sample::select(b"[]{}\"\\ a,:".to_vec()), 0..64),
+                limit in 0usize..6,
+            ) {
+                prop_assert_eq!(json_depth_exceeds(&body, limit), byte_by_byte(&body, limit));
             }
         }
     }

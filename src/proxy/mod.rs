@@ -9,6 +9,7 @@ pub mod deadline;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -45,16 +46,25 @@ const REQUEST_ID: &str = "x-request-id";
 /// A client's request id longer than this is replaced (it ends up in every log line).
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// The client's `x-request-id` if it is short and plain (visible ASCII), else a new one.
-fn request_id(header: &pingora::http::RequestHeader) -> String {
+/// The client's `x-request-id` if it is short and plain (visible ASCII), else a new one:
+/// 32 random hex digits. Kept as a header value: it is sent upstream and back to the
+/// client, and a clone shares its bytes.
+fn request_id(header: &pingora::http::RequestHeader) -> HeaderValue {
     if let Some(v) = header.headers.get(REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
         {
-            return String::from_utf8_lossy(b).into_owned();
+            return v.clone();
         }
     }
-    format!("{:032x}", rand::random::<u128>())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut id = [0u8; 32];
+    for d in id.iter_mut().rev() {
+        *d = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
 pub struct Gateway {
@@ -155,7 +165,8 @@ pub struct RequestCtx {
     status: u16,
     /// The client's API key (when keys are required): its name, and its concurrency slot.
     key: Option<Permit>,
-    request_id: String,
+    /// Visible ASCII (see [`request_id`]).
+    request_id: HeaderValue,
     /// Why the current attempt's backend was picked, and its `vllm` score in seconds.
     chosen_by: Option<(Reason, Option<f64>)>,
     /// When the first body byte of the answer arrived, since `started`.
@@ -167,6 +178,10 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+
     fn backend_name(&self) -> &str {
         self.in_flight
             .as_ref()
@@ -265,7 +280,7 @@ async fn respond_error_with(
     };
     let mut extra: Vec<(&'static str, &str)> = allow.map(|a| ("allow", a)).into_iter().collect();
     extra.extend_from_slice(headers);
-    extra.push((REQUEST_ID, &ctx.request_id));
+    extra.push((REQUEST_ID, ctx.request_id()));
     respond_json(session, err.status, err.body(), false, &extra).await?;
     linger(session).await;
     Ok(true)
@@ -319,7 +334,7 @@ impl ProxyHttp for Gateway {
             stream_error_sent: false,
             status: 0,
             key: None,
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             chosen_by: None,
             first_byte: None,
             bytes_out: 0,
@@ -387,7 +402,7 @@ impl ProxyHttp for Gateway {
                     200,
                     Bytes::from_static(b"{\"status\":\"ok\"}"),
                     true,
-                    &[(REQUEST_ID, &ctx.request_id)],
+                    &[(REQUEST_ID, ctx.request_id())],
                 )
                 .await?;
                 Ok(true)
@@ -395,7 +410,7 @@ impl ProxyHttp for Gateway {
             Route::Models => {
                 ctx.status = 200;
                 let body = openai::models_body(&self.fleet.load().healthy_models());
-                respond_json(session, 200, body, true, &[(REQUEST_ID, &ctx.request_id)]).await?;
+                respond_json(session, 200, body, true, &[(REQUEST_ID, ctx.request_id())]).await?;
                 Ok(true)
             }
             Route::MethodNotAllowed(allow) => {
@@ -587,12 +602,12 @@ impl ProxyHttp for Gateway {
             // We hold the whole body: always send it with its length (also avoids Pingora's
             // h2→h1 double chunk terminator, pingora#935).
             req.remove_header(&http::header::TRANSFER_ENCODING);
-            req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            req.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()))?;
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             req.insert_header("x-forwarded-for", addr.ip().to_string())?;
         }
-        req.insert_header(REQUEST_ID, &ctx.request_id)?;
+        req.insert_header(REQUEST_ID, ctx.request_id.clone())?;
         // The client's key is ours to check, never the replica's to see; a backend that
         // wants a key gets its own.
         let backend_key = ctx
@@ -662,10 +677,10 @@ impl ProxyHttp for Gateway {
             // their next request.
             session.set_keepalive(None);
         }
-        if ctx.in_flight.is_some() {
-            resp.insert_header("x-vllm-edge-backend", ctx.backend_name())?;
+        if let Some(g) = &ctx.in_flight {
+            resp.insert_header("x-vllm-edge-backend", g.backend().name_header.clone())?;
         }
-        resp.insert_header(REQUEST_ID, &ctx.request_id)?;
+        resp.insert_header(REQUEST_ID, ctx.request_id.clone())?;
         if ctx.in_flight.is_some()
             && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
             && !resp.headers.contains_key(http::header::TRANSFER_ENCODING)
@@ -849,7 +864,7 @@ impl ProxyHttp for Gateway {
         };
         ctx.status = err.status;
         let retry_after = self.retry_after();
-        let id = (REQUEST_ID, ctx.request_id.as_str());
+        let id = (REQUEST_ID, ctx.request_id());
         let extra: &[(&'static str, &str)] = if err.status == 503 {
             &[("retry-after", retry_after.as_str()), id]
         } else {
@@ -873,7 +888,7 @@ impl ProxyHttp for Gateway {
             let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
             tracing::info!(
                 target: "access",
-                request_id = %ctx.request_id,
+                request_id = ctx.request_id(),
                 method = %header.method,
                 path = header.uri.path(),
                 model,

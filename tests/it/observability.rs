@@ -475,6 +475,7 @@ async fn the_request_id_is_kept_forwarded_returned_and_logged_as_json() {
     let usage = v["usage"].clone();
 
     // No id, or an unusable one (too long, spaces): a fresh one is made and used upstream.
+    let mut made = std::collections::HashSet::new();
     for sent in [
         None,
         Some("has spaces in it".to_string()),
@@ -494,7 +495,9 @@ async fn the_request_id_is_kept_forwarded_returned_and_logged_as_json() {
         );
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["id"], format!("chatcmpl-{id}"));
+        made.insert(id);
     }
+    assert_eq!(made.len(), 3, "every made id is new: {made:?}");
 
     // Errors the gateway answers itself carry the id too.
     let r = http1()
