@@ -13,12 +13,21 @@
 //!
 //! - `vllm`: vllm-edge's `vllm` policy itself, fed virtual scrapes (see [`Policy::Vllm`]).
 //!
+//! Two more, run only when named in `RB_ROUTERS`, test whether a router that is not
+//! greedy for the request in hand could do better than `oracle`:
+//! - `social`: the oracle minimising the request's first-token time plus the delay it
+//!   adds to the first tokens of the requests already at the replica;
+//! - `shaped`: the oracle plus a price (`RB_PRICE`, seconds per slot-second, default
+//!   0.001) on the batch slot-time the request will hold there (its output tokens at the
+//!   replica's speed), which keeps long outputs off the slow replica.
+//!
 //! The virtual replicas are the simulator's scheduler, so the absolute figures are a few
 //! milliseconds below the live ones (no HTTP, no event loop), and each run takes well
 //! under a second: many seeds can be compared, where the live benchmark runs one.
 //!
 //! Run: `cargo bench --bench routing_bound` (about a minute). Environment: `RB_SECONDS`
 //! (default 60), `RB_LOADS` (default "0.7,0.9"), `RB_SEEDS` (default 42 to 57),
+//! `RB_ROUTERS` (default "least-request,vllm,oracle"; also `social`, `shaped`),
 //! `RB_CAP` (tell the emulated gateway the batch limit, as `max_concurrent_requests`),
 //! `RB_HOLD` (every router holds requests in the gateway while every replica's batch is
 //! full, and sends the oldest when one has room: late binding), `RB_DIAG` (print the
@@ -138,12 +147,60 @@ impl Replica {
         }
         f64::INFINITY
     }
+
+    /// First tokens (request, seconds from `now`) of a copy run forward `horizon`
+    /// seconds without jitter, with `seq` reaching the engine at `ready` if given.
+    fn first_tokens(
+        &self,
+        now: f64,
+        horizon: f64,
+        add: Option<(f64, NewSeq)>,
+    ) -> HashMap<SeqId, f64> {
+        let mut copy = self.clone();
+        if let Some(x) = add {
+            copy.inbox.push(x);
+        }
+        let mut out = HashMap::new();
+        for _ in 0..100_000 {
+            let t = copy.next_event();
+            if !t.is_finite() || t > now + horizon {
+                break;
+            }
+            let (first, _) = copy.advance(t, None);
+            for id in first {
+                out.insert(id, t - now);
+            }
+        }
+        out
+    }
+
+    /// What sending `seq` here costs in first-token time: its own, plus the delay it
+    /// adds to the first tokens of the requests already here (within `horizon`; a first
+    /// token pushed past the horizon counts up to it).
+    fn marginal(&self, now: f64, ready: f64, seq: NewSeq, horizon: f64) -> f64 {
+        let id = seq.id;
+        let without = self.first_tokens(now, horizon, None);
+        let with = self.first_tokens(now, horizon, Some((ready, seq)));
+        let own = with.get(&id).copied().unwrap_or(horizon);
+        let others: f64 = without
+            .iter()
+            .map(|(k, t0)| with.get(k).copied().unwrap_or(horizon) - t0)
+            .sum();
+        own + others
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
 enum Policy {
     LeastRequest,
     Oracle,
+    /// The oracle minimising its own first-token time plus the delay it adds to the
+    /// first tokens of requests already at the replica (an experiment).
+    Social,
+    /// The oracle plus a price on the batch slot-time a request holds (its output
+    /// length over the replica's speed), `RB_PRICE` seconds per slot-second (an
+    /// experiment: keeps long outputs off the slow replica).
+    Shaped,
     /// vllm-edge's `vllm` policy itself (`Selector::best`), fed scrapes of the virtual
     /// engines every 250 ms (through `scraper::accept`, as the scraper takes them in) and
     /// this gateway's own counters. Requests of one message have no reusable prefix, so
@@ -256,6 +313,7 @@ fn run(policy: Policy, rate: f64, seconds: f64, seed: u64) -> Outcome {
     let mut finished = 0;
     let mut now = 0.0;
     let hold = std::env::var("RB_HOLD").is_ok();
+    let price: f64 = env_list("RB_PRICE", "0.001")[0];
     let mut last_caps: Vec<String> = Vec::new();
     let mut held = std::collections::VecDeque::new();
     while finished < n {
@@ -349,11 +407,17 @@ fn run(policy: Policy, rate: f64, seconds: f64, seed: u64) -> Outcome {
                 }
                 Policy::Vllm => gw.pick(p, o),
                 Policy::Oracle => {
-                    (0..fleet.len())
-                        .map(|r| (r, fleet[r].what_if(at, at + api, seq.clone())))
-                        .fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a })
-                        .0
+                    lowest((0..fleet.len()).map(|r| fleet[r].what_if(at, at + api, seq.clone())))
                 }
+                Policy::Social => lowest(
+                    (0..fleet.len()).map(|r| fleet[r].marginal(at, at + api, seq.clone(), 2.0)),
+                ),
+                // Slot-seconds at a replica: output tokens at ~20 ms per decode step at
+                // full speed.
+                Policy::Shaped => lowest((0..fleet.len()).map(|r| {
+                    let hold = o as f64 * 0.02 / SPEEDS[r];
+                    fleet[r].what_if(at, at + api, seq.clone()) + price * hold
+                })),
             };
             fleet[pick].inbox.push((at + api, seq));
             fleet[pick].in_flight += 1;
@@ -399,6 +463,14 @@ fn run(policy: Policy, rate: f64, seconds: f64, seed: u64) -> Outcome {
     }
 }
 
+/// The position of the lowest of `costs` (the first on ties).
+fn lowest(costs: impl Iterator<Item = f64>) -> usize {
+    costs
+        .enumerate()
+        .fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a })
+        .0
+}
+
 fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
     std::env::var(name)
         .unwrap_or_else(|_| default.into())
@@ -417,11 +489,19 @@ fn main() {
         "RB_SEEDS",
         "42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57",
     );
-    let routers = [
+    let all = [
         ("least-request", Policy::LeastRequest),
         ("vllm", Policy::Vllm),
         ("oracle", Policy::Oracle),
+        ("social", Policy::Social),
+        ("shaped", Policy::Shaped),
     ];
+    // `RB_ROUTERS` (comma-separated names) picks routers; least-request always runs.
+    let wanted: Vec<String> = env_list("RB_ROUTERS", "least-request,vllm,oracle");
+    let routers: Vec<(&'static str, Policy)> = all
+        .into_iter()
+        .filter(|(n, _)| *n == "least-request" || wanted.iter().any(|w| w == n))
+        .collect();
     let capacity = fleet_capacity();
     println!("Virtual fleet: speeds {SPEEDS:?}, capacity {capacity:.1} req/s, {seconds} s of arrivals per run.\n");
     println!("| load | seed | router | TTFT p50 (s) | TTFT p99 (s) | e2e p99 (s) | throughput (req/s) | share per replica |");
