@@ -529,16 +529,15 @@ fn keyed_vllm<I: Iterator<Item = usize>>(
 
     // Each eligible backend's rank, and the home (the highest; on equal ranks the
     // earlier, as in `affinity_first`), tried against the bound.
-    // (index, rank, gain, estimate)
-    // On the stack for fleets of up to 64 backends: no allocation per pick.
-    let mut ranked: SmallVec<[(usize, f64, f64, f64); 64]> = SmallVec::new();
+    // (index, rank), on the stack for fleets of up to 64 backends: no allocation per pick.
+    let mut ranked: SmallVec<[(usize, f64); 64]> = SmallVec::new();
     let mut home: Option<(f64, usize)> = None;
     for i in eligible() {
         let r = affinity_rank(snap, sticky, i);
         if home.is_none_or(|(best, _)| r > best) {
             home = Some((r, i));
         }
-        ranked.push((i, r, gain(i), 0.0));
+        ranked.push((i, r));
     }
     let (_, h) = home?;
     let n = ranked.len();
@@ -549,22 +548,21 @@ fn keyed_vllm<I: Iterator<Item = usize>>(
     }
 
     // Every estimate, then the highest-ranked within the band of the lowest, or the home.
+    let mut scores: SmallVec<[f64; 64]> = SmallVec::with_capacity(n);
     let mut low = f64::INFINITY;
-    for x in ranked.iter_mut() {
-        x.3 = scorer.score(snap, x.0);
-        low = low.min(x.3);
+    for &(i, _) in &ranked {
+        let x = scorer.score(snap, i);
+        low = low.min(x);
+        scores.push(x);
     }
     let band = low * sticky.load_factor;
     let mut pick: Option<(f64, usize, f64)> = None;
-    for &(i, r, g, s) in &ranked {
-        if s <= band + g && pick.is_none_or(|(best, _, _)| r > best) {
+    for (&(i, r), &s) in ranked.iter().zip(&scores) {
+        if s <= band + gain(i) && pick.is_none_or(|(best, _, _)| r > best) {
             pick = Some((r, i, s));
         }
     }
-    let (i, s) = match pick {
-        Some((_, i, s)) => (i, s),
-        None => (h, ranked.iter().find(|x| x.0 == h).map_or(s, |x| x.3)),
-    };
+    let (i, s) = pick.map_or((h, s), |(_, i, s)| (i, s));
     Some((i, s, n, i == h))
 }
 
