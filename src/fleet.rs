@@ -198,8 +198,10 @@ pub struct BackendState {
     pub frozen_baseline: Option<FrozenBaseline>,
     /// The largest `running` any scrape has shown, queueing or not.
     pub max_running_seen: f64,
-    /// Whether a scrape has shown requests waiting while some ran: the engine has a batch
-    /// limit, and has reached it (see [`BackendState::learned_max_running`]).
+    /// Whether a scrape has shown requests waiting while some ran and the KV cache had
+    /// room: the engine has a batch limit, and has reached it (see
+    /// [`BackendState::learned_max_running`]). Waiting with the cache nearly full is for
+    /// cache blocks, and does not count.
     pub queued_seen: bool,
     /// Why the last scrape failed, if it did.
     pub scrape_error: Option<String>,

@@ -220,6 +220,11 @@ async fn observe(
     state
 }
 
+/// At or above this KV-cache usage, requests waiting are taken to wait for cache blocks
+/// rather than for a batch slot (see [`accept`]). vLLM admits a waiting request when its
+/// next prefill chunk fits in the free blocks; a chunk is a few percent of a cache.
+pub const KV_BOUND_QUEUE: f64 = 0.9;
+
 /// Takes a scraped load into `state`: recent latencies (smoothed), the learned batch limit,
 /// and the gateway's counters when the scrape started (`dispatched`, `completed`), against
 /// which the work sent since is counted. `dispatched_after`: `Backend::dispatched()` once
@@ -240,8 +245,12 @@ pub fn accept(
     if let Some(r) = load.running {
         state.max_running_seen = state.max_running_seen.max(r);
     }
-    state.queued_seen |=
-        matches!((load.running, load.waiting), (Some(r), Some(w)) if w > 0.0 && r > 0.0);
+    // Requests waiting while the cache is nearly full wait for cache blocks, or were
+    // preempted: that is the KV pressure term's to price, and says nothing of the batch
+    // limit (vLLM 0.32 fixture `metrics-busy-16x512-kv4M-preempt.txt`: 15 running and one
+    // waiting at 97% usage, with `--max-num-seqs 32`).
+    state.queued_seen |= matches!((load.running, load.waiting), (Some(r), Some(w)) if w > 0.0 && r > 0.0)
+        && load.kv_usage.is_none_or(|k| k < KV_BOUND_QUEUE);
     let e2e_now = load.e2e;
     state.load = Some(load);
     state.load_at = Some(started);
@@ -321,18 +330,7 @@ mod tests {
 
     #[test]
     fn the_batch_limit_is_the_largest_running_seen_once_requests_have_waited() {
-        let cfg = BackendConfig {
-            name: "b".into(),
-            url: "http://b".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            static_models: Some(vec!["m".into()]),
-            weight: 1.0,
-            max_concurrent_requests: None,
-            drain: false,
-            api_key: None,
-            tls: None,
-        };
-        let mut state = BackendState::unknown(&Backend::new(&cfg));
+        let mut state = fresh_state();
         let mut scrape = |running: f64, waiting: f64| {
             let load = EngineLoad {
                 running: Some(running),
@@ -351,5 +349,46 @@ mod tests {
         // More running later, without queueing: the limit was higher.
         assert_eq!(scrape(40.0, 0.0), Some(40.0));
         assert_eq!(scrape(5.0, 0.0), Some(40.0));
+    }
+
+    /// The state of a backend never scraped.
+    fn fresh_state() -> BackendState {
+        let cfg = BackendConfig {
+            name: "b".into(),
+            url: "http://b".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            static_models: Some(vec!["m".into()]),
+            weight: 1.0,
+            max_concurrent_requests: None,
+            drain: false,
+            api_key: None,
+            tls: None,
+        };
+        BackendState::unknown(&Backend::new(&cfg))
+    }
+
+    fn fixture_load(name: &str) -> EngineLoad {
+        let p = format!(
+            "{}/../shared/fixtures/vllm-0.32/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        crate::engine_metrics::parse(&text, 8 << 20).unwrap()
+    }
+
+    /// Real vLLM 0.32 scrapes of an engine started with `--max-num-seqs 32`.
+    #[test]
+    fn queueing_for_cache_blocks_teaches_no_batch_limit() {
+        let mut state = fresh_state();
+        // Its KV cache (4 MiB) full: 15 running, one waiting for blocks. The limit is 32,
+        // not 15.
+        let full = fixture_load("metrics-busy-16x512-kv4M-preempt.txt");
+        assert!(full.waiting > Some(0.0) && full.kv_usage > Some(KV_BOUND_QUEUE));
+        accept(&mut state, full, 0, 0, Instant::now(), 0);
+        assert_eq!(state.learned_max_running(), None);
+        // 48 requests sent: 32 run and 16 wait for a slot, the cache an eighth full.
+        let queued = fixture_load("metrics-busy-48x512-queued.txt");
+        accept(&mut state, queued, 0, 0, Instant::now(), 0);
+        assert_eq!(state.learned_max_running(), Some(32.0));
     }
 }
