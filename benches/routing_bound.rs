@@ -28,6 +28,7 @@
 //! Run: `cargo bench --bench routing_bound` (about a minute). Environment: `RB_SECONDS`
 //! (default 60), `RB_LOADS` (default "0.7,0.9"), `RB_SEEDS` (default 42 to 57),
 //! `RB_ROUTERS` (default "least-request,vllm,oracle"; also `social`, `shaped`),
+//! `RB_SCRAPE` (seconds between the emulated gateway's scrapes, default 0.25),
 //! `RB_CAP` (tell the emulated gateway the batch limit, as `max_concurrent_requests`),
 //! `RB_HOLD` (every router holds requests in the gateway while every replica's batch is
 //! full, and sends the oldest when one has room: late binding), `RB_DIAG` (print the
@@ -46,8 +47,10 @@ use vllm_edge::fleet::{BackendEntry, Fleet, FleetSnapshot, InFlightGuard};
 use vllm_edge::selection::{Request, Selector};
 use vllm_edge::sim::scheduler::{jitter, Batch, NewSeq, Scheduler, SeqId};
 
-/// Seconds between two scrapes of the emulated gateway (its default).
-const SCRAPE_S: f64 = 0.25;
+/// Seconds between two scrapes of the emulated gateway: its default, or `RB_SCRAPE`.
+fn scrape_s() -> f64 {
+    env_list("RB_SCRAPE", "0.25")[0]
+}
 
 /// Seconds a request spends before it reaches the engine (the A100 profile's).
 fn api_s() -> f64 {
@@ -314,6 +317,7 @@ fn run(policy: Policy, rate: f64, seconds: f64, seed: u64) -> Outcome {
     let mut now = 0.0;
     let hold = std::env::var("RB_HOLD").is_ok();
     let price: f64 = env_list("RB_PRICE", "0.001")[0];
+    let scrape = scrape_s();
     let mut last_caps: Vec<String> = Vec::new();
     let mut held = std::collections::VecDeque::new();
     while finished < n {
@@ -328,7 +332,7 @@ fn run(policy: Policy, rate: f64, seconds: f64, seed: u64) -> Outcome {
         {
             now = gw.next_scrape;
             gw.scrape(&fleet);
-            gw.next_scrape += SCRAPE_S;
+            gw.next_scrape += scrape;
             if std::env::var("RB_DIAG").is_ok() {
                 let caps: Vec<String> = gw
                     .entries
