@@ -227,16 +227,19 @@ struct Gateway {
 impl Gateway {
     fn new(n: usize) -> Gateway {
         let cfgs: Vec<BackendConfig> = (0..n)
-            .map(|i| BackendConfig {
-                name: format!("r{i}"),
-                url: format!("http://127.0.0.1:{}", 10_000 + i),
-                addr: format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
-                static_models: Some(vec!["m".into()]),
-                weight: 1.0,
-                max_concurrent_requests: std::env::var("RB_CAP").ok().and_then(|c| c.parse().ok()),
-                drain: false,
-                api_key: None,
-                tls: None,
+            .map(|i| {
+                let addr = format!("127.0.0.1:{}", 10_000 + i);
+                BackendConfig {
+                    static_models: Some(vec!["m".into()]),
+                    max_concurrent_requests: std::env::var("RB_CAP")
+                        .ok()
+                        .and_then(|c| c.parse().ok()),
+                    ..BackendConfig::new(
+                        format!("r{i}"),
+                        format!("http://{addr}"),
+                        addr.parse().unwrap(),
+                    )
+                }
             })
             .collect();
         let entries: Vec<BackendEntry> = Fleet::new(&cfgs).load().backends.clone();

@@ -30,15 +30,12 @@ fn fleet_with(
 ) -> FleetSnapshot {
     let cfgs: Vec<BackendConfig> = (0..n)
         .map(|i| BackendConfig {
-            name: format!("b{i}"),
-            url: format!("http://10.0.{}.{}:8000", i / 250, i % 250),
-            addr: format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
             static_models: Some(vec!["m".into()]),
-            weight: 1.0,
-            max_concurrent_requests: None,
-            drain: false,
-            api_key: None,
-            tls: None,
+            ..BackendConfig::new(
+                format!("b{i}"),
+                format!("http://10.0.{}.{}:8000", i / 250, i % 250),
+                format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
+            )
         })
         .collect();
     let entries = Fleet::new(&cfgs)

@@ -685,6 +685,28 @@ pub struct BackendConfig {
     pub tls: Option<BackendTls>,
 }
 
+/// A backend's relative speed when the config gives none.
+const DEFAULT_WEIGHT: f64 = 1.0;
+
+impl BackendConfig {
+    /// A plain-HTTP backend as the config file's defaults make it: weight 1, no
+    /// configured limit, models discovered, not draining, no key. (Programs that build a
+    /// fleet without a file: the benchmarks, the tests.)
+    pub fn new(name: impl Into<String>, url: impl Into<String>, addr: SocketAddr) -> Self {
+        BackendConfig {
+            name: name.into(),
+            url: url.into(),
+            addr,
+            static_models: None,
+            weight: DEFAULT_WEIGHT,
+            max_concurrent_requests: None,
+            drain: false,
+            api_key: None,
+            tls: None,
+        }
+    }
+}
+
 /// Limits on one attempt at a backend, besides `connect`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timeouts {
@@ -953,7 +975,7 @@ impl Config {
                     ));
                 }
             }
-            let weight = b.weight.unwrap_or(1.0);
+            let weight = b.weight.unwrap_or(DEFAULT_WEIGHT);
             if !(weight.is_finite() && weight > 0.0) {
                 return Err(invalid(
                     &format!("backends[{i}].weight"),

@@ -471,15 +471,12 @@ mod tests {
 
     fn cfg(name: &str, models: Option<&[&str]>) -> BackendConfig {
         BackendConfig {
-            name: name.into(),
-            url: format!("http://{name}"),
-            addr: "127.0.0.1:1".parse().unwrap(),
             static_models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
-            weight: 1.0,
-            max_concurrent_requests: None,
-            drain: false,
-            api_key: None,
-            tls: None,
+            ..BackendConfig::new(
+                name,
+                format!("http://{name}"),
+                "127.0.0.1:1".parse().unwrap(),
+            )
         }
     }
 

@@ -353,17 +353,7 @@ mod tests {
 
     /// The state of a backend never scraped.
     fn fresh_state() -> BackendState {
-        let cfg = BackendConfig {
-            name: "b".into(),
-            url: "http://b".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            static_models: Some(vec!["m".into()]),
-            weight: 1.0,
-            max_concurrent_requests: None,
-            drain: false,
-            api_key: None,
-            tls: None,
-        };
+        let cfg = BackendConfig::new("b", "http://b", "127.0.0.1:1".parse().unwrap());
         BackendState::unknown(&Backend::new(&cfg))
     }
 

@@ -1220,15 +1220,13 @@ mod tests {
     fn snapshot_weighted(healthy: &[bool], weight: impl Fn(usize) -> f64) -> FleetSnapshot {
         let cfgs: Vec<BackendConfig> = (0..healthy.len())
             .map(|i| BackendConfig {
-                name: format!("b{i}"),
-                url: format!("http://b{i}"),
-                addr: "127.0.0.1:1".parse().unwrap(),
                 static_models: Some(vec!["m".into()]),
                 weight: weight(i),
-                max_concurrent_requests: None,
-                drain: false,
-                api_key: None,
-                tls: None,
+                ..BackendConfig::new(
+                    format!("b{i}"),
+                    format!("http://b{i}"),
+                    "127.0.0.1:1".parse().unwrap(),
+                )
             })
             .collect();
         let fleet = Fleet::new(&cfgs);
