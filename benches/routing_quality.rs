@@ -133,12 +133,7 @@ async fn drive(url: &str, plan: &[Planned]) -> (Outcome, f64) {
 async fn engine_ttft_over_100ms(sims: &[SimHandle]) -> f64 {
     let mut over = 0.0;
     for s in sims {
-        let text = reqwest::get(format!("{}/metrics", s.url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = String::from_utf8_lossy(&common::metrics_payload(s).await).into_owned();
         let value = |prefix: &str, label: &str| {
             text.lines()
                 .find(|l| l.starts_with(prefix) && l.contains(label))

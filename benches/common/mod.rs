@@ -218,16 +218,19 @@ pub async fn wait_idle(sims: &[SimHandle]) {
     }
 }
 
+/// A replica's `/metrics` payload.
+pub async fn metrics_payload(sim: &SimHandle) -> Vec<u8> {
+    let resp = reqwest::get(format!("{}/metrics", sim.url()))
+        .await
+        .unwrap();
+    resp.bytes().await.unwrap().to_vec()
+}
+
 /// Every replica's `/metrics`, parsed as the gateway parses it.
 pub async fn engine_loads(sims: &[SimHandle]) -> Vec<vllm_edge::engine_metrics::EngineLoad> {
     let mut out = Vec::new();
     for s in sims {
-        let body = reqwest::get(format!("{}/metrics", s.url()))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let body = metrics_payload(s).await;
         out.push(vllm_edge::engine_metrics::parse(&body, 8 << 20).unwrap());
     }
     out
