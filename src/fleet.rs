@@ -286,17 +286,23 @@ impl FleetSnapshot {
                 }
             }
         }
-        let min_itl_s = backends
+        // Only from scrapes that still succeed: a failing or frozen backend's last
+        // measurement is old, and would flatter every backend scored without one. With
+        // the ITL, the batch it was measured at (unknown: an idle one).
+        let fastest = backends
             .iter()
-            // Only from scrapes that still succeed: a failing or frozen backend's last
-            // measurement is old, and would flatter every backend scored without one.
             .filter(|e| e.backend.health.checks_up() && e.state.scrape_error.is_none())
-            .filter_map(|e| e.state.itl_s)
-            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
+            .filter_map(|e| {
+                let running = e.state.load.as_ref().and_then(|l| l.running);
+                e.state.itl_s.map(|itl| (itl, running.unwrap_or(0.0)))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        let min_itl_s = fastest.map(|f| f.0);
         let equal_weights = backends
             .windows(2)
             .all(|w| w[0].backend.weight == w[1].backend.weight);
         let default_itl = min_itl_s.unwrap_or(crate::selection::DEFAULT_ITL_S);
+        let default_per_slot = fastest.map_or(default_itl, |(itl, running)| itl / (running + 1.0));
         let default_cap = backends
             .iter()
             .filter_map(|e| {
@@ -308,7 +314,7 @@ impl FleetSnapshot {
             .fold(f64::NAN, f64::max);
         let pick_inputs: Vec<PickInputs> = backends
             .iter()
-            .map(|e| PickInputs::of(e, default_itl, default_cap))
+            .map(|e| PickInputs::of(e, default_itl, default_per_slot, default_cap))
             .collect();
         let itl_floor = crate::selection::itl_floor(&pick_inputs);
         FleetSnapshot {

@@ -225,8 +225,12 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 ///   estimate is the larger of one step and the prefill, not their sum: adding both
 ///   counted the prefill step twice and made a replica with a slightly longer step look
 ///   worse than one whose batch is full (the routing bound, `benches/routing_bound.rs`).
-/// - A stale or failing scrape falls back to this gateway's in-flight count as `running`
-///   and multiplies the score by 1.5.
+/// - A stale or failing scrape falls back to this gateway's in-flight count as the batch
+///   (`in`), each sequence costing what one cost at its last scrape (`itl / (running +
+///   1)`, or the fleet's fastest replica's when it never had one), and multiplies the
+///   score by 1.5. The step must grow with those requests: a constant estimate would
+///   become the lowest as soon as the fresh replicas' grew, and every request after that
+///   would herd onto the replica nothing is known about.
 ///
 /// `fresh_since` is [`fresh_since`]`(now, stale_after)`, computed once per pick. Backend
 /// `i` of `snap` is scored from its [`PickInputs`] and its live counters.
@@ -267,7 +271,9 @@ impl Scorer {
         let b = &*p.backend;
         let (running, waiting, in_engine, fresh) = engine_now(p, b, self.fresh_since);
         let itl = p.itl;
-        let step = if fresh && !p.running.is_nan() {
+        // Stale or failing: the batch is this gateway's requests there, each costing what
+        // a sequence cost at the last scrape (or at the fleet's fastest replica).
+        let step = if !fresh || !p.running.is_nan() {
             p.itl_per_slot * (in_engine + 1.0)
         } else {
             itl * (in_engine + 1.0) / (running + 1.0)
@@ -346,7 +352,9 @@ pub struct PickInputs {
     completed_at: u64,
     /// The measured inter-token latency, or the fleet's best divided by the weight.
     itl: f64,
-    /// `itl / (running + 1)`: a step's duration per sequence of the scraped batch.
+    /// `itl / (running + 1)`: a step's duration per sequence of the scraped batch. Without
+    /// a scraped batch: the fleet's default (`default_per_slot / weight`) when the ITL is
+    /// not measured either, else the whole ITL (as if measured on an idle engine).
     itl_per_slot: f64,
     /// The batch limit: configured, else learned.
     cap: f64,
@@ -371,7 +379,17 @@ impl PickInputs {
     /// configured nor learned yet (the largest any backend of the snapshot has, NaN when
     /// none has one): replicas of a fleet usually run the same `--max-num-seqs`, and one
     /// that never queued would otherwise look able to take any number of requests.
-    pub fn of(e: &BackendEntry, default_itl: f64, default_cap: f64) -> PickInputs {
+    ///
+    /// `default_per_slot`: what a sequence adds to the step of a backend never scraped
+    /// (`default_itl` divided by the batch it was measured at plus one), so one whose
+    /// `/metrics` fails from the start is scored like the fleet's fastest replica holding
+    /// this gateway's requests, rather than like an idle engine with a full one's ITL.
+    pub fn of(
+        e: &BackendEntry,
+        default_itl: f64,
+        default_per_slot: f64,
+        default_cap: f64,
+    ) -> PickInputs {
         let (b, st) = (&e.backend, &e.state);
         let load = st.load.as_ref();
         let running = load.and_then(|l| l.running).unwrap_or(f64::NAN);
@@ -391,7 +409,11 @@ impl PickInputs {
             dispatched_at: st.dispatched_at_scrape,
             completed_at: st.completed_at_scrape,
             itl,
-            itl_per_slot: itl / (running + 1.0),
+            itl_per_slot: match (running.is_nan(), st.itl_s) {
+                (false, _) => itl / (running + 1.0),
+                (true, Some(_)) => itl,
+                (true, None) => default_per_slot / b.weight,
+            },
             cap,
             e2e,
             queue_per_ahead: e2e / if cap.is_nan() { running } else { cap }.max(1.0),
@@ -1526,6 +1548,43 @@ mod tests {
                 .unwrap()[0],
             0
         );
+    }
+
+    /// A backend whose scrape is stale, or failing from the start, must not become a sink
+    /// once the fresh replicas' estimates grow: its estimate grows with this gateway's
+    /// requests there too, so a burst spreads, with fewer on it than on a fresh one.
+    #[test]
+    fn herding_onto_a_stale_or_failing_backend_is_bounded() {
+        let now = Instant::now();
+        let (n, k) = (3usize, 60usize);
+        for (running, never_scraped) in [(0.0, false), (0.0, true), (40.0, false), (40.0, true)] {
+            let mut snap = snapshot(&vec![true; n]);
+            for i in 0..n {
+                let at = if i == 2 { now - 10 * STALE } else { now };
+                snap = scraped(snap, i, running, 0.0, 0.1, 0.02, at);
+            }
+            if never_scraped {
+                let mut entries = snap.backends.clone();
+                entries[2].state.load = None;
+                entries[2].state.load_at = None;
+                entries[2].state.itl_s = None;
+                entries[2].state.scrape_error = Some("line 1: not a metric name".into());
+                snap = FleetSnapshot::new(entries);
+            }
+            let sel = Selector::new(STALE);
+            let mut guards = Vec::new();
+            let mut got = vec![0usize; n];
+            for _ in 0..k {
+                let first = sel
+                    .candidates(Policy::Vllm, &snap, &req(), &[], now)
+                    .unwrap()[0];
+                got[first] += 1;
+                guards.push(snap.backends[first].backend.begin_request());
+            }
+            let case = format!("running {running}, never scraped {never_scraped}: {got:?}");
+            assert!(got[2] <= got[0].min(got[1]), "{case}");
+            assert!(got[2] >= k / (2 * n), "not starved either: {case}");
+        }
     }
 
     #[test]

@@ -431,12 +431,24 @@ async fn garbage_or_stale_metrics_degrade_to_local_accounting_without_herding() 
         "no false alarm: {fine}"
     );
     let all = get_json(gw.admin_url("/load-stats")).await;
-    for s in &shares {
+    // The replicas nothing is known about are not herded onto, nor treated as dead. The
+    // good one takes more than a third: the others count 1.5 times busier than this
+    // gateway's accounting, and the frozen one, frozen while it looked busy, is avoided
+    // until it is found out (0.40 to 0.62 of the requests in 16 runs).
+    for s in &shares[..2] {
         assert!(
-            (0.05..=0.6).contains(s),
-            "no replica is starved or herded onto: {shares:?}\n{all:#}"
+            (0.05..=0.45).contains(s),
+            "no broken replica is starved or herded onto: {shares:?}\n{all:#}"
         );
     }
+    assert!(
+        shares[2] <= 0.75,
+        "the broken replicas still serve: {shares:?}\n{all:#}"
+    );
+    assert!(
+        shares[0] < shares[2],
+        "an equal replica never scraped counts busier than a good one: {shares:?}\n{all:#}"
+    );
 }
 
 #[tokio::test]
