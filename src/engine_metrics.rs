@@ -24,6 +24,10 @@ pub struct EngineLoad {
     pub prefix_queries: Option<f64>,
     pub prefix_hits: Option<f64>,
     pub preemptions: Option<f64>,
+    /// Cumulative prompt plus generated tokens. vLLM counts a prompt's tokens when its
+    /// prefill is done, and output tokens as they are made: with requests running, it
+    /// moves within a few steps (a frozen exporter is caught by it staying put).
+    pub tokens: Option<f64>,
     /// Cumulative sums and counts of the latency histograms (seconds): the scraper turns
     /// their deltas between two scrapes into recent means.
     pub itl: Option<SumCount>,
@@ -188,6 +192,7 @@ struct PerEngine {
     prefix_queries: Option<f64>,
     prefix_hits: Option<f64>,
     preemptions: Option<f64>,
+    tokens: Option<f64>,
     itl: Option<SumCount>,
     ttft: Option<SumCount>,
     e2e: Option<SumCount>,
@@ -259,6 +264,13 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
                 }
                 add(&mut engines.entry(engine).or_default().preemptions, v);
             }
+            "vllm:prompt_tokens_total" | "vllm:generation_tokens_total" => {
+                if !valid_count {
+                    reject(sample.name);
+                    continue;
+                }
+                add(&mut engines.entry(engine).or_default().tokens, v);
+            }
             "vllm:inter_token_latency_seconds_sum"
             | "vllm:inter_token_latency_seconds_count"
             | "vllm:time_to_first_token_seconds_sum"
@@ -322,6 +334,9 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
         }
         if let Some(v) = e.preemptions {
             add(&mut load.preemptions, v);
+        }
+        if let Some(v) = e.tokens {
+            add(&mut load.tokens, v);
         }
         if let Some(t) = e.kv_capacity_tokens {
             load.kv_capacity_tokens = Some(load.kv_capacity_tokens.unwrap_or(0) + t);
@@ -396,6 +411,7 @@ mod tests {
         assert_eq!(load.kv_usage, Some(0.12524461839530332));
         assert_eq!(load.kv_capacity_tokens, Some(65536));
         assert_eq!(load.prefix_queries, Some(838.0));
+        assert_eq!(load.tokens, Some(838.0 + 18085.0), "prompt plus generated");
         let idle = parse(&fixture("metrics-idle.txt"), MAX).unwrap();
         assert_eq!(idle.running, Some(0.0));
         let preempt = parse(&fixture("metrics-idle-after-16x512-kv4M-preempt.txt"), MAX).unwrap();

@@ -178,6 +178,17 @@ pub struct FrozenBaseline {
     pub dispatched_after: u64,
 }
 
+/// The first of the accepted scrapes since which the engine has shown the same token count
+/// and KV usage, all of them with requests running (`busy`) or not: what a `/metrics`
+/// frozen while it looked busy is detected against (see the scraper).
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub at: Instant,
+    pub busy: bool,
+    pub tokens: Option<f64>,
+    pub kv_usage: Option<f64>,
+}
+
 /// What was last observed about one backend.
 #[derive(Debug, Clone)]
 pub struct BackendState {
@@ -196,6 +207,7 @@ pub struct BackendState {
     pub completed_at_scrape: u64,
     /// What frozen `/metrics` are detected against (see the scraper).
     pub frozen_baseline: Option<FrozenBaseline>,
+    pub progress: Option<Progress>,
     /// The largest `running` any scrape has shown, queueing or not.
     pub max_running_seen: f64,
     /// Whether a scrape has shown requests waiting while some ran and the KV cache had
@@ -239,6 +251,7 @@ impl BackendState {
             dispatched_at_scrape: 0,
             completed_at_scrape: 0,
             frozen_baseline: None,
+            progress: None,
             max_running_seen: 0.0,
             queued_seen: false,
             scrape_error: None,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::engine_metrics::{self, EngineLoad, SumCount};
-use crate::fleet::{Backend, BackendState, Fleet, FrozenBaseline};
+use crate::fleet::{Backend, BackendState, Fleet, FrozenBaseline, Progress};
 use crate::health::HealthChecker;
 use crate::httpclient::{self, Target};
 use crate::openai;
@@ -28,6 +28,11 @@ pub const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
 const FROZEN_AFTER_REQUESTS: u64 = 3;
 /// How often the frozen-metrics baseline is renewed (see `observe`).
 const FROZEN_WINDOW: Duration = Duration::from_secs(1);
+/// How long a `/metrics` may show requests running with neither its token count nor its
+/// KV usage moving before it is considered frozen. A working engine moves one of them at
+/// every step (a decode step makes tokens, a prefill chunk takes cache blocks); a step
+/// takes milliseconds to a few hundred.
+const FROZEN_BUSY_AFTER: Duration = Duration::from_secs(3);
 /// Weight of the newest scrape window in the smoothed latencies: a step change is mostly
 /// reflected after two windows (half a second at the default interval).
 const EWMA_NEW: f64 = 0.5;
@@ -174,26 +179,14 @@ async fn observe(
             }
         }
     }
-    // A `/metrics` that parses but no longer moves (a frozen exporter, a cache in front
-    // of it) would make a busy engine look idle forever. Requests this gateway sent after
-    // a baseline scrape was written, and saw finish before this one began, must show in
-    // the engine's request counter. At least `completed − baseline.dispatched_after` such
-    // requests exist (all the others may be older ones, counted before the baseline); the
-    // baseline is renewed about every `FROZEN_WINDOW`, so under load that bound is large.
-    let load = load.and_then(|load| {
-        let (Some(b), Some(now)) = (state.frozen_baseline, load.e2e) else {
-            return Ok(load);
-        };
-        let surely_new = completed.saturating_sub(b.dispatched_after);
-        if now.count == b.engine_finished && surely_new >= FROZEN_AFTER_REQUESTS {
-            Err(format!(
-                "frozen: {surely_new} requests sent since {:.1}s ago finished, the engine's \
-                 request counter did not move",
-                b.at.elapsed().as_secs_f64()
-            ))
-        } else {
-            Ok(load)
+    let load = load.and_then(|load| match frozen(&state, &load, completed, started) {
+        Some((why, since)) => {
+            // What was accepted since it stopped moving was never news: the load is as
+            // old as that, so it is stale now rather than after a few more intervals.
+            state.load_at = state.load_at.map(|at| at.min(since));
+            Err(why)
         }
+        None => Ok(load),
     });
     match load {
         Ok(load) => {
@@ -218,6 +211,56 @@ async fn observe(
         }
     }
     state
+}
+
+/// Why a `/metrics` that parsed is nonetheless frozen (a stopped exporter, a cache in
+/// front of it), judged against `state`, and since when it surely has been; `None` when it
+/// is not. `completed`: this gateway's `Backend::completed()` when the scrape started at
+/// `started`.
+///
+/// - Requests this gateway sent after a baseline scrape was written, and saw finish
+///   before this one began, must show in the engine's request counter. At least
+///   `completed − baseline.dispatched_after` such requests exist (all the others may be
+///   older ones, counted before the baseline); the baseline is renewed about every
+///   [`FROZEN_WINDOW`], so under load that bound is large. Frozen while it looked idle, a
+///   busy engine would otherwise draw every request.
+/// - That needs requests of ours to finish there, and a replica frozen while it looked
+///   busy gets few. Its own numbers give it away: requests running, yet neither tokens
+///   made nor cache blocks taken for [`FROZEN_BUSY_AFTER`].
+fn frozen(
+    state: &BackendState,
+    load: &EngineLoad,
+    completed: u64,
+    started: Instant,
+) -> Option<(String, Instant)> {
+    if let (Some(b), Some(now)) = (state.frozen_baseline, load.e2e) {
+        let surely_new = completed.saturating_sub(b.dispatched_after);
+        if now.count == b.engine_finished && surely_new >= FROZEN_AFTER_REQUESTS {
+            let why = format!(
+                "frozen: {surely_new} requests sent since {:.1}s ago finished, the engine's \
+                 request counter did not move",
+                started.saturating_duration_since(b.at).as_secs_f64()
+            );
+            return Some((why, b.at));
+        }
+    }
+    let (Some(p), Some(running)) = (state.progress, load.running) else {
+        return None;
+    };
+    let still = started.saturating_duration_since(p.at);
+    (p.busy
+        && running > 0.0
+        && (load.tokens.is_some() || load.kv_usage.is_some())
+        && (load.tokens, load.kv_usage) == (p.tokens, p.kv_usage)
+        && still >= FROZEN_BUSY_AFTER)
+        .then(|| {
+            let why = format!(
+                "frozen: {running} requests running, but neither the token count nor the KV \
+                 usage moved in {:.1}s",
+                still.as_secs_f64()
+            );
+            (why, p.at)
+        })
 }
 
 /// At or above this KV-cache usage, requests waiting are taken to wait for cache blocks
@@ -251,6 +294,18 @@ pub fn accept(
     // waiting at 97% usage, with `--max-num-seqs 32`).
     state.queued_seen |= matches!((load.running, load.waiting), (Some(r), Some(w)) if w > 0.0 && r > 0.0)
         && load.kv_usage.is_none_or(|k| k < KV_BOUND_QUEUE);
+    let busy = load.running.is_some_and(|r| r > 0.0);
+    let still = state
+        .progress
+        .is_some_and(|p| p.busy && busy && (load.tokens, load.kv_usage) == (p.tokens, p.kv_usage));
+    if !still {
+        state.progress = Some(Progress {
+            at: started,
+            busy,
+            tokens: load.tokens,
+            kv_usage: load.kv_usage,
+        });
+    }
     let e2e_now = load.e2e;
     state.load = Some(load);
     state.load_at = Some(started);
@@ -364,6 +419,52 @@ mod tests {
         );
         let text = std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
         crate::engine_metrics::parse(&text, 8 << 20).unwrap()
+    }
+
+    /// A `/metrics` frozen while it showed requests running is caught by its token count
+    /// and KV usage staying put; an idle engine, or one that moves, never is.
+    #[test]
+    fn a_metrics_frozen_while_busy_is_caught_by_its_still_counters() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let busy = fixture_load("metrics-busy-16x256.txt");
+        let moved = fixture_load("metrics-busy-16x512-stream.txt");
+        let idle = fixture_load("metrics-idle.txt");
+        assert!(busy.running > Some(0.0) && moved.running > Some(0.0));
+        assert!(busy.tokens.is_some() && busy.tokens != moved.tokens);
+
+        let mut state = fresh_state();
+        accept(&mut state, busy.clone(), 0, 0, at(0), 0);
+        // The same numbers a few steps later: nothing to say yet.
+        assert_eq!(frozen(&state, &busy, 0, at(1000)), None);
+        accept(&mut state, busy.clone(), 0, 0, at(1000), 0);
+        let (why, since) = frozen(&state, &busy, 0, at(3000)).expect("frozen after 3 s");
+        assert_eq!(since, at(0), "still since the first of the same scrapes");
+        assert!(why.contains("16 requests running"), "{why}");
+        // It moved: fine, and the wait starts again.
+        assert_eq!(frozen(&state, &moved, 0, at(3000)), None);
+        accept(&mut state, moved.clone(), 0, 0, at(3000), 0);
+        assert_eq!(frozen(&state, &moved, 0, at(5900)), None);
+        assert!(frozen(&state, &moved, 0, at(6000)).is_some());
+
+        // Idle for a long time, then a request arrives: its first scrapes may show the
+        // idle engine's counters with one running; the wait starts at the first of them.
+        let mut state = fresh_state();
+        accept(&mut state, idle.clone(), 0, 0, at(0), 0);
+        accept(&mut state, idle.clone(), 0, 0, at(60_000), 0);
+        assert_eq!(
+            frozen(&state, &idle, 0, at(120_000)),
+            None,
+            "idle is not frozen"
+        );
+        let arrived = EngineLoad {
+            running: Some(1.0),
+            ..idle.clone()
+        };
+        assert_eq!(frozen(&state, &arrived, 0, at(120_000)), None);
+        accept(&mut state, arrived.clone(), 0, 0, at(120_000), 0);
+        assert_eq!(frozen(&state, &arrived, 0, at(122_000)), None);
+        assert!(frozen(&state, &arrived, 0, at(123_000)).is_some());
     }
 
     /// Real vLLM 0.32 scrapes of an engine started with `--max-num-seqs 32`.

@@ -414,7 +414,8 @@ async fn garbage_or_stale_metrics_degrade_to_local_accounting_without_herding() 
     assert_eq!(st["scrape_fresh"], false);
     // The frozen one answers its scrapes, but they stopped moving: detected from the
     // requests that finished there without its counter moving, so only when it got some
-    // (frozen while it looked busy, it is avoided instead: see the README).
+    // (frozen while it looked busy, it is caught by its counters standing still for
+    // 3 s instead: see the next test).
     let frozen = backend_stats(&gw, &name_of(&stale)).await;
     if shares[1] >= 0.02 {
         assert!(
@@ -449,6 +450,76 @@ async fn garbage_or_stale_metrics_degrade_to_local_accounting_without_herding() 
         shares[0] < shares[2],
         "an equal replica never scraped counts busier than a good one: {shares:?}\n{all:#}"
     );
+}
+
+/// Frozen while it showed requests running, a replica is not caught by the finished-request
+/// rule (the gateway sends it little); its token count and KV usage standing still are.
+/// The other replica, busy and moving all along, is never flagged.
+#[tokio::test]
+async fn metrics_frozen_while_busy_are_caught_by_their_still_counters() {
+    let (victim, other) = (sim(&["m"]).await, sim(&["m"]).await);
+    let gw = Gateway::builder(&[&victim, &other])
+        .yaml("discovery:\n  scrape_interval: 50ms")
+        .start()
+        .await;
+    // Endless streams from clients of their own keep both engines busy.
+    let mut held = Vec::new();
+    for s in [&victim, &victim, &other] {
+        let mut body = chat_body("m", "hi", true);
+        body["ignore_eos"] = true.into();
+        body.as_object_mut().unwrap().remove("max_tokens");
+        let resp = http1()
+            .post(format!("{}/v1/chat/completions", s.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut chunks = resp.bytes_stream();
+        chunks.next().await.unwrap().unwrap();
+        held.push(chunks);
+    }
+    let (name, other_name) = (name_of(&victim), name_of(&other));
+    let seen_busy = eventually(Duration::from_secs(5), || async {
+        let st = backend_stats(&gw, &name).await;
+        st["running"].as_f64() == Some(2.0) && st["scrape_fresh"] == true
+    })
+    .await;
+    assert!(seen_busy, "{}", backend_stats(&gw, &name).await);
+    victim.sim.set_faults(Faults {
+        metrics_stale: true,
+        ..Faults::default()
+    });
+    let t = Instant::now();
+    let caught = eventually(Duration::from_secs(10), || async {
+        backend_stats(&gw, &name).await["last_scrape_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("frozen") && e.contains("2 requests running"))
+    })
+    .await;
+    let took = t.elapsed();
+    let st = backend_stats(&gw, &name).await;
+    eprintln!(
+        "frozen while busy: caught after {took:?}: {}",
+        st["last_scrape_error"]
+    );
+    assert!(caught, "{st}");
+    assert_eq!(
+        st["scrape_fresh"], false,
+        "scored from local accounting: {st}"
+    );
+    // Three seconds of standing still, give or take the scrapes around them.
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(5),
+        "caught after {took:?}"
+    );
+    let fine = backend_stats(&gw, &other_name).await;
+    assert!(
+        fine["last_scrape_error"].is_null(),
+        "no false alarm: {fine}"
+    );
+    assert!(fine["running"].as_f64() >= Some(1.0), "{fine}");
+    drop(held);
 }
 
 #[tokio::test]
