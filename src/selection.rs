@@ -1550,6 +1550,22 @@ mod tests {
         );
     }
 
+    /// Where a burst of `k` requests between two scrapes goes under `vllm`: the first
+    /// candidate of each pick, counted per backend, all of them still in flight meanwhile.
+    fn burst(snap: &FleetSnapshot, k: usize, now: Instant) -> Vec<usize> {
+        let sel = Selector::new(STALE);
+        let mut guards = Vec::new();
+        let mut got = vec![0usize; snap.backends.len()];
+        for _ in 0..k {
+            let first = sel
+                .candidates(Policy::Vllm, snap, &req(), &[], now)
+                .unwrap()[0];
+            got[first] += 1;
+            guards.push(snap.backends[first].backend.begin_request());
+        }
+        got
+    }
+
     /// A backend whose scrape is stale, or failing from the start, must not become a sink
     /// once the fresh replicas' estimates grow: its estimate grows with this gateway's
     /// requests there too, so a burst spreads, with fewer on it than on a fresh one.
@@ -1571,16 +1587,7 @@ mod tests {
                 entries[2].state.scrape_error = Some("line 1: not a metric name".into());
                 snap = FleetSnapshot::new(entries);
             }
-            let sel = Selector::new(STALE);
-            let mut guards = Vec::new();
-            let mut got = vec![0usize; n];
-            for _ in 0..k {
-                let first = sel
-                    .candidates(Policy::Vllm, &snap, &req(), &[], now)
-                    .unwrap()[0];
-                got[first] += 1;
-                guards.push(snap.backends[first].backend.begin_request());
-            }
+            let got = burst(&snap, k, now);
             let case = format!("running {running}, never scraped {never_scraped}: {got:?}");
             assert!(got[2] <= got[0].min(got[1]), "{case}");
             assert!(got[2] >= k / (2 * n), "not starved either: {case}");
@@ -1595,16 +1602,7 @@ mod tests {
             for i in 0..n {
                 snap = scraped(snap, i, 10.0, 0.0, 0.2, 0.01, now);
             }
-            let sel = Selector::new(STALE);
-            let mut guards = Vec::new();
-            let mut got = vec![0usize; n];
-            for _ in 0..k {
-                let first = sel
-                    .candidates(Policy::Vllm, &snap, &req(), &[], now)
-                    .unwrap()[0];
-                got[first] += 1;
-                guards.push(snap.backends[first].backend.begin_request());
-            }
+            let got = burst(&snap, k, now);
             let bound = k.div_ceil(n) + 1;
             assert!(got.iter().all(|&g| g <= bound), "n={n} k={k}: {got:?}");
         }
@@ -1761,14 +1759,7 @@ mod tests {
                 for i in 0..n {
                     snap = scraped(snap, i, running, waiting, kv, itl, now);
                 }
-                let sel = Selector::new(STALE);
-                let mut got = vec![0usize; n];
-                let mut guards = Vec::new();
-                for _ in 0..k {
-                    let first = sel.candidates(Policy::Vllm, &snap, &req(), &[], now).unwrap()[0];
-                    got[first] += 1;
-                    guards.push(snap.backends[first].backend.begin_request());
-                }
+                let got = burst(&snap, k, now);
                 prop_assert!(got.iter().all(|&g| g <= k.div_ceil(n) + 1), "{:?}", got);
             }
         }
