@@ -256,7 +256,7 @@ fn frozen(
         .then(|| {
             let why = format!(
                 "frozen: {running} requests running, but neither the token count nor the KV \
-                 usage moved in {:.1}s",
+                 usage moved in {:.1}s (a stopped exporter, or a stuck engine)",
                 still.as_secs_f64()
             );
             (why, p.at)
