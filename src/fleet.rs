@@ -58,6 +58,9 @@ pub struct Backend {
     dispatched: AtomicU64,
     /// Requests ever finished (monotonic), noted the same way.
     completed: AtomicU64,
+    /// Requests answered in full with a 2xx: finished by the engine, so counted in its
+    /// `/metrics` (a request the API server rejected never reached the engine).
+    served: AtomicU64,
     /// Prompt tokens of this gateway's streaming requests that have not produced a first
     /// byte yet: prefill work queued on the engine (exact for one gateway).
     pending_prefill: AtomicU64,
@@ -84,6 +87,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             dispatched: AtomicU64::new(0),
             completed: AtomicU64::new(0),
+            served: AtomicU64::new(0),
             pending_prefill: AtomicU64::new(0),
         })
     }
@@ -115,6 +119,11 @@ impl Backend {
         self.completed.load(Ordering::Relaxed)
     }
 
+    /// Requests answered in full with a 2xx (see [`InFlightGuard::served`]).
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
     /// Prompt tokens sent in streaming requests still waiting for their first byte.
     pub fn pending_prefill(&self) -> u64 {
         self.pending_prefill.load(Ordering::Relaxed)
@@ -135,6 +144,7 @@ impl Backend {
         InFlightGuard {
             backend: self.clone(),
             prefill: prompt_tokens,
+            served: false,
         }
     }
 }
@@ -145,11 +155,17 @@ pub struct InFlightGuard {
     backend: Arc<Backend>,
     /// Prefill still counted as pending on the backend.
     prefill: u64,
+    served: bool,
 }
 
 impl InFlightGuard {
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
+    }
+
+    /// The answer, a 2xx, arrived in full: the engine finished the request.
+    pub fn served(&mut self) {
+        self.served = true;
     }
 
     /// The request's first byte arrived: its prefill is done.
@@ -165,6 +181,9 @@ impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.first_byte();
         self.backend.completed.fetch_add(1, Ordering::Relaxed);
+        if self.served {
+            self.backend.served.fetch_add(1, Ordering::Relaxed);
+        }
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -26,8 +26,6 @@ pub const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
 /// Requests surely finished on a backend since the baseline, with its engine's request
 /// counter unchanged, after which its `/metrics` is considered frozen (its load stale).
 const FROZEN_AFTER_REQUESTS: u64 = 3;
-/// How often the frozen-metrics baseline is renewed (see `observe`).
-const FROZEN_WINDOW: Duration = Duration::from_secs(1);
 /// How long a `/metrics` may show requests running with neither its token count nor its
 /// KV usage moving before it is considered frozen. A working engine moves one of them at
 /// every step (a decode step makes tokens, a prefill chunk takes cache blocks); a step
@@ -133,6 +131,7 @@ async fn observe(
         // Completions first: a request that finishes between the two reads is then
         // counted as still in the engine, never as gone twice.
         let completed = backend.completed();
+        let served = backend.served();
         let dispatched = backend.dispatched();
         let started = Instant::now();
         let result = match httpclient::get(
@@ -154,9 +153,16 @@ async fn observe(
         crate::metrics::SCRAPE_DURATION
             .with_label_values(&[&backend.name])
             .observe(started.elapsed().as_secs_f64());
-        (dispatched, completed, started, result, dispatched_after)
+        (
+            dispatched,
+            completed,
+            served,
+            started,
+            result,
+            dispatched_after,
+        )
     };
-    let (models, (dispatched, completed, started, load, dispatched_after)) =
+    let (models, (dispatched, completed, served, started, load, dispatched_after)) =
         tokio::join!(models, metrics);
 
     let mut state = old;
@@ -179,7 +185,7 @@ async fn observe(
             }
         }
     }
-    let load = load.and_then(|load| match frozen(&state, &load, completed, started) {
+    let load = load.and_then(|load| match frozen(&state, &load, served, started) {
         Some((why, since)) => {
             // What was accepted since it stopped moving was never news: the load is as
             // old as that, so it is stale now rather than after a few more intervals.
@@ -215,14 +221,15 @@ async fn observe(
 
 /// Why a `/metrics` that parsed is nonetheless frozen (a stopped exporter, a cache in
 /// front of it), judged against `state`, and since when it surely has been; `None` when it
-/// is not. `completed`: this gateway's `Backend::completed()` when the scrape started at
+/// is not. `served`: this gateway's `Backend::served()` when the scrape started at
 /// `started`.
 ///
-/// - Requests this gateway sent after a baseline scrape was written, and saw finish
-///   before this one began, must show in the engine's request counter. At least
-///   `completed − baseline.dispatched_after` such requests exist (all the others may be
-///   older ones, counted before the baseline); the baseline is renewed about every
-///   [`FROZEN_WINDOW`], so under load that bound is large. Frozen while it looked idle, a
+/// - Requests this gateway sent after a baseline scrape was written, and saw answered in
+///   full (a 2xx) before this one began, must show in the engine's request counter. At
+///   least `served − baseline.dispatched_after` such requests exist (all the others may
+///   be older ones, counted before the baseline). The baseline is the first scrape that
+///   showed the engine's current count, so a frozen `/metrics` is caught as soon as a few
+///   requests sent after it are answered. Frozen while it looked idle, a
 ///   busy engine would otherwise draw every request.
 /// - That needs requests of ours to finish there, and a replica frozen while it looked
 ///   busy gets few. Its own numbers give it away: requests running, yet neither tokens
@@ -230,14 +237,14 @@ async fn observe(
 fn frozen(
     state: &BackendState,
     load: &EngineLoad,
-    completed: u64,
+    served: u64,
     started: Instant,
 ) -> Option<(String, Instant)> {
     if let (Some(b), Some(now)) = (state.frozen_baseline, load.e2e) {
-        let surely_new = completed.saturating_sub(b.dispatched_after);
+        let surely_new = served.saturating_sub(b.dispatched_after);
         if now.count == b.engine_finished && surely_new >= FROZEN_AFTER_REQUESTS {
             let why = format!(
-                "frozen: {surely_new} requests sent since {:.1}s ago finished, the engine's \
+                "frozen: {surely_new} requests sent since {:.1}s ago were answered, the engine's \
                  request counter did not move",
                 started.saturating_duration_since(b.at).as_secs_f64()
             );
@@ -312,9 +319,11 @@ pub fn accept(
     state.dispatched_at_scrape = dispatched;
     state.completed_at_scrape = completed;
     if let Some(e2e) = e2e_now {
+        // The first scrape that showed this count: frozen, the count stays, and every
+        // request sent since it was written counts against it.
         let renew = state
             .frozen_baseline
-            .is_none_or(|b| b.at.elapsed() >= FROZEN_WINDOW || e2e.count < b.engine_finished);
+            .is_none_or(|b| e2e.count != b.engine_finished);
         if renew {
             state.frozen_baseline = Some(FrozenBaseline {
                 at: started,

@@ -737,6 +737,11 @@ impl ProxyHttp for Gateway {
             if let Some(d) = ctx.deadlines.take() {
                 d.finish();
             }
+            if (200..300).contains(&ctx.status) {
+                if let Some(g) = ctx.in_flight.as_mut() {
+                    g.served();
+                }
+            }
         }
         Ok(None)
     }
