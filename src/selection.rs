@@ -1594,6 +1594,26 @@ mod tests {
         }
     }
 
+    /// A backend whose `/metrics` answers without vLLM's numbers (another server, or
+    /// vLLM with its stats off) is fresh but knows nothing: counted from this gateway's
+    /// requests there, a burst still spreads.
+    #[test]
+    fn herding_is_bounded_on_backends_without_vllm_metrics() {
+        let now = Instant::now();
+        for (n, k) in [(3usize, 30usize), (4, 20), (2, 9)] {
+            let mut entries = snapshot(&vec![true; n]).backends;
+            for e in &mut entries {
+                e.state.load = Some(EngineLoad::default());
+                e.state.load_at = Some(now);
+            }
+            let got = burst(&FleetSnapshot::new(entries), k, now);
+            assert!(
+                got.iter().all(|&g| g <= k.div_ceil(n) + 1),
+                "n={n} k={k}: {got:?}"
+            );
+        }
+    }
+
     #[test]
     fn herding_is_bounded_between_scrapes() {
         let now = Instant::now();
