@@ -229,7 +229,22 @@ async fn main() {
                     .flatten()
                     .map(|b| format!("{} {}", b["name"], b["capacity"]["max_running_learned"]))
                     .collect();
-                eprintln!("{name}: learned batch limits: {}", limits.join(", "));
+                // Scrapes refused (failing, or judged frozen): a working fleet has none.
+                let text = reqwest::get(format!("http://{admin}/metrics"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                let refused: f64 = text
+                    .lines()
+                    .filter(|l| l.starts_with("vllm_edge_scrape_errors_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .fold(0.0, |a, b| a + b);
+                eprintln!(
+                    "{name}: learned batch limits: {}; scrapes refused: {refused}",
+                    limits.join(", ")
+                );
             }
             let _ = router.child.kill().await;
             let n = out.ttft.len();

@@ -78,7 +78,7 @@ pub static SCRAPE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "vllm_edge_scrape_errors_total",
         "Scrapes of a backend's /metrics that failed (unreachable, timeout, bad status, \
-         unparseable or oversized payload).",
+         unparseable or oversized payload, frozen).",
         &["backend"]
     )
     .expect("metric registers once")
