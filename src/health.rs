@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::fleet::{Backend, Fleet};
+use crate::fleet::{Backend, BackendEntry, Fleet};
 use crate::httpclient::{self, Target};
 
 /// Why a request's attempt counts against its backend.
@@ -345,34 +345,32 @@ impl HealthChecker {
     /// Checks every backend once, concurrently, and starts the probes that are due.
     pub async fn pass(&self) {
         let snap = self.fleet.load();
-        let now = Instant::now();
-        for e in &snap.backends {
-            if e.backend.health.begin_probe(now, self.policy.open_duration) {
-                let model = e.state.models.first().cloned();
-                tokio::spawn(probe(e.backend.clone(), model, self.probe_timeout));
-            }
-        }
-        futures::future::join_all(
-            snap.backends
-                .iter()
-                .map(|e| check(e.backend.clone(), self.policy)),
-        )
-        .await;
+        futures::future::join_all(snap.backends.iter().map(|e| self.visit(e))).await;
     }
 
-    /// Runs [`HealthChecker::pass`] every interval until `stop` says so.
-    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.policy.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                r = stop.changed() => {
-                    if r.is_err() || *stop.borrow() { return; }
-                }
-                _ = tick.tick() => self.pass().await,
-            }
+    /// Starts `e`'s probe if one is due, and checks its `/health`.
+    fn visit(&self, e: &BackendEntry) -> impl std::future::Future<Output = ()> + 'static {
+        if e.backend
+            .health
+            .begin_probe(Instant::now(), self.policy.open_duration)
+        {
+            let model = e.state.models.first().cloned();
+            tokio::spawn(probe(e.backend.clone(), model, self.probe_timeout));
         }
+        check(e.backend.clone(), self.policy)
+    }
+
+    /// Visits every backend each interval until `stop` says so, each on its own clock
+    /// (see `rounds`): one whose `/health` hangs until its timeout delays only itself.
+    pub async fn run(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        crate::rounds::run(
+            &self.fleet,
+            self.policy.interval,
+            stop,
+            |e| Some(self.visit(e)),
+            |_| {},
+        )
+        .await;
     }
 }
 

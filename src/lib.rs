@@ -40,6 +40,7 @@
 //!   and the retry budget;
 //! - [`engine_metrics`]: parsing an engine's `/metrics` into load signals;
 //! - [`httpclient`]: the small HTTP client the background services use;
+//! - [`rounds`]: their periodic visits, each backend on its own clock;
 //! - [`proxy`]: the data plane;
 //! - [`admin`], [`metrics`]: the admin listener and the gateway's metrics;
 //! - [`reload`]: SIGHUP re-reads and swaps the configuration;
@@ -66,6 +67,7 @@ pub mod metrics;
 pub mod openai;
 pub mod proxy;
 pub mod reload;
+pub mod rounds;
 pub mod scraper;
 pub mod selection;
 pub mod server;

@@ -89,6 +89,12 @@ impl Scraper {
             .zip(observed)
             .collect();
         self.fleet.update_states(&observed);
+        self.replan();
+    }
+
+    /// Plans the placement of long-lived affinity keys again (the placer does it at most
+    /// about once a second), when the live config uses affinity.
+    fn replan(&self) {
         if let Some(live) = &self.config {
             let cfg = live.load();
             if cfg.affinity.used_by(cfg.policy) {
@@ -362,27 +368,29 @@ impl BackgroundService for Scraper {
         tokio::join!(self.pass(true), self.health.pass());
         ready.notify_ready();
         let health = self.health.run(shutdown.clone());
-        let scrape = async {
-            let mut shutdown = shutdown;
-            let mut models_checked = Instant::now();
-            let mut tick = tokio::time::interval(self.scrape_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    r = shutdown.changed() => {
-                        if r.is_err() || *shutdown.borrow() { return; }
-                    }
-                    _ = tick.tick() => {
-                        let with_models = models_checked.elapsed() >= self.models_interval;
-                        if with_models {
-                            models_checked = Instant::now();
-                        }
-                        self.pass(with_models).await;
-                    }
-                }
-            }
-        };
+        // Each backend on its own clock (see `rounds`): one whose `/metrics` or
+        // `/v1/models` hangs until its timeout delays only its own observations.
+        let scrape = crate::rounds::run(
+            &self.fleet,
+            self.scrape_interval,
+            shutdown,
+            |e| {
+                let models_due = e
+                    .state
+                    .observed_at
+                    .is_none_or(|t| t.elapsed() >= self.models_interval);
+                Some(observe(
+                    e.backend.clone(),
+                    e.state.clone(),
+                    models_due.then_some(self.models_timeout),
+                    self.scrape_timeout,
+                ))
+            },
+            |observed| {
+                self.fleet.update_states(&observed);
+                self.replan();
+            },
+        );
         tokio::join!(health, scrape);
     }
 }

@@ -195,6 +195,8 @@ pub struct Faults {
     pub stall: bool,
     /// Status of `/health` (vLLM answers 503 when its engine died).
     pub health_status: Option<u16>,
+    /// Delay `/health` answers by this many milliseconds.
+    pub health_delay_ms: Option<u64>,
     /// Every engine step takes this many times longer.
     pub slow_factor: Option<f64>,
     /// Reset the connection after this many streamed tokens.
@@ -1014,12 +1016,18 @@ impl http::Handler for Sim {
             }
         }
         match (method, path) {
-            ("GET" | "HEAD", "/health") => Reply::Full {
-                status: self.faults().health_status.unwrap_or(200),
-                content_type: "application/json",
-                headers: Vec::new(),
-                body: Bytes::new(),
-            },
+            ("GET" | "HEAD", "/health") => {
+                let faults = self.faults();
+                if let Some(ms) = faults.health_delay_ms {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Reply::Full {
+                    status: faults.health_status.unwrap_or(200),
+                    content_type: "application/json",
+                    headers: Vec::new(),
+                    body: Bytes::new(),
+                }
+            }
             ("GET" | "POST", "/ping") => Reply::json(200, "{}"),
             ("GET", "/version") => Reply::json(200, "{\"version\":\"0.32.0\"}"),
             ("GET", "/v1/models") => Reply::json(200, self.models_body()),

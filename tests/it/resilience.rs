@@ -522,6 +522,84 @@ async fn metrics_frozen_while_busy_are_caught_by_their_still_counters() {
     drop(held);
 }
 
+/// A replica whose `/metrics` hangs until the scrape times out (1 s, ten intervals) holds
+/// back only its own observations: the other replica's load stays fresh. (Scraped in one
+/// round that waited for every backend, it was a second old at best, and stale.)
+#[tokio::test]
+async fn a_hanging_metrics_endpoint_leaves_the_others_fresh() {
+    let (slow, fine) = (sim(&["m"]).await, sim(&["m"]).await);
+    let gw = Gateway::builder(&[&slow, &fine])
+        .yaml("discovery:\n  scrape_interval: 100ms\n  scrape_timeout: 1s")
+        .start()
+        .await;
+    slow.sim.set_faults(Faults {
+        metrics_delay_ms: Some(60_000),
+        ..Faults::default()
+    });
+    let name = name_of(&slow);
+    let timed_out = eventually(Duration::from_secs(10), || async {
+        backend_stats(&gw, &name).await["last_scrape_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out"))
+    })
+    .await;
+    assert!(timed_out, "{}", backend_stats(&gw, &name).await);
+    // Right after a hanging scrape gave up, and on the slow one's next attempt too.
+    for _ in 0..2 {
+        let st = backend_stats(&gw, &name_of(&fine)).await;
+        eprintln!(
+            "hanging /metrics beside: the other's load is {}ms old",
+            st["scrape_age_ms"]
+        );
+        assert_eq!(st["scrape_fresh"], true, "{st}");
+        assert!(st["last_scrape_error"].is_null(), "{st}");
+        let before = scrape_errors(&gw.metrics_text().await, &name);
+        let next = eventually(Duration::from_secs(5), || async {
+            scrape_errors(&gw.metrics_text().await, &name) > before
+        })
+        .await;
+        assert!(next, "the slow one is tried again");
+    }
+}
+
+/// A replica whose `/health` hangs until the check times out (1 s, ten intervals) does not
+/// slow the checks of the others: one that starts failing is out within a few intervals.
+/// (Checked in one round that waited for every backend, it took two such timeouts.)
+#[tokio::test]
+async fn a_hanging_health_endpoint_does_not_slow_the_others_checks() {
+    let (hangs, fails) = (sim(&["m"]).await, sim(&["m"]).await);
+    let gw = Gateway::builder(&[&hangs, &fails])
+        .yaml("health:\n  interval: 100ms\n  timeout: 1s")
+        .start()
+        .await;
+    hangs.sim.set_faults(Faults {
+        health_delay_ms: Some(60_000),
+        ..Faults::default()
+    });
+    fails.sim.set_faults(Faults {
+        health_status: Some(503),
+        ..Faults::default()
+    });
+    let t = Instant::now();
+    let name = name_of(&fails);
+    let down = eventually(Duration::from_secs(10), || async {
+        backend_stats(&gw, &name).await["healthy"] == false
+    })
+    .await;
+    let took = t.elapsed();
+    eprintln!("hanging /health beside: the failing one was out after {took:?}");
+    assert!(down, "{}", backend_stats(&gw, &name).await);
+    assert!(took < Duration::from_millis(900), "out after {took:?}");
+}
+
+fn scrape_errors(text: &str, backend: &str) -> f64 {
+    metric(
+        text,
+        "vllm_edge_scrape_errors_total",
+        &format!("backend=\"{backend}\""),
+    )
+}
+
 #[tokio::test]
 async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_counted() {
     let (_resets, gw) = cutting_streams_after_three_tokens().await;
