@@ -493,7 +493,14 @@ async fn connections_over_the_limit_get_503_and_a_freed_slot_is_reused() {
         b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
     )
     .await;
-    assert_eq!(a.status, 503, "{}", a.head);
+    assert_eq!(
+        a.status,
+        503,
+        "{}\nthe gateway's metrics:\n{}\nits log:\n{}",
+        a.head,
+        gw.metrics_text().await,
+        gw.log_unusual()
+    );
     assert!(is_openai_error(&a.body), "{:?}", a.body);
     assert!(a.head.to_ascii_lowercase().contains("retry-after: 1"));
     // A held connection works, and once it closes its slot is free again.

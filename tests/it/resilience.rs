@@ -654,7 +654,9 @@ async fn a_stream_whose_engine_hangs_is_ended_by_its_deadlines() {
         let took = t.elapsed();
         assert!(
             text.contains("GatewayTimeoutError") && text.ends_with("data: [DONE]\n\n"),
-            "{want}: {text}"
+            "{want}: {text}\nafter {:?}; the gateway's log:\n{}",
+            t.elapsed(),
+            gw.log_unusual()
         );
         let limit = if after == 0 { 300 } else { 200 };
         assert!(
