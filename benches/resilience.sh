@@ -9,5 +9,5 @@ N=${N:-3}
 for i in $(seq "$N"); do
   echo "## run $i"
   cargo test --locked --test it -- resilience:: reload:: lifecycle:: --nocapture --test-threads=1 2>&1 |
-    grep -oE '(killed replica|stalled replica|503 replica|garbage/stale metrics|frozen while busy|retry budget|reloads|upgrade|idle SIGTERM|SIGTERM mid-stream): .*|test result.*|panicked.*'
+    grep -oE '(killed replica|stalled replica|503 replica|garbage/stale metrics|frozen while busy|hanging /metrics beside|hanging /health beside|retry budget|reloads|upgrade|idle SIGTERM|SIGTERM mid-stream): .*|test result.*|panicked.*'
 done
