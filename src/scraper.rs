@@ -23,7 +23,7 @@ use crate::openai;
 const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
 /// A real vLLM `/metrics` is about 50–60 KiB; far larger is an error, not data.
 pub const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
-/// Requests surely finished on a backend since the baseline, with its engine's request
+/// Requests surely sent after the baseline and answered in full, with the engine's request
 /// counter unchanged, after which its `/metrics` is considered frozen (its load stale).
 const FROZEN_AFTER_REQUESTS: u64 = 3;
 /// How long a `/metrics` may show requests running with neither its token count nor its
