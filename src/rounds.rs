@@ -21,8 +21,9 @@ use crate::fleet::{Backend, BackendEntry, Fleet};
 const GATHER: Duration = Duration::from_millis(20);
 
 /// Every `interval` (the first time after one interval), starts `start(entry)` for each
-/// backend of the fleet whose previous job has finished (a backend whose job is still
-/// running is skipped this time; `start` may also return `None` to skip one), and hands
+/// backend of the fleet whose previous job has finished and been handed over (a backend
+/// whose job is still running is skipped this time; `start` may also return `None` to
+/// skip one), and hands
 /// results to `done` in batches: when no job is left running, or [`GATHER`] (at most half
 /// an interval) after the first result of a batch. Returns when `stop` turns true or its
 /// sender is gone.
@@ -64,21 +65,33 @@ pub async fn run<T, Fut>(
                 }
             }
             Some(result) = running.next(), if !running.is_empty() => {
-                busy.retain(|b| !Arc::ptr_eq(b, &result.0));
                 batch.push(result);
                 if running.is_empty() {
                     flush_at = None;
-                    done(std::mem::take(&mut batch));
+                    hand_over(&mut batch, &mut busy, &mut done);
                 } else if flush_at.is_none() {
                     flush_at = Some(tokio::time::Instant::now() + gather);
                 }
             }
             _ = sleep_until_some(flush_at) => {
                 flush_at = None;
-                done(std::mem::take(&mut batch));
+                hand_over(&mut batch, &mut busy, &mut done);
             }
         }
     }
+}
+
+/// Gives `batch` to `done`, and only then takes its backends off `busy`: a job started
+/// before its backend's last result is handed over would start from the state before it,
+/// and its own result would undo that one.
+fn hand_over<T>(
+    batch: &mut Vec<(Arc<Backend>, T)>,
+    busy: &mut Vec<Arc<Backend>>,
+    done: &mut impl FnMut(Vec<(Arc<Backend>, T)>),
+) {
+    let batch = std::mem::take(batch);
+    busy.retain(|b| !batch.iter().any(|(d, _)| Arc::ptr_eq(b, d)));
+    done(batch);
 }
 
 /// Sleeps until `at`, or forever without one.
@@ -157,6 +170,49 @@ mod tests {
         assert_eq!(started[0].load(Ordering::Relaxed), 1, "one job at a time");
         assert_eq!(started[1].load(Ordering::Relaxed), 10, "every interval");
         assert_eq!((finished, batches), (10, 10));
+    }
+
+    /// A backend's next job starts only once its last result was handed over, even when
+    /// that result waited past a tick for others to join it.
+    #[tokio::test(start_paused = true)]
+    async fn no_job_starts_before_its_backend_s_last_result_is_handed_over() {
+        let fleet = fleet_of(2);
+        let started = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        let handed = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        let (tx, rx) = watch::channel(false);
+        let rounds = run(
+            &fleet,
+            Duration::from_millis(100),
+            rx,
+            |e| {
+                let i = index_of(&fleet, &e.backend);
+                assert_eq!(
+                    started[i].load(Ordering::Relaxed),
+                    handed[i].load(Ordering::Relaxed),
+                    "backend {i} started again before its result was handed over"
+                );
+                started[i].fetch_add(1, Ordering::Relaxed);
+                Some(async move {
+                    if i == 0 {
+                        std::future::pending::<()>().await;
+                    }
+                    // Done 10 ms before the next tick; handed over 10 ms after it.
+                    tokio::time::sleep(Duration::from_millis(90)).await;
+                    i
+                })
+            },
+            |batch| {
+                for (_, i) in batch {
+                    handed[i].fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        );
+        let stopper = async {
+            tokio::time::sleep(Duration::from_millis(1050)).await;
+            tx.send(true).unwrap();
+        };
+        tokio::join!(rounds, stopper);
+        assert_eq!(started[1].load(Ordering::Relaxed), 5, "every other tick");
     }
 
     /// Results that come within [`GATHER`] of each other are handed over together, and a
