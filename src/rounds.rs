@@ -130,6 +130,21 @@ mod tests {
             .unwrap()
     }
 
+    /// Backend 0's job never ends; another's takes `ms`, and yields its index.
+    async fn job(i: usize, ms: u64) -> usize {
+        if i == 0 {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        i
+    }
+
+    /// Stops the rounds `ms` into the (paused) test clock.
+    async fn stop_at(ms: u64, tx: watch::Sender<bool>) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tx.send(true).unwrap();
+    }
+
     /// One backend's job never ends; the other's keeps coming round, and no backend ever
     /// has two jobs at once.
     #[tokio::test(start_paused = true)]
@@ -145,13 +160,7 @@ mod tests {
             |e| {
                 let i = index_of(&fleet, &e.backend);
                 started[i].fetch_add(1, Ordering::Relaxed);
-                Some(async move {
-                    if i == 0 {
-                        std::future::pending::<()>().await;
-                    }
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    i
-                })
+                Some(job(i, 30))
             },
             |batch| {
                 assert!(
@@ -162,11 +171,7 @@ mod tests {
                 batches += 1;
             },
         );
-        let stopper = async {
-            tokio::time::sleep(Duration::from_millis(1080)).await;
-            tx.send(true).unwrap();
-        };
-        tokio::join!(rounds, stopper);
+        tokio::join!(rounds, stop_at(1080, tx));
         assert_eq!(started[0].load(Ordering::Relaxed), 1, "one job at a time");
         assert_eq!(started[1].load(Ordering::Relaxed), 10, "every interval");
         assert_eq!((finished, batches), (10, 10));
@@ -192,14 +197,8 @@ mod tests {
                     "backend {i} started again before its result was handed over"
                 );
                 started[i].fetch_add(1, Ordering::Relaxed);
-                Some(async move {
-                    if i == 0 {
-                        std::future::pending::<()>().await;
-                    }
-                    // Done 10 ms before the next tick; handed over 10 ms after it.
-                    tokio::time::sleep(Duration::from_millis(90)).await;
-                    i
-                })
+                // Done 10 ms before the next tick; handed over 10 ms after it.
+                Some(job(i, 90))
             },
             |batch| {
                 for (_, i) in batch {
@@ -207,11 +206,7 @@ mod tests {
                 }
             },
         );
-        let stopper = async {
-            tokio::time::sleep(Duration::from_millis(1050)).await;
-            tx.send(true).unwrap();
-        };
-        tokio::join!(rounds, stopper);
+        tokio::join!(rounds, stop_at(1050, tx));
         assert_eq!(started[1].load(Ordering::Relaxed), 5, "every other tick");
     }
 
@@ -234,11 +229,7 @@ mod tests {
             },
             |batch| sizes.push(batch.len()),
         );
-        let stopper = async {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            tx.send(true).unwrap();
-        };
-        tokio::join!(rounds, stopper);
+        tokio::join!(rounds, stop_at(400, tx));
         assert_eq!(sizes, vec![7, 1]);
     }
 }
