@@ -146,6 +146,8 @@ pub struct HeadDeadline {
     timer: Option<Pin<Box<Sleep>>>,
     /// The connection's first bytes, until they show whether it is an HTTP/2 preface.
     start: Option<Vec<u8>>,
+    /// Bytes read by [`Peek::try_peek`], handed out again by the next reads.
+    peeked: Vec<u8>,
 }
 
 impl HeadDeadline {
@@ -156,6 +158,7 @@ impl HeadDeadline {
             head: Head::Receiving { newlines: 0 },
             timer: Some(Box::pin(tokio::time::sleep(limit))),
             start: Some(Vec::new()),
+            peeked: Vec::new(),
         }
     }
 
@@ -223,6 +226,8 @@ impl HeadDeadline {
 
 /// How an HTTP/2 connection without TLS starts (its first line).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// The whole connection preface of HTTP/2 without TLS, which Pingora peeks for.
+const H2C_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl AsyncRead for HeadDeadline {
     fn poll_read(
@@ -235,6 +240,16 @@ impl AsyncRead for HeadDeadline {
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(this.expired()));
             }
+        }
+        if !this.peeked.is_empty() {
+            // Observed when peeked: handed out as they are.
+            let n = this.peeked.len().min(buf.remaining());
+            buf.put_slice(&this.peeked[..n]);
+            this.peeked.drain(..n);
+            if this.peeked.is_empty() {
+                this.peeked = Vec::new();
+            }
+            return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut *this.inner).poll_read(cx, buf))?;
@@ -336,18 +351,46 @@ impl GetSocketDigest for HeadDeadline {
 
 #[async_trait]
 impl Peek for HeadDeadline {
+    /// Pingora peeks for the HTTP/2 preface before reading anything, and its own peek
+    /// waits for as many bytes as the preface has (24). An HTTP/1 request shorter than
+    /// that (`OPTIONS / HTTP/1.0` and an empty line, the health check of HAProxy's
+    /// `option httpchk`, is 22) would wait for bytes that never come, until the head's
+    /// deadline closed it unanswered. So this peek reads only until the bytes can no
+    /// longer be the preface (or the client stops sending), and the next reads hand them
+    /// out again. A client that sends nothing waits here, so the head's deadline applies.
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        // Pingora peeks for an HTTP/2 preface before reading anything: a client that
-        // sends nothing waits here, so the head's deadline applies here too.
-        match self.timer.as_ref().map(|t| t.deadline()) {
-            None => self.inner.try_peek(buf).await,
-            Some(deadline) => {
-                match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
-                    Ok(peeked) => peeked,
-                    Err(_) => Err(self.expired()),
+        let deadline = self.timer.as_ref().map(|t| t.deadline());
+        let want = buf.len();
+        let fill = async {
+            let mut chunk = [0u8; 64];
+            while self.peeked.len() < want && H2C_PREFACE.starts_with(&self.peeked) {
+                let n = self.inner.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
                 }
+                self.observe(&chunk[..n]);
+                self.peeked.extend_from_slice(&chunk[..n]);
             }
+            Ok::<_, io::Error>(())
+        };
+        match deadline {
+            None => fill.await?,
+            Some(deadline) => match tokio::time::timeout_at(deadline, fill).await {
+                Ok(filled) => filled?,
+                Err(_) => return Err(self.expired()),
+            },
         }
+        if self.peeked.is_empty() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        // What was read is not the preface unless all of it came; the rest of `buf`
+        // keeps what it had, so a short start can never compare equal to the preface.
+        let n = self.peeked.len().min(want);
+        buf[..n].copy_from_slice(&self.peeked[..n]);
+        if n < want {
+            buf[n] = !H2C_PREFACE.get(n).copied().unwrap_or(0);
+        }
+        Ok(true)
     }
 }
 
@@ -392,12 +435,79 @@ pub fn raise_descriptor_limit() -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn deadline() -> HeadDeadline {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// A wrapped stream, and the client's end of it.
+    fn connected() -> (HeadDeadline, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let l4: pingora::protocols::l4::stream::Stream =
             tokio::net::UnixStream::from_std(a).unwrap().into();
-        HeadDeadline::new(Box::new(l4), Duration::from_secs(1))
+        (HeadDeadline::new(Box::new(l4), Duration::from_secs(1)), b)
+    }
+
+    fn deadline() -> HeadDeadline {
+        connected().0
+    }
+
+    /// Peeks as Pingora does, then reads everything the client sent.
+    async fn peek_then_read(d: &mut HeadDeadline, sent: usize) -> (bool, Vec<u8>) {
+        let mut start = [0u8; H2C_PREFACE.len()];
+        let peeked = d.try_peek(&mut start).await.expect("peeked");
+        assert!(peeked);
+        let mut read = Vec::new();
+        while read.len() < sent {
+            let mut chunk = [0u8; 7];
+            let n = d.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "ended after {read:?}");
+            read.extend_from_slice(&chunk[..n]);
+        }
+        (start == H2C_PREFACE, read)
+    }
+
+    #[tokio::test]
+    async fn a_request_shorter_than_the_h2_preface_is_peeked_without_waiting_for_more() {
+        use std::io::Write;
+        // Pingora's own peek waits for 24 bytes: these would hang until the deadline.
+        for head in [
+            &b"OPTIONS / HTTP/1.0\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"G",
+        ] {
+            let (mut d, mut client) = connected();
+            client.write_all(head).unwrap();
+            let (h2, read) = tokio::time::timeout(Duration::from_millis(500), async {
+                peek_then_read(&mut d, head.len()).await
+            })
+            .await
+            .expect("the peek does not wait for more bytes");
+            assert!(!h2);
+            assert_eq!(read, head, "every byte is read once, in order");
+        }
+        // The preface itself, in pieces, is still recognised, and read again after.
+        let (mut d, mut client) = connected();
+        let wrote = std::thread::spawn(move || {
+            for piece in H2C_PREFACE.chunks(5) {
+                client.write_all(piece).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            client
+        });
+        let (h2, read) = peek_then_read(&mut d, H2C_PREFACE.len()).await;
+        assert!(h2);
+        assert_eq!(read, H2C_PREFACE);
+        assert_eq!(d.head, Head::Off);
+        drop(wrote.join());
+        // A prefix of the preface and then the end: not the preface.
+        let (mut d, mut client) = connected();
+        client.write_all(b"PRI * HT").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (h2, read) = peek_then_read(&mut d, 8).await;
+        assert!(!h2);
+        assert_eq!(read, b"PRI * HT");
+        // Nothing at all and then the end is an error, as before.
+        let (mut d, client) = connected();
+        drop(client);
+        let mut start = [0u8; H2C_PREFACE.len()];
+        assert!(d.try_peek(&mut start).await.is_err());
     }
 
     #[tokio::test]

@@ -181,8 +181,8 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
     smuggling.extend_from_slice(smuggled);
 
     // (case, bytes, status, whether the answer is the gateway's own OpenAI-shaped JSON).
-    // Pingora answers heads it cannot parse with an empty 400 before our code runs, and
-    // closes a connection whose first line has no spaces without answering (status 0).
+    // Pingora answers heads it cannot parse with an empty 400 before our code runs (status
+    // 0 would be a connection closed without an answer).
     let cases: Vec<(&str, Vec<u8>, u16, bool)> =
         vec![
         ("malformed JSON", post("", b"{\"model\":\"m\",,}"), 400, true),
@@ -282,7 +282,7 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
         (
             "a TLS hello on the plain port",
             b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n".to_vec(),
-            0,
+            400,
             false,
         ),
     ];
@@ -465,6 +465,36 @@ async fn slow_clients_are_cut_off_by_their_deadlines() {
         );
     }
     still_serves(&gw, "m").await;
+}
+
+/// Requests shorter than the HTTP/2 preface (24 bytes), which Pingora peeks for, from a
+/// client that keeps its connection open: HAProxy's `option httpchk` sends the first.
+#[tokio::test]
+async fn a_request_shorter_than_the_h2_preface_is_answered_at_once() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend])
+        .yaml("limits:\n  header_read_timeout: 30s")
+        .start()
+        .await;
+    let within = Duration::from_secs(5);
+    for (head, status) in [
+        (&b"OPTIONS / HTTP/1.0\r\n\r\n"[..], 404),
+        (b"GET / HTTP/1.0\r\n\r\n", 404),
+        (b"GET / HTTP/1.1\r\n\r\n", 404),
+        (b"GET /health HTTP/1.0\r\n\r\n", 200),
+    ] {
+        let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+        conn.write_all(head).await.unwrap();
+        let a = tokio::time::timeout(within, read_answer(&mut conn, false))
+            .await
+            .unwrap_or_else(|_| panic!("{head:?} not answered within {within:?}"));
+        assert_eq!(a.status, status, "{head:?}: {}", a.head);
+    }
+    // A short request and then the end of what the client sends is answered too.
+    let a = exchange(gw.addr, b"GET /health HTTP/1.0\r\n\r\n").await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    let a = exchange(gw.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(a.status, 404, "{}", a.head);
 }
 
 #[tokio::test]
