@@ -229,6 +229,10 @@ fn head_refusal(
     None
 }
 
+/// Answers with a JSON body. With `keepalive`, the connection stays open for the
+/// client's next request if the client wants that and its request body was read in full
+/// (Pingora closes it otherwise: unread body bytes would be taken for the next request);
+/// without, it closes after the answer.
 async fn respond_json(
     session: &mut Session,
     status: u16,
@@ -253,7 +257,6 @@ async fn respond_json(
             .await?;
         Ok(())
     } else {
-        // Also closes the connection: part of the request body may be unread.
         session.write_error_response(resp, body).await
     }
 }
@@ -281,7 +284,13 @@ async fn respond_error_with(
     let mut extra: Vec<(&'static str, &str)> = allow.map(|a| ("allow", a)).into_iter().collect();
     extra.extend_from_slice(headers);
     extra.push((REQUEST_ID, ctx.request_id()));
-    respond_json(session, err.status, err.body(), false, &extra).await?;
+    // A body that has already arrived (a small one usually comes with its head) is read
+    // and dropped without waiting, so the connection can stay open for the client's
+    // next request: a refused key or a rate limit need not cost a new connection.
+    if !session.is_body_done() {
+        let _ = tokio::time::timeout(Duration::ZERO, session.drain_request_body()).await;
+    }
+    respond_json(session, err.status, err.body(), true, &extra).await?;
     linger(session).await;
     Ok(true)
 }
@@ -875,6 +884,10 @@ impl ProxyHttp for Gateway {
         } else {
             &[id]
         };
+        // The answer says the connection closes: after a failed proxy, Pingora keeps the
+        // client connection only if the last upstream attempt left it reusable, whatever
+        // `can_reuse_downstream` says, and an answer promising keep-alive on a connection
+        // then closed would have the client's next request reset.
         if let Err(write_err) = respond_json(session, err.status, err.body(), false, extra).await {
             tracing::debug!(error = %write_err, "could not write the error response");
         }

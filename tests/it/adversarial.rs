@@ -497,6 +497,93 @@ async fn a_request_shorter_than_the_h2_preface_is_answered_at_once() {
     assert_eq!(a.status, 404, "{}", a.head);
 }
 
+/// An error answered before proxying keeps the connection when the request was read in
+/// full: a refused key, a rate limit or a wrong model need not cost the client a new
+/// connection (and a TLS handshake). One whose body was not read, or answered after a
+/// failed proxy (where Pingora closes the connection), says so and closes.
+#[tokio::test]
+async fn errors_keep_the_connection_when_the_request_was_read_in_full() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend])
+        .backend_with("http://127.0.0.1:1", "name: dead\nmodels: [dead]")
+        .file("keys.txt", "alice sk-a\nlimited sk-rpm rpm=1\n")
+        .yaml("auth:\n  api_keys_file: keys.txt\nlimits:\n  max_body_size: 1KiB")
+        .start()
+        .await;
+    let chat =
+        |key: &str, body: &str| post(&format!("authorization: Bearer {key}\r\n"), body.as_bytes());
+    let ok = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let big = format!("{{\"model\":\"m\",\"prompt\":\"{}\"}}", "x".repeat(4096));
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("a wrong key", chat("sk-wrong", ok), 401),
+        ("no key", post("", ok.as_bytes()), 401),
+        (
+            "an unknown model",
+            chat("sk-a", &ok.replace("\"m\"", "\"nope\"")),
+            404,
+        ),
+        ("malformed JSON", chat("sk-a", "{\"model\":"), 400),
+        (
+            "an unknown route",
+            b"GET /v2/nothing HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-a\r\n\r\n".to_vec(),
+            404,
+        ),
+        (
+            "the first request of a limited key",
+            chat("sk-rpm", ok),
+            200,
+        ),
+        ("its second within the minute", chat("sk-rpm", ok), 429),
+        (
+            "a body over the limit, all of it sent",
+            chat("sk-a", &big),
+            413,
+        ),
+        ("a good request", chat("sk-a", ok), 200),
+    ];
+    for (case, bytes, status) in &cases {
+        conn.write_all(bytes).await.unwrap();
+        let a = tokio::time::timeout(ANSWER_WITHIN, try_read_answer(&mut conn, false))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: no answer"))
+            .unwrap_or_else(|| panic!("{case}: the connection was closed before it"));
+        assert_eq!(a.status, *status, "{case}: {}", a.head);
+        assert!(
+            !a.head.to_ascii_lowercase().contains("connection: close"),
+            "{case}: {}",
+            a.head
+        );
+    }
+    // A body still on its way is not waited for: the answer closes the connection.
+    for (key, length, status) in [("sk-wrong", 100, 401), ("sk-a", 100_000, 413)] {
+        let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+             content-length: {length}\r\n\r\n{{\"model\":"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let a = read_answer(&mut conn, false).await;
+        assert_eq!(a.status, status, "{}", a.head);
+        assert!(
+            a.head.to_ascii_lowercase().contains("connection: close"),
+            "{}",
+            a.head
+        );
+    }
+    // No replica for the model: answered after a failed proxy, which closes.
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    let dead = ok.replace("\"m\"", "\"dead\"");
+    conn.write_all(&chat("sk-a", &dead)).await.unwrap();
+    let a = read_answer(&mut conn, true).await;
+    assert_eq!(a.status, 503, "{}", a.head);
+    assert!(
+        a.head.to_ascii_lowercase().contains("connection: close"),
+        "{}",
+        a.head
+    );
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_get_503_and_a_freed_slot_is_reused() {
     let backend = sim(&["m"]).await;
