@@ -408,8 +408,24 @@ impl Fleet {
         self.current.load_full()
     }
 
-    pub fn store(&self, snapshot: FleetSnapshot) {
-        self.current.store(Arc::new(snapshot));
+    /// Publishes the backends a reload planned ([`Fleet::plan_reconfigure`]). A backend
+    /// kept from before takes the state observed since the plan was made (scrapes go on
+    /// while a reload checks its new backends), not the older one the plan copied.
+    pub fn replace(&self, planned: Vec<BackendEntry>) {
+        self.current.rcu(|cur| {
+            let entries = planned
+                .iter()
+                .map(|p| BackendEntry {
+                    backend: p.backend.clone(),
+                    state: cur
+                        .backends
+                        .iter()
+                        .find(|e| Arc::ptr_eq(&e.backend, &p.backend))
+                        .map_or_else(|| p.state.clone(), |e| e.state.clone()),
+                })
+                .collect();
+            FleetSnapshot::new(entries)
+        });
     }
 
     /// Publishes newly observed states. Backends removed meanwhile (a reload) stay
@@ -437,7 +453,7 @@ impl Fleet {
     /// anew but keeps its health-check verdict, so it is not out of rotation until checked.
     pub fn reconfigure(&self, configs: &[BackendConfig]) -> Reconfigured {
         let (entries, report) = self.plan_reconfigure(configs);
-        self.store(FleetSnapshot::new(entries));
+        self.replace(entries);
         report
     }
 

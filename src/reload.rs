@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
-use crate::fleet::{Fleet, FleetSnapshot, Reconfigured};
+use crate::fleet::{Fleet, Reconfigured};
 use crate::tls::CertResolver;
 use crate::{health, scraper};
 
@@ -81,7 +81,7 @@ impl Reloader {
                 None => {}
             }
         }
-        self.fleet.store(FleetSnapshot::new(entries));
+        self.fleet.replace(entries);
         // Certificates are read again from their files (which may have new paths): the
         // next handshakes use them, open connections keep theirs.
         for (l, resolver) in new.listeners.iter().zip(&self.certs) {
@@ -229,5 +229,25 @@ mod tests {
         assert!(after.backends[0].backend.health.is_draining());
         assert_eq!(after.backends[1].backend.weight, 3.0);
         assert!(fleet.reconfigure(&b.backends).is_empty(), "idempotent");
+    }
+
+    #[test]
+    fn a_scrape_published_while_a_reload_checks_its_new_backends_is_kept() {
+        let a = cfg("backends:\n  - url: http://127.0.0.1:1\n");
+        let fleet = Fleet::new(&a.backends);
+        let kept = fleet.load().backends[0].backend.clone();
+        let b = cfg("backends:\n  - url: http://127.0.0.1:1\n  - url: http://127.0.0.1:2\n");
+        let (entries, _) = fleet.plan_reconfigure(&b.backends);
+        // The reload awaits its new backend's checks; meanwhile a scrape is published.
+        let mut scraped = fleet.load().backends[0].state.clone();
+        scraped.models = vec!["scraped".into()];
+        scraped.observed_at = Some(std::time::Instant::now());
+        fleet.update_states(&[(kept.clone(), scraped)]);
+        fleet.replace(entries);
+        let after = fleet.load();
+        assert_eq!(after.backends.len(), 2);
+        assert!(Arc::ptr_eq(&after.backends[0].backend, &kept));
+        assert_eq!(after.backends[0].state.models, vec!["scraped".to_string()]);
+        assert!(after.backends[0].state.observed_at.is_some());
     }
 }
