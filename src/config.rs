@@ -1094,7 +1094,15 @@ impl Config {
             ),
             non_stream_total: dur(t.non_stream_total, defaults::NON_STREAM_TOTAL_TIMEOUT),
         };
+        let connect_timeout = dur(file.timeouts.connect, defaults::CONNECT_TIMEOUT);
+        let scrape_timeout = dur(file.discovery.scrape_timeout, defaults::SCRAPE_TIMEOUT);
+        let discovery_timeout = dur(file.discovery.timeout, defaults::DISCOVERY_TIMEOUT);
+        // A zero timeout fails every attempt: every request, check or scrape.
         for (key, v) in [
+            ("timeouts.connect", connect_timeout),
+            ("health.timeout", health.timeout),
+            ("discovery.scrape_timeout", scrape_timeout),
+            ("discovery.timeout", discovery_timeout),
             ("timeouts.stream_first_byte", timeouts.stream_first_byte),
             ("timeouts.stream_chunk_gap", timeouts.stream_chunk_gap),
             (
@@ -1108,11 +1116,14 @@ impl Config {
             }
         }
         let scrape_interval = dur(file.discovery.scrape_interval, defaults::SCRAPE_INTERVAL);
-        if scrape_interval < Duration::from_millis(10) {
-            return Err(invalid(
-                "discovery.scrape_interval",
-                "must be at least 10ms".into(),
-            ));
+        let models_interval = dur(file.discovery.models_interval, defaults::MODELS_INTERVAL);
+        for (key, v) in [
+            ("discovery.scrape_interval", scrape_interval),
+            ("discovery.models_interval", models_interval),
+        ] {
+            if v < Duration::from_millis(10) {
+                return Err(invalid(key, "must be at least 10ms".into()));
+            }
         }
 
         Ok(Config {
@@ -1125,7 +1136,7 @@ impl Config {
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
             affinity,
             limits,
-            connect_timeout: dur(file.timeouts.connect, defaults::CONNECT_TIMEOUT),
+            connect_timeout,
             timeouts,
             pool_idle_timeout: dur(file.upstream.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
             max_attempts,
@@ -1141,9 +1152,9 @@ impl Config {
                 .keepalive_pool_size
                 .unwrap_or(defaults::UPSTREAM_KEEPALIVE_POOL),
             scrape_interval,
-            scrape_timeout: dur(file.discovery.scrape_timeout, defaults::SCRAPE_TIMEOUT),
-            models_interval: dur(file.discovery.models_interval, defaults::MODELS_INTERVAL),
-            discovery_timeout: dur(file.discovery.timeout, defaults::DISCOVERY_TIMEOUT),
+            scrape_timeout,
+            models_interval,
+            discovery_timeout,
             threads,
             grace_period: dur(file.server.grace_period, defaults::GRACE_PERIOD),
             graceful_shutdown_timeout: dur(
@@ -1555,6 +1566,38 @@ mod tests {
             "  - url: http://127.0.0.1:8002\n    name: gpu 2 (spare)\n",
         );
         assert_eq!(parse(&ok).unwrap().backends[1].name, "gpu 2 (spare)");
+    }
+
+    #[test]
+    fn a_duration_that_would_fail_every_attempt_or_spin_is_refused() {
+        for (section, key, value, message) in [
+            ("timeouts", "connect", "0s", "must be above zero"),
+            ("health", "timeout", "0ms", "must be above zero"),
+            ("discovery", "timeout", "0s", "must be above zero"),
+            ("discovery", "scrape_timeout", "0s", "must be above zero"),
+            (
+                "discovery",
+                "models_interval",
+                "0s",
+                "must be at least 10ms",
+            ),
+            (
+                "discovery",
+                "scrape_interval",
+                "5ms",
+                "must be at least 10ms",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}{section}:\n  {key}: {value}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("test.yaml:11:3: `{section}.{key}`: {message}")),
+                "{e}"
+            );
+            let ok = parse(&format!("{MINIMAL}{section}:\n  {key}: 20ms\n"));
+            assert!(ok.is_ok(), "{section}.{key}: 20ms: {ok:?}");
+        }
     }
 
     #[test]
