@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{ApiKeys, Secret};
+use crate::cors::Cors;
 use crate::health::HealthPolicy;
 use crate::tls::{client_config, BackendTls, LoadedCert, TlsFiles};
 
@@ -154,7 +155,17 @@ struct FileConfig {
     #[serde(default)]
     auth: FileAuth,
     #[serde(default)]
+    cors: FileCors,
+    #[serde(default)]
     log: FileLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCors {
+    /// Origins whose pages may call the gateway (`*` for any); none: CORS is off.
+    #[serde(default)]
+    allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -406,6 +417,8 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// The keys clients must present; `None` means no authentication.
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// Cross-origin requests from web pages; `None`: off (see `cors.rs`).
+    pub cors: Option<Cors>,
     pub backends: Vec<BackendConfig>,
     pub policy: Policy,
     pub affinity: Affinity,
@@ -917,6 +930,13 @@ impl Config {
                 ApiKeys::load(&resolve(&f)).map_err(|m| invalid("auth.api_keys_file", m))?,
             )),
         };
+        let cors = match file.cors.allowed_origins.as_slice() {
+            [] => None,
+            list => Some(
+                Cors::new(list)
+                    .map_err(|(i, m)| invalid(&format!("cors.allowed_origins[{i}]"), m))?,
+            ),
+        };
         let listener_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
         for (i, l) in listener_addrs.iter().enumerate() {
             if l.port() != 0 && listener_addrs[..i].contains(l) {
@@ -1132,6 +1152,7 @@ impl Config {
             admin,
             admin_token,
             api_keys,
+            cors,
             backends,
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
             affinity,
@@ -1566,6 +1587,22 @@ mod tests {
             "  - url: http://127.0.0.1:8002\n    name: gpu 2 (spare)\n",
         );
         assert_eq!(parse(&ok).unwrap().backends[1].name, "gpu 2 (spare)");
+    }
+
+    #[test]
+    fn cors_origins_are_read_and_a_bad_one_located() {
+        assert_eq!(parse(MINIMAL).unwrap().cors, None, "off by default");
+        let c = parse(&format!(
+            "{MINIMAL}cors:\n  allowed_origins:\n    - https://app.example.com\n    - app.example.com\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            c.starts_with("test.yaml:13:") && c.contains("`cors.allowed_origins[1]`"),
+            "{c}"
+        );
+        let ok = parse(&format!("{MINIMAL}cors:\n  allowed_origins: [\"*\"]\n")).unwrap();
+        assert!(ok.cors.is_some());
     }
 
     #[test]

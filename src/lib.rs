@@ -57,6 +57,7 @@ pub mod affinity;
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod cors;
 pub mod demo;
 pub mod engine_metrics;
 pub mod fleet;

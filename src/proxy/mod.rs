@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use crate::affinity::{self, AffinityKey};
 use crate::auth::{Denied, Permit};
 use crate::config::Config;
+use crate::cors;
 use crate::fleet::{Backend, Fleet, InFlightGuard};
 use crate::health::{FailureKind, RetryBudget};
 use crate::lifecycle;
@@ -167,6 +168,8 @@ pub struct RequestCtx {
     key: Option<Permit>,
     /// Visible ASCII (see [`request_id`]).
     request_id: HeaderValue,
+    /// Whether, and how, its answers are marked for a web page of another origin.
+    cors: cors::Verdict,
     /// Why the current attempt's backend was picked, and its `vllm` score in seconds.
     chosen_by: Option<(Reason, Option<f64>)>,
     /// When the first body byte of the answer arrived, since `started`.
@@ -284,6 +287,7 @@ async fn respond_error_with(
     let mut extra: Vec<(&'static str, &str)> = allow.map(|a| ("allow", a)).into_iter().collect();
     extra.extend_from_slice(headers);
     extra.push((REQUEST_ID, ctx.request_id()));
+    extra.extend(ctx.cors.headers());
     // A body that has already arrived (a small one usually comes with its head) is read
     // and dropped without waiting, so the connection can stay open for the client's
     // next request: a refused key or a rate limit need not cost a new connection.
@@ -309,6 +313,55 @@ async fn linger(session: &mut Session) {
     {
         tracing::debug!("stopped draining an unwanted request body");
     }
+}
+
+/// Answers a browser's preflight for a request to `asked` at the same path: 204 with what
+/// the page may send, if its origin is allowed and the gateway serves that method there;
+/// else the error that request would get (a browser then stops).
+async fn answer_preflight(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    asked: http::Method,
+) -> Result<bool> {
+    let path = session.req_header().uri.path().to_string();
+    ctx.route = openai::route(&asked, &path);
+    if ctx.cors == cors::Verdict::NotAllowed {
+        let err = ApiError::new(
+            403,
+            "PermissionDeniedError",
+            "This origin may not call the gateway (cors.allowed_origins).",
+        );
+        return respond_error(session, ctx, &err).await;
+    }
+    match ctx.route {
+        Route::MethodNotAllowed(allow) => {
+            return respond_error(session, ctx, &ApiError::method_not_allowed(allow)).await
+        }
+        Route::NotFound => {
+            return respond_error(session, ctx, &ApiError::not_found_route(&path)).await
+        }
+        Route::Inference | Route::Models | Route::Health => {}
+    }
+    ctx.status = 204;
+    let mut resp = ResponseHeader::build(204, Some(8))?;
+    for (k, v) in ctx.cors.headers() {
+        resp.insert_header(k, v)?;
+    }
+    resp.insert_header("access-control-allow-methods", asked.as_str())?;
+    if let Some(h) = session
+        .req_header()
+        .headers
+        .get("access-control-request-headers")
+    {
+        resp.insert_header("access-control-allow-headers", h.clone())?;
+    }
+    resp.insert_header("access-control-max-age", cors::MAX_AGE)?;
+    resp.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+    if lifecycle::handing_over() {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), true).await?;
+    Ok(true)
 }
 
 fn is_timeout(e: &Error) -> bool {
@@ -344,6 +397,7 @@ impl ProxyHttp for Gateway {
             status: 0,
             key: None,
             request_id: HeaderValue::from_static(""),
+            cors: cors::Verdict::Off,
             chosen_by: None,
             first_byte: None,
             bytes_out: 0,
@@ -355,6 +409,9 @@ impl ProxyHttp for Gateway {
         let header = session.req_header();
         ctx.request_id = request_id(header);
         ctx.route = openai::route(&header.method, header.uri.path());
+        if let Some(c) = &self.config.load().cors {
+            ctx.cors = c.verdict(&header.headers);
+        }
         let limits = self.config.load().limits;
         if let Some((limit, err)) = head_refusal(header, &limits) {
             crate::metrics::LIMIT_REFUSALS
@@ -367,6 +424,12 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(Some(limits.keepalive_timeout.as_secs()));
         }
         let header = session.req_header();
+        if ctx.cors != cors::Verdict::Off {
+            // Answered before the key check: a browser never sends a key with it.
+            if let Some(asked) = cors::preflight_method(&header.method, &header.headers) {
+                return answer_preflight(session, ctx, asked).await;
+            }
+        }
         if ctx.route != Route::Health {
             if let Some(keys) = &self.config.load().api_keys {
                 let presented = header
@@ -404,22 +467,16 @@ impl ProxyHttp for Gateway {
             }
         }
         match ctx.route {
-            Route::Health => {
+            Route::Health | Route::Models => {
                 ctx.status = 200;
-                respond_json(
-                    session,
-                    200,
-                    Bytes::from_static(b"{\"status\":\"ok\"}"),
-                    true,
-                    &[(REQUEST_ID, ctx.request_id())],
-                )
-                .await?;
-                Ok(true)
-            }
-            Route::Models => {
-                ctx.status = 200;
-                let body = openai::models_body(&self.fleet.load().healthy_models());
-                respond_json(session, 200, body, true, &[(REQUEST_ID, ctx.request_id())]).await?;
+                let body = if ctx.route == Route::Health {
+                    Bytes::from_static(b"{\"status\":\"ok\"}")
+                } else {
+                    openai::models_body(&self.fleet.load().healthy_models())
+                };
+                let mut extra = vec![(REQUEST_ID, ctx.request_id())];
+                extra.extend(ctx.cors.headers());
+                respond_json(session, 200, body, true, &extra).await?;
                 Ok(true)
             }
             Route::MethodNotAllowed(allow) => {
@@ -690,6 +747,19 @@ impl ProxyHttp for Gateway {
             resp.insert_header("x-vllm-edge-backend", g.backend().name_header.clone())?;
         }
         resp.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+        if ctx.cors != cors::Verdict::Off {
+            // The gateway decides alone (a replica's `*` must not reach other origins).
+            for h in cors::REPLICA_HEADERS {
+                resp.remove_header(*h);
+            }
+            for (k, v) in ctx.cors.headers() {
+                if k == "vary" {
+                    resp.append_header(k, v)?;
+                } else {
+                    resp.insert_header(k, v)?;
+                }
+            }
+        }
         if ctx.in_flight.is_some()
             && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
             && !resp.headers.contains_key(http::header::TRANSFER_ENCODING)
@@ -878,17 +948,16 @@ impl ProxyHttp for Gateway {
         };
         ctx.status = err.status;
         let retry_after = self.retry_after();
-        let id = (REQUEST_ID, ctx.request_id());
-        let extra: &[(&'static str, &str)] = if err.status == 503 {
-            &[("retry-after", retry_after.as_str()), id]
-        } else {
-            &[id]
-        };
+        let mut extra = vec![(REQUEST_ID, ctx.request_id())];
+        if err.status == 503 {
+            extra.push(("retry-after", retry_after.as_str()));
+        }
+        extra.extend(ctx.cors.headers());
         // The answer says the connection closes: after a failed proxy, Pingora keeps the
         // client connection only if the last upstream attempt left it reusable, whatever
         // `can_reuse_downstream` says, and an answer promising keep-alive on a connection
         // then closed would have the client's next request reset.
-        if let Err(write_err) = respond_json(session, err.status, err.body(), false, extra).await {
+        if let Err(write_err) = respond_json(session, err.status, err.body(), false, &extra).await {
             tracing::debug!(error = %write_err, "could not write the error response");
         }
         FailToProxy {

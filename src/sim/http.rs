@@ -247,6 +247,12 @@ async fn connection<H: Handler>(stream: TcpStream, handler: Arc<H>) {
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let head_only = req.method == "HEAD";
+        // As vLLM's server with its default `--allowed-origins '["*"]'`.
+        let cors = if req.header("origin").is_some() {
+            "vary: Origin\r\naccess-control-allow-origin: *\r\n"
+        } else {
+            "vary: Origin\r\n"
+        };
 
         let (mut read, mut write) = stream.into_split();
         // The handler runs until it answers or the client leaves (which drops it: abort).
@@ -269,6 +275,7 @@ async fn connection<H: Handler>(stream: TcpStream, handler: Arc<H>) {
                     reason(status),
                     body.len()
                 );
+                head.push_str(cors);
                 for (k, v) in headers {
                     head.push_str(&format!("{k}: {v}\r\n"));
                 }
@@ -289,6 +296,7 @@ async fn connection<H: Handler>(stream: TcpStream, handler: Arc<H>) {
                     "HTTP/1.1 {status} {}\r\nserver: vllm-edge-sim\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n",
                     reason(status)
                 );
+                head.push_str(cors);
                 for (k, v) in headers {
                     head.push_str(&format!("{k}: {v}\r\n"));
                 }

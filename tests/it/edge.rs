@@ -737,3 +737,113 @@ async fn https_backends_are_verified_against_the_configured_ca() {
         "{body}"
     );
 }
+
+/// The values of header `name` in an answer.
+fn values(r: &reqwest::Response, name: &str) -> Vec<String> {
+    r.headers()
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_and_answers_marked_for_allowed_origins_only() {
+    // The sim, like vLLM by default, allows any origin (`access-control-allow-origin: *`).
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend])
+        .file("keys.txt", "alice sk-a\n")
+        .yaml("auth:\n  api_keys_file: keys.txt\ncors:\n  allowed_origins: [\"https://app.example.com\"]")
+        .start()
+        .await;
+    let app = "https://app.example.com";
+    let preflight = |origin: &str, method: &str, path: &str| {
+        http1()
+            .request(reqwest::Method::OPTIONS, gw.url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    // The browser's preflight carries no key: the gateway answers it.
+    let r = preflight(app, "POST", "/v1/chat/completions")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(values(&r, "access-control-allow-origin"), [app]);
+    assert_eq!(values(&r, "access-control-allow-methods"), ["POST"]);
+    assert_eq!(
+        values(&r, "access-control-allow-headers"),
+        ["authorization, content-type"]
+    );
+    assert_eq!(values(&r, "access-control-max-age"), ["600"]);
+    let r = preflight(app, "GET", "/v1/models").await.unwrap();
+    assert_eq!(r.status(), 204);
+    // A method the route does not take, a path it does not have, an origin not allowed.
+    let r = preflight(app, "GET", "/v1/chat/completions").await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(values(&r, "access-control-allow-origin"), [app]);
+    let r = preflight(app, "POST", "/v1/nothing").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = preflight("https://evil.example.com", "POST", "/v1/chat/completions")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(values(&r, "access-control-allow-origin").is_empty());
+    assert_eq!(
+        backend.sim.state()["requests"],
+        0,
+        "no preflight was proxied"
+    );
+
+    let chat = |origin: &str, key: Option<&str>| {
+        let mut r = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .header("origin", origin)
+            .json(&chat_body("m", "hi", false));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    // Proxied: the replica's `*` is replaced by the origin, and our headers are exposed.
+    let r = chat(app, Some("sk-a")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(values(&r, "access-control-allow-origin"), [app]);
+    assert!(values(&r, "access-control-expose-headers")[0].contains("x-request-id"));
+    assert!(values(&r, "vary")
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case("origin")));
+    // The gateway's own errors are marked too, so the page can read them.
+    let r = chat(app, None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(values(&r, "access-control-allow-origin"), [app]);
+    // Another origin's page gets nothing to read: the replica's `*` is dropped.
+    let r = chat("https://evil.example.com", Some("sk-a"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(values(&r, "access-control-allow-origin").is_empty());
+
+    // Without `cors:`, nothing changes: preflights are refused, the replica's own pass.
+    let plain = Gateway::builder(&[&backend]).start().await;
+    let r = http1()
+        .request(reqwest::Method::OPTIONS, plain.url("/v1/chat/completions"))
+        .header("origin", app)
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = http1()
+        .post(plain.url("/v1/chat/completions"))
+        .header("origin", app)
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(values(&r, "access-control-allow-origin"), ["*"]);
+}
