@@ -107,6 +107,18 @@ fn routable(snap: &FleetSnapshot, i: usize, strict: bool) -> bool {
     }
 }
 
+/// Whether a request for `model` has a backend to go to now: the answer
+/// [`Selector::best`] gives its first attempt when it has none, known before picking (the
+/// gateway refuses such a request before proxying; see `proxy`).
+pub fn availability(snap: &FleetSnapshot, model: &str) -> Result<(), NoCandidate> {
+    let serving = snap.serving(model).ok_or(NoCandidate::UnknownModel)?;
+    if serving.iter().any(|&i| routable(snap, i, false)) {
+        Ok(())
+    } else {
+        Err(NoCandidate::Unavailable)
+    }
+}
+
 /// What selection knows about a request.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
@@ -1663,6 +1675,8 @@ mod tests {
                     None => req(),
                 };
                 let best = sel.best(policy, &snap, &req, &tried, now).map(|c| c.index);
+                let first = sel.best(policy, &snap, &req, &[], now).map(|_| ());
+                prop_assert_eq!(availability(&snap, req.model), first, "as a first attempt");
                 match sel.candidates(policy, &snap, &req, &tried, now) {
                     Ok(mut got) => {
                         if matches!(policy, Policy::Vllm | Policy::LeastRequest | Policy::Affinity) {

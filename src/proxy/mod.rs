@@ -522,9 +522,20 @@ impl ProxyHttp for Gateway {
                         return respond_error(session, ctx, &err).await;
                     }
                 };
-                if self.fleet.load().serving(&info.model).is_none() {
-                    return respond_error(session, ctx, &ApiError::model_not_found(&info.model))
-                        .await;
+                // Refused here rather than after `upstream_peer` finds nothing: an answer
+                // after a failed proxy closes the client's connection (see `fail_to_proxy`).
+                match selection::availability(&self.fleet.load(), &info.model) {
+                    Ok(()) => {}
+                    Err(NoCandidate::UnknownModel) => {
+                        let err = ApiError::model_not_found(&info.model);
+                        return respond_error(session, ctx, &err).await;
+                    }
+                    Err(NoCandidate::Unavailable) => {
+                        let after = self.retry_after();
+                        let err = ApiError::no_backend(&info.model);
+                        return respond_error_with(session, ctx, &err, &[("retry-after", &after)])
+                            .await;
+                    }
                 }
                 if cfg.affinity.used_by(cfg.policy) {
                     let header = session

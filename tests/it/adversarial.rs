@@ -499,17 +499,33 @@ async fn a_request_shorter_than_the_h2_preface_is_answered_at_once() {
 
 /// An error answered before proxying keeps the connection when the request was read in
 /// full: a refused key, a rate limit or a wrong model need not cost the client a new
-/// connection (and a TLS handshake). One whose body was not read, or answered after a
-/// failed proxy (where Pingora closes the connection), says so and closes.
+/// connection (and a TLS handshake), nor a model with no replica up. One whose body was
+/// not read, or answered after a failed proxy (where Pingora closes the connection), says
+/// so and closes.
 #[tokio::test]
 async fn errors_keep_the_connection_when_the_request_was_read_in_full() {
     let backend = sim(&["m"]).await;
-    let gw = Gateway::builder(&[&backend])
+    let sick = sim(&["sick"]).await;
+    sick.sim.set_faults(vllm_edge::sim::Faults {
+        http_error: Some(503),
+        ..Default::default()
+    });
+    let gw = Gateway::builder(&[&backend, &sick])
         .backend_with("http://127.0.0.1:1", "name: dead\nmodels: [dead]")
         .file("keys.txt", "alice sk-a\nlimited sk-rpm rpm=1\n")
         .yaml("auth:\n  api_keys_file: keys.txt\nlimits:\n  max_body_size: 1KiB")
         .start()
         .await;
+    let checked = eventually(Duration::from_secs(5), || async {
+        let v = get_json(gw.admin_url("/load-stats")).await;
+        v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["name"] == "dead" && b["routable"] == false)
+    })
+    .await;
+    assert!(checked, "the dead replica was never taken out");
     let chat =
         |key: &str, body: &str| post(&format!("authorization: Bearer {key}\r\n"), body.as_bytes());
     let ok = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
@@ -539,6 +555,11 @@ async fn errors_keep_the_connection_when_the_request_was_read_in_full() {
             "a body over the limit, all of it sent",
             chat("sk-a", &big),
             413,
+        ),
+        (
+            "a model whose only replica is down",
+            chat("sk-a", &ok.replace("\"m\"", "\"dead\"")),
+            503,
         ),
         ("a good request", chat("sk-a", ok), 200),
     ];
@@ -571,10 +592,11 @@ async fn errors_keep_the_connection_when_the_request_was_read_in_full() {
             a.head
         );
     }
-    // No replica for the model: answered after a failed proxy, which closes.
+    // Every attempt failed (the replica answers 503): answered after a failed proxy,
+    // which closes.
     let mut conn = TcpStream::connect(gw.addr).await.unwrap();
-    let dead = ok.replace("\"m\"", "\"dead\"");
-    conn.write_all(&chat("sk-a", &dead)).await.unwrap();
+    let sick = ok.replace("\"m\"", "\"sick\"");
+    conn.write_all(&chat("sk-a", &sick)).await.unwrap();
     let a = read_answer(&mut conn, true).await;
     assert_eq!(a.status, 503, "{}", a.head);
     assert!(
