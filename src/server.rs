@@ -282,6 +282,20 @@ impl BackgroundService for Drainer {
     }
 }
 
+/// Ends a readiness probe: says it sends nothing, then waits (at most 2 s) for the
+/// gateway to close it. A probe dropped at once would still hold one of
+/// `limits.max_connections` for a moment after the ready line, when clients may already
+/// have filled the others.
+async fn closed_by_peer(mut probe: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = probe.shutdown().await;
+    let mut buf = [0u8; 256];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while matches!(probe.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
 /// Waits until every listener accepts connections, then says so once on stdout and in
 /// `/ready`.
 struct ReadyAnnouncer {
@@ -301,7 +315,8 @@ impl BackgroundService for ReadyAnnouncer {
         for addr in self.listeners.iter().chain(std::iter::once(&self.admin)) {
             let mut ok = false;
             for _ in 0..2000 {
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                if let Ok(probe) = tokio::net::TcpStream::connect(addr).await {
+                    closed_by_peer(probe).await;
                     ok = true;
                     break;
                 }
@@ -332,5 +347,35 @@ impl BackgroundService for ReadyAnnouncer {
             lifecycle::notify_systemd("READY=1");
         }
         tracing::info!(listeners = ?self.listeners, admin = %self.admin, "ready");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_readiness_probe_ends_only_when_the_listener_has_closed_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = Arc::new(AtomicBool::new(false));
+        let server = {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 16];
+                // The probe says it sends nothing; the server then takes its time.
+                assert_eq!(conn.read(&mut buf).await.unwrap(), 0);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                closed.store(true, Ordering::SeqCst);
+                drop(conn);
+            })
+        };
+        let probe = tokio::net::TcpStream::connect(addr).await.unwrap();
+        closed_by_peer(probe).await;
+        assert!(closed.load(Ordering::SeqCst), "returned before the close");
+        server.await.unwrap();
     }
 }

@@ -615,6 +615,14 @@ async fn connections_over_the_limit_get_503_and_a_freed_slot_is_reused() {
         .yaml("limits:\n  max_connections: 4\n  header_read_timeout: 30s")
         .start()
         .await;
+    // The gateway's own readiness probes are gone.
+    let idle = eventually(Duration::from_secs(5), || async {
+        gw.metrics_text()
+            .await
+            .contains("vllm_edge_client_connections 0\n")
+    })
+    .await;
+    assert!(idle, "{}", gw.metrics_text().await);
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(TcpStream::connect(gw.addr).await.unwrap());
