@@ -32,6 +32,11 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How far Pingora's read timeout stays behind a watchdog's deadlines. Equal to them, it
+/// could end a stream first when the watchdog's wake-up was late, and the client would
+/// hear of an upstream error instead of a timeout.
+pub const BACKSTOP_MARGIN: Duration = Duration::from_secs(1);
+
 /// The limits of one attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
@@ -44,9 +49,11 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The longest a single read may legitimately wait: Pingora's own per-read timeout,
-    /// kept as a backstop behind the watchdog. Without a watchdog (no gap deadline) it is
-    /// the nearer of the first-byte and total deadlines, which it then enforces.
+    /// The longest a single read may legitimately wait: Pingora's own per-read timeout.
+    /// With a watchdog (a gap deadline) it is a backstop [`BACKSTOP_MARGIN`] behind the
+    /// widest deadline, so the watchdog, which knows which deadline passed, ends the
+    /// attempt first. Without one it is the nearer of the first-byte and total deadlines,
+    /// which it then enforces.
     pub fn longest_read(&self) -> Duration {
         let Some(g) = self.gap else {
             return self
@@ -54,7 +61,7 @@ impl Limits {
                 .map_or(self.first_byte, |t| t.min(self.first_byte));
         };
         let d = self.first_byte.max(g);
-        self.total.map_or(d, |t| d.min(t.max(self.first_byte)))
+        self.total.map_or(d, |t| d.min(t.max(self.first_byte))) + BACKSTOP_MARGIN
     }
 }
 
@@ -355,9 +362,10 @@ mod tests {
 
     #[test]
     fn longest_read_is_the_widest_single_wait() {
+        // Watched: a backstop behind the widest deadline.
         assert_eq!(
             limits(100, Some(300), None).longest_read(),
-            Duration::from_millis(300)
+            Duration::from_millis(300) + BACKSTOP_MARGIN
         );
         // Unwatched: it enforces the nearer of first byte and total.
         assert_eq!(
@@ -370,7 +378,7 @@ mod tests {
         );
         assert_eq!(
             limits(100, Some(900), Some(400)).longest_read(),
-            Duration::from_millis(400)
+            Duration::from_millis(400) + BACKSTOP_MARGIN
         );
     }
 

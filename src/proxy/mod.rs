@@ -876,8 +876,10 @@ impl ProxyHttp for Gateway {
         };
         if let Some(why) = expired {
             e = e.more_context(format!("{} deadline passed", why.as_str()));
-            ctx.timed_out = true;
         }
+        // Pingora's own read timeout (a stream's backstop, a non-streaming answer's
+        // deadline) is a timeout too.
+        ctx.timed_out = expired.is_some() || is_timeout(&e);
         if !upstream_side {
             // The client went away or sent garbage: not the backend's fault.
             e.set_retry(false);
