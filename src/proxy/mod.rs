@@ -682,7 +682,17 @@ impl ProxyHttp for Gateway {
             req.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()))?;
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            req.insert_header("x-forwarded-for", addr.ip().to_string())?;
+            // Appended to the chain a proxy in front of us started, as nginx's
+            // `$proxy_add_x_forwarded_for` does; the last entry is the one we saw.
+            let mut chain = String::new();
+            for v in req.headers.get_all("x-forwarded-for") {
+                if let Ok(v) = v.to_str() {
+                    chain.push_str(v.trim());
+                    chain.push_str(", ");
+                }
+            }
+            chain.push_str(&addr.ip().to_string());
+            req.insert_header("x-forwarded-for", chain)?;
         }
         req.insert_header(REQUEST_ID, ctx.request_id.clone())?;
         // The client's key is ours to check, never the replica's to see; a backend that
@@ -986,9 +996,14 @@ impl ProxyHttp for Gateway {
         if self.config.load().access_log {
             let header = session.req_header();
             let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
+            let client = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
             tracing::info!(
                 target: "access",
                 request_id = ctx.request_id(),
+                client = client.map(|ip| ip.to_string()).as_deref().unwrap_or("-"),
                 method = %header.method,
                 path = header.uri.path(),
                 model,

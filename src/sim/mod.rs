@@ -234,6 +234,8 @@ pub struct Sim {
     /// Clients that closed their connection while their answer was pending.
     disconnects: AtomicU64,
     digests: Mutex<VecDeque<String>>,
+    /// The `x-forwarded-for` of the last generation request (for `/sim/state`).
+    forwarded_for: Mutex<Option<String>>,
     next_id: AtomicU64,
     restart: tokio::sync::Notify,
     restart_down: Mutex<Duration>,
@@ -472,6 +474,7 @@ impl Sim {
             connections: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             digests: Mutex::new(VecDeque::new()),
+            forwarded_for: Mutex::new(None),
             next_id: AtomicU64::new(1),
             restart: tokio::sync::Notify::new(),
             restart_down: Mutex::new(Duration::ZERO),
@@ -543,6 +546,7 @@ impl Sim {
             "generation_tokens": st.counters.generation_tokens,
             "steps": st.steps,
             "body_digests": self.digests.lock().expect("not poisoned").iter().collect::<Vec<_>>(),
+            "forwarded_for": *self.forwarded_for.lock().expect("not poisoned"),
             "faults": self.faults(),
         })
     }
@@ -588,6 +592,8 @@ impl Sim {
             }
             d.push_back(body_digest.clone());
         }
+        *self.forwarded_for.lock().expect("not poisoned") =
+            req.header("x-forwarded-for").map(str::to_string);
         self.requests.fetch_add(1, Ordering::Relaxed);
         let faults = self.faults();
         if faults.reset {

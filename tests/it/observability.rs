@@ -464,11 +464,19 @@ async fn the_request_id_is_kept_forwarded_returned_and_logged_as_json() {
     let r = http1()
         .post(gw.url("/v1/chat/completions"))
         .header("x-request-id", "trace-abc-123")
+        .header("x-forwarded-for", "203.0.113.7")
         .json(&chat_body("m", "hi", false))
         .send()
         .await
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "trace-abc-123");
+    // The chain a proxy in front started is kept, and the address we saw appended.
+    let chain = s.sim.state()["forwarded_for"].as_str().unwrap().to_string();
+    let seen = chain
+        .strip_prefix("203.0.113.7, ")
+        .unwrap_or_else(|| panic!("{chain}"));
+    let seen: std::net::IpAddr = seen.parse().unwrap_or_else(|_| panic!("{chain}"));
+    assert!(seen.is_loopback(), "{chain}");
     let v: Value = r.json().await.unwrap();
     // vLLM (and the sim) build their request id on the header: it was forwarded.
     assert_eq!(v["id"], "chatcmpl-trace-abc-123");
@@ -522,6 +530,7 @@ async fn the_request_id_is_kept_forwarded_returned_and_logged_as_json() {
         .find(|l| l["request_id"] == "trace-abc-123")
         .unwrap_or_else(|| panic!("{}", gw.log()));
     assert_eq!(line["model"], "m");
+    assert_eq!(line["client"], seen.to_string(), "{line}");
     assert_eq!(line["backend"], name_of(&s));
     assert_eq!(line["status"], 200);
     assert_eq!(line["attempts"], 1);
