@@ -691,7 +691,7 @@ impl ProxyHttp for Gateway {
                     chain.push_str(", ");
                 }
             }
-            chain.push_str(&addr.ip().to_string());
+            let _ = std::fmt::Write::write_fmt(&mut chain, format_args!("{}", addr.ip()));
             req.insert_header("x-forwarded-for", chain)?;
         }
         req.insert_header(REQUEST_ID, ctx.request_id.clone())?;
