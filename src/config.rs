@@ -95,6 +95,9 @@ pub mod defaults {
     /// this gateway's own accounting only.
     pub const STALE_AFTER_INTERVALS: u32 = 4;
     pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+    /// How often a backend host name is resolved again: a replica restarted elsewhere (a
+    /// Kubernetes pod gets a new address) is found without a reload.
+    pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
     /// SIGTERM waits this long for in-flight streams.
     pub const GRACE_PERIOD: Duration = Duration::from_secs(30);
     pub const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -346,6 +349,8 @@ struct FileDiscovery {
     models_interval: Option<HumanDuration>,
     #[serde(default)]
     timeout: Option<HumanDuration>,
+    #[serde(default)]
+    dns_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -437,6 +442,8 @@ pub struct Config {
     pub scrape_timeout: Duration,
     pub models_interval: Duration,
     pub discovery_timeout: Duration,
+    /// How often backend host names are resolved again.
+    pub dns_interval: Duration,
     pub threads: usize,
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
@@ -688,6 +695,9 @@ pub struct BackendConfig {
     pub name: String,
     pub url: String,
     pub addr: SocketAddr,
+    /// `host:port` of a URL whose host is a name, resolved again in the background
+    /// (`crate::reload`); `None` for an address.
+    pub resolve: Option<String>,
     pub static_models: Option<Vec<String>>,
     pub weight: f64,
     pub max_concurrent_requests: Option<u32>,
@@ -710,6 +720,7 @@ impl BackendConfig {
             name: name.into(),
             url: url.into(),
             addr,
+            resolve: None,
             static_models: None,
             weight: DEFAULT_WEIGHT,
             max_concurrent_requests: None,
@@ -968,7 +979,12 @@ impl Config {
         let mut tls_clients: [Option<Arc<rustls::ClientConfig>>; 2] = [None, None];
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(file.backends.len());
         for (i, b) in file.backends.into_iter().enumerate() {
-            let name = b.name.unwrap_or_else(|| b.url.addr.to_string());
+            // By default a backend is named after its URL's `host:port` (a host name
+            // stays the name when its address moves), the address for an address.
+            let name = b
+                .name
+                .or_else(|| b.url.name.clone())
+                .unwrap_or_else(|| b.url.addr.to_string());
             if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic() || c == b' ') {
                 return Err(invalid(
                     &format!("backends[{i}].name"),
@@ -1050,6 +1066,7 @@ impl Config {
                 name,
                 url: b.url.url,
                 addr: b.url.addr,
+                resolve: b.url.name,
                 static_models: b.models,
                 weight,
                 max_concurrent_requests: b.max_concurrent_requests,
@@ -1137,9 +1154,11 @@ impl Config {
         }
         let scrape_interval = dur(file.discovery.scrape_interval, defaults::SCRAPE_INTERVAL);
         let models_interval = dur(file.discovery.models_interval, defaults::MODELS_INTERVAL);
+        let dns_interval = dur(file.discovery.dns_interval, defaults::DNS_INTERVAL);
         for (key, v) in [
             ("discovery.scrape_interval", scrape_interval),
             ("discovery.models_interval", models_interval),
+            ("discovery.dns_interval", dns_interval),
         ] {
             if v < Duration::from_millis(10) {
                 return Err(invalid(key, "must be at least 10ms".into()));
@@ -1176,6 +1195,7 @@ impl Config {
             scrape_timeout,
             models_interval,
             discovery_timeout,
+            dns_interval,
             threads,
             grace_period: dur(file.server.grace_period, defaults::GRACE_PERIOD),
             graceful_shutdown_timeout: dur(
@@ -1287,11 +1307,14 @@ impl<'de> Deserialize<'de> for ListenAddr {
 }
 
 /// A backend URL `http://HOST:PORT` or `https://HOST:PORT` with an optional trailing `/`.
-/// Host names are resolved once, at load time, so the request path never does DNS.
+/// A host name is resolved at load time, and again in the background (never on the
+/// request path).
 #[derive(Debug)]
 struct BackendUrl {
     url: String,
     addr: SocketAddr,
+    /// `host:port` when the host is a name, not an address.
+    name: Option<String>,
     /// For `https://`: the host name (SNI, certificate check).
     tls_host: Option<String>,
 }
@@ -1339,9 +1362,11 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
+    let is_name = host.parse::<std::net::IpAddr>().is_err();
     Ok(BackendUrl {
         url: format!("{scheme}://{hostport}"),
         addr,
+        name: is_name.then(|| with_port.clone()),
         tls_host: (scheme == "https").then_some(host),
     })
 }

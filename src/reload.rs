@@ -1,6 +1,8 @@
 //! Hot reload: on SIGHUP (what `systemctl reload` sends) the config file is read again,
 //! validated, and swapped in atomically; an invalid file changes nothing and the log says
-//! exactly why (file, line, key).
+//! exactly why (file, line, key). Between reloads, backend host names are resolved again
+//! every `discovery.dns_interval`, and a backend whose name now gives other addresses
+//! moves ([`Reloader::refresh_addresses`]).
 //!
 //! Applied at once: the backends (added, removed, drained, changed), `routing.policy`,
 //! `limits`, `timeouts`, `upstream.max_attempts` and the retry budget, and
@@ -10,18 +12,40 @@
 //! listeners and loops were built from.
 
 use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{BackendConfig, Config, ConfigError};
 use crate::fleet::{Fleet, Reconfigured};
+use crate::health::HealthPolicy;
 use crate::tls::CertResolver;
 use crate::{health, scraper};
+
+/// Resolves a `host:port` to every address it has now.
+pub type Resolve =
+    Arc<dyn Fn(String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
+/// The system's resolver (what the config's load used).
+fn system_resolver() -> Resolve {
+    Arc::new(|hostport| {
+        Box::pin(async move { Ok(tokio::net::lookup_host(hostport).await?.collect()) })
+    })
+}
+
+/// A move of a backend to another address: its name, from, to.
+pub type Moved = (String, SocketAddr, SocketAddr);
 
 pub struct Reloader {
     live: Arc<ArcSwap<Config>>,
     fleet: Arc<Fleet>,
     /// The TLS listeners' certificate resolvers, by listener index.
     certs: Vec<Option<Arc<CertResolver>>>,
+    /// One change of the backend set at a time: a reload and an address refresh each
+    /// plan from the fleet they see, and the second must see the first's.
+    changing: tokio::sync::Mutex<()>,
+    resolve: Resolve,
 }
 
 impl Reloader {
@@ -30,14 +54,25 @@ impl Reloader {
         fleet: Arc<Fleet>,
         certs: Vec<Option<Arc<CertResolver>>>,
     ) -> Reloader {
-        Reloader { live, fleet, certs }
+        Reloader {
+            live,
+            fleet,
+            certs,
+            changing: tokio::sync::Mutex::new(()),
+            resolve: system_resolver(),
+        }
     }
 
-    /// Reads the running config's file again and applies it. Backends that are new (or
-    /// changed) are checked and their models discovered first, so that they join the
-    /// fleet ready to serve, and a model whose backends were all replaced is never
-    /// unknown for a moment.
+    /// Resolves backend host names with `resolve` instead of the system's (tests).
+    pub fn with_resolver(mut self, resolve: Resolve) -> Reloader {
+        self.resolve = resolve;
+        self
+    }
+
+    /// Reads the running config's file again and applies it (the backends as
+    /// [`Reloader::apply`] does).
     pub async fn reload(&self) -> Result<Reconfigured, ConfigError> {
+        let _one = self.changing.lock().await;
         let cur = self.live.load_full();
         let mut new = Config::load_with_env(&cur.source)?;
         let kept = keep_restart_only(&cur, &mut new);
@@ -49,8 +84,31 @@ impl Reloader {
         if !kept.is_empty() {
             tracing::warn!(keys = ?kept, "these settings changed but need a restart; the running values are kept");
         }
+        let report = self
+            .apply(&new.backends, new.health, new.discovery_timeout)
+            .await;
+        // Certificates are read again from their files (which may have new paths): the
+        // next handshakes use them, open connections keep theirs.
+        for (l, resolver) in new.listeners.iter().zip(&self.certs) {
+            if let (Some(tls), Some(r)) = (&l.tls, resolver) {
+                r.replace(&tls.cert);
+            }
+        }
+        self.live.store(Arc::new(new));
+        Ok(report)
+    }
+
+    /// Publishes `backends` as the fleet: those new (or changed) are checked and their
+    /// models discovered first, so that they join the fleet ready to serve, and a model
+    /// whose backends were all replaced is never unknown for a moment.
+    async fn apply(
+        &self,
+        backends: &[BackendConfig],
+        policy: HealthPolicy,
+        timeout: Duration,
+    ) -> Reconfigured {
         let before = self.fleet.load();
-        let (mut entries, report) = self.fleet.plan_reconfigure(&new.backends);
+        let (mut entries, report) = self.fleet.plan_reconfigure(backends);
         let fresh: Vec<usize> = (0..entries.len())
             .filter(|&i| {
                 !before
@@ -61,7 +119,6 @@ impl Reloader {
             .collect();
         let checks = fresh.iter().map(|&i| {
             let backend = entries[i].backend.clone();
-            let (policy, timeout) = (new.health, new.discovery_timeout);
             async move {
                 let models = async {
                     match backend.static_models {
@@ -82,15 +139,61 @@ impl Reloader {
             }
         }
         self.fleet.replace(entries);
-        // Certificates are read again from their files (which may have new paths): the
-        // next handshakes use them, open connections keep theirs.
-        for (l, resolver) in new.listeners.iter().zip(&self.certs) {
-            if let (Some(tls), Some(r)) = (&l.tls, resolver) {
-                r.replace(&tls.cert);
+        report
+    }
+
+    /// Resolves the backends' host names again. A backend whose address is no longer
+    /// one of its name's moves to the first of them: a new backend, checked first as
+    /// one a reload adds (the one at the old address, a replica restarted elsewhere,
+    /// keeps its requests in flight). A failed lookup moves nothing. Returns the moves.
+    pub async fn refresh_addresses(&self) -> Vec<Moved> {
+        let _one = self.changing.lock().await;
+        let cur = self.live.load_full();
+        if cur.backends.iter().all(|b| b.resolve.is_none()) {
+            return Vec::new();
+        }
+        let limit = cur.discovery_timeout;
+        let lookups = cur.backends.iter().map(|b| {
+            let lookup = b.resolve.clone().map(|n| (self.resolve)(n));
+            async move {
+                match lookup {
+                    None => None,
+                    Some(l) => Some(tokio::time::timeout(limit, l).await),
+                }
+            }
+        });
+        let answers = futures::future::join_all(lookups).await;
+        let mut backends = cur.backends.clone();
+        let mut moves = Vec::new();
+        for (b, answer) in backends.iter_mut().zip(answers) {
+            match answer {
+                None => {}
+                Some(Ok(Ok(addrs))) => {
+                    if let Some(to) = moved_to(b.addr, &addrs) {
+                        moves.push((b.name.clone(), b.addr, to));
+                        b.addr = to;
+                    }
+                }
+                Some(Ok(Err(e))) => {
+                    tracing::debug!(backend = %b.name, error = %e, "cannot resolve its host name; its address is kept")
+                }
+                Some(Err(_)) => {
+                    tracing::debug!(backend = %b.name, "resolving its host name timed out; its address is kept")
+                }
             }
         }
-        self.live.store(Arc::new(new));
-        Ok(report)
+        if moves.is_empty() {
+            return moves;
+        }
+        for (name, from, to) in &moves {
+            tracing::warn!(backend = %name, %from, %to, "its host name resolves elsewhere now: moved");
+        }
+        self.apply(&backends, cur.health, cur.discovery_timeout)
+            .await;
+        let mut next = (*cur).clone();
+        next.backends = backends;
+        self.live.store(Arc::new(next));
+        moves
     }
 
     /// Reloads, logging and counting the outcome.
@@ -131,12 +234,34 @@ impl Reloader {
             .name("vllm-edge-reload".into())
             .spawn(move || {
                 rt.block_on(async {
-                    while hup.recv().await.is_some() {
-                        self.reload_and_log().await;
+                    let every = self.live.load().dns_interval;
+                    let mut dns =
+                        tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                    dns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            hup_got = hup.recv() => match hup_got {
+                                Some(()) => self.reload_and_log().await,
+                                None => break,
+                            },
+                            _ = dns.tick() => {
+                                self.refresh_addresses().await;
+                            }
+                        }
                     }
                 })
             })?;
         Ok(())
+    }
+}
+
+/// Where a backend at `cur` goes when its name resolves to `addrs`: nowhere while `cur` is
+/// still one of them (answers in another order must not move it), nor when there is
+/// none; else to the first.
+fn moved_to(cur: SocketAddr, addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    match addrs.first() {
+        Some(&first) if !addrs.contains(&cur) => Some(first),
+        _ => None,
     }
 }
 
@@ -172,6 +297,7 @@ fn keep_restart_only(cur: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(scrape_timeout, "discovery.scrape_timeout");
     keep!(models_interval, "discovery.models_interval");
     keep!(discovery_timeout, "discovery.timeout");
+    keep!(dns_interval, "discovery.dns_interval");
     keep!(health.interval, "health.interval");
     keep!(health.timeout, "health.timeout");
     keep!(health.unhealthy_threshold, "health.unhealthy_threshold");
@@ -229,6 +355,72 @@ mod tests {
         assert!(after.backends[0].backend.health.is_draining());
         assert_eq!(after.backends[1].backend.weight, 3.0);
         assert!(fleet.reconfigure(&b.backends).is_empty(), "idempotent");
+    }
+
+    #[test]
+    fn a_backend_moves_only_when_its_address_is_gone_from_its_names_answer() {
+        let a: SocketAddr = "10.0.0.1:8000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:8000".parse().unwrap();
+        assert_eq!(moved_to(a, &[a]), None);
+        assert_eq!(moved_to(a, &[b, a]), None, "another order");
+        assert_eq!(moved_to(a, &[b]), Some(b));
+        assert_eq!(moved_to(a, &[]), None, "no answer keeps it");
+    }
+
+    #[tokio::test]
+    async fn a_backend_whose_name_resolves_elsewhere_moves_there_checked() {
+        use std::sync::Mutex;
+        let sim = |_| async {
+            let mut a = crate::sim::SimArgs::defaults();
+            a.port = 0;
+            a.models = vec!["m".into()];
+            crate::sim::spawn(a).await.unwrap()
+        };
+        let (old, new) = (sim(0).await, sim(1).await);
+        // `localhost` is the one name every machine resolves; the test's resolver then
+        // says where it is.
+        let port = old.addr.port();
+        let config = cfg(&format!("backends:\n  - url: http://localhost:{port}\n"));
+        assert_eq!(
+            config.backends[0].resolve,
+            Some(format!("localhost:{port}"))
+        );
+        // `None`: the lookup fails.
+        let answer: Arc<Mutex<Option<Vec<SocketAddr>>>> =
+            Arc::new(Mutex::new(Some(vec![old.addr])));
+        let resolve: Resolve = {
+            let answer = answer.clone();
+            Arc::new(move |_| {
+                let a = answer.lock().unwrap().clone();
+                Box::pin(async move { a.ok_or_else(|| std::io::Error::other("no such host")) })
+            })
+        };
+        let fleet = Fleet::new(&config.backends);
+        let live = Arc::new(ArcSwap::from_pointee(config));
+        let r = Reloader::new(live.clone(), fleet.clone(), vec![]).with_resolver(resolve);
+        let before = fleet.load().backends[0].backend.clone();
+        assert!(r.refresh_addresses().await.is_empty(), "still there");
+        *answer.lock().unwrap() = None;
+        assert!(
+            r.refresh_addresses().await.is_empty(),
+            "a failed lookup moves nothing"
+        );
+        assert!(Arc::ptr_eq(&fleet.load().backends[0].backend, &before));
+
+        *answer.lock().unwrap() = Some(vec![new.addr]);
+        let moves = r.refresh_addresses().await;
+        assert_eq!(moves, vec![(before.name.clone(), old.addr, new.addr)]);
+        let after = fleet.load();
+        assert_eq!(after.backends.len(), 1);
+        assert_eq!(after.backends[0].backend.addr, new.addr);
+        assert_eq!(after.backends[0].backend.name, before.name, "the same name");
+        assert!(
+            after.backends[0].backend.health.routable(),
+            "checked before it joined"
+        );
+        assert_eq!(after.backends[0].state.models, vec!["m".to_string()]);
+        assert_eq!(live.load().backends[0].addr, new.addr, "the config follows");
+        assert!(r.refresh_addresses().await.is_empty(), "settled");
     }
 
     #[test]

@@ -154,3 +154,42 @@ async fn reloads_under_load_drop_nothing_and_an_invalid_one_changes_nothing() {
     );
     assert!(metrics.contains("vllm_edge_config_reloads_total{result=\"error\"} 1"));
 }
+
+/// A backend named by host name is resolved again every `discovery.dns_interval`. While
+/// the name still gives its address nothing moves (its counters and checks stay), and
+/// reloads still work beside the refreshes. (Where a name moves: `reload.rs` unit tests.)
+#[tokio::test]
+async fn a_backend_named_by_host_is_resolved_again_without_churn() {
+    let s = sim(&["m"]).await;
+    let gw = Gateway::builder(&[])
+        .backend_url(&format!("http://localhost:{}", s.addr.port()))
+        .yaml("discovery:\n  dns_interval: 20ms")
+        .start()
+        .await;
+    let client = http1();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    // Across at least ten refreshes; bounded in count.
+    while sent < 400 && (sent < 20 || started.elapsed() < Duration::from_millis(200)) {
+        let r = client
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        sent += 1;
+    }
+    let v = get_json(gw.admin_url("/load-stats")).await;
+    let b = &v["backends"][0];
+    assert_eq!(b["name"], format!("localhost:{}", s.addr.port()), "{v}");
+    assert!(!gw.log().contains("resolves elsewhere"), "{}", gw.log());
+    gw.reload_with(&gw.config_text());
+    let reloaded = eventually(Duration::from_secs(5), || async {
+        gw.metrics_text()
+            .await
+            .contains("vllm_edge_config_reloads_total{result=\"ok\"} 1")
+    })
+    .await;
+    assert!(reloaded, "{}", gw.log());
+}
