@@ -450,7 +450,8 @@ impl Fleet {
     /// Replaces the set of backends with `configs` (a reload). A backend whose name, url
     /// and settings are unchanged keeps its identity: its counters, health, circuit and
     /// observed state; only its drain flag follows the new config. A changed one starts
-    /// anew but keeps its health-check verdict, so it is not out of rotation until checked.
+    /// anew but keeps its health-check verdict, so it is not out of rotation until checked
+    /// (unless its address changed: that is another server).
     pub fn reconfigure(&self, configs: &[BackendConfig]) -> Reconfigured {
         let (entries, report) = self.plan_reconfigure(configs);
         self.replace(entries);
@@ -476,7 +477,11 @@ impl Fleet {
                     Some(e) => {
                         report.changed.push(c.name.clone());
                         let backend = Backend::new(c);
-                        backend.health.inherit_checks(&e.backend.health);
+                        // The same server with other settings keeps its verdict; another
+                        // server (its name resolves elsewhere now) is judged afresh.
+                        if e.backend.addr == c.addr {
+                            backend.health.inherit_checks(&e.backend.health);
+                        }
                         let mut state = BackendState::unknown(&backend);
                         if c.static_models.is_none() && e.backend.url == c.url {
                             state.models = e.state.models.clone();

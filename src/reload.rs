@@ -407,6 +407,14 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&fleet.load().backends[0].backend, &before));
 
+        // The replica at the old address died (the checks took it out), and came back
+        // at the new one.
+        old.stop();
+        let policy = live.load().health;
+        for _ in 0..policy.unhealthy_threshold {
+            health::check(before.clone(), policy).await;
+        }
+        assert!(!before.health.routable());
         *answer.lock().unwrap() = Some(vec![new.addr]);
         let moves = r.refresh_addresses().await;
         assert_eq!(moves, vec![(before.name.clone(), old.addr, new.addr)]);
