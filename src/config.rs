@@ -237,6 +237,18 @@ struct FileBackend {
     /// `https://` backends: verify the certificate (default true).
     #[serde(default)]
     tls_verify: Option<bool>,
+    /// A host name's addresses: the first is the backend (`first`), or each is one
+    /// (`all`: a Kubernetes headless Service, one address per replica).
+    #[serde(default)]
+    addresses: Addresses,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Addresses {
+    #[default]
+    First,
+    All,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -698,6 +710,9 @@ pub struct BackendConfig {
     /// `host:port` of a URL whose host is a name, resolved again in the background
     /// (`crate::reload`); `None` for an address.
     pub resolve: Option<String>,
+    /// For one of the backends an `addresses: all` entry makes, one per address of its
+    /// host name: the entry's name. The backend's own is `{group}@{ip}`.
+    pub group: Option<String>,
     pub static_models: Option<Vec<String>>,
     pub weight: f64,
     pub max_concurrent_requests: Option<u32>,
@@ -721,12 +736,24 @@ impl BackendConfig {
             url: url.into(),
             addr,
             resolve: None,
+            group: None,
             static_models: None,
             weight: DEFAULT_WEIGHT,
             max_concurrent_requests: None,
             drain: false,
             api_key: None,
             tls: None,
+        }
+    }
+
+    /// The backend of its group (see [`BackendConfig::group`]) at `addr`.
+    pub fn at(&self, addr: SocketAddr) -> BackendConfig {
+        let group = self.group.as_deref().unwrap_or(&self.name);
+        BackendConfig {
+            name: format!("{group}@{}", addr.ip()),
+            addr,
+            group: Some(group.to_string()),
+            ..self.clone()
         }
     }
 }
@@ -1060,18 +1087,42 @@ impl Config {
                     })
                 }
             };
-            backends.push(BackendConfig {
+            let entry = BackendConfig {
                 tls,
                 api_key,
                 name,
                 url: b.url.url,
                 addr: b.url.addr,
                 resolve: b.url.name,
+                group: None,
                 static_models: b.models,
                 weight,
                 max_concurrent_requests: b.max_concurrent_requests,
                 drain: b.drain,
-            });
+            };
+            match b.addresses {
+                Addresses::First => backends.push(entry),
+                Addresses::All if entry.resolve.is_none() => {
+                    return Err(invalid(
+                        &format!("backends[{i}].addresses"),
+                        "`all` is for a URL whose host is a name with several addresses; \
+                         this one is an address"
+                            .into(),
+                    ))
+                }
+                Addresses::All => {
+                    for &addr in &b.url.addrs {
+                        let one = entry.at(addr);
+                        if backends.iter().any(|o| o.name == one.name) {
+                            return Err(invalid(
+                                &format!("backends[{i}]"),
+                                format!("backend `{}` is listed twice", one.name),
+                            ));
+                        }
+                        backends.push(one);
+                    }
+                }
+            }
         }
 
         let max_attempts = file.upstream.max_attempts.unwrap_or(defaults::MAX_ATTEMPTS);
@@ -1312,7 +1363,10 @@ impl<'de> Deserialize<'de> for ListenAddr {
 #[derive(Debug)]
 struct BackendUrl {
     url: String,
+    /// The first of `addrs`.
     addr: SocketAddr,
+    /// Every address of the host, without repeats.
+    addrs: Vec<SocketAddr>,
     /// `host:port` when the host is a name, not an address.
     name: Option<String>,
     /// For `https://`: the host name (SNI, certificate check).
@@ -1351,10 +1405,17 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
     } else {
         format!("{hostport}:{default_port}")
     };
-    let addr = with_port
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in with_port
         .to_socket_addrs()
         .map_err(|e| format!("`{s}`: cannot resolve `{hostport}`: {e}"))?
-        .next()
+    {
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    let addr = *addrs
+        .first()
         .ok_or_else(|| format!("`{s}`: `{hostport}` resolves to no address"))?;
     let host = with_port
         .rsplit_once(':')
@@ -1366,6 +1427,7 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
     Ok(BackendUrl {
         url: format!("{scheme}://{hostport}"),
         addr,
+        addrs,
         name: is_name.then(|| with_port.clone()),
         tls_host: (scheme == "https").then_some(host),
     })
@@ -1612,6 +1674,27 @@ mod tests {
             "  - url: http://127.0.0.1:8002\n    name: gpu 2 (spare)\n",
         );
         assert_eq!(parse(&ok).unwrap().backends[1].name, "gpu 2 (spare)");
+    }
+
+    #[test]
+    fn an_all_addresses_entry_makes_one_backend_per_address_of_a_name() {
+        let c =
+            parse("backends:\n  - url: http://localhost:8000\n    addresses: all\n    weight: 2\n")
+                .unwrap();
+        let names: Vec<&str> = c.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["localhost:8000@127.0.0.1"]);
+        let b = &c.backends[0];
+        assert_eq!(b.group.as_deref(), Some("localhost:8000"));
+        assert_eq!(b.resolve.as_deref(), Some("localhost:8000"));
+        assert_eq!(b.weight, 2.0, "the entry's settings");
+        let e = parse("backends:\n  - url: http://127.0.0.1:8000\n    addresses: all\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`backends[0].addresses`"), "{e}");
+        let e = parse("backends:\n  - url: http://localhost:8000\n    addresses: some\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backends[0].addresses"), "{e}");
     }
 
     #[test]

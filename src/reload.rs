@@ -37,6 +37,21 @@ fn system_resolver() -> Resolve {
 /// A move of a backend to another address: its name, from, to.
 pub type Moved = (String, SocketAddr, SocketAddr);
 
+/// What resolving the backends' host names again changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    pub moved: Vec<Moved>,
+    /// Backends of `addresses: all` entries that joined or left, by name.
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl Refreshed {
+    pub fn is_empty(&self) -> bool {
+        self.moved.is_empty() && self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
 pub struct Reloader {
     live: Arc<ArcSwap<Config>>,
     fleet: Arc<Fleet>,
@@ -143,57 +158,98 @@ impl Reloader {
     }
 
     /// Resolves the backends' host names again. A backend whose address is no longer
-    /// one of its name's moves to the first of them: a new backend, checked first as
-    /// one a reload adds (the one at the old address, a replica restarted elsewhere,
-    /// keeps its requests in flight). A failed lookup moves nothing. Returns the moves.
-    pub async fn refresh_addresses(&self) -> Vec<Moved> {
+    /// one of its name's moves to the first of them; the backends of an `addresses: all`
+    /// entry follow its name's addresses, one each. A backend that joins is checked and
+    /// its models read first, as one a reload adds; one that leaves (a replica restarted
+    /// elsewhere) keeps its requests in flight. A failed or empty answer changes nothing.
+    pub async fn refresh_addresses(&self) -> Refreshed {
         let _one = self.changing.lock().await;
         let cur = self.live.load_full();
-        if cur.backends.iter().all(|b| b.resolve.is_none()) {
-            return Vec::new();
+        let mut names: Vec<&str> = cur
+            .backends
+            .iter()
+            .filter_map(|b| b.resolve.as_deref())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.is_empty() {
+            return Refreshed::default();
         }
         let limit = cur.discovery_timeout;
-        let lookups = cur.backends.iter().map(|b| {
-            let lookup = b.resolve.clone().map(|n| (self.resolve)(n));
-            async move {
-                match lookup {
-                    None => None,
-                    Some(l) => Some(tokio::time::timeout(limit, l).await),
-                }
-            }
+        let lookups = names.iter().map(|&n| {
+            let lookup = (self.resolve)(n.to_string());
+            async move { tokio::time::timeout(limit, lookup).await }
         });
         let answers = futures::future::join_all(lookups).await;
-        let mut backends = cur.backends.clone();
-        let mut moves = Vec::new();
-        for (b, answer) in backends.iter_mut().zip(answers) {
+        let mut addrs_of = std::collections::HashMap::new();
+        for (n, answer) in names.iter().zip(answers) {
             match answer {
-                None => {}
-                Some(Ok(Ok(addrs))) => {
-                    if let Some(to) = moved_to(b.addr, &addrs) {
-                        moves.push((b.name.clone(), b.addr, to));
-                        b.addr = to;
-                    }
+                Ok(Ok(addrs)) if !addrs.is_empty() => {
+                    addrs_of.insert(*n, addrs);
                 }
-                Some(Ok(Err(e))) => {
-                    tracing::debug!(backend = %b.name, error = %e, "cannot resolve its host name; its address is kept")
+                Ok(Ok(_)) => {
+                    tracing::debug!(host = n, "its host name has no address now; kept as it was")
                 }
-                Some(Err(_)) => {
-                    tracing::debug!(backend = %b.name, "resolving its host name timed out; its address is kept")
+                Ok(Err(e)) => {
+                    tracing::debug!(host = n, error = %e, "cannot resolve a host name; kept as it was")
+                }
+                Err(_) => {
+                    tracing::debug!(host = n, "resolving a host name timed out; kept as it was")
                 }
             }
         }
-        if moves.is_empty() {
-            return moves;
+        let mut out = Refreshed::default();
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(cur.backends.len());
+        for (i, b) in cur.backends.iter().enumerate() {
+            let addrs = b.resolve.as_deref().and_then(|n| addrs_of.get(n));
+            match (&b.group, addrs) {
+                (_, None) => backends.push(b.clone()),
+                (None, Some(addrs)) => {
+                    let mut b = b.clone();
+                    if let Some(to) = moved_to(b.addr, addrs) {
+                        out.moved.push((b.name.clone(), b.addr, to));
+                        b.addr = to;
+                    }
+                    backends.push(b);
+                }
+                (Some(g), Some(addrs)) => {
+                    // The whole group, where its first member stood.
+                    let members: Vec<&BackendConfig> = cur
+                        .backends
+                        .iter()
+                        .filter(|o| o.group.as_ref() == Some(g))
+                        .collect();
+                    if !std::ptr::eq(members[0], &cur.backends[i]) {
+                        continue;
+                    }
+                    for m in &members {
+                        if !addrs.contains(&m.addr) {
+                            out.removed.push(m.name.clone());
+                        }
+                    }
+                    for &a in addrs {
+                        match members.iter().find(|m| m.addr == a) {
+                            Some(m) => backends.push((*m).clone()),
+                            None => {
+                                let joined = b.at(a);
+                                out.added.push(joined.name.clone());
+                                backends.push(joined);
+                            }
+                        }
+                    }
+                }
+            }
         }
-        for (name, from, to) in &moves {
-            tracing::warn!(backend = %name, %from, %to, "its host name resolves elsewhere now: moved");
+        if out.is_empty() {
+            return out;
         }
+        tracing::warn!(moved = ?out.moved, added = ?out.added, removed = ?out.removed, "backend host names resolve elsewhere now");
         self.apply(&backends, cur.health, cur.discovery_timeout)
             .await;
         let mut next = (*cur).clone();
         next.backends = backends;
         self.live.store(Arc::new(next));
-        moves
+        out
     }
 
     /// Reloads, logging and counting the outcome.
@@ -417,7 +473,8 @@ mod tests {
         assert!(!before.health.routable());
         *answer.lock().unwrap() = Some(vec![new.addr]);
         let moves = r.refresh_addresses().await;
-        assert_eq!(moves, vec![(before.name.clone(), old.addr, new.addr)]);
+        assert_eq!(moves.moved, vec![(before.name.clone(), old.addr, new.addr)]);
+        assert!(moves.added.is_empty() && moves.removed.is_empty());
         let after = fleet.load();
         assert_eq!(after.backends.len(), 1);
         assert_eq!(after.backends[0].backend.addr, new.addr);
@@ -429,6 +486,80 @@ mod tests {
         assert_eq!(after.backends[0].state.models, vec!["m".to_string()]);
         assert_eq!(live.load().backends[0].addr, new.addr, "the config follows");
         assert!(r.refresh_addresses().await.is_empty(), "settled");
+    }
+
+    #[tokio::test]
+    async fn an_all_addresses_entry_follows_its_names_addresses() {
+        use std::sync::Mutex;
+        let sim = |host: &str| {
+            let mut a = crate::sim::SimArgs::defaults();
+            a.host = host.parse().unwrap();
+            a.port = 0;
+            a.models = vec!["m".into()];
+            crate::sim::spawn(a)
+        };
+        let (a, b, c) = (
+            sim("127.0.0.1").await.unwrap(),
+            sim("127.0.0.2").await.unwrap(),
+            sim("127.0.0.3").await.unwrap(),
+        );
+        let port = a.addr.port();
+        let config = cfg(&format!(
+            "backends:\n  - url: http://127.0.0.9:1\n  - url: http://localhost:{port}\n    name: pool\n    addresses: all\n"
+        ));
+        let names = |f: &Fleet| -> Vec<String> {
+            f.load()
+                .backends
+                .iter()
+                .map(|e| e.backend.name.clone())
+                .collect()
+        };
+        let answer: Arc<Mutex<Option<Vec<SocketAddr>>>> = Arc::new(Mutex::new(None));
+        let resolve: Resolve = {
+            let answer = answer.clone();
+            Arc::new(move |_| {
+                let v = answer.lock().unwrap().clone();
+                Box::pin(async move { v.ok_or_else(|| std::io::Error::other("no such host")) })
+            })
+        };
+        let fleet = Fleet::new(&config.backends);
+        assert_eq!(names(&fleet), ["127.0.0.9:1", "pool@127.0.0.1"]);
+        let live = Arc::new(ArcSwap::from_pointee(config));
+        let r = Reloader::new(live.clone(), fleet.clone(), vec![]).with_resolver(resolve);
+        let first = fleet.load().backends[1].backend.clone();
+        // Scaled up: two more replicas join, checked; the first keeps its identity.
+        *answer.lock().unwrap() = Some(vec![a.addr, b.addr, c.addr]);
+        let got = r.refresh_addresses().await;
+        assert_eq!(got.added, ["pool@127.0.0.2", "pool@127.0.0.3"]);
+        assert!(got.removed.is_empty() && got.moved.is_empty());
+        assert_eq!(
+            names(&fleet),
+            [
+                "127.0.0.9:1",
+                "pool@127.0.0.1",
+                "pool@127.0.0.2",
+                "pool@127.0.0.3"
+            ]
+        );
+        let snap = fleet.load();
+        assert!(Arc::ptr_eq(&snap.backends[1].backend, &first));
+        assert!(snap.backends[3].backend.health.routable());
+        assert_eq!(snap.backends[3].backend.addr, c.addr);
+        // A failed or empty answer changes nothing; the same answer in another order
+        // neither.
+        for v in [None, Some(vec![]), Some(vec![c.addr, a.addr, b.addr])] {
+            *answer.lock().unwrap() = v;
+            assert!(r.refresh_addresses().await.is_empty());
+        }
+        // Scaled down: one leaves.
+        *answer.lock().unwrap() = Some(vec![a.addr, c.addr]);
+        let got = r.refresh_addresses().await;
+        assert_eq!(got.removed, ["pool@127.0.0.2"]);
+        assert_eq!(
+            names(&fleet),
+            ["127.0.0.9:1", "pool@127.0.0.1", "pool@127.0.0.3"]
+        );
+        assert_eq!(live.load().backends.len(), 3, "the config follows");
     }
 
     #[test]
