@@ -423,16 +423,30 @@ mod tests {
         assert_eq!(moved_to(a, &[]), None, "no answer keeps it");
     }
 
+    /// A simulated replica serving `m` on `host`.
+    async fn replica(host: &str) -> crate::sim::SimHandle {
+        let mut a = crate::sim::SimArgs::defaults();
+        a.host = host.parse().unwrap();
+        a.port = 0;
+        a.models = vec!["m".into()];
+        crate::sim::spawn(a).await.unwrap()
+    }
+
+    /// What the test resolver answers (`None`: the lookup fails), and the resolver.
+    type Answer = Arc<std::sync::Mutex<Option<Vec<SocketAddr>>>>;
+    fn test_resolver(first: Option<Vec<SocketAddr>>) -> (Answer, Resolve) {
+        let answer: Answer = Arc::new(std::sync::Mutex::new(first));
+        let a = answer.clone();
+        let resolve: Resolve = Arc::new(move |_| {
+            let v = a.lock().unwrap().clone();
+            Box::pin(async move { v.ok_or_else(|| std::io::Error::other("no such host")) })
+        });
+        (answer, resolve)
+    }
+
     #[tokio::test]
     async fn a_backend_whose_name_resolves_elsewhere_moves_there_checked() {
-        use std::sync::Mutex;
-        let sim = |_| async {
-            let mut a = crate::sim::SimArgs::defaults();
-            a.port = 0;
-            a.models = vec!["m".into()];
-            crate::sim::spawn(a).await.unwrap()
-        };
-        let (old, new) = (sim(0).await, sim(1).await);
+        let (old, new) = (replica("127.0.0.1").await, replica("127.0.0.1").await);
         // `localhost` is the one name every machine resolves; the test's resolver then
         // says where it is.
         let port = old.addr.port();
@@ -441,16 +455,7 @@ mod tests {
             config.backends[0].resolve,
             Some(format!("localhost:{port}"))
         );
-        // `None`: the lookup fails.
-        let answer: Arc<Mutex<Option<Vec<SocketAddr>>>> =
-            Arc::new(Mutex::new(Some(vec![old.addr])));
-        let resolve: Resolve = {
-            let answer = answer.clone();
-            Arc::new(move |_| {
-                let a = answer.lock().unwrap().clone();
-                Box::pin(async move { a.ok_or_else(|| std::io::Error::other("no such host")) })
-            })
-        };
+        let (answer, resolve) = test_resolver(Some(vec![old.addr]));
         let fleet = Fleet::new(&config.backends);
         let live = Arc::new(ArcSwap::from_pointee(config));
         let r = Reloader::new(live.clone(), fleet.clone(), vec![]).with_resolver(resolve);
@@ -490,18 +495,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_all_addresses_entry_follows_its_names_addresses() {
-        use std::sync::Mutex;
-        let sim = |host: &str| {
-            let mut a = crate::sim::SimArgs::defaults();
-            a.host = host.parse().unwrap();
-            a.port = 0;
-            a.models = vec!["m".into()];
-            crate::sim::spawn(a)
-        };
         let (a, b, c) = (
-            sim("127.0.0.1").await.unwrap(),
-            sim("127.0.0.2").await.unwrap(),
-            sim("127.0.0.3").await.unwrap(),
+            replica("127.0.0.1").await,
+            replica("127.0.0.2").await,
+            replica("127.0.0.3").await,
         );
         let port = a.addr.port();
         let config = cfg(&format!(
@@ -514,14 +511,7 @@ mod tests {
                 .map(|e| e.backend.name.clone())
                 .collect()
         };
-        let answer: Arc<Mutex<Option<Vec<SocketAddr>>>> = Arc::new(Mutex::new(None));
-        let resolve: Resolve = {
-            let answer = answer.clone();
-            Arc::new(move |_| {
-                let v = answer.lock().unwrap().clone();
-                Box::pin(async move { v.ok_or_else(|| std::io::Error::other("no such host")) })
-            })
-        };
+        let (answer, resolve) = test_resolver(None);
         let fleet = Fleet::new(&config.backends);
         assert_eq!(names(&fleet), ["127.0.0.9:1", "pool@127.0.0.1"]);
         let live = Arc::new(ArcSwap::from_pointee(config));
