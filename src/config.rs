@@ -1357,13 +1357,24 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
+/// The address a host name's backend uses: its first IPv4 address if it has one, else its
+/// first. vLLM listens on IPv4 unless told otherwise, and `localhost` often resolves to
+/// `::1` first.
+pub fn preferred_address(addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+}
+
 /// A backend URL `http://HOST:PORT` or `https://HOST:PORT` with an optional trailing `/`.
 /// A host name is resolved at load time, and again in the background (never on the
 /// request path).
 #[derive(Debug)]
 struct BackendUrl {
     url: String,
-    /// The first of `addrs`.
+    /// The one of `addrs` a single backend uses ([`preferred_address`]).
     addr: SocketAddr,
     /// Every address of the host, without repeats.
     addrs: Vec<SocketAddr>,
@@ -1414,8 +1425,7 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
             addrs.push(a);
         }
     }
-    let addr = *addrs
-        .first()
+    let addr = preferred_address(&addrs)
         .ok_or_else(|| format!("`{s}`: `{hostport}` resolves to no address"))?;
     let host = with_port
         .rsplit_once(':')

@@ -313,12 +313,12 @@ impl Reloader {
 
 /// Where a backend at `cur` goes when its name resolves to `addrs`: nowhere while `cur` is
 /// still one of them (answers in another order must not move it), nor when there is
-/// none; else to the first.
+/// none; else to the one a backend of that name would use at load.
 fn moved_to(cur: SocketAddr, addrs: &[SocketAddr]) -> Option<SocketAddr> {
-    match addrs.first() {
-        Some(&first) if !addrs.contains(&cur) => Some(first),
-        _ => None,
+    if addrs.contains(&cur) {
+        return None;
     }
+    crate::config::preferred_address(addrs)
 }
 
 /// Puts back into `new` the settings a reload cannot change; returns their keys where
@@ -415,12 +415,24 @@ mod tests {
 
     #[test]
     fn a_backend_moves_only_when_its_address_is_gone_from_its_names_answer() {
+        assert_eq!(
+            crate::config::preferred_address(&[
+                "[::1]:1".parse().unwrap(),
+                "127.0.0.1:1".parse().unwrap()
+            ]),
+            Some("127.0.0.1:1".parse().unwrap()),
+            "`localhost` as some systems answer it"
+        );
         let a: SocketAddr = "10.0.0.1:8000".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:8000".parse().unwrap();
         assert_eq!(moved_to(a, &[a]), None);
         assert_eq!(moved_to(a, &[b, a]), None, "another order");
         assert_eq!(moved_to(a, &[b]), Some(b));
         assert_eq!(moved_to(a, &[]), None, "no answer keeps it");
+        // IPv4 first (vLLM listens on IPv4 unless told otherwise).
+        let v6: SocketAddr = "[fd00::2]:8000".parse().unwrap();
+        assert_eq!(moved_to(a, &[v6, b]), Some(b));
+        assert_eq!(moved_to(a, &[v6]), Some(v6), "IPv6 alone");
     }
 
     /// A simulated replica serving `m` on `host`.
