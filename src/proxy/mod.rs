@@ -422,6 +422,10 @@ impl ProxyHttp for Gateway {
         if session.get_keepalive().is_some() {
             // Pingora keeps an HTTP/1.1 client's connection open forever by default.
             session.set_keepalive(Some(limits.keepalive_timeout.as_secs()));
+            // Requests a client sends before the answers to earlier ones are served in
+            // turn (RFC 9112 §9.3.2), as nginx does; Pingora otherwise closes the
+            // connection after the first answer and drops the rest.
+            session.as_downstream_mut().set_pipelining_enabled(true);
         }
         let header = session.req_header();
         if ctx.cors != cors::Verdict::Off {

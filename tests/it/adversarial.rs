@@ -606,6 +606,34 @@ async fn errors_keep_the_connection_when_the_request_was_read_in_full() {
     );
 }
 
+/// Requests sent before the answers to earlier ones (HTTP/1.1 pipelining) are all served,
+/// in order, errors included (RFC 9112 §9.3.2); Pingora alone would answer the first and
+/// close.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend]).yaml(LIMITS).start().await;
+    let chat = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let mut all = Vec::new();
+    all.extend_from_slice(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
+    all.extend_from_slice(&post("", b"{\"model\":"));
+    all.extend_from_slice(&post("", chat));
+    all.extend_from_slice(b"GET /nowhere HTTP/1.1\r\nhost: x\r\n\r\n");
+    all.extend_from_slice(&post("connection: close\r\n", chat));
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(&all).await.unwrap();
+    let mut statuses = Vec::new();
+    for last in [false, false, false, false, true] {
+        let a = tokio::time::timeout(ANSWER_WITHIN, try_read_answer(&mut conn, last))
+            .await
+            .expect("answered in time")
+            .unwrap_or_else(|| panic!("closed after {statuses:?}"));
+        statuses.push(a.status);
+    }
+    assert_eq!(statuses, [200, 400, 200, 404, 200]);
+    assert_eq!(backend.sim.state()["requests"], 2);
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_get_503_and_a_freed_slot_is_reused() {
     let backend = sim(&["m"]).await;
