@@ -299,6 +299,7 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
             json!({
                 "name": b.name,
                 "url": b.url,
+                "address": b.addr.to_string(),
                 "healthy": h.checks_up(),
                 "routable": h.routable(),
                 "health_error": h.check_error(),

@@ -176,6 +176,7 @@ async fn a_backend_named_by_host_is_resolved_again_without_churn() {
     let v = get_json(gw.admin_url("/load-stats")).await;
     let b = &v["backends"][0];
     assert_eq!(b["name"], format!("localhost:{}", s.addr.port()), "{v}");
+    assert_eq!(b["address"], s.addr.to_string(), "the address in use: {v}");
     assert!(!gw.log().contains("resolves elsewhere"), "{}", gw.log());
     gw.reload_with(&gw.config_text());
     let reloaded = eventually(Duration::from_secs(5), || async {
