@@ -383,8 +383,9 @@ impl Peek for HeadDeadline {
         if self.peeked.is_empty() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        // What was read is not the preface unless all of it came; the rest of `buf`
-        // keeps what it had, so a short start can never compare equal to the preface.
+        // What was read is not the preface unless all of it came. Past it, `buf` is left
+        // as it was but for one byte made to differ from the preface, so that a short
+        // start never compares equal to it.
         let n = self.peeked.len().min(want);
         buf[..n].copy_from_slice(&self.peeked[..n]);
         if n < want {
