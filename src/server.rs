@@ -353,7 +353,6 @@ impl BackgroundService for ReadyAnnouncer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
