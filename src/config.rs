@@ -437,6 +437,9 @@ pub struct Config {
     /// Cross-origin requests from web pages; `None`: off (see `cors.rs`).
     pub cors: Option<Cors>,
     pub backends: Vec<BackendConfig>,
+    /// The `addresses: all` entries, each the model of its backends (see
+    /// [`BackendConfig::at`]); they may have none at a time.
+    pub groups: Vec<BackendConfig>,
     pub policy: Policy,
     pub affinity: Affinity,
     pub limits: ClientLimits,
@@ -1005,13 +1008,25 @@ impl Config {
         // Built once per config, and only if some backend speaks TLS.
         let mut tls_clients: [Option<Arc<rustls::ClientConfig>>; 2] = [None, None];
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(file.backends.len());
+        // `addresses: all` entries, and the backends they make.
+        let mut groups: Vec<BackendConfig> = Vec::new();
+        let mut grouped: Vec<BackendConfig> = Vec::new();
         for (i, b) in file.backends.into_iter().enumerate() {
             // By default a backend is named after its URL's `host:port` (a host name
             // stays the name when its address moves), the address for an address.
+            // An `addresses: all` entry whose name has no address yet makes no backend
+            // until it has (see `crate::reload`); any other must resolve now.
+            let (addr, addrs) = match (&b.url.addrs, b.addresses) {
+                (Ok(a), _) => (preferred_address(a).expect("never empty"), a.clone()),
+                (Err(_), Addresses::All) if b.url.name.is_some() => {
+                    (SocketAddr::from(([0, 0, 0, 0], b.url.port)), Vec::new())
+                }
+                (Err(m), _) => return Err(invalid(&format!("backends[{i}].url"), m.clone())),
+            };
             let name = b
                 .name
                 .or_else(|| b.url.name.clone())
-                .unwrap_or_else(|| b.url.addr.to_string());
+                .unwrap_or_else(|| addr.to_string());
             if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic() || c == b' ') {
                 return Err(invalid(
                     &format!("backends[{i}].name"),
@@ -1092,7 +1107,7 @@ impl Config {
                 api_key,
                 name,
                 url: b.url.url,
-                addr: b.url.addr,
+                addr,
                 resolve: b.url.name,
                 group: None,
                 static_models: b.models,
@@ -1111,19 +1126,20 @@ impl Config {
                     ))
                 }
                 Addresses::All => {
-                    for &addr in &b.url.addrs {
-                        let one = entry.at(addr);
-                        if backends.iter().any(|o| o.name == one.name) {
-                            return Err(invalid(
-                                &format!("backends[{i}]"),
-                                format!("backend `{}` is listed twice", one.name),
-                            ));
-                        }
-                        backends.push(one);
+                    if groups.iter().any(|g: &BackendConfig| g.name == entry.name) {
+                        return Err(invalid(
+                            &format!("backends[{i}]"),
+                            format!("backend `{}` is listed twice", entry.name),
+                        ));
                     }
+                    grouped.extend(addrs.iter().map(|&a| entry.at(a)));
+                    groups.push(entry);
                 }
             }
         }
+        // The backends of `addresses: all` entries come after the others, as a refresh
+        // lists them.
+        backends.append(&mut grouped);
 
         let max_attempts = file.upstream.max_attempts.unwrap_or(defaults::MAX_ATTEMPTS);
         if !(1..=10).contains(&max_attempts) {
@@ -1224,6 +1240,7 @@ impl Config {
             api_keys,
             cors,
             backends,
+            groups,
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
             affinity,
             limits,
@@ -1260,6 +1277,16 @@ impl Config {
                 .map_or_else(|| PathBuf::from(defaults::UPGRADE_SOCK), resolve),
             log_format: file.log.format.unwrap_or_default(),
             access_log: file.log.access.unwrap_or(true),
+        })
+    }
+
+    /// The `addresses: all` entries whose host name has no address yet (no backend).
+    pub fn groups_without_addresses(&self) -> impl Iterator<Item = &BackendConfig> {
+        self.groups.iter().filter(|g| {
+            !self
+                .backends
+                .iter()
+                .any(|b| b.group.as_ref() == Some(&g.name))
         })
     }
 
@@ -1374,10 +1401,9 @@ pub fn preferred_address(addrs: &[SocketAddr]) -> Option<SocketAddr> {
 #[derive(Debug)]
 struct BackendUrl {
     url: String,
-    /// The one of `addrs` a single backend uses ([`preferred_address`]).
-    addr: SocketAddr,
-    /// Every address of the host, without repeats.
-    addrs: Vec<SocketAddr>,
+    port: u16,
+    /// Every address of the host, without repeats (never empty), or why there is none.
+    addrs: Result<Vec<SocketAddr>, String>,
     /// `host:port` when the host is a name, not an address.
     name: Option<String>,
     /// For `https://`: the host name (SNI, certificate check).
@@ -1416,17 +1442,26 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
     } else {
         format!("{hostport}:{default_port}")
     };
-    let mut addrs: Vec<SocketAddr> = Vec::new();
-    for a in with_port
-        .to_socket_addrs()
-        .map_err(|e| format!("`{s}`: cannot resolve `{hostport}`: {e}"))?
-    {
-        if !addrs.contains(&a) {
-            addrs.push(a);
+    let addrs = match with_port.to_socket_addrs() {
+        Err(e) => Err(format!("`{s}`: cannot resolve `{hostport}`: {e}")),
+        Ok(found) => {
+            let mut addrs: Vec<SocketAddr> = Vec::new();
+            for a in found {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+            if addrs.is_empty() {
+                Err(format!("`{s}`: `{hostport}` resolves to no address"))
+            } else {
+                Ok(addrs)
+            }
         }
-    }
-    let addr = preferred_address(&addrs)
-        .ok_or_else(|| format!("`{s}`: `{hostport}` resolves to no address"))?;
+    };
+    let port = with_port
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(default_port);
     let host = with_port
         .rsplit_once(':')
         .map_or(with_port.as_str(), |(h, _)| h)
@@ -1436,7 +1471,7 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
     let is_name = host.parse::<std::net::IpAddr>().is_err();
     Ok(BackendUrl {
         url: format!("{scheme}://{hostport}"),
-        addr,
+        port,
         addrs,
         name: is_name.then(|| with_port.clone()),
         tls_host: (scheme == "https").then_some(host),
@@ -1701,6 +1736,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`backends[0].addresses`"), "{e}");
+        // A name with no address yet: no backend until it has (`.invalid` never resolves).
+        let c = parse("backends:\n  - url: http://replicas.invalid:8000\n    addresses: all\n")
+            .unwrap();
+        assert!(c.backends.is_empty());
+        assert_eq!(c.groups.len(), 1);
+        assert_eq!(
+            c.groups[0].resolve.as_deref(),
+            Some("replicas.invalid:8000")
+        );
+        // A single backend must resolve now.
+        let e = parse("backends:\n  - url: http://replicas.invalid:8000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("test.yaml:2:")
+                && e.contains("`backends[0].url`")
+                && e.contains("cannot resolve"),
+            "{e}"
+        );
         let e = parse("backends:\n  - url: http://localhost:8000\n    addresses: some\n")
             .unwrap_err()
             .to_string();
@@ -1759,13 +1813,18 @@ mod tests {
     fn urls_sizes_and_durations() {
         assert!(parse_backend_url("http://127.0.0.1:8000/").is_ok());
         assert_eq!(
-            parse_backend_url("http://127.0.0.1").unwrap().addr.port(),
+            parse_backend_url("http://127.0.0.1")
+                .unwrap()
+                .addrs
+                .unwrap()[0]
+                .port(),
             80
         );
         assert!(parse_backend_url("127.0.0.1:8000").is_err());
         assert!(parse_backend_url("http://127.0.0.1:8000/v1").is_err());
         let https = parse_backend_url("https://localhost").unwrap();
-        assert_eq!(https.addr.port(), 443);
+        assert_eq!(https.port, 443);
+        assert_eq!(https.addrs.as_ref().unwrap()[0].port(), 443);
         assert_eq!(https.tls_host.as_deref(), Some("localhost"));
         assert_eq!(https.url, "https://localhost");
         let v6 = parse_backend_url("https://[::1]:8443").unwrap();

@@ -86,6 +86,12 @@ fn main() -> ExitCode {
                     c.backends.len(),
                     c.policy
                 );
+                for g in c.groups_without_addresses() {
+                    println!(
+                        "note: `{}` has no address yet; its backends join when it has",
+                        g.resolve.as_deref().unwrap_or(&g.name)
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -168,6 +168,7 @@ impl Reloader {
         let mut names: Vec<&str> = cur
             .backends
             .iter()
+            .chain(&cur.groups)
             .filter_map(|b| b.resolve.as_deref())
             .collect();
         names.sort_unstable();
@@ -188,7 +189,7 @@ impl Reloader {
                     addrs_of.insert(*n, addrs);
                 }
                 Ok(Ok(_)) => {
-                    tracing::debug!(host = n, "its host name has no address now; kept as it was")
+                    tracing::debug!(host = n, "a host name has no address now; kept as it was")
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(host = n, error = %e, "cannot resolve a host name; kept as it was")
@@ -198,44 +199,40 @@ impl Reloader {
                 }
             }
         }
+        let answer = |b: &BackendConfig| b.resolve.as_deref().and_then(|n| addrs_of.get(n));
         let mut out = Refreshed::default();
+        // The others in order, then each `addresses: all` entry's (as the config lists them).
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(cur.backends.len());
-        for (i, b) in cur.backends.iter().enumerate() {
-            let addrs = b.resolve.as_deref().and_then(|n| addrs_of.get(n));
-            match (&b.group, addrs) {
-                (_, None) => backends.push(b.clone()),
-                (None, Some(addrs)) => {
-                    let mut b = b.clone();
-                    if let Some(to) = moved_to(b.addr, addrs) {
-                        out.moved.push((b.name.clone(), b.addr, to));
-                        b.addr = to;
-                    }
-                    backends.push(b);
+        for b in cur.backends.iter().filter(|b| b.group.is_none()) {
+            let mut b = b.clone();
+            if let Some(to) = answer(&b).and_then(|addrs| moved_to(b.addr, addrs)) {
+                out.moved.push((b.name.clone(), b.addr, to));
+                b.addr = to;
+            }
+            backends.push(b);
+        }
+        for g in &cur.groups {
+            let members: Vec<&BackendConfig> = cur
+                .backends
+                .iter()
+                .filter(|b| b.group.as_ref() == Some(&g.name))
+                .collect();
+            let Some(addrs) = answer(g) else {
+                backends.extend(members.into_iter().cloned());
+                continue;
+            };
+            for m in &members {
+                if !addrs.contains(&m.addr) {
+                    out.removed.push(m.name.clone());
                 }
-                (Some(g), Some(addrs)) => {
-                    // The whole group, where its first member stood.
-                    let members: Vec<&BackendConfig> = cur
-                        .backends
-                        .iter()
-                        .filter(|o| o.group.as_ref() == Some(g))
-                        .collect();
-                    if !std::ptr::eq(members[0], &cur.backends[i]) {
-                        continue;
-                    }
-                    for m in &members {
-                        if !addrs.contains(&m.addr) {
-                            out.removed.push(m.name.clone());
-                        }
-                    }
-                    for &a in addrs {
-                        match members.iter().find(|m| m.addr == a) {
-                            Some(m) => backends.push((*m).clone()),
-                            None => {
-                                let joined = b.at(a);
-                                out.added.push(joined.name.clone());
-                                backends.push(joined);
-                            }
-                        }
+            }
+            for &a in addrs {
+                match members.iter().find(|m| m.addr == a) {
+                    Some(m) => backends.push((*m).clone()),
+                    None => {
+                        let joined = g.at(a);
+                        out.added.push(joined.name.clone());
+                        backends.push(joined);
                     }
                 }
             }
@@ -562,6 +559,27 @@ mod tests {
             ["127.0.0.9:1", "pool@127.0.0.1", "pool@127.0.0.3"]
         );
         assert_eq!(live.load().backends.len(), 3, "the config follows");
+    }
+
+    #[tokio::test]
+    async fn an_all_addresses_entry_without_addresses_yet_fills_when_they_come() {
+        let a = replica("127.0.0.1").await;
+        let config = cfg(&format!(
+            "backends:\n  - url: http://replicas.invalid:{}\n    name: pool\n    addresses: all\n",
+            a.addr.port()
+        ));
+        let fleet = Fleet::new(&config.backends);
+        assert!(fleet.load().backends.is_empty());
+        let live = Arc::new(ArcSwap::from_pointee(config));
+        let (answer, resolve) = test_resolver(None);
+        let r = Reloader::new(live.clone(), fleet.clone(), vec![]).with_resolver(resolve);
+        assert!(r.refresh_addresses().await.is_empty());
+        *answer.lock().unwrap() = Some(vec![a.addr]);
+        assert_eq!(r.refresh_addresses().await.added, ["pool@127.0.0.1"]);
+        let snap = fleet.load();
+        assert_eq!(snap.backends.len(), 1);
+        assert!(snap.backends[0].backend.health.routable());
+        assert_eq!(snap.serving("m"), Some(&[0][..]));
     }
 
     #[test]

@@ -247,6 +247,13 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
         policy = %config.policy,
         "starting vllm-edge"
     );
+    for g in config.groups_without_addresses() {
+        tracing::warn!(
+            backend = %g.name,
+            host = g.resolve.as_deref().unwrap_or(""),
+            "its host name has no address yet; its backends join when it has"
+        );
+    }
     server.run_forever()
 }
 

@@ -187,3 +187,36 @@ async fn a_backend_named_by_host_is_resolved_again_without_churn() {
     .await;
     assert!(reloaded, "{}", gw.log());
 }
+
+/// An `addresses: all` entry whose name has no address yet (a headless Service before any
+/// replica is ready) makes no backend: the gateway starts and serves what it can.
+#[tokio::test]
+async fn a_gateway_starts_with_a_host_name_that_has_no_address_yet() {
+    let gw = Gateway::builder(&[])
+        .backend_with("http://replicas.invalid:8000", "addresses: all")
+        .start()
+        .await;
+    let v = get_json(gw.url("/v1/models")).await;
+    assert_eq!(v["data"], serde_json::json!([]), "{v}");
+    let r = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let stats = get_json(gw.admin_url("/load-stats")).await;
+    assert_eq!(stats["backends"], serde_json::json!([]), "{stats}");
+    assert!(gw.metrics_text().await.contains("vllm_edge_"));
+    let page = http1()
+        .get(gw.admin_url("/dashboard"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        gw.log_unusual().contains("replicas.invalid"),
+        "{}",
+        gw.log()
+    );
+}
