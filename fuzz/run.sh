@@ -36,6 +36,8 @@ seed() {
         printf '%s' '{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":16}' >"$dir/chat"
         printf '%s' '{"model":"m","prompt":"Once upon","max_completion_tokens":7}' >"$dir/completion"
         printf '%s' '{"model":"m","input":["a","b"]}' >"$dir/embeddings"
+        printf -- '--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n--B\r\ncontent-disposition: form-data; name=stream\r\n\r\ntrue\r\n--B--\r\n' >"$dir/form"
+        printf '%s' 'multipart/form-data; charset=utf-8; boundary="B"' >"$dir/form-content-type"
         ;;
     metrics)
         for f in "$fixtures"/metrics-*.txt; do

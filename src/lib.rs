@@ -6,7 +6,7 @@
 //!                       request_filter: openai::route; auth::ApiKeys::admit (401/429)
 //!                                       → local answers (/health, /v1/models)
 //!                                       or proxy::body::read_full_body (capped, replayable)
-//!                                       → openai::inspect → RoutingInfo {model, stream, ...}
+//!                                       → openai::inspect_request → RoutingInfo {model, stream, ...}
 //!                       upstream_peer:  selection::Selector::best(fleet.load(), request,
 //!                                       tried) → HttpPeer (pooled) + fleet::InFlightGuard
 //!                       request_body_filter: replay the full body on every attempt
@@ -33,6 +33,7 @@
 //! Modules, one concept each:
 //! - [`config`]: the YAML schema, precise errors, validation, every default;
 //! - [`openai`]: routes, request inspection, error bodies;
+//! - [`form`]: `multipart/form-data` bodies (the audio endpoints' uploads);
 //! - [`fleet`]: backend identity, live state snapshot, in-flight counting;
 //! - [`selection`]: replica selection policies (pure);
 //! - [`scraper`]: the background service that observes backends;
@@ -61,6 +62,7 @@ pub mod cors;
 pub mod demo;
 pub mod engine_metrics;
 pub mod fleet;
+pub mod form;
 pub mod health;
 pub mod httpclient;
 pub mod lifecycle;

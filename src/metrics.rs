@@ -87,8 +87,9 @@ pub static SCRAPE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "vllm_edge_tokens_total",
-        "Tokens reported in responses' usage (every non-streaming answer, and streams that \
-         asked for stream_options.include_usage), by model and kind (prompt, completion).",
+        "Tokens reported in responses' usage (every non-streaming answer but the audio \
+         endpoints', and streams that asked for stream_options.include_usage or, in an audio \
+         form, stream_include_usage), by model and kind (prompt, completion).",
         &["model", "kind"]
     )
     .expect("metric registers once")

@@ -13,14 +13,15 @@ pub enum Route {
     Inference,
     /// `GET /v1/models`: the union of the fleet's models, answered locally.
     Models,
-    /// `GET /health`: answered locally.
+    /// `GET /health` (and `/ping`, vLLM's alias of it): answered locally.
     Health,
     /// A known path with the wrong method.
     MethodNotAllowed(&'static str),
     NotFound,
 }
 
-/// POST endpoints of vLLM's server that carry a `model` field.
+/// POST endpoints of vLLM's server that carry a `model` field (in a JSON body, or in a
+/// `multipart/form-data` one for the audio endpoints).
 const INFERENCE_PATHS: &[&str] = &[
     "/v1/chat/completions",
     "/v1/completions",
@@ -40,6 +41,8 @@ const INFERENCE_PATHS: &[&str] = &[
     "/v1/rerank",
     "/v2/rerank",
     "/inference/v1/generate",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
 ];
 
 pub fn route(method: &http::Method, path: &str) -> Route {
@@ -58,6 +61,9 @@ pub fn route(method: &http::Method, path: &str) -> Route {
         };
     }
     match path {
+        // vLLM answers `/ping` (SageMaker's health check) as `/health`, to GET and POST.
+        "/ping" if method == http::Method::GET || method == http::Method::POST => Route::Health,
+        "/ping" => Route::MethodNotAllowed("GET, POST"),
         "/v1/models" | "/health" => {
             if method == http::Method::GET || method == http::Method::HEAD {
                 if path == "/health" {
@@ -162,6 +168,101 @@ pub fn json_depth_exceeds(body: &[u8], limit: usize) -> bool {
         i += 1;
     }
     false
+}
+
+/// Reads the routing fields of a request body as its `Content-Type` says it is written:
+/// a `multipart/form-data` form (the audio endpoints), else JSON (see [`inspect`]).
+pub fn inspect_request(
+    content_type: Option<&[u8]>,
+    body: &[u8],
+    max_depth: usize,
+) -> Result<RoutingInfo, ApiError> {
+    match content_type.and_then(crate::form::boundary) {
+        None => inspect(body, max_depth),
+        Some(Ok(boundary)) => inspect_form(body, &boundary),
+        Some(Err(why)) => Err(ApiError::bad_request(format!("{why}."), None)),
+    }
+}
+
+/// Reads the routing fields of a `multipart/form-data` body, as vLLM's audio endpoints
+/// take it: `model`, `stream`, `stream_include_usage`, `max_completion_tokens` and the
+/// text `prompt` are fields; the audio is a file part, which is only measured. When a
+/// field comes twice the last one counts, as it does for vLLM (Starlette's form).
+pub fn inspect_form(body: &[u8], boundary: &[u8]) -> Result<RoutingInfo, ApiError> {
+    let parts = crate::form::parts(body, boundary).map_err(|why| {
+        ApiError::bad_request(format!("The request form is malformed: {why}."), None)
+    })?;
+    let field = |name: &str| {
+        parts
+            .iter()
+            .rev()
+            .find(|p| !p.is_file && p.name.as_deref() == Some(name))
+            .map(|p| p.data)
+    };
+    let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
+        field(name)
+            .map(|v| {
+                std::str::from_utf8(v).map_err(|_| {
+                    ApiError::bad_request(
+                        format!("The form field `{name}` is not UTF-8."),
+                        Some(name),
+                    )
+                })
+            })
+            .transpose()
+    };
+    // Pydantic's words for a boolean, which vLLM's form fields go through.
+    let flag = |name: &'static str| -> Result<bool, ApiError> {
+        match text(name)?.map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(false),
+            Some(v) => match v.as_str() {
+                "1" | "on" | "t" | "true" | "y" | "yes" => Ok(true),
+                "0" | "off" | "f" | "false" | "n" | "no" => Ok(false),
+                _ => Err(ApiError::bad_request(
+                    format!("The form field `{name}` must be true or false."),
+                    Some(name),
+                )),
+            },
+        }
+    };
+    let model = match text("model")? {
+        Some(m) if !m.is_empty() => m.to_string(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`model` must not be empty.",
+                Some("model"),
+            ))
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "The request form has no `model` field; the gateway routes by model.",
+                Some("model"),
+            ))
+        }
+    };
+    let stream = flag("stream")?;
+    let include_usage = flag("stream_include_usage")?;
+    let max_tokens = match text("max_completion_tokens")? {
+        None => None,
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            ApiError::bad_request(
+                "The form field `max_completion_tokens` must be a whole number.",
+                Some("max_completion_tokens"),
+            )
+        })?),
+    };
+    Ok(RoutingInfo {
+        model,
+        stream,
+        // The text prompt only: audio becomes a fixed number of encoder tokens per
+        // second of sound, which its bytes do not tell (the encoding varies).
+        prompt_bytes: field("prompt").map_or(0, <[u8]>::len),
+        max_tokens,
+        // A transcription's usage counts seconds of audio, not tokens; a stream's final
+        // chunk counts tokens when asked.
+        usage_reported: stream && include_usage,
+        spans: Default::default(),
+    })
 }
 
 /// Reads the routing fields of a request body whose arrays and objects nest at most
@@ -606,6 +707,107 @@ mod tests {
         assert_eq!(route(&Method::GET, "/v1/models"), Route::Models);
         assert_eq!(route(&Method::GET, "/health"), Route::Health);
         assert_eq!(route(&Method::GET, "/admin"), Route::NotFound);
+        assert_eq!(
+            route(&Method::POST, "/v1/audio/transcriptions"),
+            Route::Inference
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/audio/translations"),
+            Route::Inference
+        );
+        assert_eq!(route(&Method::GET, "/ping"), Route::Health);
+        assert_eq!(route(&Method::POST, "/ping"), Route::Health);
+        assert_eq!(
+            route(&Method::DELETE, "/ping"),
+            Route::MethodNotAllowed("GET, POST")
+        );
+    }
+
+    /// A form as the OpenAI SDK sends one (fields, then the file).
+    fn form(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (k, v) in fields {
+            b.extend_from_slice(
+                format!("--XB\r\ncontent-disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                    .as_bytes(),
+            );
+        }
+        b.extend_from_slice(
+            b"--XB\r\ncontent-disposition: form-data; name=\"model\"; filename=\"model\"\r\n\r\n\
+              RIFF\x00\x01{\"model\":\"not this\"}\r\n--XB--\r\n",
+        );
+        b
+    }
+
+    #[test]
+    fn forms_are_read_for_their_routing_fields() {
+        let ct = Some(&b"multipart/form-data; boundary=XB"[..]);
+        let body = form(&[
+            ("model", "first"),
+            ("prompt", "names: Zoë"),
+            ("model", "whisper-large"),
+            ("stream", "True"),
+            ("stream_include_usage", "1"),
+            ("max_completion_tokens", " 64 "),
+        ]);
+        let info = inspect_request(ct, &body, 64).unwrap();
+        // The last `model` field counts, as for vLLM; the file part named `model` does not.
+        assert_eq!(info.model, "whisper-large");
+        assert!(info.stream && info.usage_reported);
+        assert_eq!(info.max_tokens, Some(64));
+        assert_eq!(info.prompt_bytes, "names: Zoë".len());
+        let info = inspect_request(ct, &form(&[("model", "w")]), 64).unwrap();
+        assert!(!info.stream && !info.usage_reported);
+        assert_eq!((info.max_tokens, info.prompt_bytes), (None, 0));
+        // Without a form content type the same bytes are (invalid) JSON.
+        let e = inspect_request(Some(b"application/json"), &body, 64).unwrap_err();
+        assert!(e.message.contains("not valid JSON"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_forms_are_400_naming_what_to_fix() {
+        let ct = Some(&b"multipart/form-data; boundary=XB"[..]);
+        for (ct, body, param, says) in [
+            (ct, form(&[]), Some("model"), "no `model` field"),
+            (
+                ct,
+                form(&[("model", "")]),
+                Some("model"),
+                "must not be empty",
+            ),
+            (
+                ct,
+                form(&[("model", "m"), ("stream", "maybe")]),
+                Some("stream"),
+                "true or false",
+            ),
+            (
+                ct,
+                form(&[("model", "m"), ("max_completion_tokens", "-1")]),
+                Some("max_completion_tokens"),
+                "whole number",
+            ),
+            (ct, b"--XB\r\n\r\ncut".to_vec(), None, "malformed"),
+            (
+                Some(&b"multipart/form-data"[..]),
+                form(&[("model", "m")]),
+                None,
+                "no boundary",
+            ),
+        ] {
+            let e = inspect_request(ct, &body, 64).unwrap_err();
+            assert_eq!((e.status, e.param), (400, param), "{e:?}");
+            assert!(e.message.contains(says), "{e:?}");
+        }
+        let mut bad = form(&[]);
+        bad.splice(
+            0..0,
+            b"--XB\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\n\xff\r\n"
+                .iter()
+                .copied(),
+        );
+        let e = inspect_request(ct, &bad, 64).unwrap_err();
+        assert!(e.message.contains("not UTF-8"), "{e:?}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The request-body inspector: any bytes give routing fields or a 400, never a panic,
-//! and whatever it accepts is JSON nested no deeper than the limit.
+//! and whatever it accepts as JSON nests no deeper than the limit. The same bytes are
+//! read as a `multipart/form-data` body (boundary `B`) and as a `Content-Type`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vllm_edge::openai::{inspect, json_depth_exceeds};
+use vllm_edge::openai::{inspect, inspect_form, inspect_request, json_depth_exceeds};
 
 fuzz_target!(|body: &[u8]| {
     let limit = 64;
@@ -14,6 +15,16 @@ fuzz_target!(|body: &[u8]| {
             assert!(!json_depth_exceeds(body, limit));
         }
         Err(e) => assert_eq!(e.status, 400),
+    }
+    match inspect_form(body, b"B") {
+        Ok(info) => {
+            assert!(!info.model.is_empty());
+            assert!(info.prompt_bytes <= body.len());
+        }
+        Err(e) => assert_eq!(e.status, 400),
+    }
+    if let Err(e) = inspect_request(Some(body), b"{\"model\":\"m\"}", limit) {
+        assert_eq!(e.status, 400);
     }
     // The usage reader sees replicas' answers: any bytes, any split.
     let mut tail = vllm_edge::openai::UsageTail::default();

@@ -515,17 +515,23 @@ impl ProxyHttp for Gateway {
                     }
                     Err(BodyError::ClientGone(e)) => return Err(e),
                 };
-                let info = match openai::inspect(&body, cfg.limits.max_json_depth) {
-                    Ok(info) => info,
-                    Err(err) => {
-                        if err == ApiError::too_deep(cfg.limits.max_json_depth) {
-                            crate::metrics::LIMIT_REFUSALS
-                                .with_label_values(&["max_json_depth"])
-                                .inc();
+                let content_type = session
+                    .req_header()
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|v| v.as_bytes());
+                let info =
+                    match openai::inspect_request(content_type, &body, cfg.limits.max_json_depth) {
+                        Ok(info) => info,
+                        Err(err) => {
+                            if err == ApiError::too_deep(cfg.limits.max_json_depth) {
+                                crate::metrics::LIMIT_REFUSALS
+                                    .with_label_values(&["max_json_depth"])
+                                    .inc();
+                            }
+                            return respond_error(session, ctx, &err).await;
                         }
-                        return respond_error(session, ctx, &err).await;
-                    }
-                };
+                    };
                 // Refused here rather than after `upstream_peer` finds nothing: an answer
                 // after a failed proxy closes the client's connection (see `fail_to_proxy`).
                 match selection::availability(&self.fleet.load(), &info.model) {

@@ -447,9 +447,31 @@ fn now_micros() -> u128 {
         .map_or(0, |d| d.as_micros())
 }
 
+#[derive(Clone, Copy)]
 enum Kind {
     Chat,
     Completion,
+    /// `/v1/audio/transcriptions`: a form with an audio file.
+    Transcription,
+    /// `/v1/audio/translations`: the same, into English.
+    Translation,
+}
+
+/// Bytes of audio per second the simulator assumes (16 kHz, 16-bit mono PCM).
+const AUDIO_BYTES_PER_SECOND: usize = 32_000;
+/// Encoder positions per second of audio (Whisper: 1,500 per 30 s window).
+const AUDIO_TOKENS_PER_SECOND: usize = 50;
+
+/// What a generation request asks for, read from its JSON body or form.
+struct Job {
+    model: String,
+    prompt_ids: Vec<u32>,
+    max_tokens: Option<usize>,
+    stream: bool,
+    include_usage: bool,
+    ignore_eos: bool,
+    /// Seconds of audio (the audio endpoints' usage).
+    audio_seconds: usize,
 }
 
 impl Sim {
@@ -606,11 +628,22 @@ impl Sim {
             return vllm_error(status, "InternalServerError", "Injected fault.", None);
         }
 
-        let v: Value = match serde_json::from_slice(&req.body) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => return vllm_error(400, "Bad Request", "JSON decode error", Some("body")),
+        let job = match kind {
+            Kind::Chat | Kind::Completion => self.json_job(req, kind),
+            Kind::Transcription | Kind::Translation => self.form_job(req),
         };
-        let model = v["model"].as_str().unwrap_or(self.model_name()).to_string();
+        let Job {
+            model,
+            mut prompt_ids,
+            max_tokens,
+            stream,
+            include_usage,
+            ignore_eos,
+            audio_seconds,
+        } = match job {
+            Ok(job) => job,
+            Err(reply) => return reply,
+        };
         if !self.args.models.contains(&model) {
             return vllm_error(
                 404,
@@ -622,24 +655,6 @@ impl Sim {
                 Some("model"),
             );
         }
-        let prompt = match kind {
-            Kind::Chat => match v["messages"].as_array() {
-                Some(m) => chat_prompt(m),
-                None => {
-                    return vllm_error(400, "Bad Request", "Field required", Some("body.messages"))
-                }
-            },
-            Kind::Completion => match &v["prompt"] {
-                Value::String(s) => s.clone(),
-                Value::Array(a) => a
-                    .iter()
-                    .filter_map(|p| p.as_str())
-                    .collect::<Vec<_>>()
-                    .join(""),
-                _ => return vllm_error(400, "Bad Request", "Field required", Some("body.prompt")),
-            },
-        };
-        let mut prompt_ids = tokenize(&prompt);
         if prompt_ids.is_empty() {
             prompt_ids.push(0);
         }
@@ -659,10 +674,6 @@ impl Sim {
                 Some("input_tokens"),
             );
         }
-        let max_tokens = v["max_completion_tokens"]
-            .as_u64()
-            .or(v["max_tokens"].as_u64())
-            .map(|n| n as usize);
         if let Some(m) = max_tokens {
             if m > max_len {
                 return vllm_error(
@@ -684,17 +695,12 @@ impl Sim {
         let forced = req
             .header("x-sim-output-tokens")
             .and_then(|s| s.parse::<usize>().ok());
-        let ignore_eos = v["ignore_eos"].as_bool().unwrap_or(false);
         let natural = match forced {
             Some(n) => n.max(1),
             None if ignore_eos => usize::MAX,
             None => self.sample_output_len(),
         };
         let output_tokens = natural.min(cap);
-        let stream = v["stream"].as_bool().unwrap_or(false);
-        let include_usage = v["stream_options"]["include_usage"]
-            .as_bool()
-            .unwrap_or(false);
         // As vLLM does, the client's `X-Request-Id` becomes the base of the request's id.
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let base = req
@@ -703,6 +709,8 @@ impl Sim {
         let id = match kind {
             Kind::Chat => format!("chatcmpl-{base}"),
             Kind::Completion => format!("cmpl-{base}"),
+            Kind::Transcription => format!("trsc-{base}"),
+            Kind::Translation => format!("trsl-{base}"),
         };
         // Tokenization and validation take time in vLLM too, before the engine sees it.
         let api = self.engine.cfg.scheduler.perf.api_overhead_ms * self.engine.cfg.time_scale;
@@ -758,6 +766,10 @@ impl Sim {
                                  "finish_reason": reason, "stop_reason": null}],
                     "system_fingerprint": "vllm-0.32.0-sim", "usage": usage,
                 }),
+                Kind::Transcription => json!({
+                    "text": text, "usage": {"type": "duration", "seconds": audio_seconds},
+                }),
+                Kind::Translation => json!({"text": text}),
             };
             Reply::Full {
                 status: 200,
@@ -766,6 +778,126 @@ impl Sim {
                 body: Bytes::from(body.to_string()),
             }
         }
+    }
+
+    /// A chat or completion request's JSON body.
+    fn json_job(&self, req: &Request, kind: Kind) -> Result<Job, Reply> {
+        let v: Value = match serde_json::from_slice(&req.body) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                return Err(vllm_error(
+                    400,
+                    "Bad Request",
+                    "JSON decode error",
+                    Some("body"),
+                ))
+            }
+        };
+        let prompt = match kind {
+            Kind::Chat => match v["messages"].as_array() {
+                Some(m) => chat_prompt(m),
+                None => {
+                    return Err(vllm_error(
+                        400,
+                        "Bad Request",
+                        "Field required",
+                        Some("body.messages"),
+                    ))
+                }
+            },
+            _ => match &v["prompt"] {
+                Value::String(s) => s.clone(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(""),
+                _ => {
+                    return Err(vllm_error(
+                        400,
+                        "Bad Request",
+                        "Field required",
+                        Some("body.prompt"),
+                    ))
+                }
+            },
+        };
+        Ok(Job {
+            model: v["model"].as_str().unwrap_or(self.model_name()).to_string(),
+            prompt_ids: tokenize(&prompt),
+            max_tokens: v["max_completion_tokens"]
+                .as_u64()
+                .or(v["max_tokens"].as_u64())
+                .map(|n| n as usize),
+            stream: v["stream"].as_bool().unwrap_or(false),
+            include_usage: v["stream_options"]["include_usage"]
+                .as_bool()
+                .unwrap_or(false),
+            ignore_eos: v["ignore_eos"].as_bool().unwrap_or(false),
+            audio_seconds: 0,
+        })
+    }
+
+    /// An audio request's `multipart/form-data` body: the audio file becomes encoder
+    /// positions (50 per second of sound, at 16 kHz 16-bit), the text `prompt` tokens.
+    fn form_job(&self, req: &Request) -> Result<Job, Reply> {
+        let bad = |msg: &str, param: &str| vllm_error(400, "BadRequestError", msg, Some(param));
+        let boundary = match req
+            .header("content-type")
+            .map(|c| crate::form::boundary(c.as_bytes()))
+        {
+            Some(Some(Ok(b))) => b.into_owned(),
+            _ => return Err(bad("Expected a multipart/form-data body.", "body")),
+        };
+        let parts = crate::form::parts(&req.body, &boundary).map_err(|why| {
+            bad(
+                &format!("There was an error parsing the body: {why}"),
+                "body",
+            )
+        })?;
+        let field = |name: &str| {
+            parts
+                .iter()
+                .rev()
+                .find(|p| !p.is_file && p.name.as_deref() == Some(name))
+                .map(|p| String::from_utf8_lossy(p.data).into_owned())
+        };
+        let flag = |name: &str| {
+            field(name).is_some_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "on" | "t" | "true" | "y" | "yes"
+                )
+            })
+        };
+        let Some(audio) = parts
+            .iter()
+            .find(|p| p.is_file && p.name.as_deref() == Some("file"))
+        else {
+            return Err(bad("Field required", "body.file"));
+        };
+        if audio.data.is_empty() {
+            return Err(bad("The audio file is empty.", "file"));
+        }
+        let stream = flag("stream");
+        if flag("stream_include_usage") && !stream {
+            return Err(bad(
+                "Stream options can only be defined when `stream=True`.",
+                "stream_include_usage",
+            ));
+        }
+        let seconds = audio.data.len().div_ceil(AUDIO_BYTES_PER_SECOND);
+        let mut prompt_ids = vec![0; seconds * AUDIO_TOKENS_PER_SECOND];
+        prompt_ids.extend(tokenize(&field("prompt").unwrap_or_default()));
+        Ok(Job {
+            model: field("model").unwrap_or_else(|| self.model_name().to_string()),
+            prompt_ids,
+            max_tokens: field("max_completion_tokens").and_then(|v| v.trim().parse().ok()),
+            stream,
+            include_usage: flag("stream_include_usage"),
+            ignore_eos: false,
+            audio_seconds: seconds,
+        })
     }
 
     fn embeddings(&self, req: &Request) -> Reply {
@@ -866,6 +998,8 @@ impl GenCtx {
         match self.kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",
+            Kind::Transcription => "transcription.chunk",
+            Kind::Translation => "translation.chunk",
         }
     }
 
@@ -923,6 +1057,8 @@ async fn stream_events(
                 Kind::Chat => json!({"index": 0, "delta": {"content": word}, "logprobs": null,
                                      "finish_reason": reason}),
                 Kind::Completion => json!({"index": 0, "text": word, "logprobs": null,
+                                           "finish_reason": reason, "stop_reason": null}),
+                Kind::Transcription | Kind::Translation => json!({"delta": {"content": word},
                                            "finish_reason": reason, "stop_reason": null}),
             };
             if tx.send(ctx.event(ctx.chunk(choice))).await.is_err() {
@@ -1043,6 +1179,8 @@ impl http::Handler for Sim {
             ("POST", "/v1/completions") => self.generate(&req, Kind::Completion).await,
             ("POST", "/v1/embeddings") => self.embeddings(&req),
             ("POST", "/tokenize") => self.tokenize(&req),
+            ("POST", "/v1/audio/transcriptions") => self.generate(&req, Kind::Transcription).await,
+            ("POST", "/v1/audio/translations") => self.generate(&req, Kind::Translation).await,
             ("GET", "/sim/state") => Reply::json(200, self.state().to_string()),
             ("GET", "/sim/faults") => Reply::json(200, json!(self.faults()).to_string()),
             ("POST", "/sim/faults") => match serde_json::from_slice::<Faults>(&req.body) {
@@ -1066,14 +1204,20 @@ impl http::Handler for Sim {
                     Err(e) => vllm_error(400, "BadRequestError", &e.to_string(), Some("body")),
                 }
             }
-            (_, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/tokenize") => {
-                Reply::Full {
-                    status: 405,
-                    content_type: "application/json",
-                    headers: vec![("allow", "POST".into())],
-                    body: Bytes::from_static(b"{\"detail\":\"Method Not Allowed\"}"),
-                }
-            }
+            (
+                _,
+                "/v1/chat/completions"
+                | "/v1/completions"
+                | "/v1/embeddings"
+                | "/tokenize"
+                | "/v1/audio/transcriptions"
+                | "/v1/audio/translations",
+            ) => Reply::Full {
+                status: 405,
+                content_type: "application/json",
+                headers: vec![("allow", "POST".into())],
+                body: Bytes::from_static(b"{\"detail\":\"Method Not Allowed\"}"),
+            },
             _ => Reply::json(404, "{\"detail\":\"Not Found\"}"),
         }
     }

@@ -1,8 +1,9 @@
 """End-to-end check with the official `openai` Python SDK against `vllm-edge demo`.
 
 Starts the demo (three simulated replicas behind the gateway) on free ports, then runs a
-non-streaming chat completion, a streaming one and an unknown-model error through the
-gateway. Usage: python openai_sdk.py PATH_TO_VLLM_EDGE_BINARY
+non-streaming chat completion, a streaming one, an audio transcription and translation
+(multipart uploads) and an unknown-model error through the gateway.
+Usage: python openai_sdk.py PATH_TO_VLLM_EDGE_BINARY
 """
 
 import json
@@ -71,6 +72,28 @@ def check_stream(client):
     assert usage is not None and usage.completion_tokens == 6, usage
 
 
+def wav(seconds):
+    """A silent 16 kHz 16-bit mono WAV file."""
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 16000 * seconds)
+    return out.getvalue()
+
+
+def check_audio(client):
+    audio = wav(2)
+    r = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio, "audio/wav"))
+    assert r.text, r
+    r = client.audio.translations.create(model=MODEL, file=("a.wav", audio, "audio/wav"))
+    assert r.text, r
+
+
 def check_unknown_model(client):
     try:
         client.chat.completions.create(
@@ -88,7 +111,7 @@ def main():
     passed = failed = 0
     try:
         client = openai.OpenAI(base_url=f"http://{addr}/v1", api_key="unused", max_retries=0)
-        for check in (check_chat, check_stream, check_unknown_model):
+        for check in (check_chat, check_stream, check_audio, check_unknown_model):
             try:
                 check(client)
                 passed += 1

@@ -3,6 +3,7 @@
 
 mod adversarial;
 mod affinity;
+mod audio;
 mod body;
 mod cli;
 mod discovery;
