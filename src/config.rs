@@ -1290,6 +1290,17 @@ impl Config {
         })
     }
 
+    /// Whether `model` is promised by an `addresses: all` entry that has no address at the
+    /// moment (its `models:` list names it): a model that is coming back, not an unknown
+    /// one. Models only discovered from replicas cannot be promised.
+    pub fn awaits(&self, model: &str) -> bool {
+        self.groups_without_addresses().any(|g| {
+            g.static_models
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|x| x == model))
+        })
+    }
+
     /// A configuration for `demo` and tests: the given backends, everything else default.
     pub fn with_backends(listen: SocketAddr, admin: SocketAddr, urls: &[String]) -> Config {
         let backends = urls

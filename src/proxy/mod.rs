@@ -536,11 +536,13 @@ impl ProxyHttp for Gateway {
                 // after a failed proxy closes the client's connection (see `fail_to_proxy`).
                 match selection::availability(&self.fleet.load(), &info.model) {
                     Ok(()) => {}
-                    Err(NoCandidate::UnknownModel) => {
+                    Err(NoCandidate::UnknownModel) if !cfg.awaits(&info.model) => {
                         let err = ApiError::model_not_found(&info.model);
                         return respond_error(session, ctx, &err).await;
                     }
-                    Err(NoCandidate::Unavailable) => {
+                    // Its replicas are all down, or its host name has no address yet
+                    // (a Kubernetes Service during a rollout): clients retry a 503.
+                    Err(NoCandidate::Unavailable | NoCandidate::UnknownModel) => {
                         let after = self.retry_after();
                         let err = ApiError::no_backend(&info.model);
                         return respond_error_with(session, ctx, &err, &[("retry-after", &after)])

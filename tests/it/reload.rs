@@ -194,6 +194,10 @@ async fn a_backend_named_by_host_is_resolved_again_without_churn() {
 async fn a_gateway_starts_with_a_host_name_that_has_no_address_yet() {
     let gw = Gateway::builder(&[])
         .backend_with("http://replicas.invalid:8000", "addresses: all")
+        .backend_with(
+            "http://llamas.invalid:8000",
+            "addresses: all\nmodels: [llama]",
+        )
         .start()
         .await;
     let v = get_json(gw.url("/v1/models")).await;
@@ -205,6 +209,16 @@ async fn a_gateway_starts_with_a_host_name_that_has_no_address_yet() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // A model the file promises for a name with no address is on its way: 503, retry.
+    let r = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("llama", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    let (status, v) = error_of(r).await;
+    assert_eq!(status, 503, "{v}");
     let stats = get_json(gw.admin_url("/load-stats")).await;
     assert_eq!(stats["backends"], serde_json::json!([]), "{stats}");
     assert!(gw.metrics_text().await.contains("vllm_edge_"));
