@@ -121,18 +121,136 @@ async fn refuse(mut stream: Stream) {
     Shutdown::shutdown(&mut *stream).await;
 }
 
-/// Where a connection is in its exchange of HTTP/1 request heads.
+/// Where a connection is in its exchange of HTTP/1 requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Head {
-    /// Receiving a head; `newlines` counts the line ends since the last other byte (two
-    /// in a row end the head).
-    Receiving { newlines: u8 },
-    /// The head arrived; the body and the answer follow.
+    /// Receiving a head.
+    Receiving(HeadScan),
+    /// A head arrived whose body has `Content-Length` bytes: that many bytes are body,
+    /// and the byte after them starts the next head (pipelined, or after the answer).
+    Body { remaining: u64 },
+    /// A head arrived whose body's length this cannot follow (chunked, or a length it
+    /// cannot read): the next head is taken to start after an answer was written.
     Received,
-    /// An answer was written: the next byte read starts the next head.
+    /// Between requests: the next byte read starts the next head.
     Between,
     /// Not HTTP/1 (an HTTP/2 preface): HTTP/2's own limits apply.
     Off,
+}
+
+/// What a head says so far, read a byte at a time: where it ends (an empty line), and
+/// how long the body after it is (`Content-Length`, or `Transfer-Encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct HeadScan {
+    /// Line ends since the last other byte; two in a row end the head.
+    newlines: u8,
+    /// The current line's first bytes, until its colon: a header name.
+    name: [u8; 18],
+    name_len: u8,
+    field: Field,
+    content_length: Option<u64>,
+    /// The length cannot be followed: a `Transfer-Encoding`, or a `Content-Length` that
+    /// is not one number (Pingora refuses that request anyway).
+    unknown_length: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Field {
+    /// The line's name (before its colon).
+    #[default]
+    Name,
+    /// In a `Content-Length` value: its digits so far.
+    ContentLength(Option<u64>),
+    /// In any other line.
+    Other,
+}
+
+impl HeadScan {
+    /// Reads `data` until the head ends: `Some` (bytes taken, what follows) if it ended.
+    fn feed(&mut self, data: &[u8]) -> Option<(usize, Head)> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.field == Field::Other {
+                // The rest of a line nothing is read from: to its end at once.
+                match memchr::memchr(b'\n', &data[i..]) {
+                    Some(n) => {
+                        if n > 0 {
+                            self.newlines = 0;
+                        }
+                        i += n;
+                    }
+                    None => {
+                        self.newlines = 0;
+                        return None;
+                    }
+                }
+            }
+            let b = data[i];
+            i += 1;
+            match b {
+                b'\n' => {
+                    if let Field::ContentLength(value) = self.field {
+                        match (value, self.content_length) {
+                            (Some(v), None) => self.content_length = Some(v),
+                            (Some(v), Some(before)) if v == before => {}
+                            _ => self.unknown_length = true,
+                        }
+                    }
+                    self.field = Field::Name;
+                    self.name_len = 0;
+                    self.newlines += 1;
+                    if self.newlines == 2 {
+                        let next = match self.content_length {
+                            _ if self.unknown_length => Head::Received,
+                            Some(n) if n > 0 => Head::Body { remaining: n },
+                            _ => Head::Between,
+                        };
+                        return Some((i, next));
+                    }
+                }
+                b'\r' => {}
+                _ => {
+                    self.newlines = 0;
+                    match &mut self.field {
+                        Field::Name if b == b':' => {
+                            let name = &self.name[..self.name_len as usize];
+                            self.field = if name.eq_ignore_ascii_case(b"content-length") {
+                                Field::ContentLength(None)
+                            } else {
+                                if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                                    self.unknown_length = true;
+                                }
+                                Field::Other
+                            };
+                        }
+                        Field::Name if (self.name_len as usize) < self.name.len() => {
+                            self.name[self.name_len as usize] = b;
+                            self.name_len += 1;
+                        }
+                        // Longer than any name looked for.
+                        Field::Name => self.field = Field::Other,
+                        Field::ContentLength(value) => match b {
+                            b'0'..=b'9' => {
+                                let digit = u64::from(b - b'0');
+                                match value
+                                    .unwrap_or(0)
+                                    .checked_mul(10)
+                                    .and_then(|v| v.checked_add(digit))
+                                {
+                                    Some(v) => *value = Some(v),
+                                    None => self.unknown_length = true,
+                                }
+                            }
+                            b' ' | b'\t' => {}
+                            _ => self.unknown_length = true,
+                        },
+                        Field::Other => {}
+                    }
+                }
+            }
+        }
+        None
+    }
 }
 
 /// A client stream whose HTTP/1 request heads must each arrive within a time limit:
@@ -155,14 +273,15 @@ impl HeadDeadline {
         HeadDeadline {
             inner,
             limit,
-            head: Head::Receiving { newlines: 0 },
+            head: Head::Receiving(HeadScan::default()),
             timer: Some(Box::pin(tokio::time::sleep(limit))),
             start: Some(Vec::new()),
             peeked: Vec::new(),
         }
     }
 
-    /// An answer is being written: the next byte read starts the next head.
+    /// An answer is being written: after a body whose length is not followed, the next
+    /// byte read starts the next head.
     fn wrote(&mut self) {
         if self.head == Head::Received {
             self.head = Head::Between;
@@ -183,7 +302,10 @@ impl HeadDeadline {
         )
     }
 
-    fn observe(&mut self, data: &[u8]) {
+    /// Follows the bytes a client sent: heads (each timed from its first byte), and the
+    /// bodies between them, skipped by their `Content-Length`. Pipelined requests
+    /// (several in one read, or a head whose body comes in later reads) are told apart.
+    fn observe(&mut self, mut data: &[u8]) {
         if data.is_empty() {
             return;
         }
@@ -199,28 +321,31 @@ impl HeadDeadline {
                 return;
             }
         }
-        if self.head == Head::Between {
-            self.head = Head::Receiving { newlines: 0 };
-            self.timer = Some(Box::pin(tokio::time::sleep(self.limit)));
-        }
-        let Head::Receiving { mut newlines } = self.head else {
-            return;
-        };
-        for &b in data {
-            match b {
-                b'\n' => {
-                    newlines += 1;
-                    if newlines == 2 {
-                        self.head = Head::Received;
-                        self.timer = None;
-                        return;
+        while !data.is_empty() {
+            match &mut self.head {
+                Head::Off | Head::Received => return,
+                Head::Body { remaining } => {
+                    let n = (*remaining).min(data.len() as u64);
+                    *remaining -= n;
+                    data = &data[n as usize..];
+                    if *remaining == 0 {
+                        self.head = Head::Between;
                     }
                 }
-                b'\r' => {}
-                _ => newlines = 0,
+                Head::Between => {
+                    self.head = Head::Receiving(HeadScan::default());
+                    self.timer = Some(Box::pin(tokio::time::sleep(self.limit)));
+                }
+                Head::Receiving(scan) => match scan.feed(data) {
+                    Some((taken, next)) => {
+                        data = &data[taken..];
+                        self.head = next;
+                        self.timer = None;
+                    }
+                    None => return,
+                },
             }
         }
-        self.head = Head::Receiving { newlines };
     }
 }
 
@@ -512,23 +637,118 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_head_ends_at_an_empty_line_in_any_chunking() {
-        let head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}";
+    async fn a_head_ends_at_an_empty_line_and_its_body_is_skipped_in_any_chunking() {
+        let head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nContent-Length: 2\r\n\r\n{}";
         for chunk in 1..head.len() {
             let mut d = deadline();
             for c in head.chunks(chunk) {
                 d.observe(c);
             }
-            assert_eq!(d.head, Head::Received, "chunk {chunk}");
+            assert_eq!(d.head, Head::Between, "chunk {chunk}");
             assert!(d.timer.is_none());
         }
         let mut d = deadline();
         d.observe(b"GET / HTTP/1.1\nhost: x\n\n");
-        assert_eq!(d.head, Head::Received, "bare line feeds");
+        assert_eq!(d.head, Head::Between, "bare line feeds");
         let mut d = deadline();
         d.observe(b"GET / HTTP/1.1\r\nhost: x\r\n");
-        assert!(matches!(d.head, Head::Receiving { .. }));
+        assert!(matches!(d.head, Head::Receiving(_)));
         assert!(d.timer.is_some());
+    }
+
+    /// Pipelined requests: several in one read, and a head whose body comes in later
+    /// reads. The body is not taken for the next head, so a slow body is not cut by the
+    /// head's deadline, and the next head is timed from its own first byte.
+    #[tokio::test]
+    async fn bodies_are_told_from_pipelined_heads() {
+        let mut d = deadline();
+        d.observe(
+            b"POST /a HTTP/1.1\r\ncontent-length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n\r\n\
+              POST /c HTTP/1.1\r\ncontent-length:10\r\n\r\n12345",
+        );
+        assert_eq!(d.head, Head::Body { remaining: 5 });
+        assert!(d.timer.is_none(), "a body is not a head");
+        // Body bytes that look like a head's end change nothing.
+        d.observe(b"\r\n\r\n");
+        assert_eq!(d.head, Head::Body { remaining: 1 });
+        d.observe(b"xGET");
+        assert!(matches!(d.head, Head::Receiving(_)));
+        assert!(d.timer.is_some(), "the next head is timed");
+        // An answer written while a body is on its way (100 Continue) changes nothing.
+        let mut d = deadline();
+        d.observe(b"POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n");
+        d.wrote();
+        assert_eq!(d.head, Head::Body { remaining: 4 });
+        d.observe(b"body");
+        assert_eq!(d.head, Head::Between);
+        assert!(
+            d.timer.is_none(),
+            "an idle connection is not timed as a head"
+        );
+        // A one-byte body, and an empty one.
+        let mut d = deadline();
+        d.observe(b"POST / HTTP/1.1\r\ncontent-length: 1\r\n\r\nx");
+        assert_eq!((d.head, d.timer.is_none()), (Head::Between, true));
+        d.observe(b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\nG");
+        assert!(matches!(d.head, Head::Receiving(_)));
+    }
+
+    proptest::proptest! {
+        /// However the bytes of pipelined requests are split into reads, the state after
+        /// them is the same, and every split point inside a body leaves no head timed.
+        #[test]
+        fn the_state_does_not_depend_on_how_reads_split_the_bytes(
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+            body in "[a-z\r\n:{}]{0,40}",
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let _guard = rt.enter();
+            let bytes = format!(
+                "POST /a HTTP/1.1\r\nContent-Length: {}\r\nx-long-header-name: v\r\n\r\n{body}\
+                 GET /b HTTP/1.1\r\n\r\nPOST /c HTTP/1.1\r\ncontent-length:3\r\n\r\nab",
+                body.len()
+            );
+            let bytes = bytes.as_bytes();
+            let mut whole = deadline();
+            whole.observe(bytes);
+            proptest::prop_assert_eq!(whole.head, Head::Body { remaining: 1 });
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut d = deadline();
+            let mut at = 0;
+            for c in cuts.into_iter().chain([bytes.len()]) {
+                d.observe(&bytes[at..c]);
+                at = c;
+            }
+            proptest::prop_assert_eq!(d.head, whole.head);
+            proptest::prop_assert!(d.timer.is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_length_it_cannot_follow_waits_for_the_answer_as_before() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\ncontent-length: 1, 2\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            let mut d = deadline();
+            d.observe(head);
+            assert_eq!(d.head, Head::Received, "{}", String::from_utf8_lossy(head));
+            d.observe(b"1\r\nx\r\n0\r\n\r\n");
+            assert_eq!(d.head, Head::Received, "the body is not a head");
+            d.wrote();
+            assert_eq!(d.head, Head::Between);
+        }
+        // The same length twice is one length; a long name is not a length.
+        let mut d = deadline();
+        d.observe(b"POST / HTTP/1.1\r\nContent-Length: 2\r\ncontent-length:2 \r\n\r\n");
+        assert_eq!(d.head, Head::Body { remaining: 2 });
+        let mut d = deadline();
+        d.observe(b"POST / HTTP/1.1\r\nx-content-length-of-it: 2\r\n\r\n");
+        assert_eq!(d.head, Head::Between);
     }
 
     #[tokio::test]
@@ -538,7 +758,7 @@ mod tests {
         d.head = Head::Between;
         assert!(d.timer.is_none());
         d.observe(b"G");
-        assert!(matches!(d.head, Head::Receiving { .. }));
+        assert!(matches!(d.head, Head::Receiving(_)));
         assert!(d.timer.is_some());
 
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -555,7 +775,7 @@ mod tests {
         for c in [&b"P"[..], b"R", b"I", b" GET"] {
             d.observe(c);
         }
-        assert!(matches!(d.head, Head::Receiving { .. }));
+        assert!(matches!(d.head, Head::Receiving(_)));
         assert!(d.timer.is_some());
     }
 }

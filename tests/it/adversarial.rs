@@ -99,6 +99,27 @@ async fn try_read_answer(conn: &mut TcpStream, to_end: bool) -> Option<Answer> {
     })
 }
 
+/// Answers one after the other in `bytes` (each with a `content-length`): status and
+/// head of each.
+fn split_answers(mut bytes: &[u8]) -> Vec<(u16, String)> {
+    let mut answers = Vec::new();
+    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end + 4]).to_string();
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
+        let length = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        });
+        let (Some(status), Some(length)) = (status, length) else {
+            panic!("not an answer with a length: {head:?}");
+        };
+        bytes = &bytes[(end + 4 + length).min(bytes.len())..];
+        answers.push((status, head));
+    }
+    answers
+}
+
 async fn read_to_close(conn: &mut TcpStream, into: &mut Vec<u8>) {
     let mut chunk = [0u8; 16 * 1024];
     loop {
@@ -622,16 +643,65 @@ async fn pipelined_requests_are_answered_in_order() {
     all.extend_from_slice(&post("connection: close\r\n", chat));
     let mut conn = TcpStream::connect(gw.addr).await.unwrap();
     conn.write_all(&all).await.unwrap();
-    let mut statuses = Vec::new();
-    for last in [false, false, false, false, true] {
-        let a = tokio::time::timeout(ANSWER_WITHIN, try_read_answer(&mut conn, last))
-            .await
-            .expect("answered in time")
-            .unwrap_or_else(|| panic!("closed after {statuses:?}"));
-        statuses.push(a.status);
-    }
-    assert_eq!(statuses, [200, 400, 200, 404, 200]);
+    // The answers may come in one read: all are read (the last closes), then split.
+    let mut bytes = Vec::new();
+    tokio::time::timeout(ANSWER_WITHIN, read_to_close(&mut conn, &mut bytes))
+        .await
+        .expect("answered in time");
+    let statuses: Vec<u16> = split_answers(&bytes).iter().map(|a| a.0).collect();
+    assert_eq!(
+        statuses,
+        [200, 400, 200, 404, 200],
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
     assert_eq!(backend.sim.state()["requests"], 2);
+}
+
+/// A pipelined request's body is not taken for the next head: a body that comes slower
+/// than `header_read_timeout` (but within `body_read_timeout`) is served, and so is a
+/// request sent on the connection after it stood idle longer than that.
+#[tokio::test]
+async fn a_pipelined_body_slower_than_the_head_deadline_is_served() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend])
+        .yaml("limits:\n  header_read_timeout: 1s\n  body_read_timeout: 20s\n  keepalive_timeout: 20s")
+        .start()
+        .await;
+    let chat = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let second = post("", chat);
+    let body_at = second.len() - chat.len();
+    // Longer than the gateway's first read (its HTTP/2 peek), so that the read which
+    // ends this head also brings the whole next one.
+    let mut first = format!(
+        "GET /health HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\n\r\n",
+        "p".repeat(100)
+    )
+    .into_bytes();
+    // The second request's head and the first bytes of its body, pipelined.
+    first.extend_from_slice(&second[..body_at + 5]);
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(&first).await.unwrap();
+    assert_eq!(read_answer(&mut conn, false).await.status, 200);
+    // More of the body, then a pause longer than the head deadline (a slow uploader),
+    // then the rest.
+    conn.write_all(&second[body_at + 5..body_at + 10])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    conn.write_all(&second[body_at + 10..]).await.unwrap();
+    let a = tokio::time::timeout(ANSWER_WITHIN, try_read_answer(&mut conn, false))
+        .await
+        .expect("answered in time")
+        .unwrap_or_else(|| panic!("closed before the answer: {}", gw.log_unusual()));
+    assert_eq!(a.status, 200, "{}", a.head);
+    // Idle longer than the head deadline: the next request is still served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let a = try_read_answer(&mut conn, false).await;
+    assert_eq!(a.map(|a| a.status), Some(200), "{}", gw.log_unusual());
 }
 
 #[tokio::test]
