@@ -26,6 +26,30 @@ pub struct Part<'a> {
     pub data: &'a [u8],
 }
 
+/// The value of the field `name` (not a file): the last one when it comes twice, as
+/// vLLM's server (Starlette) reads a form.
+pub fn field<'a>(parts: &[Part<'a>], name: &str) -> Option<&'a [u8]> {
+    parts
+        .iter()
+        .rev()
+        .find(|p| !p.is_file && p.name.as_deref() == Some(name))
+        .map(|p| p.data)
+}
+
+/// A boolean form value as vLLM reads one (Pydantic's words, any case, spaces around);
+/// `None` for anything else.
+pub fn boolean(value: &[u8]) -> Option<bool> {
+    let v = value.trim_ascii();
+    let is = |words: &[&str]| words.iter().any(|w| v.eq_ignore_ascii_case(w.as_bytes()));
+    if is(&["1", "on", "t", "true", "y", "yes"]) {
+        Some(true)
+    } else if is(&["0", "off", "f", "false", "n", "no"]) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Whether a `Content-Type` is a form, and its boundary:
 /// - `None`: not `multipart/form-data`;
 /// - `Some(Err(why))`: a form whose boundary is missing or not one RFC 2046 allows;
@@ -258,6 +282,18 @@ mod tests {
             ok(&format!("multipart/form-data; boundary={}", "x".repeat(71))),
             Some(Err(_))
         ));
+    }
+
+    #[test]
+    fn the_last_field_of_a_name_counts_and_booleans_are_pydantic_words() {
+        let b = body("B", &[("stream", "no"), ("stream", " TRUE ")], b"x");
+        let p = parts(&b, b"B").unwrap();
+        assert_eq!(field(&p, "stream"), Some(&b" TRUE "[..]));
+        assert_eq!(field(&p, "file"), None, "a file is not a field");
+        assert_eq!(boolean(b" TRUE "), Some(true));
+        assert_eq!(boolean(b"Off"), Some(false));
+        assert_eq!(boolean(b"maybe"), None);
+        assert_eq!(boolean(b""), None);
     }
 
     #[test]

@@ -186,19 +186,13 @@ pub fn inspect_request(
 
 /// Reads the routing fields of a `multipart/form-data` body, as vLLM's audio endpoints
 /// take it: `model`, `stream`, `stream_include_usage`, `max_completion_tokens` and the
-/// text `prompt` are fields; the audio is a file part, which is only measured. When a
-/// field comes twice the last one counts, as it does for vLLM (Starlette's form).
+/// text `prompt` are fields (the last counts when one comes twice, as for vLLM); the
+/// audio is a file part, which is not read.
 pub fn inspect_form(body: &[u8], boundary: &[u8]) -> Result<RoutingInfo, ApiError> {
     let parts = crate::form::parts(body, boundary).map_err(|why| {
         ApiError::bad_request(format!("The request form is malformed: {why}."), None)
     })?;
-    let field = |name: &str| {
-        parts
-            .iter()
-            .rev()
-            .find(|p| !p.is_file && p.name.as_deref() == Some(name))
-            .map(|p| p.data)
-    };
+    let field = |name: &str| crate::form::field(&parts, name);
     let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
         field(name)
             .map(|v| {
@@ -211,19 +205,15 @@ pub fn inspect_form(body: &[u8], boundary: &[u8]) -> Result<RoutingInfo, ApiErro
             })
             .transpose()
     };
-    // Pydantic's words for a boolean, which vLLM's form fields go through.
     let flag = |name: &'static str| -> Result<bool, ApiError> {
-        match text(name)?.map(|v| v.trim().to_ascii_lowercase()) {
-            None => Ok(false),
-            Some(v) => match v.as_str() {
-                "1" | "on" | "t" | "true" | "y" | "yes" => Ok(true),
-                "0" | "off" | "f" | "false" | "n" | "no" => Ok(false),
-                _ => Err(ApiError::bad_request(
+        field(name).map_or(Ok(false), |v| {
+            crate::form::boolean(v).ok_or_else(|| {
+                ApiError::bad_request(
                     format!("The form field `{name}` must be true or false."),
                     Some(name),
-                )),
-            },
-        }
+                )
+            })
+        })
     };
     let model = match text("model")? {
         Some(m) if !m.is_empty() => m.to_string(),

@@ -856,19 +856,10 @@ impl Sim {
             )
         })?;
         let field = |name: &str| {
-            parts
-                .iter()
-                .rev()
-                .find(|p| !p.is_file && p.name.as_deref() == Some(name))
-                .map(|p| String::from_utf8_lossy(p.data).into_owned())
+            crate::form::field(&parts, name).map(|v| String::from_utf8_lossy(v).into_owned())
         };
         let flag = |name: &str| {
-            field(name).is_some_and(|v| {
-                matches!(
-                    v.trim().to_ascii_lowercase().as_str(),
-                    "1" | "on" | "t" | "true" | "y" | "yes"
-                )
-            })
+            crate::form::field(&parts, name).and_then(crate::form::boolean) == Some(true)
         };
         let Some(audio) = parts
             .iter()
