@@ -215,21 +215,7 @@ pub fn inspect_form(body: &[u8], boundary: &[u8]) -> Result<RoutingInfo, ApiErro
             })
         })
     };
-    let model = match text("model")? {
-        Some(m) if !m.is_empty() => m.to_string(),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "`model` must not be empty.",
-                Some("model"),
-            ))
-        }
-        None => {
-            return Err(ApiError::bad_request(
-                "The request form has no `model` field; the gateway routes by model.",
-                Some("model"),
-            ))
-        }
-    };
+    let model = required_model(text("model")?, "form")?;
     let stream = flag("stream")?;
     let include_usage = flag("stream_include_usage")?;
     let max_tokens = match text("max_completion_tokens")? {
@@ -304,23 +290,25 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<RoutingInfo, ApiError> {
     routing_info(body, probe)
 }
 
+/// The `model` a request names (in its JSON `body` or its `form`): the gateway routes by
+/// it, so it must be there and not empty.
+fn required_model(model: Option<&str>, container: &str) -> Result<String, ApiError> {
+    match model {
+        Some(m) if !m.is_empty() => Ok(m.to_string()),
+        Some(_) => Err(ApiError::bad_request(
+            "`model` must not be empty.",
+            Some("model"),
+        )),
+        None => Err(ApiError::bad_request(
+            format!("The request {container} has no `model` field; the gateway routes by model."),
+            Some("model"),
+        )),
+    }
+}
+
 /// The routing fields of a well-formed body's `probe`.
 fn routing_info<'a>(body: &'a [u8], probe: Probe<'a>) -> Result<RoutingInfo, ApiError> {
-    let model = match probe.model {
-        Some(m) if !m.is_empty() => m.into_owned(),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "`model` must not be empty.",
-                Some("model"),
-            ))
-        }
-        None => {
-            return Err(ApiError::bad_request(
-                "The request body has no `model` field; the gateway routes by model.",
-                Some("model"),
-            ))
-        }
-    };
+    let model = required_model(probe.model.as_deref(), "body")?;
     let prompt_bytes = [
         probe.messages,
         probe.prompt,
