@@ -237,30 +237,36 @@ fn params(mut s: &[u8]) -> impl Iterator<Item = (&[u8], Cow<'_, [u8]>)> {
     })
 }
 
+/// A form as the OpenAI SDK sends one: the fields, then a file part named `file_field`
+/// holding `file`. For tests.
+#[cfg(test)]
+pub(crate) fn encode(b: &str, fields: &[(&str, &str)], file_field: &str, file: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in fields {
+        out.extend_from_slice(
+            format!("--{b}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .as_bytes(),
+        );
+    }
+    out.extend_from_slice(
+        format!(
+            "--{b}\r\nContent-Disposition: form-data; name=\"{file_field}\"; filename=\"a.wav\"\r\n\
+             Content-Type: audio/wav\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(file);
+    out.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A body as curl and the OpenAI SDK send one: fields, then a file.
     fn body(b: &str, fields: &[(&str, &str)], file: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (k, v) in fields {
-            out.extend_from_slice(
-                format!("--{b}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
-                    .as_bytes(),
-            );
-        }
-        out.extend_from_slice(
-            format!(
-                "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
-                 Content-Type: audio/wav\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        out.extend_from_slice(file);
-        out.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
-        out
+        encode(b, fields, "file", file)
     }
 
     #[test]

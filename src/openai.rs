@@ -701,20 +701,14 @@ mod tests {
         );
     }
 
-    /// A form as the OpenAI SDK sends one (fields, then the file).
+    /// A form whose file part is named `model` (and holds JSON naming another model).
     fn form(fields: &[(&str, &str)]) -> Vec<u8> {
-        let mut b = Vec::new();
-        for (k, v) in fields {
-            b.extend_from_slice(
-                format!("--XB\r\ncontent-disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
-                    .as_bytes(),
-            );
-        }
-        b.extend_from_slice(
-            b"--XB\r\ncontent-disposition: form-data; name=\"model\"; filename=\"model\"\r\n\r\n\
-              RIFF\x00\x01{\"model\":\"not this\"}\r\n--XB--\r\n",
-        );
-        b
+        crate::form::encode(
+            "XB",
+            fields,
+            "model",
+            b"RIFF\x00\x01{\"model\":\"not this\"}",
+        )
     }
 
     #[test]
