@@ -359,5 +359,10 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
             "kv_usage_mean": if kv_n > 0 { Some(kv_sum / kv_n as f64) } else { None },
         },
         "backends": backends,
+        // Entries whose host name has no address yet: nothing is sent to them.
+        "awaiting_address": config
+            .without_addresses()
+            .map(|g| json!({"name": g.name, "host": g.resolve, "models": g.static_models}))
+            .collect::<Vec<_>>(),
     })
 }

@@ -440,6 +440,11 @@ pub struct Config {
     /// The `addresses: all` entries, each the model of its backends (see
     /// [`BackendConfig::at`]); they may have none at a time.
     pub groups: Vec<BackendConfig>,
+    /// The other entries whose host name had no address when the file was read (a
+    /// replica not up yet, a DNS record not published yet): each becomes a backend under
+    /// its own name once its name resolves (`crate::reload`). Until then `addr` is
+    /// unspecified and nothing is sent to it.
+    pub unresolved: Vec<BackendConfig>,
     pub policy: Policy,
     pub affinity: Affinity,
     pub limits: ClientLimits,
@@ -1011,17 +1016,19 @@ impl Config {
         // `addresses: all` entries, and the backends they make.
         let mut groups: Vec<BackendConfig> = Vec::new();
         let mut grouped: Vec<BackendConfig> = Vec::new();
+        let mut unresolved: Vec<BackendConfig> = Vec::new();
         for (i, b) in file.backends.into_iter().enumerate() {
             // By default a backend is named after its URL's `host:port` (a host name
             // stays the name when its address moves), the address for an address.
-            // An `addresses: all` entry whose name has no address yet makes no backend
-            // until it has (see `crate::reload`); any other must resolve now.
-            let (addr, addrs) = match (&b.url.addrs, b.addresses) {
-                (Ok(a), _) => (preferred_address(a).expect("never empty"), a.clone()),
-                (Err(_), Addresses::All) if b.url.name.is_some() => {
+            // An entry whose host name has no address yet makes no backend until it has
+            // (see `crate::reload`): a replica that is not up yet must not keep the
+            // gateway from starting, nor a reload from applying.
+            let (addr, addrs) = match &b.url.addrs {
+                Ok(a) => (preferred_address(a).expect("never empty"), a.clone()),
+                Err(_) if b.url.name.is_some() => {
                     (SocketAddr::from(([0, 0, 0, 0], b.url.port)), Vec::new())
                 }
-                (Err(m), _) => return Err(invalid(&format!("backends[{i}].url"), m.clone())),
+                Err(m) => return Err(invalid(&format!("backends[{i}].url"), m.clone())),
             };
             let name = b
                 .name
@@ -1037,7 +1044,7 @@ impl Config {
                     ),
                 ));
             }
-            if backends.iter().any(|o| o.name == name) {
+            if backends.iter().chain(&unresolved).any(|o| o.name == name) {
                 return Err(invalid(
                     &format!("backends[{i}]"),
                     format!("backend `{name}` is listed twice (give each a distinct url or name)"),
@@ -1116,6 +1123,7 @@ impl Config {
                 drain: b.drain,
             };
             match b.addresses {
+                Addresses::First if addrs.is_empty() => unresolved.push(entry),
                 Addresses::First => backends.push(entry),
                 Addresses::All if entry.resolve.is_none() => {
                     return Err(invalid(
@@ -1241,6 +1249,7 @@ impl Config {
             cors,
             backends,
             groups,
+            unresolved,
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
             affinity,
             limits,
@@ -1280,21 +1289,22 @@ impl Config {
         })
     }
 
-    /// The `addresses: all` entries whose host name has no address yet (no backend).
-    pub fn groups_without_addresses(&self) -> impl Iterator<Item = &BackendConfig> {
-        self.groups.iter().filter(|g| {
+    /// The entries whose host name has no address yet, so no backend: the
+    /// [`Config::unresolved`] ones, and the `addresses: all` ones without a backend.
+    pub fn without_addresses(&self) -> impl Iterator<Item = &BackendConfig> {
+        self.unresolved.iter().chain(self.groups.iter().filter(|g| {
             !self
                 .backends
                 .iter()
                 .any(|b| b.group.as_ref() == Some(&g.name))
-        })
+        }))
     }
 
-    /// Whether `model` is promised by an `addresses: all` entry that has no address at the
-    /// moment (its `models:` list names it): a model that is coming back, not an unknown
-    /// one. Models only discovered from replicas cannot be promised.
+    /// Whether `model` is promised by an entry that has no address at the moment (its
+    /// `models:` list names it): a model that is coming back, not an unknown one. Models
+    /// only discovered from replicas cannot be promised.
     pub fn awaits(&self, model: &str) -> bool {
-        self.groups_without_addresses().any(|g| {
+        self.without_addresses().any(|g| {
             g.static_models
                 .as_ref()
                 .is_some_and(|m| m.iter().any(|x| x == model))
@@ -1453,6 +1463,25 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
     } else {
         format!("{hostport}:{default_port}")
     };
+    let port = with_port
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(default_port);
+    let host = with_port
+        .rsplit_once(':')
+        .map_or(with_port.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let is_name = host.parse::<std::net::IpAddr>().is_err();
+    if is_name && !is_host_name(&host) {
+        return Err(format!(
+            "`{s}`: `{host}` is neither an IP address nor a host name (IPv6 addresses go \
+             in brackets: http://[::1]:8000)"
+        ));
+    }
+    // A name that does not resolve now is not a mistake in the file: the replica may not
+    // be up yet (see `Config::unresolved`).
     let addrs = match with_port.to_socket_addrs() {
         Err(e) => Err(format!("`{s}`: cannot resolve `{hostport}`: {e}")),
         Ok(found) => {
@@ -1469,17 +1498,6 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
             }
         }
     };
-    let port = with_port
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or(default_port);
-    let host = with_port
-        .rsplit_once(':')
-        .map_or(with_port.as_str(), |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let is_name = host.parse::<std::net::IpAddr>().is_err();
     Ok(BackendUrl {
         url: format!("{scheme}://{hostport}"),
         port,
@@ -1487,6 +1505,21 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
         name: is_name.then(|| with_port.clone()),
         tls_host: (scheme == "https").then_some(host),
     })
+}
+
+/// Whether `host` is spelled as a DNS host name: dot-separated labels of letters, digits,
+/// `-` and `_` (a trailing dot allowed), at most 253 bytes.
+fn is_host_name(host: &str) -> bool {
+    let h = host.strip_suffix('.').unwrap_or(host);
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        })
 }
 
 /// A size: an integer number of bytes, or a string with a unit (`64KiB`, `32MiB`, `1GiB`,
@@ -1756,16 +1789,39 @@ mod tests {
             c.groups[0].resolve.as_deref(),
             Some("replicas.invalid:8000")
         );
-        // A single backend must resolve now.
-        let e = parse("backends:\n  - url: http://replicas.invalid:8000\n")
+        // Nor does a single backend's: it waits under its own name.
+        let c = parse("backends:\n  - url: http://gpu-0.invalid:8000\n    models: [m]\n").unwrap();
+        assert!(c.backends.is_empty());
+        assert_eq!(c.unresolved.len(), 1);
+        assert_eq!(c.unresolved[0].name, "gpu-0.invalid:8000");
+        assert_eq!(
+            c.unresolved[0].resolve.as_deref(),
+            Some("gpu-0.invalid:8000")
+        );
+        assert!(c.awaits("m") && !c.awaits("other"));
+        let e = parse("backends:\n  - url: http://a.invalid:8000\n    name: x\n  - url: http://b.invalid:8000\n    name: x\n")
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("test.yaml:2:")
-                && e.contains("`backends[0].url`")
-                && e.contains("cannot resolve"),
+            e.contains("`backends[1]`") && e.contains("listed twice"),
             "{e}"
         );
+        // A host that is not spelled as a name is a mistake in the file, not a name
+        // waiting for its address.
+        for bad in [
+            "http://gpu 0:8000",
+            "http://gpu..lan:8000",
+            "http://gpu!:8000",
+            "http://gpu:80x",
+        ] {
+            let e = parse(&format!("backends:\n  - url: {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("test.yaml:2:") && e.contains("`backends[0].url`"),
+                "{bad}: {e}"
+            );
+        }
         let e = parse("backends:\n  - url: http://localhost:8000\n    addresses: some\n")
             .unwrap_err()
             .to_string();

@@ -86,10 +86,11 @@ fn main() -> ExitCode {
                     c.backends.len(),
                     c.policy
                 );
-                for g in c.groups_without_addresses() {
+                for g in c.without_addresses() {
                     println!(
-                        "note: `{}` has no address yet; its backends join when it has",
-                        g.resolve.as_deref().unwrap_or(&g.name)
+                        "note: `{}` has no address yet; backend `{}` joins when it has",
+                        g.resolve.as_deref().unwrap_or(&g.name),
+                        g.name
                     );
                 }
                 ExitCode::SUCCESS

@@ -91,6 +91,10 @@ impl Reloader {
         let cur = self.live.load_full();
         let mut new = Config::load_with_env(&cur.source)?;
         let kept = keep_restart_only(&cur, &mut new);
+        let unanswered = keep_unanswered_names(&cur, &mut new);
+        if !unanswered.is_empty() {
+            tracing::warn!(backends = ?unanswered, "these host names did not resolve now; their backends stay at the addresses they had");
+        }
         if let (Some(old), Some(keys)) = (&cur.api_keys, new.api_keys.as_mut()) {
             Arc::get_mut(keys)
                 .expect("a freshly loaded config is not shared")
@@ -169,6 +173,7 @@ impl Reloader {
             .backends
             .iter()
             .chain(&cur.groups)
+            .chain(&cur.unresolved)
             .filter_map(|b| b.resolve.as_deref())
             .collect();
         names.sort_unstable();
@@ -211,6 +216,17 @@ impl Reloader {
             }
             backends.push(b);
         }
+        // Entries whose name had no address: each joins under its own name once it has.
+        let mut unresolved = Vec::new();
+        for u in &cur.unresolved {
+            match answer(u).and_then(|addrs| crate::config::preferred_address(addrs)) {
+                Some(addr) => {
+                    out.added.push(u.name.clone());
+                    backends.push(BackendConfig { addr, ..u.clone() });
+                }
+                None => unresolved.push(u.clone()),
+            }
+        }
         for g in &cur.groups {
             let members: Vec<&BackendConfig> = cur
                 .backends
@@ -245,6 +261,7 @@ impl Reloader {
             .await;
         let mut next = (*cur).clone();
         next.backends = backends;
+        next.unresolved = unresolved;
         self.live.store(Arc::new(next));
         out
     }
@@ -316,6 +333,58 @@ fn moved_to(cur: SocketAddr, addrs: &[SocketAddr]) -> Option<SocketAddr> {
         return None;
     }
     crate::config::preferred_address(addrs)
+}
+
+/// A reload resolves the file's host names anew; a name that gives no address at that
+/// moment (a DNS server's hiccup) must not take its running backends out of the fleet.
+/// Each entry of `new` without an address whose backends run in `cur` (same name, same
+/// `host:port`) keeps them at their addresses, with the entry's new settings; the next
+/// refresh moves them if the name then answers elsewhere. Returns their names.
+fn keep_unanswered_names(cur: &Config, new: &mut Config) -> Vec<String> {
+    let same = |a: &BackendConfig, b: &BackendConfig| a.name == b.name && a.resolve == b.resolve;
+    let mut kept = Vec::new();
+    let mut plain = Vec::new();
+    new.unresolved.retain(|u| {
+        let running = cur
+            .backends
+            .iter()
+            .find(|b| b.group.is_none() && same(b, u));
+        if let Some(b) = running {
+            kept.push(u.name.clone());
+            plain.push(BackendConfig {
+                addr: b.addr,
+                ..u.clone()
+            });
+        }
+        running.is_none()
+    });
+    let mut grouped = Vec::new();
+    for g in &new.groups {
+        let has_members = new
+            .backends
+            .iter()
+            .any(|b| b.group.as_ref() == Some(&g.name));
+        if has_members || !cur.groups.iter().any(|c| same(c, g)) {
+            continue;
+        }
+        for m in cur
+            .backends
+            .iter()
+            .filter(|b| b.group.as_ref() == Some(&g.name))
+        {
+            kept.push(m.name.clone());
+            grouped.push(g.at(m.addr));
+        }
+    }
+    // The plain backends before the groups' ones, as a load lists them.
+    let at = new
+        .backends
+        .iter()
+        .position(|b| b.group.is_some())
+        .unwrap_or(new.backends.len());
+    new.backends.splice(at..at, plain);
+    new.backends.extend(grouped);
+    kept
 }
 
 /// Puts back into `new` the settings a reload cannot change; returns their keys where
@@ -580,6 +649,113 @@ mod tests {
         assert_eq!(snap.backends.len(), 1);
         assert!(snap.backends[0].backend.health.routable());
         assert_eq!(snap.serving("m"), Some(&[0][..]));
+    }
+
+    #[tokio::test]
+    async fn a_backend_whose_name_has_no_address_yet_joins_under_its_own_name() {
+        let a = replica("127.0.0.1").await;
+        let port = a.addr.port();
+        let text = format!(
+            "backends:\n  - url: http://127.0.0.9:1\n  - url: http://gpu-1.invalid:{port}\n    weight: 3\n"
+        );
+        let config = cfg(&text);
+        assert_eq!(config.backends.len(), 1);
+        assert_eq!(config.unresolved[0].name, format!("gpu-1.invalid:{port}"));
+        let fleet = Fleet::new(&config.backends);
+        let live = Arc::new(ArcSwap::from_pointee(config));
+        let (answer, resolve) = test_resolver(None);
+        let r = Reloader::new(live.clone(), fleet.clone(), vec![]).with_resolver(resolve);
+        assert!(r.refresh_addresses().await.is_empty(), "still no address");
+        assert_eq!(live.load().unresolved.len(), 1);
+        *answer.lock().unwrap() = Some(vec![a.addr]);
+        let got = r.refresh_addresses().await;
+        assert_eq!(got.added, [format!("gpu-1.invalid:{port}")]);
+        let snap = fleet.load();
+        assert_eq!(snap.backends.len(), 2);
+        let joined = &snap.backends[1];
+        assert_eq!(
+            joined.backend.name,
+            format!("gpu-1.invalid:{port}"),
+            "its own name"
+        );
+        assert_eq!(joined.backend.addr, a.addr);
+        assert_eq!(joined.backend.weight, 3.0, "its settings");
+        assert!(joined.backend.health.routable(), "checked before it joined");
+        assert_eq!(snap.serving("m"), Some(&[1][..]));
+        let now = live.load();
+        assert!(now.unresolved.is_empty(), "the config follows");
+        assert_eq!(
+            now.backends[1].group, None,
+            "a plain backend: it moves, not multiplies"
+        );
+        assert!(r.refresh_addresses().await.is_empty(), "settled");
+        // A reload resolves the file's names with the system's resolver, for which
+        // `.invalid` never answers: the running backend stays where it is.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vllm-edge.yaml");
+        std::fs::write(&file, &text).unwrap();
+        let mut with_file = (*live.load_full()).clone();
+        with_file.source = file;
+        live.store(Arc::new(with_file));
+        let report = r.reload().await.unwrap();
+        assert!(report.removed.is_empty(), "{report:?}");
+        let after = fleet.load();
+        assert!(
+            Arc::ptr_eq(&after.backends[1].backend, &joined.backend),
+            "untouched"
+        );
+        assert!(live.load().unresolved.is_empty());
+    }
+
+    #[test]
+    fn a_reload_keeps_running_backends_whose_name_does_not_answer_now() {
+        let text = "backends:\n  - url: http://gpu.invalid:8000\n  - url: http://pool.invalid:8000\n    addresses: all\n";
+        // What runs: both names resolved since the start.
+        let mut cur = cfg(text);
+        let a: SocketAddr = "10.0.0.1:8000".parse().unwrap();
+        let (b, c): (SocketAddr, SocketAddr) = (
+            "10.0.0.2:8000".parse().unwrap(),
+            "10.0.0.3:8000".parse().unwrap(),
+        );
+        let gpu = BackendConfig {
+            addr: a,
+            ..cur.unresolved.remove(0)
+        };
+        cur.backends = vec![gpu, cur.groups[0].at(b), cur.groups[0].at(c)];
+        // The reloaded file changes a setting; the names do not answer at this moment.
+        let mut new = cfg(&text.replace("addresses: all\n", "addresses: all\n    weight: 2\n"));
+        assert!(new.backends.is_empty());
+        let kept = keep_unanswered_names(&cur, &mut new);
+        assert_eq!(
+            kept,
+            [
+                "gpu.invalid:8000",
+                "pool.invalid:8000@10.0.0.2",
+                "pool.invalid:8000@10.0.0.3"
+            ]
+        );
+        let got: Vec<(&str, SocketAddr, f64)> = new
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.addr, b.weight))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("gpu.invalid:8000", a, 1.0),
+                ("pool.invalid:8000@10.0.0.2", b, 2.0),
+                ("pool.invalid:8000@10.0.0.3", c, 2.0)
+            ],
+            "at their addresses, with the new settings"
+        );
+        assert!(new.unresolved.is_empty() && new.without_addresses().next().is_none());
+        // A name the running config does not have, or an entry that now names another
+        // port, waits for its own answer.
+        let mut other =
+            cfg("backends:\n  - url: http://gpu.invalid:8001\n  - url: http://new.invalid:8000\n");
+        assert!(keep_unanswered_names(&cur, &mut other).is_empty());
+        assert!(other.backends.is_empty());
+        assert_eq!(other.unresolved.len(), 2);
     }
 
     #[test]

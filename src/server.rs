@@ -247,11 +247,12 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
         policy = %config.policy,
         "starting vllm-edge"
     );
-    for g in config.groups_without_addresses() {
+    for g in config.without_addresses() {
         tracing::warn!(
             backend = %g.name,
             host = g.resolve.as_deref().unwrap_or(""),
-            "its host name has no address yet; its backends join when it has"
+            "its host name has no address yet; it joins the fleet when the name resolves \
+             (tried again every discovery.dns_interval)"
         );
     }
     server.run_forever()

@@ -188,39 +188,62 @@ async fn a_backend_named_by_host_is_resolved_again_without_churn() {
     assert!(reloaded, "{}", gw.log());
 }
 
-/// An `addresses: all` entry whose name has no address yet (a headless Service before any
-/// replica is ready) makes no backend: the gateway starts and serves what it can.
+/// An entry whose name has no address yet (a headless Service before any replica is
+/// ready, a replica's container not started yet) makes no backend: the gateway starts
+/// and serves what it can.
 #[tokio::test]
 async fn a_gateway_starts_with_a_host_name_that_has_no_address_yet() {
-    let gw = Gateway::builder(&[])
+    let s = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&s])
         .backend_with("http://replicas.invalid:8000", "addresses: all")
         .backend_with(
             "http://llamas.invalid:8000",
             "addresses: all\nmodels: [llama]",
         )
+        .backend_with("http://gpu-7.invalid:8000", "models: [qwen]")
         .start()
         .await;
     let v = get_json(gw.url("/v1/models")).await;
-    assert_eq!(v["data"], serde_json::json!([]), "{v}");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m"], "{v}");
+    still_serves(&gw, "m").await;
     let r = http1()
         .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body("m", "hi", false))
+        .json(&chat_body("nope", "hi", false))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
     // A model the file promises for a name with no address is on its way: 503, retry.
-    let r = http1()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body("llama", "hi", false))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.headers().contains_key("retry-after"));
-    let (status, v) = error_of(r).await;
-    assert_eq!(status, 503, "{v}");
+    for model in ["llama", "qwen"] {
+        let r = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body(model, "hi", false))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.headers().contains_key("retry-after"));
+        let (status, v) = error_of(r).await;
+        assert_eq!(status, 503, "{model}: {v}");
+    }
     let stats = get_json(gw.admin_url("/load-stats")).await;
-    assert_eq!(stats["backends"], serde_json::json!([]), "{stats}");
+    assert_eq!(stats["backends"].as_array().unwrap().len(), 1, "{stats}");
+    let waiting: Vec<&str> = stats["awaiting_address"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        waiting,
+        ["gpu-7.invalid:8000", "replicas.invalid:8000", "llamas.invalid:8000"],
+        "{stats}"
+    );
     assert!(gw.metrics_text().await.contains("vllm_edge_"));
     let page = http1()
         .get(gw.admin_url("/dashboard"))
