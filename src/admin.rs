@@ -1,5 +1,6 @@
 //! The admin listener (loopback by default, separate from the data plane): `/health`,
-//! `/ready`, `/metrics`, `/load-stats` and `/dashboard`. With `admin.token_file` set,
+//! `/ready`, `/metrics`, `/load-stats`, `/explain` (a dry run of the selection for a
+//! request body) and `/dashboard`. With `admin.token_file` set,
 //! everything but `/health`, `/ready` and the dashboard's page requires
 //! `Authorization: Bearer TOKEN`. The page holds no data: it asks for the token and sends
 //! it with its own `/load-stats` requests.
@@ -210,6 +211,7 @@ impl ServeHttp for AdminApp {
                     serde_json::to_vec_pretty(&v).unwrap_or_default(),
                 )
             }
+            "/explain" => self.explain_request(session).await,
             _ => reply(
                 404,
                 "application/json",
@@ -217,6 +219,173 @@ impl ServeHttp for AdminApp {
             ),
         }
     }
+}
+
+impl AdminApp {
+    /// `POST /explain`: the body is an inference request as a client would send it (JSON,
+    /// or an audio form with its `Content-Type`; the session header counts too); the
+    /// answer is [`explain`]'s. The request is not sent anywhere.
+    async fn explain_request(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let cfg = self.config.load();
+        if session.req_header().method != http::Method::POST {
+            let mut r = reply(
+                405,
+                "application/json",
+                b"{\"error\":\"POST the request body to explain, as a client would send it\"}"
+                    .to_vec(),
+            );
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            return r;
+        }
+        let refuse =
+            |e: crate::openai::ApiError| reply(e.status, "application/json", e.body().to_vec());
+        let limit = cfg.limits.max_body_bytes;
+        let read = async {
+            let mut body = Vec::new();
+            while let Some(chunk) = session.read_request_body().await.ok()? {
+                if body.len() + chunk.len() > limit {
+                    return Some(Err(crate::openai::ApiError::body_too_large(limit)));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Some(Ok(body))
+        };
+        let body = match tokio::time::timeout(cfg.limits.body_read_timeout, read).await {
+            Ok(Some(Ok(body))) => body,
+            Ok(Some(Err(e))) => return refuse(e),
+            Ok(None) => {
+                return refuse(crate::openai::ApiError::bad_request(
+                    "The request body could not be read.",
+                    None,
+                ))
+            }
+            Err(_) => return refuse(crate::openai::ApiError::body_timeout()),
+        };
+        let headers = &session.req_header().headers;
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes());
+        let info =
+            match crate::openai::inspect_request(content_type, &body, cfg.limits.max_json_depth) {
+                Ok(info) => info,
+                Err(e) => return refuse(e),
+            };
+        let key = crate::affinity::request_key(&cfg, headers, &body, &info);
+        let v = explain(
+            &cfg,
+            &self.fleet.load(),
+            &self.fleet.placer,
+            &info,
+            key,
+            Instant::now(),
+        );
+        reply(
+            200,
+            "application/json",
+            serde_json::to_vec_pretty(&v).unwrap_or_default(),
+        )
+    }
+}
+
+/// What the gateway would do with a request now, and why (`POST /explain`): a dry run of
+/// the selection the request path makes, which changes nothing (no rotation step, no
+/// placement record, no counter). `info` and `key` are what the request path reads of the
+/// request (its body's routing fields, its affinity key).
+pub fn explain(
+    cfg: &Config,
+    snap: &FleetSnapshot,
+    placer: &crate::affinity::Placer,
+    info: &crate::openai::RoutingInfo,
+    key: Option<crate::affinity::AffinityKey>,
+    now: Instant,
+) -> serde_json::Value {
+    use serde_json::json;
+    let req = selection::Request::of(info, key, cfg, placer);
+    let stale_after = cfg.stale_after();
+    let scorer = selection::Scorer::new(&req, crate::fleet::fresh_since(now, stale_after));
+    // Scratch selectors: the live one's round-robin cursors must not move. (So
+    // `round-robin` shows an order, not whose turn it is.)
+    let order = selection::Selector::new(stale_after).candidates(cfg.policy, snap, &req, &[], now);
+    let choice = selection::Selector::new(stale_after).best(cfg.policy, snap, &req, &[], now);
+    let sticky = req.affinity.as_ref();
+    let request = json!({
+        "model": info.model,
+        "stream": info.stream,
+        "prompt_tokens_estimate": req.prompt_tokens,
+        "max_tokens": info.max_tokens,
+        "affinity_key": sticky.map(|s| json!({
+            "source": s.key.source.as_str(),
+            "reusable_prefix_tokens": s.key.reusable_bytes / selection::BYTES_PER_TOKEN,
+        })),
+    });
+    let candidate = |i: usize| {
+        let e = &snap.backends[i];
+        let t = scorer.terms(snap, i);
+        json!({
+            "backend": e.backend.name,
+            "score_ms": ms(Some(t.score)),
+            "terms_ms": {
+                "step": ms(Some(t.step)),
+                "prefill": ms(Some(t.prefill)),
+                "queue": ms(Some(t.queue)),
+                "kv_pressure": ms(Some(t.pressure)),
+            },
+            "scrape_fresh": t.fresh,
+            "sequences": (t.sequences * 100.0).round() / 100.0,
+            "in_flight": e.backend.in_flight(),
+        })
+    };
+    let (choice, why_none) = match (&choice, &order) {
+        (Ok(c), _) => (
+            json!({
+                "backend": snap.backends[c.index].backend.name,
+                "reason": c.reason.as_str(),
+                "score_ms": ms(c.score_s),
+            }),
+            None,
+        ),
+        (Err(selection::NoCandidate::UnknownModel), _) if cfg.awaits(&info.model) => (
+            serde_json::Value::Null,
+            Some("503: the model's backends have no address yet"),
+        ),
+        (Err(selection::NoCandidate::UnknownModel), _) => (
+            serde_json::Value::Null,
+            Some("404: no backend serves this model"),
+        ),
+        (Err(selection::NoCandidate::Unavailable), _) => (
+            serde_json::Value::Null,
+            Some("503: no backend of this model is in rotation"),
+        ),
+    };
+    let candidates: Vec<serde_json::Value> =
+        order.iter().flatten().map(|&i| candidate(i)).collect();
+    // The model's other backends, and why they are out of rotation.
+    let excluded: Vec<serde_json::Value> = snap
+        .serving(&info.model)
+        .unwrap_or(&[])
+        .iter()
+        .filter(|i| !order.as_ref().is_ok_and(|o| o.contains(i)))
+        .map(|&i| {
+            let h = &snap.backends[i].backend.health;
+            let why = if !h.checks_up() {
+                "health checks failing"
+            } else if h.is_draining() {
+                "draining"
+            } else {
+                "circuit open"
+            };
+            json!({"backend": snap.backends[i].backend.name, "why": why})
+        })
+        .collect();
+    json!({
+        "policy": cfg.policy.to_string(),
+        "request": request,
+        "choice": choice,
+        "no_choice": why_none,
+        "candidates": candidates,
+        "excluded": excluded,
+    })
 }
 
 fn ms(s: Option<f64>) -> serde_json::Value {

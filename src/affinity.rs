@@ -137,6 +137,23 @@ fn session_id(id: &[u8]) -> Option<&[u8]> {
     ok.then_some(id)
 }
 
+/// The affinity key of an inspected request when `cfg`'s policy uses affinity (see
+/// [`key_of`]; the session header is the configured one).
+pub fn request_key(
+    cfg: &crate::config::Config,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    info: &crate::openai::RoutingInfo,
+) -> Option<AffinityKey> {
+    if !cfg.affinity.used_by(cfg.policy) {
+        return None;
+    }
+    let header = headers
+        .get(cfg.affinity.session_header.as_str())
+        .map(|v| v.as_bytes());
+    key_of(body, &info.spans, header, cfg.affinity.prefix_bytes)
+}
+
 /// The affinity key of a request, or `None` when it offers nothing to key on (no session
 /// id, no messages or prompt, or fields of an unexpected shape: such a request is simply
 /// routed by load).

@@ -131,7 +131,31 @@ pub struct Request<'a> {
     pub affinity: Option<Sticky>,
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
+    /// What selection knows of an inspected request under `cfg`. Its affinity `key`
+    /// counts only while the policy uses affinity (a reload may have changed the policy
+    /// since the key was made), held to the configured load factor and to where the
+    /// gateway's placement moved the key.
+    pub fn of(
+        info: &'a crate::openai::RoutingInfo,
+        key: Option<AffinityKey>,
+        cfg: &crate::config::Config,
+        placer: &affinity::Placer,
+    ) -> Request<'a> {
+        Request {
+            model: &info.model,
+            prompt_tokens: info.prompt_bytes / BYTES_PER_TOKEN,
+            max_tokens: info.max_tokens,
+            affinity: key
+                .filter(|_| cfg.affinity.used_by(cfg.policy))
+                .map(|key| Sticky {
+                    key,
+                    load_factor: cfg.affinity.load_factor,
+                    placed: placer.moved(key.key),
+                }),
+        }
+    }
+
     /// Prompt tokens the chosen backend will likely have to prefill for this request:
     /// all of them, except at the key's home, which has likely cached the reusable
     /// prefix. This is what the request adds to the backend's pending prefill. Counting
@@ -279,6 +303,12 @@ impl Scorer {
     /// Backend `i` of `snap`, from its [`PickInputs`] and its live counters.
     #[inline(always)]
     pub fn score(&self, snap: &FleetSnapshot, i: usize) -> f64 {
+        self.terms(snap, i).score
+    }
+
+    /// [`Scorer::score`] with its terms (what `/explain` shows).
+    #[inline(always)]
+    pub fn terms(&self, snap: &FleetSnapshot, i: usize) -> Terms {
         let p = &snap.pick_inputs[i];
         let b = &*p.backend;
         let (running, waiting, in_engine, fresh) = engine_now(p, b, self.fresh_since);
@@ -328,12 +358,36 @@ impl Scorer {
         // The rest of the step in progress, then the steps that carry the prefill queued
         // ahead and ours: one at least, more when that prefill outweighs a step.
         let score = RESIDUAL_STEP * step + step.max(prefill) + queue + pressure;
-        if fresh {
-            score
-        } else {
-            score * STALE_PENALTY
+        Terms {
+            step,
+            prefill,
+            queue,
+            pressure,
+            sequences: in_engine,
+            fresh,
+            score: if fresh { score } else { score * STALE_PENALTY },
         }
     }
+}
+
+/// The parts of one [`vllm_score`], in seconds, before the stale penalty (see the
+/// formula there): `score = (0.5 × step + max(step, prefill) + queue + pressure)`, times
+/// 1.5 when not `fresh`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Terms {
+    /// One engine step with this request in the batch.
+    pub step: f64,
+    /// This request's prefill and the prefill queued ahead of it by this gateway.
+    pub prefill: f64,
+    /// Waiting for departures beyond the batch limit.
+    pub queue: f64,
+    /// KV-cache pressure (`step × k² / (1 − k)`).
+    pub pressure: f64,
+    /// The engine's sequences now, as estimated (scraped plus sent since, minus done).
+    pub sequences: f64,
+    /// Whether the backend's scrape is fresh.
+    pub fresh: bool,
+    pub score: f64,
 }
 
 /// The lowest ITL among `inputs` (infinite when there are none).

@@ -549,22 +549,12 @@ impl ProxyHttp for Gateway {
                             .await;
                     }
                 }
-                if cfg.affinity.used_by(cfg.policy) {
-                    let header = session
-                        .req_header()
-                        .headers
-                        .get(cfg.affinity.session_header.as_str())
-                        .map(|v| v.as_bytes());
-                    ctx.affinity =
-                        affinity::key_of(&body, &info.spans, header, cfg.affinity.prefix_bytes);
-                    if let Some(k) = &ctx.affinity {
-                        self.fleet.placer.record(
-                            &info.model,
-                            k.key,
-                            k.reusable_bytes,
-                            Instant::now(),
-                        );
-                    }
+                ctx.affinity =
+                    affinity::request_key(&cfg, &session.req_header().headers, &body, &info);
+                if let Some(k) = &ctx.affinity {
+                    self.fleet
+                        .placer
+                        .record(&info.model, k.key, k.reusable_bytes, Instant::now());
                 }
                 ctx.body = Some(body);
                 ctx.info = Some(info);
@@ -592,20 +582,7 @@ impl ProxyHttp for Gateway {
             .filter(|(_, e)| ctx.tried.iter().any(|t| Arc::ptr_eq(t, &e.backend)))
             .map(|(i, _)| i)
             .collect();
-        let request = selection::Request {
-            model: &info.model,
-            prompt_tokens: info.prompt_bytes / selection::BYTES_PER_TOKEN,
-            max_tokens: info.max_tokens,
-            // A reload may have changed the policy since the key was made.
-            affinity: ctx
-                .affinity
-                .filter(|_| cfg.affinity.used_by(cfg.policy))
-                .map(|key| selection::Sticky {
-                    key,
-                    load_factor: cfg.affinity.load_factor,
-                    placed: self.fleet.placer.moved(key.key),
-                }),
-        };
+        let request = selection::Request::of(info, ctx.affinity, &cfg, &self.fleet.placer);
         let chosen = match self
             .selector
             .best(cfg.policy, &snap, &request, &tried, Instant::now())

@@ -790,3 +790,70 @@ fn the_readme_and_the_grafana_dashboard_name_exactly_the_defined_metrics() {
         "the dashboard covers most metrics: {used:?}"
     );
 }
+
+/// `POST /explain` on the admin listener: a dry run of the selection for a request body,
+/// with the gateway's own answers for what it would refuse.
+#[tokio::test]
+async fn explain_is_a_dry_run_of_the_selection() {
+    let (a, b) = (sim(&["m"]).await, sim(&["m"]).await);
+    let gw = Gateway::builder(&[&a, &b])
+        .backend_with("http://gpu-9.invalid:8000", "models: [later]")
+        .start()
+        .await;
+    let explain = |body: serde_json::Value| {
+        let url = gw.admin_url("/explain");
+        async move {
+            let r = http1().post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    // A conversation: its earlier turns make an affinity key, and its home takes it.
+    let turns = serde_json::json!({"model": "m", "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and now?"}]});
+    let (status, v) = explain(turns.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["policy"], "vllm");
+    assert_eq!(
+        v["request"]["affinity_key"]["source"], "conversation",
+        "{v}"
+    );
+    assert_eq!(v["choice"]["reason"], "affinity_home", "{v}");
+    assert_eq!(v["candidates"].as_array().unwrap().len(), 2);
+    assert_eq!(v["candidates"][0]["backend"], v["choice"]["backend"]);
+    // The same request, sent: it goes where the dry run said.
+    let r = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&turns)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-vllm-edge-backend"].to_str().unwrap(),
+        v["choice"]["backend"].as_str().unwrap()
+    );
+    // Nothing the gateway would answer itself is sent anywhere either.
+    let (status, v) = explain(serde_json::json!({"model": "nope", "prompt": "x"})).await;
+    assert_eq!(status, 200);
+    assert!(v["choice"].is_null(), "{v}");
+    assert!(v["no_choice"].as_str().unwrap().starts_with("404"), "{v}");
+    let (_, v) = explain(serde_json::json!({"model": "later", "prompt": "x"})).await;
+    assert!(v["no_choice"].as_str().unwrap().starts_with("503"), "{v}");
+    let (status, v) = explain(serde_json::json!({"prompt": "x"})).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "model", "{v}");
+    let r = http1().get(gw.admin_url("/explain")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let m = gw.metrics_text().await;
+    assert!(
+        m.lines()
+            .filter(|l| l.starts_with("vllm_edge_requests_total{"))
+            .all(|l| l.ends_with(" 1")),
+        "only the one request sent was counted: {m}"
+    );
+}

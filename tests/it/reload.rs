@@ -241,7 +241,11 @@ async fn a_gateway_starts_with_a_host_name_that_has_no_address_yet() {
         .collect();
     assert_eq!(
         waiting,
-        ["gpu-7.invalid:8000", "replicas.invalid:8000", "llamas.invalid:8000"],
+        [
+            "gpu-7.invalid:8000",
+            "replicas.invalid:8000",
+            "llamas.invalid:8000"
+        ],
         "{stats}"
     );
     assert!(gw.metrics_text().await.contains("vllm_edge_"));

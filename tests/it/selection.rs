@@ -78,6 +78,36 @@ async fn requests_avoid_a_replica_whose_engine_queues() {
     );
     assert!(stats["fleet"]["waiting"].as_f64() > Some(0.0));
 
+    // `POST /explain` says where a request would go and why, without sending it: the
+    // queue on the busy replica decides.
+    let ask =
+        json!({"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "why?"}]});
+    let r = http1()
+        .post(gw.admin_url("/explain"))
+        .json(&ask)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choice"]["backend"], idle.addr.to_string(), "{v}");
+    assert_eq!(v["choice"]["reason"], "lowest_score", "{v}");
+    let c = v["candidates"].as_array().unwrap();
+    let names: Vec<&Value> = c.iter().map(|c| &c["backend"]).collect();
+    assert_eq!(
+        names,
+        [&json!(idle.addr.to_string()), &json!(busy.addr.to_string())]
+    );
+    assert_eq!(c[0]["score_ms"], v["choice"]["score_ms"], "{v}");
+    assert_eq!(c[0]["terms_ms"]["queue"], 0.0, "{v}");
+    assert!(
+        c[1]["terms_ms"]["queue"].as_f64() > Some(0.0),
+        "the busy replica's queue: {v}"
+    );
+    assert!(c[1]["sequences"].as_f64() > Some(8.0), "{v}");
+    assert_eq!(c[1]["scrape_fresh"], true);
+    assert_eq!(v["request"]["max_tokens"], 2);
+
     // Every request through the gateway now goes to the idle replica.
     for i in 0..6 {
         let resp = http1()
