@@ -477,6 +477,7 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
                 "last_failure": h.last_failure().map(|k| k.as_str()),
                 "draining": h.is_draining(),
                 "models_error": st.models_error,
+                "vllm_version": st.version,
                 "models": st.models,
                 "running": fresh.and_then(|l| l.running),
                 "waiting": fresh.and_then(|l| l.waiting),

@@ -216,6 +216,8 @@ pub struct BackendState {
     pub models: Vec<String>,
     /// Why the last `/v1/models` failed, if it did.
     pub models_error: Option<String>,
+    /// The engine's vLLM version (`/version`, read with the models; kept when it fails).
+    pub version: Option<String>,
     pub observed_at: Option<Instant>,
     /// The engine's load at the last successful `/metrics` scrape.
     pub load: Option<EngineLoad>,
@@ -264,6 +266,7 @@ impl BackendState {
         BackendState {
             models: backend.static_models.clone().unwrap_or_default(),
             models_error: None,
+            version: None,
             observed_at: None,
             load: None,
             load_at: None,
@@ -367,6 +370,17 @@ impl FleetSnapshot {
 
     /// The union of the models of all backends that take requests (checks passing, not
     /// draining; an open circuit is a passing state), sorted.
+    /// The vLLM version the fleet offers (`GET /version`): the oldest that the backends
+    /// in rotation report (see [`crate::openai::oldest_version`]).
+    pub fn version(&self) -> Option<&str> {
+        crate::openai::oldest_version(
+            self.backends
+                .iter()
+                .filter(|e| e.backend.health.routable_ignoring_breaker())
+                .filter_map(|e| e.state.version.as_deref()),
+        )
+    }
+
     pub fn healthy_models(&self) -> Vec<String> {
         self.by_model
             .iter()

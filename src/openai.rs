@@ -15,6 +15,10 @@ pub enum Route {
     Models,
     /// `GET /health` (and `/ping`, vLLM's alias of it): answered locally.
     Health,
+    /// `GET /version`: the fleet's vLLM version, answered locally.
+    Version,
+    /// `GET /load`: this gateway's requests in flight, in vLLM's shape, answered locally.
+    Load,
     /// A known path with the wrong method.
     MethodNotAllowed(&'static str),
     NotFound,
@@ -64,12 +68,13 @@ pub fn route(method: &http::Method, path: &str) -> Route {
         // vLLM answers `/ping` (SageMaker's health check) as `/health`, to GET and POST.
         "/ping" if method == http::Method::GET || method == http::Method::POST => Route::Health,
         "/ping" => Route::MethodNotAllowed("GET, POST"),
-        "/v1/models" | "/health" => {
+        "/v1/models" | "/health" | "/version" | "/load" => {
             if method == http::Method::GET || method == http::Method::HEAD {
-                if path == "/health" {
-                    Route::Health
-                } else {
-                    Route::Models
+                match path {
+                    "/health" => Route::Health,
+                    "/version" => Route::Version,
+                    "/load" => Route::Load,
+                    _ => Route::Models,
                 }
             } else {
                 Route::MethodNotAllowed("GET")
@@ -537,6 +542,42 @@ pub fn models_body(models: &[String]) -> Bytes {
     )
 }
 
+/// The version in a `/version` answer (`{"version":"0.32.0"}`).
+pub fn parse_version(body: &[u8]) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: String,
+    }
+    let v: Version = serde_json::from_slice(body).map_err(|e| format!("bad /version: {e}"))?;
+    let ok = !v.version.is_empty()
+        && v.version.len() <= 64
+        && v.version.bytes().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(v.version)
+    } else {
+        Err(format!("bad /version: {:?}", v.version))
+    }
+}
+
+/// The version the fleet as a whole offers: the oldest of `versions` (a client that
+/// checks it must not count on what only the newer replicas of a rolling upgrade have).
+/// Versions are compared by their leading dotted numbers (`0.32.0`, `0.11.1rc2.dev4`),
+/// then as text.
+pub fn oldest_version<'a>(versions: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    fn key(v: &str) -> Vec<u64> {
+        v.split('.')
+            .map_while(|part| {
+                let digits =
+                    part.len() - part.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+                part[..digits].parse().ok()
+            })
+            .collect()
+    }
+    versions
+        .into_iter()
+        .min_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.cmp(b)))
+}
+
 /// The model ids in a `/v1/models` answer.
 pub fn parse_models(body: &[u8]) -> Result<Vec<String>, String> {
     #[derive(Deserialize)]
@@ -699,6 +740,42 @@ mod tests {
             route(&Method::DELETE, "/ping"),
             Route::MethodNotAllowed("GET, POST")
         );
+        assert_eq!(route(&Method::GET, "/version"), Route::Version);
+        assert_eq!(route(&Method::HEAD, "/load"), Route::Load);
+        assert_eq!(
+            route(&Method::POST, "/load"),
+            Route::MethodNotAllowed("GET")
+        );
+    }
+
+    #[test]
+    fn versions_are_read_and_the_oldest_is_the_fleets() {
+        let fixture = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fixtures/vllm-0.32/version.json"
+        ))
+        .unwrap();
+        assert_eq!(parse_version(&fixture).unwrap(), "0.32.0");
+        for bad in [
+            &b"{}"[..],
+            b"{\"version\":\"\"}",
+            b"{\"version\":\"0.1 <b>\"}",
+            b"not json",
+        ] {
+            assert!(parse_version(bad).is_err(), "{bad:?}");
+        }
+        let oldest = |v: &[&'static str]| oldest_version(v.iter().copied());
+        assert_eq!(
+            oldest(&["0.32.0", "0.9.2", "0.32.1"]),
+            Some("0.9.2"),
+            "by number, not text"
+        );
+        assert_eq!(
+            oldest(&["0.11.1rc2.dev4+g1", "0.11.2"]),
+            Some("0.11.1rc2.dev4+g1")
+        );
+        assert_eq!(oldest(&["0.32.0"]), Some("0.32.0"));
+        assert_eq!(oldest(&[]), None);
     }
 
     /// A form whose file part is named `model` (and holds JSON naming another model).

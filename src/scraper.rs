@@ -128,10 +128,16 @@ async fn observe(
     scrape_timeout: Duration,
 ) -> BackendState {
     let models = async {
-        match (models_timeout, &backend.static_models) {
-            (Some(t), None) => Some(discover_models(&backend, t).await),
-            _ => None,
-        }
+        let Some(t) = models_timeout else {
+            return (None, None);
+        };
+        let models = async {
+            match &backend.static_models {
+                None => Some(discover_models(&backend, t).await),
+                Some(_) => None,
+            }
+        };
+        tokio::join!(models, discover_version(&backend, t))
     };
     let metrics = async {
         // Completions first: a request that finishes between the two reads is then
@@ -168,10 +174,16 @@ async fn observe(
             dispatched_after,
         )
     };
-    let (models, (dispatched, completed, served, started, load, dispatched_after)) =
+    let ((models, version), (dispatched, completed, served, started, load, dispatched_after)) =
         tokio::join!(models, metrics);
 
     let mut state = old;
+    if let Some(v) = version {
+        if state.version.as_ref() != Some(&v) {
+            tracing::info!(backend = %backend.name, version = %v, "vLLM version");
+        }
+        state.version = Some(v);
+    }
     if let Some(models) = models {
         state.observed_at = Some(Instant::now());
         match models {
@@ -339,6 +351,17 @@ pub fn accept(
         }
     }
     state.scrape_error = None;
+}
+
+/// The backend's vLLM version (from `/version`), or `None` when it does not say (an older
+/// server, another engine, a failure: the last known one is kept).
+pub async fn discover_version(backend: &Backend, timeout: Duration) -> Option<String> {
+    let resp = httpclient::get(Target::of(backend), "/version", timeout, MAX_MODELS_BODY)
+        .await
+        .ok()?;
+    (resp.status == 200)
+        .then(|| openai::parse_version(&resp.body).ok())
+        .flatten()
 }
 
 /// The models a backend serves (from `/v1/models`).

@@ -340,7 +340,7 @@ async fn answer_preflight(
         Route::NotFound => {
             return respond_error(session, ctx, &ApiError::not_found_route(&path)).await
         }
-        Route::Inference | Route::Models | Route::Health => {}
+        Route::Inference | Route::Models | Route::Health | Route::Version | Route::Load => {}
     }
     ctx.status = 204;
     let mut resp = ResponseHeader::build(204, Some(8))?;
@@ -471,13 +471,28 @@ impl ProxyHttp for Gateway {
             }
         }
         match ctx.route {
-            Route::Health | Route::Models => {
-                ctx.status = 200;
-                let body = if ctx.route == Route::Health {
-                    Bytes::from_static(b"{\"status\":\"ok\"}")
-                } else {
-                    openai::models_body(&self.fleet.load().healthy_models())
+            Route::Health | Route::Models | Route::Version | Route::Load => {
+                let snap = self.fleet.load();
+                let body = match ctx.route {
+                    Route::Health => Bytes::from_static(b"{\"status\":\"ok\"}"),
+                    Route::Models => openai::models_body(&snap.healthy_models()),
+                    Route::Load => {
+                        let n: usize = snap.backends.iter().map(|e| e.backend.in_flight()).sum();
+                        Bytes::from(format!("{{\"server_load\":{n}}}"))
+                    }
+                    _ => match snap.version() {
+                        Some(v) => Bytes::from(serde_json::json!({ "version": v }).to_string()),
+                        None => {
+                            let err = ApiError::new(
+                                503,
+                                "ServiceUnavailableError",
+                                "No replica in rotation has reported its vLLM version yet.",
+                            );
+                            return respond_error(session, ctx, &err).await;
+                        }
+                    },
                 };
+                ctx.status = 200;
                 let mut extra = vec![(REQUEST_ID, ctx.request_id())];
                 extra.extend(ctx.cors.headers());
                 respond_json(session, 200, body, true, &extra).await?;

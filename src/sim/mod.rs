@@ -55,6 +55,9 @@ pub struct SimArgs {
     /// Served model name (repeat for aliases).
     #[arg(long = "model", default_value = "sim-llama")]
     pub models: Vec<String>,
+    /// The vLLM version `/version` reports.
+    #[arg(long, default_value = "0.32.0")]
+    pub vllm_version: String,
     /// Hardware profile; the flags below override its values.
     #[arg(long, value_enum, default_value_t = Preset::Llama3H100)]
     pub preset: Preset,
@@ -1162,7 +1165,10 @@ impl http::Handler for Sim {
                 }
             }
             ("GET" | "POST", "/ping") => Reply::json(200, "{}"),
-            ("GET", "/version") => Reply::json(200, "{\"version\":\"0.32.0\"}"),
+            ("GET", "/version") => Reply::json(
+                200,
+                serde_json::json!({ "version": self.args.vllm_version }).to_string(),
+            ),
             ("GET", "/v1/models") => Reply::json(200, self.models_body()),
             ("GET", "/load") => Reply::json(200, "{\"server_load\":0}"),
             ("GET", "/metrics") => self.metrics().await,

@@ -105,3 +105,77 @@ async fn other_model_endpoints_are_proxied() {
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 3);
 }
+
+/// `GET /version` and `GET /load`, which vLLM answers too, are answered for the fleet:
+/// the oldest version among the replicas in rotation (a rolling upgrade shows the old one
+/// until it is done), and this gateway's requests in flight.
+#[tokio::test]
+async fn version_and_load_are_answered_for_the_fleet() {
+    // At the simulator's real speed, so that a stream stays in flight for a while.
+    let old = sim_with(&["m"], |s| {
+        s.vllm_version = "0.9.2".into();
+        s.time_scale = None;
+    })
+    .await;
+    let new = sim_with(&["m"], |s| {
+        s.vllm_version = "0.32.0".into();
+        s.time_scale = None;
+    })
+    .await;
+    let gw = Gateway::builder(&[&old, &new])
+        .yaml("health:\n  interval: 100ms\n  unhealthy_threshold: 1")
+        .start()
+        .await;
+    let version = || async {
+        let r = http1().get(gw.url("/version")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<serde_json::Value>().await.unwrap()["version"].clone()
+    };
+    assert_eq!(version().await, "0.9.2", "the oldest, by number");
+    let stats = get_json(gw.admin_url("/load-stats")).await;
+    let versions: BTreeSet<&str> = stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["vllm_version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, BTreeSet::from(["0.32.0", "0.9.2"]), "{stats}");
+
+    let load = || async {
+        let v = get_json(gw.url("/load")).await;
+        v["server_load"].as_u64().unwrap()
+    };
+    assert_eq!(load().await, 0);
+    let body = serde_json::json!({"model": "m", "stream": true, "max_tokens": 400, "ignore_eos": true,
+        "messages": [{"role": "user", "content": "count"}]});
+    let mut stream = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(
+        stream.chunk().await.unwrap().is_some(),
+        "the stream started"
+    );
+    assert_eq!(load().await, 1, "the stream in flight");
+    drop(stream);
+    assert!(
+        eventually(Duration::from_secs(5), || async { load().await == 0 }).await,
+        "the client left, and so did the request"
+    );
+
+    let r = http1().post(gw.url("/version")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    // The old replica is gone: the fleet is on the new version.
+    old.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            version().await == "0.32.0"
+        })
+        .await,
+        "{}",
+        get_json(gw.admin_url("/load-stats")).await
+    );
+}
