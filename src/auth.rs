@@ -3,9 +3,10 @@
 //! The keys file (`auth.api_keys_file`) holds one key per line; `#` starts a comment:
 //!
 //! ```text
-//! # [NAME] KEY-or-sha256:HEX [max_concurrent=N] [rpm=N]
+//! # [NAME] KEY-or-sha256:HEX [max_concurrent=N] [rpm=N] [tpm=N]
 //! sk-team-a-0f3c9e                          # a key, named by its short hash
 //! search-bot sk-search-77d1 rpm=600         # a named key, 600 requests a minute
+//! team-b sk-team-b-41aa tpm=200000          # 200,000 tokens a minute
 //! batch sha256:9f86d081884c7d65...0f00a08   # only the key's SHA-256: the file holds no secret
 //! ```
 //!
@@ -84,6 +85,9 @@ pub fn bearer(value: &[u8]) -> Option<&str> {
 pub struct KeyLimits {
     pub max_concurrent: Option<u32>,
     pub requests_per_minute: Option<u32>,
+    /// Prompt plus completion tokens a minute: a request is admitted while the key's
+    /// balance is positive, and charged what it used when it ends (see [`Permit::charge`]).
+    pub tokens_per_minute: Option<u32>,
 }
 
 /// What a key has used; shared across reloads while the key stays listed.
@@ -92,6 +96,9 @@ pub struct KeyCounters {
     in_flight: AtomicU32,
     /// Token bucket for the per-minute limit: (tokens, when last refilled).
     bucket: Mutex<Option<(f64, Instant)>>,
+    /// The `tpm` balance, which a request's charge may take below zero (a debt the
+    /// refill pays back before the key is admitted again).
+    tokens: Mutex<Option<(f64, Instant)>>,
 }
 
 #[derive(Debug)]
@@ -127,6 +134,23 @@ pub struct Permit {
     /// The key's name (shared, so admitting a request allocates nothing).
     pub key: Arc<str>,
     counters: Arc<KeyCounters>,
+    tokens_per_minute: Option<u32>,
+}
+
+impl Permit {
+    /// Whether the key has a `tpm` limit, so that its requests' tokens must be charged.
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some()
+    }
+
+    /// Takes `tokens` from the key's `tpm` balance (nothing without that limit).
+    pub fn charge(&self, tokens: u64, now: Instant) {
+        if let Some(tpm) = self.tokens_per_minute {
+            let mut b = lock(&self.counters.tokens);
+            let balance = refill(&b, f64::from(tpm), now);
+            *b = Some((balance - tokens as f64, now));
+        }
+    }
 }
 
 impl Drop for Permit {
@@ -171,6 +195,8 @@ impl ApiKeys {
                     limits.max_concurrent = Some(num(v, "max_concurrent")?);
                 } else if let Some(v) = w.strip_prefix("rpm=") {
                     limits.requests_per_minute = Some(num(v, "rpm")?);
+                } else if let Some(v) = w.strip_prefix("tpm=") {
+                    limits.tokens_per_minute = Some(num(v, "tpm")?);
                 } else {
                     words.push(w);
                 }
@@ -182,8 +208,8 @@ impl ApiKeys {
                     return Err((
                         line_no,
                         format!(
-                            "expected `[NAME] KEY [max_concurrent=N] [rpm=N]`, found {} words \
-                             besides the limits",
+                            "expected `[NAME] KEY [max_concurrent=N] [rpm=N] [tpm=N]`, found {} \
+                             words besides the limits",
                             words.len()
                         ),
                     ))
@@ -285,7 +311,23 @@ impl ApiKeys {
         let permit = Permit {
             key: e.name.clone(),
             counters: c.clone(),
+            tokens_per_minute: e.limits.tokens_per_minute,
         };
+        // Before `rpm`, which takes a request's token: a refused request costs nothing.
+        if let Some(tpm) = e.limits.tokens_per_minute {
+            let balance = refill(&lock(&c.tokens), f64::from(tpm), now);
+            if balance <= 0.0 {
+                let per_sec = f64::from(tpm) / 60.0;
+                return Err(Denied::Limited {
+                    key: e.name.to_string(),
+                    message: format!(
+                        "This key is limited to {tpm} tokens per minute and has used them; \
+                         retry later."
+                    ),
+                    retry_after: (-balance / per_sec).ceil().max(1.0) as u64,
+                });
+            }
+        }
         if let Some(rpm) = e.limits.requests_per_minute {
             if let Err(wait) = take_token(c, rpm, now) {
                 return Err(Denied::Limited {
@@ -303,12 +345,23 @@ impl ApiKeys {
 
 /// Takes one token from the key's bucket (`rpm` tokens at most, refilled at `rpm` a
 /// minute), or says how long until one is there.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A bucket holding at most `per_minute`, refilled at that rate: its content at `now`
+/// (full when never used).
+fn refill(b: &Option<(f64, Instant)>, per_minute: f64, now: Instant) -> f64 {
+    let (content, at) = b.unwrap_or((per_minute, now));
+    let elapsed = now.saturating_duration_since(at).as_secs_f64();
+    (content + elapsed * per_minute / 60.0).min(per_minute)
+}
+
 fn take_token(c: &KeyCounters, rpm: u32, now: Instant) -> Result<(), Duration> {
     let cap = f64::from(rpm);
     let per_sec = cap / 60.0;
-    let mut b = c.bucket.lock().unwrap_or_else(|p| p.into_inner());
-    let (tokens, at) = b.unwrap_or((cap, now));
-    let tokens = (tokens + now.saturating_duration_since(at).as_secs_f64() * per_sec).min(cap);
+    let mut b = lock(&c.bucket);
+    let tokens = refill(&b, cap, now);
     if tokens >= 1.0 {
         *b = Some((tokens - 1.0, now));
         Ok(())
@@ -430,6 +483,48 @@ mod tests {
             keys.entries[0].counters.in_flight.load(Ordering::Relaxed),
             0
         );
+    }
+
+    #[test]
+    fn a_token_budget_admits_while_positive_and_charges_what_was_used() {
+        let keys = ApiKeys::parse("k tpm=600 rpm=100\nfree\n").unwrap();
+        let t0 = Instant::now();
+        let p = keys.admit(Some(b"Bearer k"), t0).unwrap();
+        assert!(p.counts_tokens());
+        assert!(!keys
+            .admit(Some(b"Bearer free"), t0)
+            .unwrap()
+            .counts_tokens());
+        // A request that used more than the balance leaves a debt: 900 tokens of 600
+        // leave -300, paid back at 10 tokens a second.
+        p.charge(900, t0);
+        drop(p);
+        match keys.admit(Some(b"Bearer k"), t0).unwrap_err() {
+            Denied::Limited {
+                retry_after,
+                message,
+                ..
+            } => {
+                assert_eq!(retry_after, 30);
+                assert!(message.contains("600 tokens per minute"), "{message}");
+            }
+            d => panic!("{d:?}"),
+        }
+        // The refusal took nothing from the request budget: 1 of 100 used.
+        let left = refill(&lock(&keys.entries[0].counters.bucket), 100.0, t0);
+        assert_eq!(left, 99.0);
+        let t1 = t0 + Duration::from_secs(29);
+        assert!(keys.admit(Some(b"Bearer k"), t1).is_err(), "still in debt");
+        let t2 = t0 + Duration::from_secs(31);
+        let p = keys.admit(Some(b"Bearer k"), t2).unwrap();
+        p.charge(5, t2);
+        // The balance never grows past one minute's worth.
+        let later = t2 + Duration::from_secs(3600);
+        assert_eq!(
+            refill(&lock(&keys.entries[0].counters.tokens), 600.0, later),
+            600.0
+        );
+        assert_eq!(ApiKeys::parse("k tpm=0\n").unwrap_err().0, 1);
     }
 
     #[test]

@@ -169,6 +169,16 @@ pub static AUTH_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static KEY_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "vllm_edge_key_tokens_total",
+        "Tokens reported in responses' usage (as vllm_edge_tokens_total counts them), by key \
+         name and kind (prompt, completion).",
+        &["key", "kind"]
+    )
+    .expect("metric registers once")
+});
+
 pub static KEY_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "vllm_edge_key_limited_total",

@@ -122,6 +122,36 @@ impl Gateway {
         }
     }
 
+    /// Counts a request's tokens against its key: the `usage` the response reported, and
+    /// for the key's `tpm` balance, an estimate of an answered request that reported none
+    /// (the prompt's estimated tokens, plus one per stream event but `[DONE]`).
+    fn charge_key(
+        &self,
+        key: &crate::auth::Permit,
+        info: &openai::RoutingInfo,
+        usage: Option<openai::Usage>,
+        status: u16,
+        stream_events: u64,
+    ) {
+        let used = match usage {
+            Some(u) => {
+                crate::metrics::KEY_TOKENS
+                    .with_label_values(&[&key.key, "prompt"])
+                    .inc_by(u.prompt_tokens);
+                crate::metrics::KEY_TOKENS
+                    .with_label_values(&[&key.key, "completion"])
+                    .inc_by(u.completion_tokens);
+                u.prompt_tokens + u.completion_tokens
+            }
+            None if (200..300).contains(&status) => {
+                (info.prompt_bytes / selection::BYTES_PER_TOKEN) as u64
+                    + stream_events.saturating_sub(1)
+            }
+            None => 0,
+        };
+        key.charge(used, Instant::now());
+    }
+
     /// Seconds a client is told to wait (`Retry-After`) when no replica can take it: about
     /// when the health checks may have brought one back.
     fn retry_after(&self) -> String {
@@ -178,6 +208,9 @@ pub struct RequestCtx {
     bytes_out: u64,
     /// The end of a response that reports `usage`, to count its tokens.
     usage_tail: Option<UsageTail>,
+    /// Stream events relayed, counted only for a key with a `tpm` limit: what a stream that
+    /// reports no usage (or was cut before it) is charged.
+    sse_events: u64,
 }
 
 impl RequestCtx {
@@ -402,6 +435,7 @@ impl ProxyHttp for Gateway {
             first_byte: None,
             bytes_out: 0,
             usage_tail: None,
+            sse_events: 0,
         }
     }
 
@@ -810,6 +844,9 @@ impl ProxyHttp for Gateway {
             if let Some(t) = ctx.usage_tail.as_mut() {
                 t.push(b);
             }
+            if ctx.sse && ctx.key.as_ref().is_some_and(|k| k.counts_tokens()) {
+                ctx.sse_events += memchr::memmem::find_iter(b, b"data:").count() as u64;
+            }
             if let Some(Err(why)) = ctx.deadlines.as_mut().map(Attempt::progress) {
                 // The error hooks read which deadline from `deadlines`.
                 return Error::e_explain(
@@ -1035,6 +1072,9 @@ impl ProxyHttp for Gateway {
             crate::metrics::TOKENS
                 .with_label_values(&[model, "completion"])
                 .inc_by(u.completion_tokens);
+        }
+        if let (Some(k), Some(info)) = (&ctx.key, &ctx.info) {
+            self.charge_key(k, info, usage, ctx.status, ctx.sse_events);
         }
         crate::metrics::REQUESTS
             .with_label_values(&[

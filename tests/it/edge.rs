@@ -522,6 +522,83 @@ async fn per_key_limits_answer_429_with_retry_after() {
     assert!(m.contains(&solo), "{solo}: {m}");
 }
 
+/// `tpm=N`: a key is admitted while its token balance is positive and charged what each
+/// request used, from the response's `usage`, or estimated for a stream that reports none
+/// (one token per event).
+#[tokio::test]
+async fn a_keys_tokens_per_minute_are_charged_what_its_requests_used() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend])
+        .file(
+            "keys.txt",
+            "counted sk-tpm tpm=100\nstreamer sk-stream tpm=60\n",
+        )
+        .yaml("auth:\n  api_keys_file: keys.txt")
+        .start()
+        .await;
+    let post = |key: &str, max_tokens: u32, stream: bool| {
+        http1()
+            .post(gw.url("/v1/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .json(&serde_json::json!({
+                "model": "m", "prompt": "x", "max_tokens": max_tokens,
+                "ignore_eos": true, "stream": stream,
+            }))
+            .send()
+    };
+    // 150 completion tokens of a 100-token budget: this one is served, the next is not.
+    let r = post("sk-tpm", 150, false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let used = v["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used > 150, "{v}");
+    let r = post("sk-tpm", 1, false).await.unwrap();
+    let after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The debt (used − 100) is paid back at 100/60 tokens a second.
+    let expected = ((used - 100) as f64 * 0.6).ceil() as u64;
+    assert!(after.abs_diff(expected) <= 1, "{after} vs {expected}");
+    let (status, body) = error_of(r).await;
+    assert_eq!(status, 429);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100 tokens per minute"),
+        "{body}"
+    );
+    // A stream without usage is charged one token per event: 80 events of 60.
+    let r = post("sk-stream", 80, true).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    // (Asked with `/v1/models`, which the key's limits admit but which uses no tokens.)
+    let models = || async {
+        http1()
+            .get(gw.url("/v1/models"))
+            .header("authorization", "Bearer sk-stream")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { models().await == 429 }).await,
+        "the stream's tokens were charged"
+    );
+    let m = gw.metrics_text().await;
+    assert!(
+        m.contains("vllm_edge_key_tokens_total{key=\"counted\",kind=\"completion\"} 150"),
+        "{m}"
+    );
+    assert!(
+        m.contains("vllm_edge_key_limited_total{key=\"counted\"} 1"),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn keys_reload_on_sighup() {
     let backend = sim(&["m"]).await;
