@@ -216,6 +216,8 @@ pub struct BackendState {
     pub models: Vec<String>,
     /// Why the last `/v1/models` failed, if it did.
     pub models_error: Option<String>,
+    /// The entries of its `/v1/models` as it wrote them (empty for configured models).
+    pub cards: Arc<[serde_json::Value]>,
     /// The engine's vLLM version (`/version`, read with the models; kept when it fails).
     pub version: Option<String>,
     pub observed_at: Option<Instant>,
@@ -246,6 +248,19 @@ pub struct BackendState {
 }
 
 impl BackendState {
+    /// The models of a `/v1/models` answer (see [`crate::openai::parse_models`]); whether
+    /// the list of names changed.
+    pub fn set_models(&mut self, cards: Vec<serde_json::Value>) -> bool {
+        let models: Vec<String> = cards
+            .iter()
+            .filter_map(|c| crate::openai::card_id(c).map(str::to_string))
+            .collect();
+        let changed = models != self.models;
+        self.models = models;
+        self.cards = cards.into();
+        changed
+    }
+
     /// The scraped load, if its scrape started at or after `fresh_since` (see
     /// [`fresh_since`]).
     pub fn fresh_load(&self, fresh_since: Option<Instant>) -> Option<&EngineLoad> {
@@ -265,6 +280,7 @@ impl BackendState {
     pub fn unknown(backend: &Backend) -> BackendState {
         BackendState {
             models: backend.static_models.clone().unwrap_or_default(),
+            cards: Arc::new([]),
             models_error: None,
             version: None,
             observed_at: None,
@@ -379,6 +395,39 @@ impl FleetSnapshot {
                 .filter(|e| e.backend.health.routable_ignoring_breaker())
                 .filter_map(|e| e.state.version.as_deref()),
         )
+    }
+
+    /// `GET /v1/models`: an entry per model of [`FleetSnapshot::healthy_models`], as the
+    /// first backend in rotation that serves it describes it, with the smallest
+    /// `max_model_len` those backends report (a prompt sized to it fits wherever it goes);
+    /// a minimal entry for a model only the config names.
+    pub fn model_cards(&self) -> Vec<serde_json::Value> {
+        let up = |&&i: &&usize| self.backends[i].backend.health.routable_ignoring_breaker();
+        self.by_model
+            .iter()
+            .filter(|(_, idx)| idx.iter().any(|i| up(&i)))
+            .map(|(m, idx)| {
+                let cards = idx.iter().filter(up).filter_map(|&i| {
+                    let st = &self.backends[i].state;
+                    st.cards
+                        .iter()
+                        .find(|c| crate::openai::card_id(c) == Some(m))
+                });
+                let shortest = cards
+                    .clone()
+                    .filter_map(|c| c.get("max_model_len")?.as_u64())
+                    .min();
+                let mut card = cards
+                    .clone()
+                    .next()
+                    .cloned()
+                    .unwrap_or_else(|| crate::openai::model_card(m));
+                if let (Some(n), Some(o)) = (shortest, card.as_object_mut()) {
+                    o.insert("max_model_len".into(), n.into());
+                }
+                card
+            })
+            .collect()
     }
 
     pub fn healthy_models(&self) -> Vec<String> {
@@ -499,6 +548,7 @@ impl Fleet {
                         let mut state = BackendState::unknown(&backend);
                         if c.static_models.is_none() && e.backend.url == c.url {
                             state.models = e.state.models.clone();
+                            state.cards = e.state.cards.clone();
                         }
                         BackendEntry { backend, state }
                     }
@@ -591,5 +641,40 @@ mod tests {
         assert_eq!(fleet.load().healthy_models(), vec!["m2", "m3"]);
         assert_eq!(fleet.load().serving("m1"), Some(&[0usize][..]));
         assert_eq!(fleet.load().serving("nope"), None);
+        // Configured models are described minimally.
+        let cards = fleet.load().model_cards();
+        let ids: Vec<&serde_json::Value> = cards.iter().map(|c| &c["id"]).collect();
+        assert_eq!(ids, ["m2", "m3"]);
+        assert_eq!(cards[0], crate::openai::model_card("m2"));
+    }
+
+    #[test]
+    fn model_cards_are_the_replicas_own_with_the_shortest_length() {
+        let fleet = Fleet::new(&[cfg("a", None), cfg("b", None), cfg("c", None)]);
+        let mut entries: Vec<BackendEntry> = fleet.load().backends.clone();
+        let card = |len: u64, root: &str| serde_json::json!({"id": "m", "object": "model", "root": root, "max_model_len": len});
+        entries[0].state.set_models(vec![card(4096, "/a")]);
+        entries[1].state.set_models(vec![card(2048, "/b")]);
+        assert!(entries[2].state.set_models(vec![card(1024, "/c")]));
+        assert!(
+            !entries[2].state.set_models(vec![card(1024, "/c")]),
+            "same names"
+        );
+        let states: Vec<_> = entries.into_iter().map(|e| (e.backend, e.state)).collect();
+        fleet.update_states(&states);
+        let snap = fleet.load();
+        for i in [0, 1] {
+            snap.backends[i]
+                .backend
+                .health
+                .observe_check(Ok(()), &Default::default());
+        }
+        // `c` is not in rotation: its shorter length does not count.
+        let cards = fleet.load().model_cards();
+        assert_eq!(
+            cards,
+            [card(2048, "/a")],
+            "the first one's, with the shortest length"
+        );
     }
 }

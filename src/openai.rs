@@ -531,15 +531,17 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// The body of `GET /v1/models` for a list of model ids, in vLLM's shape.
-pub fn models_body(models: &[String]) -> Bytes {
-    let data: Vec<_> = models
-        .iter()
-        .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "vllm"}))
-        .collect();
+pub fn models_body(cards: &[serde_json::Value]) -> Bytes {
     Bytes::from(
-        serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
+        serde_json::to_vec(&serde_json::json!({"object": "list", "data": cards}))
             .expect("serializing a json! value"),
     )
+}
+
+/// The entry of `/v1/models` for a model no replica described (its models are listed in
+/// the config).
+pub fn model_card(id: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "vllm"})
 }
 
 /// The version in a `/version` answer (`{"version":"0.32.0"}`).
@@ -578,18 +580,26 @@ pub fn oldest_version<'a>(versions: impl IntoIterator<Item = &'a str>) -> Option
         .min_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.cmp(b)))
 }
 
-/// The model ids in a `/v1/models` answer.
-pub fn parse_models(body: &[u8]) -> Result<Vec<String>, String> {
+/// The entries of a `/v1/models` answer as the server wrote them (vLLM's carry
+/// `max_model_len`, `root`, and `parent` for a LoRA adapter), each an object with a string
+/// `id`.
+pub fn parse_models(body: &[u8]) -> Result<Vec<serde_json::Value>, String> {
     #[derive(Deserialize)]
     struct List {
-        data: Vec<Entry>,
-    }
-    #[derive(Deserialize)]
-    struct Entry {
-        id: String,
+        data: Vec<serde_json::Value>,
     }
     let list: List = serde_json::from_slice(body).map_err(|e| format!("bad /v1/models: {e}"))?;
-    Ok(list.data.into_iter().map(|e| e.id).collect())
+    if let Some(bad) = list.data.iter().find(|c| card_id(c).is_none()) {
+        return Err(format!(
+            "bad /v1/models: an entry without a string `id`: {bad:.80}"
+        ));
+    }
+    Ok(list.data)
+}
+
+/// The `id` of a `/v1/models` entry.
+pub fn card_id(card: &serde_json::Value) -> Option<&str> {
+    card.get("id")?.as_str()
 }
 
 /// Token counts from a response's `usage` object.
@@ -876,7 +886,21 @@ mod tests {
             "/../shared/fixtures/vllm-0.32/models.json"
         );
         let text = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
-        assert_eq!(parse_models(&text).unwrap(), vec!["tiny-llama".to_string()]);
+        let cards = parse_models(&text).unwrap();
+        assert_eq!(cards.len(), 1);
+        assert_eq!(card_id(&cards[0]), Some("tiny-llama"));
+        assert_eq!(
+            cards[0]["max_model_len"], 2048,
+            "kept as the server wrote it"
+        );
+        assert_eq!(cards[0]["root"], "/models/tiny-llama");
+        for bad in [
+            &br#"{"data":[{"object":"model"}]}"#[..],
+            br#"{"data":[{"id":3}]}"#,
+            b"{}",
+        ] {
+            assert!(parse_models(bad).is_err(), "{bad:?}");
+        }
     }
 
     fn fixture(name: &str) -> Vec<u8> {

@@ -152,7 +152,9 @@ impl Reloader {
         let discovered = futures::future::join_all(checks).await;
         for (&i, models) in fresh.iter().zip(discovered) {
             match models {
-                Some(Ok(m)) => entries[i].state.models = m,
+                Some(Ok(cards)) => {
+                    entries[i].state.set_models(cards);
+                }
                 Some(Err(e)) => entries[i].state.models_error = Some(e),
                 None => {}
             }

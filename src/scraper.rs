@@ -187,11 +187,10 @@ async fn observe(
     if let Some(models) = models {
         state.observed_at = Some(Instant::now());
         match models {
-            Ok(m) => {
-                if m != state.models {
-                    tracing::info!(backend = %backend.name, models = ?m, "models discovered");
+            Ok(cards) => {
+                if state.set_models(cards) {
+                    tracing::info!(backend = %backend.name, models = ?state.models, "models discovered");
                 }
-                state.models = m;
                 state.models_error = None;
             }
             Err(e) => {
@@ -364,8 +363,11 @@ pub async fn discover_version(backend: &Backend, timeout: Duration) -> Option<St
         .flatten()
 }
 
-/// The models a backend serves (from `/v1/models`).
-pub async fn discover_models(backend: &Backend, timeout: Duration) -> Result<Vec<String>, String> {
+/// The models a backend serves (from `/v1/models`), as its entries there.
+pub async fn discover_models(
+    backend: &Backend,
+    timeout: Duration,
+) -> Result<Vec<serde_json::Value>, String> {
     let resp = httpclient::get(Target::of(backend), "/v1/models", timeout, MAX_MODELS_BODY)
         .await
         .map_err(|e| format!("GET /v1/models: {e}"))?;

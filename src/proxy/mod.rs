@@ -509,7 +509,7 @@ impl ProxyHttp for Gateway {
                 let snap = self.fleet.load();
                 let body = match ctx.route {
                     Route::Health => Bytes::from_static(b"{\"status\":\"ok\"}"),
-                    Route::Models => openai::models_body(&snap.healthy_models()),
+                    Route::Models => openai::models_body(&snap.model_cards()),
                     Route::Load => {
                         let n: usize = snap.backends.iter().map(|e| e.backend.in_flight()).sum();
                         Bytes::from(format!("{{\"server_load\":{n}}}"))

@@ -179,3 +179,39 @@ async fn version_and_load_are_answered_for_the_fleet() {
         get_json(gw.admin_url("/load-stats")).await
     );
 }
+
+/// `/v1/models` gives each model as a replica described it (vLLM's entries carry
+/// `max_model_len`, `root`, `parent`), with the smallest `max_model_len` of the replicas
+/// serving it, so a prompt sized to it fits wherever it is routed.
+#[tokio::test]
+async fn models_are_described_as_the_replicas_describe_them() {
+    let long = sim_with(&["m"], |s| s.max_model_len = Some(32_768)).await;
+    let short = sim_with(&["m", "other"], |s| s.max_model_len = Some(8_192)).await;
+    let gw = Gateway::builder(&[&long, &short])
+        .backend_with("http://127.0.0.1:9", "models: [configured]")
+        .start()
+        .await;
+    let v = get_json(gw.url("/v1/models")).await;
+    let data = v["data"].as_array().unwrap();
+    let card = |id: &str| data.iter().find(|c| c["id"] == id).cloned();
+    let m = card("m").unwrap();
+    assert_eq!(m["max_model_len"], 8192, "the smallest: {v}");
+    assert_eq!(m["root"], "m", "{v}");
+    assert!(
+        m["parent"].is_null() && m["created"].as_u64() > Some(0),
+        "{v}"
+    );
+    assert_eq!(card("other").unwrap()["max_model_len"], 8192);
+    // A backend that is down lends nothing, and only the config names `configured`.
+    assert!(card("configured").is_none(), "its backend is down: {v}");
+    short.stop();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let v = get_json(gw.url("/v1/models")).await;
+            v["data"].as_array().unwrap().len() == 1 && v["data"][0]["max_model_len"] == 32768
+        })
+        .await,
+        "{}",
+        get_json(gw.url("/v1/models")).await
+    );
+}
