@@ -18,14 +18,17 @@ is pinned to core 0; the load generator and the fake backends to core 1.
 Each configuration runs OH_RUNS times (default 2), interleaved; the report gives medians
 and the spread (min-max). Environment: OH_SECONDS (per wrk run, default 10), OH_RUNS,
 OH_ONLY (comma-separated configuration names), OH_MEMORY (0 to skip), OH_STREAMS_ROUNDS,
+OH_KEEP (1 keeps the temporary directory of logs),
 OH_BASELINE (another vllm-edge binary, e.g. an earlier commit's: adds "baseline round-robin"
 and "baseline vllm", run interleaved with the rest, for a before/after in one run).
 """
 
 import asyncio
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -50,6 +53,10 @@ WORK = tempfile.mkdtemp(prefix="vllm-edge-overhead-")
 # nginx's workers (user nobody when started as root) must read the canned /metrics file
 # in there; a 403 would leave the `vllm` policy without engine metrics.
 os.chmod(WORK, 0o755)
+# The routers' logs and the backends' files go when the run ends (OH_KEEP=1 keeps them
+# for a look at a failed run).
+if os.environ.get("OH_KEEP") != "1":
+    atexit.register(shutil.rmtree, WORK, True)
 
 CHAT_BODY = json.dumps({
     "model": "m",
