@@ -292,6 +292,15 @@ pub fn render(stats: &Value, view: &View, source: &str, width: usize, color: boo
             out.push('\n');
         }
     }
+    // Entries whose host name has no address yet: no backend, nothing sent there.
+    for a in stats["awaiting_address"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<NAME$} {} {}\n",
+            cut(a["name"].as_str().unwrap_or("?"), NAME),
+            paint(format!("{:<13}", "no address"), "33"),
+            a["host"].as_str().unwrap_or(""),
+        ));
+    }
     out
 }
 
@@ -473,7 +482,8 @@ mod tests {
                  "scrape_fresh": false, "running": null, "waiting": null, "in_flight": 0,
                  "kv_usage": null, "requests_total": 0, "upstream_errors_total": 7,
                  "health_error": "GET /health: connect: Connection refused"}
-            ]
+            ],
+            "awaiting_address": [{"name": "gpu-7", "host": "gpu-7.lan:8000", "models": null}]
         })
     }
 
@@ -495,6 +505,11 @@ mod tests {
         assert!(gpu0.ends_with("▅█"), "sparkline 4 then 8: {gpu0}");
         let gpu1 = lines.iter().find(|l| l.starts_with("gpu-1")).expect(&text);
         assert!(gpu1.contains("down"), "{gpu1}");
+        let gpu7 = lines.iter().find(|l| l.starts_with("gpu-7")).expect(&text);
+        assert!(
+            gpu7.contains("no address") && gpu7.ends_with("gpu-7.lan:8000"),
+            "{gpu7}"
+        );
         assert!(
             text.contains("└ GET /health: connect: Connection refused"),
             "{text}"
