@@ -28,6 +28,10 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
     /// A client that trickles its body this long is holding a slot for nothing.
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Past `BODY_READ_TIMEOUT`, the slowest average a body may keep to (bytes a second):
+    /// half a megabit, so a 25 MB audio upload over a slow uplink gets through (in about
+    /// six minutes) while a body trickled to hold a connection does not.
+    pub const BODY_MIN_RATE: usize = 64 * 1024;
     /// A request head (request line and headers). Real clients send a few hundred bytes;
     /// 64 KiB leaves room for long cookies and tracing headers. Pingora's own ceiling is
     /// `MAX_HEADER_BYTES_CEILING`.
@@ -284,6 +288,8 @@ struct FileLimits {
     max_body_size: Option<ByteSize>,
     #[serde(default)]
     body_read_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    body_min_rate: Option<ByteSize>,
     #[serde(default)]
     max_header_size: Option<ByteSize>,
     #[serde(default)]
@@ -578,7 +584,11 @@ fn affinity(
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClientLimits {
     pub max_body_bytes: usize,
+    /// A body gets this long, plus a second per `body_min_rate` bytes received; and no
+    /// two of its pieces may be further apart (see `proxy::body`).
     pub body_read_timeout: Duration,
+    /// Bytes a second.
+    pub body_min_rate: usize,
     /// The request line plus every header field, counted as `name: value\r\n`.
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -595,6 +605,7 @@ impl Default for ClientLimits {
         ClientLimits {
             max_body_bytes: defaults::MAX_BODY_BYTES,
             body_read_timeout: defaults::BODY_READ_TIMEOUT,
+            body_min_rate: defaults::BODY_MIN_RATE,
             max_header_bytes: defaults::MAX_HEADER_BYTES,
             max_headers: defaults::MAX_HEADERS,
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
@@ -615,6 +626,7 @@ fn client_limits(
     let limits = ClientLimits {
         max_body_bytes: l.max_body_size.map_or(d.max_body_bytes, |s| s.0),
         body_read_timeout: dur(l.body_read_timeout, d.body_read_timeout),
+        body_min_rate: l.body_min_rate.map_or(d.body_min_rate, |s| s.0),
         max_header_bytes: l.max_header_size.map_or(d.max_header_bytes, |s| s.0),
         max_headers: l.max_header_count.unwrap_or(d.max_headers),
         header_read_timeout: dur(l.header_read_timeout, d.header_read_timeout),
@@ -637,6 +649,12 @@ fn client_limits(
     };
     if limits.max_body_bytes == 0 {
         return Err(invalid("limits.max_body_size", "must be above zero".into()));
+    }
+    if limits.body_min_rate == 0 {
+        return Err(invalid(
+            "limits.body_min_rate",
+            "must be above zero (bytes a second, e.g. 64KiB)".into(),
+        ));
     }
     range(
         "limits.max_header_size",
@@ -1941,7 +1959,7 @@ mod tests {
             #[test]
             fn a_refused_limit_names_file_line_and_key(
                 key in prop::sample::select(vec![
-                    "max_body_size", "body_read_timeout", "max_header_size",
+                    "max_body_size", "body_read_timeout", "body_min_rate", "max_header_size",
                     "max_header_count", "header_read_timeout", "keepalive_timeout",
                     "max_connections", "h2_max_concurrent_streams", "max_json_depth",
                 ]),

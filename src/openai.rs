@@ -441,7 +441,7 @@ impl ApiError {
         Self::new(
             408,
             "RequestTimeoutError",
-            "The request body was not received in time.",
+            "The request body was not received in time: it stalled, or came too slowly.",
         )
     }
     pub fn no_backend(model: &str) -> Self {

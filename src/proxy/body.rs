@@ -13,7 +13,7 @@
 
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::openai::ApiError;
 
@@ -29,11 +29,31 @@ pub enum BodyError {
     ClientGone(Box<pingora::Error>),
 }
 
-/// Reads the whole body of the request, at most `max_bytes`, within `timeout`.
+/// How long a body may take: `timeout`, plus a second per `min_rate` bytes received so
+/// far; and no piece may come more than `timeout` after the one before. A body that keeps
+/// coming at `min_rate` or faster is never cut (a large upload over a slow link), one
+/// trickled to hold the connection is (a byte every few seconds gains milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyPace {
+    pub timeout: Duration,
+    /// Bytes a second.
+    pub min_rate: usize,
+}
+
+impl BodyPace {
+    /// When the next piece must have come by, for a body started at `started` with
+    /// `received` bytes so far, asked at `now`.
+    pub fn deadline(&self, started: Instant, received: usize, now: Instant) -> Instant {
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate.max(1) as f64);
+        (started + self.timeout + earned).min(now + self.timeout)
+    }
+}
+
+/// Reads the whole body of the request, at most `max_bytes`, at the `pace`.
 pub async fn read_full_body(
     session: &mut Session,
     max_bytes: usize,
-    timeout: Duration,
+    pace: BodyPace,
 ) -> Result<Bytes, BodyError> {
     let declared = content_length(session)?;
     if let Some(n) = declared {
@@ -53,6 +73,7 @@ pub async fn read_full_body(
         session.enable_retry_buffering();
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(max_bytes));
+    let started = Instant::now();
     let read_all = async {
         loop {
             if let Some(n) = declared {
@@ -60,7 +81,13 @@ pub async fn read_full_body(
                     session.enable_retry_buffering();
                 }
             }
-            match session.read_request_body().await {
+            // HTTP/2 body reads have no timeout of their own in Pingora 0.9.1.
+            let by = pace.deadline(started, body.len(), Instant::now());
+            let piece = tokio::time::timeout_at(by.into(), session.read_request_body()).await;
+            let Ok(piece) = piece else {
+                return Err(BodyError::Reply(ApiError::body_timeout()));
+            };
+            match piece {
                 Ok(Some(chunk)) => {
                     if body.len() + chunk.len() > max_bytes {
                         return Err(BodyError::Reply(ApiError::body_too_large(max_bytes)));
@@ -79,12 +106,7 @@ pub async fn read_full_body(
             }
         }
     };
-    // HTTP/2 body reads have no timeout of their own in Pingora 0.9.1.
-    match tokio::time::timeout(timeout, read_all).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(BodyError::Reply(ApiError::body_timeout())),
-    }
+    read_all.await?;
     let body = body.freeze();
     if body.is_empty() {
         return Ok(body);

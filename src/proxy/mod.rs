@@ -541,29 +541,28 @@ impl ProxyHttp for Gateway {
             }
             Route::Inference => {
                 let cfg = self.config.load();
-                let body = match body::read_full_body(
-                    session,
-                    cfg.limits.max_body_bytes,
-                    cfg.limits.body_read_timeout,
-                )
-                .await
-                {
-                    Ok(b) => b,
-                    Err(BodyError::Reply(err)) => {
-                        let limit = match err.status {
-                            413 => Some("max_body_size"),
-                            408 => Some("body_read_timeout"),
-                            _ => None,
-                        };
-                        if let Some(limit) = limit {
-                            crate::metrics::LIMIT_REFUSALS
-                                .with_label_values(&[limit])
-                                .inc();
-                        }
-                        return respond_error(session, ctx, &err).await;
-                    }
-                    Err(BodyError::ClientGone(e)) => return Err(e),
+                let pace = body::BodyPace {
+                    timeout: cfg.limits.body_read_timeout,
+                    min_rate: cfg.limits.body_min_rate,
                 };
+                let body =
+                    match body::read_full_body(session, cfg.limits.max_body_bytes, pace).await {
+                        Ok(b) => b,
+                        Err(BodyError::Reply(err)) => {
+                            let limit = match err.status {
+                                413 => Some("max_body_size"),
+                                408 => Some("body_read_timeout"),
+                                _ => None,
+                            };
+                            if let Some(limit) = limit {
+                                crate::metrics::LIMIT_REFUSALS
+                                    .with_label_values(&[limit])
+                                    .inc();
+                            }
+                            return respond_error(session, ctx, &err).await;
+                        }
+                        Err(BodyError::ClientGone(e)) => return Err(e),
+                    };
                 let content_type = session
                     .req_header()
                     .headers

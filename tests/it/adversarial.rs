@@ -704,6 +704,71 @@ async fn a_pipelined_body_slower_than_the_head_deadline_is_served() {
     assert_eq!(a.map(|a| a.status), Some(200), "{}", gw.log_unusual());
 }
 
+/// A body is held to a pace, not to a total: one that keeps coming at `body_min_rate` or
+/// faster is served however long it takes (a large upload on a slow link), one trickled
+/// to hold the connection is cut even though no gap between its bytes reaches
+/// `body_read_timeout`.
+#[tokio::test]
+async fn a_body_is_held_to_a_pace_not_a_total() {
+    let backend = sim(&["m"]).await;
+    // 1 s, plus a second per 64 KiB received.
+    let gw = Gateway::builder(&[&backend])
+        .yaml(&format!("{LIMITS}\n  body_min_rate: 64KiB"))
+        .start()
+        .await;
+    let filler = "x".repeat(160 * 1024);
+    let body = format!(
+        r#"{{"model":"m","max_tokens":2,"messages":[{{"role":"user","content":"{filler}"}}]}}"#
+    );
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // Five pieces 400 ms apart: 1.6 s in all, past the 1 s of `body_read_timeout`, each
+    // 32 KiB earning half a second.
+    let started = Instant::now();
+    for piece in body.as_bytes().chunks(body.len().div_ceil(5)) {
+        conn.write_all(piece).await.unwrap();
+        if started.elapsed() < Duration::from_millis(1600) {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    }
+    assert!(started.elapsed() > Duration::from_secs(1));
+    let a = tokio::time::timeout(ANSWER_WITHIN, read_answer(&mut conn, false))
+        .await
+        .expect("answered");
+    assert_eq!(a.status, 200, "{}", a.head);
+
+    // A byte every 200 ms: no gap reaches 1 s, but the body earns nothing past its first
+    // second. 408 soon after it.
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut sent = 0;
+    // The next byte after 200 ms without an answer; none once it has come (a byte written
+    // into the closed connection could have the answer reset away).
+    while tokio::time::timeout(Duration::from_millis(200), conn.peek(&mut [0u8; 1]))
+        .await
+        .is_err()
+    {
+        assert!(sent < 50, "no answer after {sent} bytes");
+        conn.write_all(b"x").await.unwrap();
+        sent += 1;
+    }
+    assert!(sent >= 4, "{sent} bytes before the answer");
+    let a = tokio::time::timeout(ANSWER_WITHIN, read_answer(&mut conn, false))
+        .await
+        .expect("answered");
+    assert_eq!(a.status, 408, "{}", a.head);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    still_serves(&gw, "m").await;
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_get_503_and_a_freed_slot_is_reused() {
     let backend = sim(&["m"]).await;
