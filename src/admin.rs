@@ -240,28 +240,30 @@ impl AdminApp {
         }
         let refuse =
             |e: crate::openai::ApiError| reply(e.status, "application/json", e.body().to_vec());
-        let limit = cfg.limits.max_body_bytes;
-        let read = async {
-            let mut body = Vec::new();
-            while let Some(chunk) = session.read_request_body().await.ok()? {
-                if body.len() + chunk.len() > limit {
-                    return Some(Err(crate::openai::ApiError::body_too_large(limit)));
+        // Held to the data plane's limits and pace (`proxy::body`).
+        let (limit, pace) = (
+            cfg.limits.max_body_bytes,
+            crate::proxy::body::BodyPace::of(&cfg.limits),
+        );
+        let started = Instant::now();
+        let mut body = Vec::new();
+        loop {
+            let by = pace.deadline(started, body.len(), Instant::now());
+            match tokio::time::timeout_at(by.into(), session.read_request_body()).await {
+                Err(_) => return refuse(crate::openai::ApiError::body_timeout()),
+                Ok(Err(_)) => {
+                    return refuse(crate::openai::ApiError::bad_request(
+                        "The request body could not be read.",
+                        None,
+                    ))
                 }
-                body.extend_from_slice(&chunk);
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) if body.len() + chunk.len() > limit => {
+                    return refuse(crate::openai::ApiError::body_too_large(limit))
+                }
+                Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
             }
-            Some(Ok(body))
-        };
-        let body = match tokio::time::timeout(cfg.limits.body_read_timeout, read).await {
-            Ok(Some(Ok(body))) => body,
-            Ok(Some(Err(e))) => return refuse(e),
-            Ok(None) => {
-                return refuse(crate::openai::ApiError::bad_request(
-                    "The request body could not be read.",
-                    None,
-                ))
-            }
-            Err(_) => return refuse(crate::openai::ApiError::body_timeout()),
-        };
+        }
         let headers = &session.req_header().headers;
         let content_type = headers
             .get(http::header::CONTENT_TYPE)

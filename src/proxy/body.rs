@@ -41,6 +41,13 @@ pub struct BodyPace {
 }
 
 impl BodyPace {
+    pub fn of(limits: &crate::config::ClientLimits) -> BodyPace {
+        BodyPace {
+            timeout: limits.body_read_timeout,
+            min_rate: limits.body_min_rate,
+        }
+    }
+
     /// When the next piece must have come by, for a body started at `started` with
     /// `received` bytes so far, asked at `now`.
     pub fn deadline(&self, started: Instant, received: usize, now: Instant) -> Instant {

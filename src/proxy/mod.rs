@@ -541,10 +541,7 @@ impl ProxyHttp for Gateway {
             }
             Route::Inference => {
                 let cfg = self.config.load();
-                let pace = body::BodyPace {
-                    timeout: cfg.limits.body_read_timeout,
-                    min_rate: cfg.limits.body_min_rate,
-                };
+                let pace = body::BodyPace::of(&cfg.limits);
                 let body =
                     match body::read_full_body(session, cfg.limits.max_body_bytes, pace).await {
                         Ok(b) => b,
