@@ -384,8 +384,6 @@ impl FleetSnapshot {
         self.by_model.get(model).map(|v| v.as_slice())
     }
 
-    /// The union of the models of all backends that take requests (checks passing, not
-    /// draining; an open circuit is a passing state), sorted.
     /// The vLLM version the fleet offers (`GET /version`): the oldest that the backends
     /// in rotation report (see [`crate::openai::oldest_version`]).
     pub fn version(&self) -> Option<&str> {
@@ -430,6 +428,8 @@ impl FleetSnapshot {
             .collect()
     }
 
+    /// The union of the models of all backends that take requests (checks passing, not
+    /// draining; an open circuit is a passing state), sorted.
     pub fn healthy_models(&self) -> Vec<String> {
         self.by_model
             .iter()

@@ -1,7 +1,7 @@
 //! The background service that observes every backend and publishes a new
 //! [`FleetSnapshot`](crate::fleet::FleetSnapshot). Every `scrape_interval` it reads all backends' `/metrics`
 //! concurrently, each with its own timeout; every `models_interval` it also asks for
-//! `/v1/models` (unless the config lists the models). Alongside, it runs the
+//! `/v1/models` (unless the config lists the models) and `/version`. Alongside, it runs the
 //! [`HealthChecker`] (active `/health` checks and circuit probes, see [`crate::health`]).
 
 use arc_swap::ArcSwap;
