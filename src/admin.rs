@@ -1,6 +1,7 @@
 //! The admin listener (loopback by default, separate from the data plane): `/health`,
 //! `/ready`, `/metrics`, `/load-stats`, `/explain` (a dry run of the selection for a
-//! request body) and `/dashboard`. With `admin.token_file` set,
+//! request body), `/dashboard`, and vLLM's `/v1/load_lora_adapter` and
+//! `/v1/unload_lora_adapter` for the whole fleet (`crate::lora`). With `admin.token_file` set,
 //! everything but `/health`, `/ready` and the dashboard's page requires
 //! `Authorization: Bearer TOKEN`. The page holds no data: it asks for the token and sends
 //! it with its own `/load-stats` requests.
@@ -212,6 +213,10 @@ impl ServeHttp for AdminApp {
                 )
             }
             "/explain" => self.explain_request(session).await,
+            p if crate::lora::Op::of(p).is_some() => {
+                let op = crate::lora::Op::of(p).expect("matched");
+                self.lora_request(session, op).await
+            }
             _ => reply(
                 404,
                 "application/json",
@@ -225,22 +230,22 @@ impl AdminApp {
     /// `POST /explain`: the body is an inference request as a client would send it (JSON,
     /// or an audio form with its `Content-Type`; the session header counts too); the
     /// answer is [`explain`]'s. The request is not sent anywhere.
-    async fn explain_request(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let cfg = self.config.load();
-        if session.req_header().method != http::Method::POST {
-            let mut r = reply(
-                405,
-                "application/json",
-                b"{\"error\":\"POST the request body to explain, as a client would send it\"}"
-                    .to_vec(),
-            );
-            r.headers_mut()
-                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
-            return r;
-        }
+    /// The body of a `POST` to the admin API, held to the data plane's limits and pace
+    /// (`proxy::body`); or the answer refusing it (another method, too large, too slow).
+    async fn post_body(
+        session: &mut ServerSession,
+        cfg: &Config,
+        what: &str,
+    ) -> Result<Vec<u8>, Response<Vec<u8>>> {
         let refuse =
             |e: crate::openai::ApiError| reply(e.status, "application/json", e.body().to_vec());
-        // Held to the data plane's limits and pace (`proxy::body`).
+        if session.req_header().method != http::Method::POST {
+            let body = serde_json::json!({ "error": format!("POST {what}") });
+            let mut r = reply(405, "application/json", body.to_string().into_bytes());
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            return Err(r);
+        }
         let (limit, pace) = (
             cfg.limits.max_body_bytes,
             crate::proxy::body::BodyPace::of(&cfg.limits),
@@ -250,20 +255,51 @@ impl AdminApp {
         loop {
             let by = pace.deadline(started, body.len(), Instant::now());
             match tokio::time::timeout_at(by.into(), session.read_request_body()).await {
-                Err(_) => return refuse(crate::openai::ApiError::body_timeout()),
+                Err(_) => return Err(refuse(crate::openai::ApiError::body_timeout())),
                 Ok(Err(_)) => {
-                    return refuse(crate::openai::ApiError::bad_request(
+                    return Err(refuse(crate::openai::ApiError::bad_request(
                         "The request body could not be read.",
                         None,
-                    ))
+                    )))
                 }
-                Ok(Ok(None)) => break,
+                Ok(Ok(None)) => return Ok(body),
                 Ok(Ok(Some(chunk))) if body.len() + chunk.len() > limit => {
-                    return refuse(crate::openai::ApiError::body_too_large(limit))
+                    return Err(refuse(crate::openai::ApiError::body_too_large(limit)))
                 }
                 Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
             }
         }
+    }
+
+    /// `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (`?model=BASE` to
+    /// reach only the replicas serving it): see [`crate::lora`].
+    async fn lora_request(
+        &self,
+        session: &mut ServerSession,
+        op: crate::lora::Op,
+    ) -> Response<Vec<u8>> {
+        let cfg = self.config.load();
+        let body = match Self::post_body(session, &cfg, "vLLM's LoRA request body").await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let query = session.req_header().uri.query().unwrap_or("");
+        let base = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "model")
+            .map(|(_, v)| v.into_owned());
+        let out = crate::lora::apply(&self.fleet, &cfg, op, &body, base.as_deref()).await;
+        reply(out.status, out.content_type, out.body)
+    }
+
+    async fn explain_request(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let cfg = self.config.load();
+        let refuse =
+            |e: crate::openai::ApiError| reply(e.status, "application/json", e.body().to_vec());
+        let what = "the request body to explain, as a client would send it";
+        let body = match Self::post_body(session, &cfg, what).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
         let headers = &session.req_header().headers;
         let content_type = headers
             .get(http::header::CONTENT_TYPE)

@@ -218,6 +218,9 @@ pub struct BackendState {
     pub models_error: Option<String>,
     /// The entries of its `/v1/models` as it wrote them (empty for configured models).
     pub cards: Arc<[serde_json::Value]>,
+    /// Bumped when the gateway itself changed the models ([`Fleet::publish_models`]): an
+    /// observation that began before carries an older number, and its models are stale.
+    pub models_gen: u64,
     /// The engine's vLLM version (`/version`, read with the models; kept when it fails).
     pub version: Option<String>,
     pub observed_at: Option<Instant>,
@@ -281,6 +284,7 @@ impl BackendState {
         BackendState {
             models: backend.static_models.clone().unwrap_or_default(),
             cards: Arc::new([]),
+            models_gen: 0,
             models_error: None,
             version: None,
             observed_at: None,
@@ -500,10 +504,45 @@ impl Fleet {
                 .iter()
                 .map(|e| BackendEntry {
                     backend: e.backend.clone(),
-                    state: observed
-                        .iter()
-                        .find(|(b, _)| Arc::ptr_eq(b, &e.backend))
-                        .map_or_else(|| e.state.clone(), |(_, s)| s.clone()),
+                    state: match observed.iter().find(|(b, _)| Arc::ptr_eq(b, &e.backend)) {
+                        None => e.state.clone(),
+                        Some((_, s)) if s.models_gen < e.state.models_gen => {
+                            // Begun before the gateway changed its models: keep those.
+                            let mut s = s.clone();
+                            s.models.clone_from(&e.state.models);
+                            s.cards = e.state.cards.clone();
+                            s.models_error.clone_from(&e.state.models_error);
+                            s.observed_at = e.state.observed_at;
+                            s.models_gen = e.state.models_gen;
+                            s
+                        }
+                        Some((_, s)) => s.clone(),
+                    },
+                })
+                .collect();
+            FleetSnapshot::new(entries)
+        });
+    }
+
+    /// Publishes `backend`'s models as read just now (after the gateway loaded or
+    /// unloaded a LoRA adapter there), and has the next scrape read them again.
+    pub fn publish_models(&self, backend: &Arc<Backend>, cards: Vec<serde_json::Value>) {
+        self.current.rcu(|cur| {
+            let entries = cur
+                .backends
+                .iter()
+                .map(|e| {
+                    let mut state = e.state.clone();
+                    if Arc::ptr_eq(&e.backend, backend) {
+                        state.set_models(cards.clone());
+                        state.models_error = None;
+                        state.observed_at = None;
+                        state.models_gen += 1;
+                    }
+                    BackendEntry {
+                        backend: e.backend.clone(),
+                        state,
+                    }
                 })
                 .collect();
             FleetSnapshot::new(entries)
@@ -646,6 +685,35 @@ mod tests {
         let ids: Vec<&serde_json::Value> = cards.iter().map(|c| &c["id"]).collect();
         assert_eq!(ids, ["m2", "m3"]);
         assert_eq!(cards[0], crate::openai::model_card("m2"));
+    }
+
+    #[test]
+    fn models_the_gateway_published_outlive_a_scrape_begun_before() {
+        let fleet = Fleet::new(&[cfg("a", None)]);
+        let card = |id: &str| serde_json::json!({"id": id});
+        let backend = fleet.load().backends[0].backend.clone();
+        let mut before = fleet.load().backends[0].state.clone();
+        // A scrape begins; meanwhile an adapter is loaded and published.
+        fleet.publish_models(&backend, vec![card("base"), card("sql")]);
+        assert!(
+            fleet.load().backends[0].state.observed_at.is_none(),
+            "read again next"
+        );
+        before.set_models(vec![card("base")]);
+        before.scrape_error = Some("seen by the scrape".into());
+        fleet.update_states(&[(backend.clone(), before)]);
+        let st = fleet.load().backends[0].state.clone();
+        assert_eq!(st.models, ["base", "sql"], "the published models stay");
+        assert_eq!(
+            st.scrape_error.as_deref(),
+            Some("seen by the scrape"),
+            "the rest lands"
+        );
+        // A scrape begun after sees what the replica says now.
+        let mut after = st.clone();
+        after.set_models(vec![card("base")]);
+        fleet.update_states(&[(backend, after)]);
+        assert_eq!(fleet.load().backends[0].state.models, ["base"]);
     }
 
     #[test]

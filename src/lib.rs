@@ -66,6 +66,7 @@ pub mod form;
 pub mod health;
 pub mod httpclient;
 pub mod lifecycle;
+pub mod lora;
 pub mod metrics;
 pub mod openai;
 pub mod proxy;

@@ -58,6 +58,10 @@ pub struct SimArgs {
     /// The vLLM version `/version` reports.
     #[arg(long, default_value = "0.32.0")]
     pub vllm_version: String,
+    /// Serve `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`, as vLLM does
+    /// with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` (404 without).
+    #[arg(long)]
+    pub runtime_lora: bool,
     /// Hardware profile; the flags below override its values.
     #[arg(long, value_enum, default_value_t = Preset::Llama3H100)]
     pub preset: Preset,
@@ -242,6 +246,8 @@ pub struct Sim {
     next_id: AtomicU64,
     restart: tokio::sync::Notify,
     restart_down: Mutex<Duration>,
+    /// LoRA adapters loaded at run time: (name, path).
+    loras: Mutex<Vec<(String, String)>>,
 }
 
 /// A running simulated server.
@@ -503,6 +509,62 @@ impl Sim {
             next_id: AtomicU64::new(1),
             restart: tokio::sync::Notify::new(),
             restart_down: Mutex::new(Duration::ZERO),
+            loras: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether `model` is served: a served name or a loaded LoRA adapter.
+    fn serves(&self, model: &str) -> bool {
+        self.args.models.iter().any(|m| m == model)
+            || self
+                .loras
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .any(|(n, _)| n == model)
+    }
+
+    /// `POST /v1/load_lora_adapter` (`load`) or `/v1/unload_lora_adapter`, with vLLM's
+    /// answers: plain text on success, its error JSON otherwise.
+    fn lora(&self, req: &Request, load: bool) -> Reply {
+        let v: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        let Some(name) = v["lora_name"].as_str().filter(|n| !n.is_empty()) else {
+            return vllm_error(
+                400,
+                "BadRequestError",
+                "lora_name is required.",
+                Some("lora_name"),
+            );
+        };
+        let mut loras = self.loras.lock().expect("not poisoned");
+        let at = loras.iter().position(|(n, _)| n == name);
+        let text = match (load, at) {
+            (true, Some(_)) => {
+                let m = format!("The lora adapter '{name}' has already been loaded.");
+                return vllm_error(400, "InvalidUserInput", &m, None);
+            }
+            (true, None) => {
+                let Some(path) = v["lora_path"].as_str() else {
+                    let m = "Both 'lora_name' and 'lora_path' must be provided.";
+                    return vllm_error(400, "InvalidUserInput", m, None);
+                };
+                loras.push((name.to_string(), path.to_string()));
+                format!("Success: LoRA adapter '{name}' added successfully.")
+            }
+            (false, None) => {
+                let m = format!("The lora adapter '{name}' cannot be found.");
+                return vllm_error(404, "NotFoundError", &m, None);
+            }
+            (false, Some(i)) => {
+                loras.remove(i);
+                format!("Success: LoRA adapter '{name}' removed successfully.")
+            }
+        };
+        Reply::Full {
+            status: 200,
+            content_type: "text/plain; charset=utf-8",
+            headers: Vec::new(),
+            body: Bytes::from(text),
         }
     }
 
@@ -579,7 +641,7 @@ impl Sim {
     fn models_body(&self) -> String {
         let created = self.started_unix();
         let max_len = self.engine.cfg.scheduler.effective_max_model_len();
-        let data: Vec<Value> = self
+        let mut data: Vec<Value> = self
             .args
             .models
             .iter()
@@ -588,6 +650,17 @@ impl Sim {
                        "root": m, "parent": null, "max_model_len": max_len})
             })
             .collect();
+        // Loaded adapters, as vLLM lists them: their path as root, the base as parent.
+        data.extend(
+            self.loras
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .map(|(n, p)| {
+                    json!({"id": n, "object": "model", "created": created, "owned_by": "vllm",
+                   "root": p, "parent": self.model_name(), "max_model_len": max_len})
+                }),
+        );
         json!({"object": "list", "data": data}).to_string()
     }
 
@@ -647,7 +720,7 @@ impl Sim {
             Ok(job) => job,
             Err(reply) => return reply,
         };
-        if !self.args.models.contains(&model) {
+        if !self.serves(&model) {
             return vllm_error(
                 404,
                 "NotFoundError",
@@ -900,7 +973,7 @@ impl Sim {
             Err(_) => return vllm_error(400, "Bad Request", "JSON decode error", Some("body")),
         };
         let model = v["model"].as_str().unwrap_or(self.model_name()).to_string();
-        if !self.args.models.contains(&model) {
+        if !self.serves(&model) {
             return vllm_error(
                 404,
                 "NotFoundError",
@@ -1178,6 +1251,8 @@ impl http::Handler for Sim {
             ("POST", "/tokenize") => self.tokenize(&req),
             ("POST", "/v1/audio/transcriptions") => self.generate(&req, Kind::Transcription).await,
             ("POST", "/v1/audio/translations") => self.generate(&req, Kind::Translation).await,
+            ("POST", "/v1/load_lora_adapter") if self.args.runtime_lora => self.lora(&req, true),
+            ("POST", "/v1/unload_lora_adapter") if self.args.runtime_lora => self.lora(&req, false),
             ("GET", "/sim/state") => Reply::json(200, self.state().to_string()),
             ("GET", "/sim/faults") => Reply::json(200, json!(self.faults()).to_string()),
             ("POST", "/sim/faults") => match serde_json::from_slice::<Faults>(&req.body) {

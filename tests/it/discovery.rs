@@ -215,3 +215,112 @@ async fn models_are_described_as_the_replicas_describe_them() {
         get_json(gw.url("/v1/models")).await
     );
 }
+
+/// vLLM's runtime LoRA endpoints on the admin listener reach the whole fleet (or the
+/// replicas of `?model=BASE`), and an adapter is routable as soon as the answer says it
+/// was loaded, while scrapes that began before keep coming in.
+#[tokio::test]
+async fn lora_adapters_are_loaded_across_the_fleet_and_routable_at_once() {
+    let lora = |s: &mut vllm_edge::sim::SimArgs| s.runtime_lora = true;
+    let (a, b) = (
+        sim_with(&["base"], lora).await,
+        sim_with(&["base"], lora).await,
+    );
+    let other = sim(&["other"]).await;
+    let gw = Gateway::builder(&[&a, &b, &other])
+        .yaml("discovery:\n  scrape_interval: 20ms\n  models_interval: 30ms")
+        .start()
+        .await;
+    let post = |path: &str, body: serde_json::Value| {
+        let url = gw.admin_url(path);
+        async move {
+            let r = http1().post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let sql = serde_json::json!({"lora_name": "sql", "lora_path": "/adapters/sql"});
+    let (status, text) = post("/v1/load_lora_adapter?model=base", sql.clone()).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "Success: LoRA adapter 'sql' added successfully.")
+    );
+    // Routable at once, and it stays so while the scrapes go on.
+    for _ in 0..20 {
+        let v = get_json(gw.url("/v1/models")).await;
+        let card = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "sql")
+            .cloned();
+        assert_eq!(
+            card.as_ref().map(|c| &c["parent"]),
+            Some(&serde_json::json!("base")),
+            "{v}"
+        );
+        let r = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("sql", "select", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Again: every replica refuses alike, and so does the gateway.
+    let (status, text) = post("/v1/load_lora_adapter?model=base", sql.clone()).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("already been loaded"), "{text}");
+    // The whole fleet: the replica without runtime updating refuses (404), the others
+    // take it; the answer says so.
+    let (status, text) = post(
+        "/v1/load_lora_adapter",
+        serde_json::json!({"lora_name": "x", "lora_path": "/x"}),
+    )
+    .await;
+    assert_eq!(status, 502, "{text}");
+    assert!(
+        text.contains("loaded on 2 of 3 replicas") && text.contains(&name_of(&other)),
+        "{text}"
+    );
+    // Unloaded: gone from the models, and unknown again.
+    let (status, text) = post(
+        "/v1/unload_lora_adapter?model=base",
+        serde_json::json!({"lora_name": "sql"}),
+    )
+    .await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "Success: LoRA adapter 'sql' removed successfully.")
+    );
+    assert!(!models(&gw).await.contains(&"sql".to_string()));
+    let r = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("sql", "select", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Refused before reaching anyone.
+    let (status, text) = post(
+        "/v1/load_lora_adapter",
+        serde_json::json!({"lora_path": "/x"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    let (status, _) = post("/v1/load_lora_adapter?model=nope", sql.clone()).await;
+    assert_eq!(status, 404);
+    let r = http1()
+        .get(gw.admin_url("/v1/load_lora_adapter"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    // Not on the data plane.
+    let r = http1()
+        .post(gw.url("/v1/load_lora_adapter"))
+        .json(&sql)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
