@@ -522,6 +522,19 @@ async fn per_key_limits_answer_429_with_retry_after() {
     assert!(m.contains(&solo), "{solo}: {m}");
 }
 
+/// The status of `GET /v1/models` with `key`: whether the key is admitted, at no cost in
+/// tokens.
+async fn models_status(gw: &Gateway, key: &str) -> u16 {
+    http1()
+        .get(gw.url("/v1/models"))
+        .header("authorization", format!("Bearer {key}"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// `tpm=N`: a key is admitted while its token balance is positive and charged what each
 /// request used, from the response's `usage`, or estimated for a stream that reports none
 /// (one token per event).
@@ -554,18 +567,7 @@ async fn a_keys_tokens_per_minute_are_charged_what_its_requests_used() {
     assert!(used > 150, "{v}");
     // A request is charged when it ends, just after its answer has gone out. (Asked with
     // `/v1/models`, which the key's limits admit but which uses no tokens.)
-    let models = |key: &'static str| {
-        let url = gw.url("/v1/models");
-        async move {
-            http1()
-                .get(url)
-                .header("authorization", format!("Bearer {key}"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
+    let models = |key: &'static str| models_status(&gw, key);
     assert!(
         eventually(Duration::from_secs(5), || async {
             models("sk-tpm").await == 429
@@ -623,19 +625,7 @@ async fn keys_reload_on_sighup() {
         .yaml("auth:\n  api_keys_file: keys.txt")
         .start()
         .await;
-    let status = |key: &'static str| {
-        let url = gw.url("/v1/models");
-        async move {
-            http1()
-                .get(url)
-                .header("authorization", format!("Bearer {key}"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
+    let status = |key: &'static str| models_status(&gw, key);
     assert_eq!((status("sk-old").await, status("sk-new").await), (200, 401));
     std::fs::write(gw.path("keys.txt"), "new sk-new\n").unwrap();
     gw.signal(nix::sys::signal::SIGHUP);
