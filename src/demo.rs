@@ -93,7 +93,9 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
          \x20      -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16}}'\n\
          \x20 curl -sN http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n\
          \x20      -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16,\"stream\":true}}'\n\
-         \x20 curl -s http://{admin}/metrics\n\n\
+         \x20 curl -s http://{admin}/metrics\n\
+         \x20 curl -s http://{admin}/explain -d '{{\"model\":\"{model}\",\"prompt\":\"Hello\"}}'   # where it would go, and why\n\
+         \x20 open http://{admin}/dashboard, or run: vllm-edge top --admin {admin}\n\n\
          Ctrl-C stops everything.",
         urls.len(),
         args.model,
