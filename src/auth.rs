@@ -86,7 +86,8 @@ pub struct KeyLimits {
     pub max_concurrent: Option<u32>,
     pub requests_per_minute: Option<u32>,
     /// Prompt plus completion tokens a minute: a request is admitted while the key's
-    /// balance is positive, and charged what it used when it ends (see [`Permit::charge`]).
+    /// balance is positive, reserves its prompt's estimate once its body is read, and is
+    /// settled to what it used when it ends (see [`Permit::reserve`], [`Permit::settle`]).
     pub tokens_per_minute: Option<u32>,
 }
 
@@ -143,13 +144,43 @@ impl Permit {
         self.tokens_per_minute.is_some()
     }
 
-    /// Takes `tokens` from the key's `tpm` balance (nothing without that limit).
-    pub fn charge(&self, tokens: u64, now: Instant) {
+    /// Takes a request's estimated prompt `tokens` from the key's `tpm` balance once its
+    /// body is read, before it is sent: refused, as admission would be, when requests
+    /// admitted with it (a burst) have used the balance up meanwhile.
+    pub fn reserve(&self, tokens: u64, now: Instant) -> Result<(), Denied> {
+        let Some(tpm) = self.tokens_per_minute else {
+            return Ok(());
+        };
+        let mut b = lock(&self.counters.tokens);
+        let balance = refill(&b, f64::from(tpm), now);
+        if balance <= 0.0 {
+            *b = Some((balance, now));
+            return Err(out_of_tokens(&self.key, tpm, balance));
+        }
+        *b = Some((balance - tokens as f64, now));
+        Ok(())
+    }
+
+    /// Settles a request that `used` tokens against the `reserved` ones: the difference
+    /// is taken, or given back (a request that failed used none).
+    pub fn settle(&self, used: u64, reserved: u64, now: Instant) {
         if let Some(tpm) = self.tokens_per_minute {
             let mut b = lock(&self.counters.tokens);
             let balance = refill(&b, f64::from(tpm), now);
-            *b = Some((balance - tokens as f64, now));
+            *b = Some((balance - used as f64 + reserved as f64, now));
         }
+    }
+}
+
+/// The refusal of a key whose `tpm` balance is `balance` (not positive).
+fn out_of_tokens(key: &str, tpm: u32, balance: f64) -> Denied {
+    let per_sec = f64::from(tpm) / 60.0;
+    Denied::Limited {
+        key: key.to_string(),
+        message: format!(
+            "This key is limited to {tpm} tokens per minute and has used them; retry later."
+        ),
+        retry_after: (-balance / per_sec).ceil().max(1.0) as u64,
     }
 }
 
@@ -317,15 +348,7 @@ impl ApiKeys {
         if let Some(tpm) = e.limits.tokens_per_minute {
             let balance = refill(&lock(&c.tokens), f64::from(tpm), now);
             if balance <= 0.0 {
-                let per_sec = f64::from(tpm) / 60.0;
-                return Err(Denied::Limited {
-                    key: e.name.to_string(),
-                    message: format!(
-                        "This key is limited to {tpm} tokens per minute and has used them; \
-                         retry later."
-                    ),
-                    retry_after: (-balance / per_sec).ceil().max(1.0) as u64,
-                });
+                return Err(out_of_tokens(&e.name, tpm, balance));
             }
         }
         if let Some(rpm) = e.limits.requests_per_minute {
@@ -497,7 +520,8 @@ mod tests {
             .counts_tokens());
         // A request that used more than the balance leaves a debt: 900 tokens of 600
         // leave -300, paid back at 10 tokens a second.
-        p.charge(900, t0);
+        p.reserve(100, t0).unwrap();
+        p.settle(900, 100, t0);
         drop(p);
         match keys.admit(Some(b"Bearer k"), t0).unwrap_err() {
             Denied::Limited {
@@ -517,7 +541,15 @@ mod tests {
         assert!(keys.admit(Some(b"Bearer k"), t1).is_err(), "still in debt");
         let t2 = t0 + Duration::from_secs(31);
         let p = keys.admit(Some(b"Bearer k"), t2).unwrap();
-        p.charge(5, t2);
+        // 10 tokens are back by now. Two admitted together: the second's prompt finds
+        // the balance used up by the first's, and is refused before it is sent.
+        let q = keys.admit(Some(b"Bearer k"), t2).unwrap();
+        p.reserve(400, t2).unwrap();
+        assert!(matches!(q.reserve(5, t2), Err(Denied::Limited { .. })));
+        assert!(keys.admit(Some(b"Bearer k"), t2).is_err());
+        // A request that failed gives its reservation back.
+        p.settle(0, 400, t2);
+        assert!(keys.admit(Some(b"Bearer k"), t2).is_ok());
         // The balance never grows past one minute's worth.
         let later = t2 + Duration::from_secs(3600);
         assert_eq!(

@@ -124,7 +124,8 @@ impl Gateway {
 
     /// Counts a request's tokens against its key: the `usage` the response reported, and
     /// for the key's `tpm` balance, an estimate of an answered request that reported none
-    /// (the prompt's estimated tokens, plus one per stream event but `[DONE]`).
+    /// (the prompt's estimated tokens, plus one per stream event but `[DONE]`), settled
+    /// against the prompt estimate `reserved` before it was sent.
     fn charge_key(
         &self,
         key: &crate::auth::Permit,
@@ -132,6 +133,7 @@ impl Gateway {
         usage: Option<openai::Usage>,
         status: u16,
         stream_events: u64,
+        reserved: u64,
     ) {
         let used = match usage {
             Some(u) => {
@@ -149,7 +151,7 @@ impl Gateway {
             }
             None => 0,
         };
-        key.charge(used, Instant::now());
+        key.settle(used, reserved, Instant::now());
     }
 
     /// Seconds a client is told to wait (`Retry-After`) when no replica can take it: about
@@ -211,6 +213,8 @@ pub struct RequestCtx {
     /// Stream events relayed, counted only for a key with a `tpm` limit: what a stream that
     /// reports no usage (or was cut before it) is charged.
     sse_events: u64,
+    /// Prompt tokens taken from the key's `tpm` balance before sending (see `Permit::reserve`).
+    tokens_reserved: u64,
 }
 
 impl RequestCtx {
@@ -303,6 +307,20 @@ async fn respond_error(
     err: &ApiError,
 ) -> Result<bool> {
     respond_error_with(session, ctx, err, &[]).await
+}
+
+/// 429 for a key over one of its own limits (counted by key name).
+async fn respond_key_limited(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    key: &str,
+    message: String,
+    retry_after: u64,
+) -> Result<bool> {
+    crate::metrics::KEY_LIMITED.with_label_values(&[key]).inc();
+    let err = ApiError::rate_limited(message);
+    let after = retry_after.to_string();
+    respond_error_with(session, ctx, &err, &[("retry-after", &after)]).await
 }
 
 /// [`respond_error`] with extra response headers.
@@ -436,6 +454,7 @@ impl ProxyHttp for Gateway {
             bytes_out: 0,
             usage_tail: None,
             sse_events: 0,
+            tokens_reserved: 0,
         }
     }
 
@@ -495,11 +514,7 @@ impl ProxyHttp for Gateway {
                         message,
                         retry_after,
                     }) => {
-                        crate::metrics::KEY_LIMITED.with_label_values(&[&key]).inc();
-                        let err = ApiError::rate_limited(message);
-                        let after = retry_after.to_string();
-                        return respond_error_with(session, ctx, &err, &[("retry-after", &after)])
-                            .await;
+                        return respond_key_limited(session, ctx, &key, message, retry_after).await;
                     }
                 }
             }
@@ -593,6 +608,18 @@ impl ProxyHttp for Gateway {
                         return respond_error_with(session, ctx, &err, &[("retry-after", &after)])
                             .await;
                     }
+                }
+                if let Some(k) = ctx.key.as_ref().filter(|k| k.counts_tokens()) {
+                    let prompt = (info.prompt_bytes / selection::BYTES_PER_TOKEN) as u64;
+                    if let Err(Denied::Limited {
+                        key,
+                        message,
+                        retry_after,
+                    }) = k.reserve(prompt, Instant::now())
+                    {
+                        return respond_key_limited(session, ctx, &key, message, retry_after).await;
+                    }
+                    ctx.tokens_reserved = prompt;
                 }
                 ctx.affinity =
                     affinity::request_key(&cfg, &session.req_header().headers, &body, &info);
@@ -1070,7 +1097,14 @@ impl ProxyHttp for Gateway {
                 .inc_by(u.completion_tokens);
         }
         if let (Some(k), Some(info)) = (&ctx.key, &ctx.info) {
-            self.charge_key(k, info, usage, ctx.status, ctx.sse_events);
+            self.charge_key(
+                k,
+                info,
+                usage,
+                ctx.status,
+                ctx.sse_events,
+                ctx.tokens_reserved,
+            );
         }
         crate::metrics::REQUESTS
             .with_label_values(&[

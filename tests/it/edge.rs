@@ -617,6 +617,63 @@ async fn a_keys_tokens_per_minute_are_charged_what_its_requests_used() {
     assert!(limited >= Some(2), "{m}");
 }
 
+/// Requests admitted together (a burst) do not all get through on one positive balance:
+/// each takes its prompt's estimate from it once its body is read, and one that finds it
+/// used up is refused before it is sent.
+#[tokio::test]
+async fn a_burst_admitted_together_is_held_to_the_token_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // At real speed, so the first request is still in flight when the second goes.
+    let backend = sim_with(&["m"], |a| a.time_scale = None).await;
+    let gw = Gateway::builder(&[&backend])
+        .file("keys.txt", "burst sk-burst tpm=100\n")
+        .yaml("auth:\n  api_keys_file: keys.txt")
+        .start()
+        .await;
+    // The second request's head: admitted now, with 100 tokens in the balance.
+    let body = br#"{"model":"m","prompt":"x","max_tokens":1}"#;
+    let mut second = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-burst\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    second.write_all(head.as_bytes()).await.unwrap();
+    // The first: a prompt of about 500 tokens (2,000 bytes), streaming for seconds.
+    let first = http1()
+        .post(gw.url("/v1/completions"))
+        .header("authorization", "Bearer sk-burst")
+        .json(
+            &serde_json::json!({"model": "m", "prompt": "word ".repeat(400), "max_tokens": 300,
+                                  "ignore_eos": true, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let mut first = first.bytes_stream();
+    first.next().await.expect("the first event").unwrap();
+    // Now the second's body: its prompt finds the balance taken.
+    second.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after:"),
+        "{answer}"
+    );
+    drop(first);
+}
+
 #[tokio::test]
 async fn keys_reload_on_sighup() {
     let backend = sim(&["m"]).await;
