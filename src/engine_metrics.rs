@@ -15,6 +15,10 @@ use std::collections::BTreeMap;
 pub struct EngineLoad {
     pub running: Option<f64>,
     pub waiting: Option<f64>,
+    /// Of `waiting`, the requests deferred by a transient constraint rather than waiting
+    /// for a slot (`vllm:num_requests_waiting_by_reason{reason="deferred"}`, newer vLLM):
+    /// a LoRA adapter waiting for an adapter slot, a KV transfer.
+    pub waiting_deferred: Option<f64>,
     /// 0–1, averaged over engines.
     pub kv_usage: Option<f64>,
     /// KV capacity in tokens, summed over engines.
@@ -186,6 +190,7 @@ pub fn parse_sample(line: &str) -> Result<Sample<'_>, &'static str> {
 struct PerEngine {
     running: Option<f64>,
     waiting: Option<f64>,
+    waiting_deferred: Option<f64>,
     kv_usage: Option<f64>,
     kv_capacity_tokens: Option<u64>,
     block_size: Option<u64>,
@@ -236,6 +241,13 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
                 } else {
                     add(&mut e.waiting, v);
                 }
+            }
+            "vllm:num_requests_waiting_by_reason" if sample.label("reason") == Some("deferred") => {
+                if !valid_count {
+                    reject(sample.name);
+                    continue;
+                }
+                add(&mut engines.entry(engine).or_default().waiting_deferred, v);
             }
             "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
                 if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
@@ -321,6 +333,9 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
         }
         if let Some(v) = e.waiting {
             add(&mut load.waiting, v);
+        }
+        if let Some(v) = e.waiting_deferred {
+            add(&mut load.waiting_deferred, v);
         }
         if let Some(v) = e.kv_usage {
             kv_sum += v;

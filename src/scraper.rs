@@ -316,7 +316,11 @@ pub fn accept(
     // preempted: that is the KV pressure term's to price, and says nothing of the batch
     // limit (vLLM 0.32 fixture `metrics-busy-16x512-kv4M-preempt.txt`: 15 running and one
     // waiting at 97% usage, with `--max-num-seqs 32`).
-    state.queued_seen |= matches!((load.running, load.waiting), (Some(r), Some(w)) if w > 0.0 && r > 0.0)
+    // Nor do requests deferred for a LoRA adapter slot or a KV transfer.
+    let waiting_for_a_slot = load
+        .waiting
+        .map(|w| w - load.waiting_deferred.unwrap_or(0.0));
+    state.queued_seen |= matches!((load.running, waiting_for_a_slot), (Some(r), Some(w)) if w > 0.0 && r > 0.0)
         && load.kv_usage.is_none_or(|k| k < KV_BOUND_QUEUE);
     let busy = load.running.is_some_and(|r| r > 0.0);
     let still = state
@@ -519,8 +523,16 @@ mod tests {
         assert!(full.waiting > Some(0.0) && full.kv_usage > Some(KV_BOUND_QUEUE));
         accept(&mut state, full, 0, 0, Instant::now(), 0);
         assert_eq!(state.learned_max_running(), None);
+        // Requests deferred (a LoRA adapter waiting for an adapter slot) are not waiting
+        // for a batch slot either.
+        let mut deferred = fixture_load("metrics-busy-48x512-queued.txt");
+        deferred.running = Some(6.0);
+        deferred.waiting_deferred = deferred.waiting;
+        accept(&mut state, deferred, 0, 0, Instant::now(), 0);
+        assert_eq!(state.learned_max_running(), None);
         // 48 requests sent: 32 run and 16 wait for a slot, the cache an eighth full.
         let queued = fixture_load("metrics-busy-48x512-queued.txt");
+        assert_eq!(queued.waiting_deferred, Some(0.0), "vLLM 0.32 reports it");
         accept(&mut state, queued, 0, 0, Instant::now(), 0);
         assert_eq!(state.learned_max_running(), Some(32.0));
     }
