@@ -37,6 +37,16 @@ impl Op {
         }
     }
 
+    /// Whether a refusal says the replica is already as asked: vLLM's 400 "has already
+    /// been loaded" to a load, its 404 "cannot be found" to an unload.
+    fn already(self, status: u16, body: &[u8]) -> bool {
+        let (want, says): (u16, &[u8]) = match self {
+            Op::Load => (400, b"already been loaded"),
+            Op::Unload => (404, b"cannot be found"),
+        };
+        status == want && body.windows(says.len()).any(|w| w == says)
+    }
+
     fn done(self) -> &'static str {
         match self {
             Op::Load => "loaded",
@@ -69,8 +79,9 @@ const MAX_ANSWER: usize = 64 * 1024;
 /// Sends `body` (the client's request, as it came) to the replicas, and answers as one
 /// vLLM server would when all agree: the first replica's answer when every one took it,
 /// or the common refusal when every one refused alike (an adapter already loaded
-/// everywhere: 400; runtime updating off everywhere: 404). Otherwise 502, naming what
-/// each replica that failed said.
+/// everywhere: 400; runtime updating off everywhere: 404). When some took it and the
+/// others were already as asked, the answer of one that took it. Otherwise 502, naming
+/// what each replica that failed said.
 pub async fn apply(
     fleet: &Fleet,
     cfg: &Config,
@@ -138,42 +149,60 @@ pub async fn apply(
         .collect();
     tracing::info!(adapter = %name, op = op.done(), replicas = targets.len(), took = took.len(), "LoRA change sent to the fleet");
     let first = answers.iter().find_map(|a| a.as_ref().ok());
+    // Replicas that were already as asked (an earlier, partly failed request reached
+    // them) count as done when others took it: a retry then succeeds.
+    let done = |a: &Result<httpclient::Response, _>| {
+        a.as_ref()
+            .is_ok_and(|r| r.status == 200 || op.already(r.status, &r.body))
+    };
+    let ok = answers
+        .iter()
+        .find(|a| a.as_ref().is_ok_and(|r| r.status == 200));
     match (first, statuses.iter().all(|s| *s == statuses[0])) {
-        (Some(r), true) => Outcome {
-            status: r.status,
-            content_type: if r.body.starts_with(b"{") {
-                "application/json"
-            } else {
-                "text/plain; charset=utf-8"
-            },
-            body: r.body.to_vec(),
-        },
+        (Some(r), true) => relay(r),
+        (_, false) if answers.iter().all(done) => relay(
+            ok.and_then(|a| a.as_ref().ok())
+                .expect("mixed answers, all done: one took it"),
+        ),
         _ => {
             let failed: Vec<String> = targets
                 .iter()
                 .zip(&answers)
-                .filter_map(|(b, a)| match a {
-                    Ok(r) if r.status == 200 => None,
-                    Ok(r) => Some(format!(
+                .filter(|(_, a)| !done(a))
+                .map(|(b, a)| match a {
+                    Ok(r) => format!(
                         "{}: {} {}",
                         b.name,
                         r.status,
                         String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
-                    )),
-                    Err(e) => Some(format!("{}: {e}", b.name)),
+                    ),
+                    Err(e) => format!("{}: {e}", b.name),
                 })
                 .collect();
+            let done_n = answers.iter().filter(|a| done(a)).count();
             Outcome::error(&ApiError::new(
                 502,
                 "BadGatewayError",
                 format!(
-                    "LoRA adapter '{name}' {} on {} of {} replicas; the others: {}",
+                    "LoRA adapter '{name}' {} on {done_n} of {} replicas; the others: {}",
                     op.done(),
-                    took.len(),
                     targets.len(),
                     failed.join("; ")
                 ),
             ))
         }
+    }
+}
+
+/// A replica's answer, as it gave it.
+fn relay(r: &httpclient::Response) -> Outcome {
+    Outcome {
+        status: r.status,
+        content_type: if r.body.starts_with(b"{") {
+            "application/json"
+        } else {
+            "text/plain; charset=utf-8"
+        },
+        body: r.body.to_vec(),
     }
 }

@@ -270,6 +270,22 @@ async fn lora_adapters_are_loaded_across_the_fleet_and_routable_at_once() {
     let (status, text) = post("/v1/load_lora_adapter?model=base", sql.clone()).await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("already been loaded"), "{text}");
+    // One replica already has it (an earlier request that reached only some): the others
+    // take it, and the fleet has it, so that is a success. A retry is safe.
+    let y = serde_json::json!({"lora_name": "y", "lora_path": "/y"});
+    let r = http1()
+        .post(format!("{}/v1/load_lora_adapter", a.url()))
+        .json(&y)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, text) = post("/v1/load_lora_adapter?model=base", y.clone()).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "Success: LoRA adapter 'y' added successfully.")
+    );
+    assert!(models(&gw).await.contains(&"y".to_string()));
     // The whole fleet: the replica without runtime updating refuses (404), the others
     // take it; the answer says so.
     let (status, text) = post(
