@@ -94,6 +94,15 @@ def check_audio(client):
     assert r.text, r
 
 
+def check_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL], models
+    # vLLM's own fields come through (the SDK keeps unknown ones in model_extra).
+    extra = models[0].model_extra or {}
+    assert extra.get("max_model_len", 0) > 0, extra
+    assert "root" in extra and "parent" in extra, extra
+
+
 def check_unknown_model(client):
     try:
         client.chat.completions.create(
@@ -111,7 +120,7 @@ def main():
     passed = failed = 0
     try:
         client = openai.OpenAI(base_url=f"http://{addr}/v1", api_key="unused", max_retries=0)
-        for check in (check_chat, check_stream, check_audio, check_unknown_model):
+        for check in (check_chat, check_stream, check_audio, check_models, check_unknown_model):
             try:
                 check(client)
                 passed += 1
