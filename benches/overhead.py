@@ -256,7 +256,10 @@ def start_router(name, backend_ports, stream_backend=False):
                 f"limits:\n  max_connections: 20000\n")
         path = os.path.join(d, "gateway.yaml")
         open(path, "w").write(conf)
-        env = dict(os.environ, VLLM_EDGE_LOG=os.environ.get("OH_EDGE_LOG", "warn"))
+        # "... access-log": the access log on, as shipped (one line per request, to the
+        # router's log file here, to journald under systemd); else off, like nginx's.
+        level = "info" if name.endswith("access-log") else os.environ.get("OH_EDGE_LOG", "warn")
+        env = dict(os.environ, VLLM_EDGE_LOG=level)
         binary = BASELINE if name.startswith("baseline") else EDGE
         p = spawn([binary, "run", "-c", path], ROUTER_CORE, name.replace(" ", "_"), env)
     elif name == "bare pingora":
@@ -457,8 +460,12 @@ def main():
                "vllm-router round_robin", "vllm-router power_of_two"]
     if BASELINE:
         configs[3:3] = ["baseline round-robin", "baseline vllm"]
+    # Only when asked for by name (OH_ONLY).
+    configs[2:2] = ["vllm-edge round-robin access-log"]
     if ONLY:
         configs = [c for c in configs if c in ONLY]
+    else:
+        configs.remove("vllm-edge round-robin access-log")
     if not os.path.exists(BARE):
         configs = [c for c in configs if c != "bare pingora"]
     if not os.path.exists(VLLM_ROUTER):
