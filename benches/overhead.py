@@ -461,11 +461,14 @@ def main():
     if BASELINE:
         configs[3:3] = ["baseline round-robin", "baseline vllm"]
     # Only when asked for by name (OH_ONLY).
-    configs[2:2] = ["vllm-edge round-robin access-log"]
+    with_log = ["vllm-edge round-robin access-log"]
+    if BASELINE:
+        with_log.append("baseline round-robin access-log")
+    configs[2:2] = with_log
     if ONLY:
         configs = [c for c in configs if c in ONLY]
     else:
-        configs.remove("vllm-edge round-robin access-log")
+        configs = [c for c in configs if c not in with_log]
     if not os.path.exists(BARE):
         configs = [c for c in configs if c != "bare pingora"]
     if not os.path.exists(VLLM_ROUTER):

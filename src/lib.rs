@@ -53,6 +53,7 @@
 //! - [`demo`]: a simulated fleet plus the gateway in one process;
 //! - [`top`]: `vllm-edge top`, the fleet live in a terminal.
 
+pub mod access_log;
 pub mod admin;
 pub mod affinity;
 pub mod auth;

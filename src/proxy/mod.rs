@@ -1057,36 +1057,40 @@ impl ProxyHttp for Gateway {
         let duration = ctx.started.elapsed();
         let model = ctx.info.as_ref().map_or("-", |i| i.model.as_str());
         let usage = ctx.usage_tail.take().and_then(|t| t.usage());
-        if self.config.load().access_log {
+        let cfg = self.config.load();
+        if cfg.access_log && crate::access_log::enabled() {
             let header = session.req_header();
             let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
-            let client = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip());
-            tracing::info!(
-                target: "access",
-                request_id = ctx.request_id(),
-                client = client.map(|ip| ip.to_string()).as_deref().unwrap_or("-"),
-                method = %header.method,
-                path = header.uri.path(),
+            let error = e.map(|e| e.to_string());
+            let line = crate::access_log::Line {
+                request_id: ctx.request_id(),
+                client: session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip()),
+                method: header.method.as_str(),
+                path: header.uri.path(),
                 model,
-                stream = ctx.info.as_ref().is_some_and(|i| i.stream),
-                backend = ctx.backend_name(),
-                chosen_by = ctx.chosen_by.map_or("-", |(r, _)| r.as_str()),
-                score_ms = ctx.chosen_by.and_then(|(_, s)| s).map(|s| (s * 1e5).round() / 100.0),
-                key = ctx.key.as_ref().map_or("-", |k| &*k.key),
-                status = ctx.status,
-                attempts = ctx.attempts,
-                ttfb_ms = ctx.first_byte.map(ms),
-                duration_ms = ms(duration),
-                bytes_in = ctx.body.as_ref().map_or(0, |b| b.len()),
-                bytes_out = ctx.bytes_out,
-                prompt_tokens = usage.map(|u| u.prompt_tokens),
-                completion_tokens = usage.map(|u| u.completion_tokens),
-                stream_error_event = ctx.stream_error_sent,
-                error = e.map(|e| e.to_string()).as_deref().unwrap_or(""),
-            );
+                stream: ctx.info.as_ref().is_some_and(|i| i.stream),
+                backend: ctx.backend_name(),
+                chosen_by: ctx.chosen_by.map_or("-", |(r, _)| r.as_str()),
+                score_ms: ctx
+                    .chosen_by
+                    .and_then(|(_, s)| s)
+                    .map(|s| (s * 1e5).round() / 100.0),
+                key: ctx.key.as_ref().map_or("-", |k| &*k.key),
+                status: ctx.status,
+                attempts: ctx.attempts,
+                ttfb_ms: ctx.first_byte.map(ms),
+                duration_ms: ms(duration),
+                bytes_in: ctx.body.as_ref().map_or(0, |b| b.len()),
+                bytes_out: ctx.bytes_out,
+                prompt_tokens: usage.map(|u| u.prompt_tokens),
+                completion_tokens: usage.map(|u| u.completion_tokens),
+                stream_error_event: ctx.stream_error_sent,
+                error: error.as_deref().unwrap_or(""),
+            };
+            crate::access_log::write(&line, cfg.log_format);
         }
         if let Some(u) = usage {
             crate::metrics::TOKENS
