@@ -67,6 +67,8 @@ enum Value<'a> {
     Str(&'a str),
     /// Text that needs no escaping (an IP address), quoted like a string.
     Quoted(&'a dyn std::fmt::Display),
+    /// A token (the HTTP method): bare in the text shape, a string in JSON.
+    Token(&'a str),
     Bare(&'a dyn std::fmt::Display),
     F64(f64),
 }
@@ -88,7 +90,7 @@ fn format_line(out: &mut String, l: &Line, format: LogFormat, now: SystemTime) {
     let fields: [(&str, Option<Value>); 20] = [
         ("request_id", Some(Value::Str(l.request_id))),
         ("client", Some(client)),
-        ("method", Some(Value::Bare(&l.method))),
+        ("method", Some(Value::Token(l.method))),
         ("path", Some(Value::Str(l.path))),
         ("model", Some(Value::Str(l.model))),
         ("stream", Some(Value::Bare(&l.stream))),
@@ -123,14 +125,10 @@ fn format_line(out: &mut String, l: &Line, format: LogFormat, now: SystemTime) {
             let _ = write!(out, ",\"{name}\":");
             match value {
                 Value::Str(s) => json_string(out, s),
-                // `method` is the one text value written bare in the text shape (an
-                // HTTP method is a token: nothing to escape).
                 Value::Quoted(v) => {
                     let _ = write!(out, "\"{v}\"");
                 }
-                Value::Bare(v) if name == "method" => {
-                    let _ = write!(out, "\"{v}\"");
-                }
+                Value::Token(t) => json_string(out, t),
                 Value::Bare(v) => {
                     let _ = write!(out, "{v}");
                 }
@@ -147,6 +145,10 @@ fn format_line(out: &mut String, l: &Line, format: LogFormat, now: SystemTime) {
                 }
                 Value::Str(s) => write!(out, "{s:?}"),
                 Value::Quoted(v) => write!(out, "\"{v}\""),
+                Value::Token(t) => {
+                    out.push_str(t);
+                    Ok(())
+                }
                 Value::Bare(v) => write!(out, "{v}"),
                 Value::F64(v) => write!(out, "{v:?}"),
             };
