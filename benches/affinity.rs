@@ -74,6 +74,7 @@ fn sched_config() -> SchedulerConfig {
         max_model_len: MAX_MODEL_LEN,
         perf: PerfModel::LLAMA3_8B_A100,
         speed_factor: 1.0,
+        max_loras: 0,
     }
 }
 

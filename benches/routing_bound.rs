@@ -402,6 +402,7 @@ fn run(policy: Policy, rate: f64, seconds: f64, seed: u64) -> Outcome {
                 // Unique tokens per request: no prefix sharing, as in routing_quality.
                 prompt: (0..p as u32).map(|t| t ^ ((next as u32) << 12)).collect(),
                 output_tokens: o,
+                lora: 0,
             };
             let pick = match policy {
                 Policy::LeastRequest => {

@@ -254,6 +254,7 @@ pub fn sched_config(speed: f64) -> SchedulerConfig {
         max_model_len: 4096,
         perf: PerfModel::LLAMA3_8B_A100,
         speed_factor: speed,
+        max_loras: 0,
     }
 }
 

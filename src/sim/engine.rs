@@ -79,6 +79,11 @@ pub const LONG_BUCKETS: &[f64] = &[
 pub struct EngineStats {
     pub running: usize,
     pub waiting: usize,
+    /// Of `waiting`, requests whose LoRA adapter cannot join the batch now.
+    pub deferred: usize,
+    /// Adapter ids of the running and of the waiting requests.
+    pub running_loras: Vec<u32>,
+    pub waiting_loras: Vec<u32>,
     pub kv_usage: f64,
     /// The scheduler's cumulative counters (prefix cache, preemptions, tokens).
     pub counters: SchedulerCounters,
@@ -97,6 +102,9 @@ impl EngineStats {
         EngineStats {
             running: 0,
             waiting: 0,
+            deferred: 0,
+            running_loras: Vec::new(),
+            waiting_loras: Vec::new(),
             kv_usage: 0.0,
             counters: SchedulerCounters::default(),
             success_stop: 0,
@@ -115,6 +123,7 @@ struct Submission {
     id: SeqId,
     prompt: Vec<u32>,
     output_tokens: usize,
+    lora: u32,
     arrival: Instant,
     events: mpsc::UnboundedSender<Event>,
 }
@@ -176,6 +185,7 @@ impl Engine {
         &self,
         prompt: Vec<u32>,
         output_tokens: usize,
+        lora: u32,
         arrival: Instant,
     ) -> mpsc::UnboundedReceiver<Event> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -184,6 +194,7 @@ impl Engine {
             id,
             prompt,
             output_tokens,
+            lora,
             arrival,
             events: tx,
         }));
@@ -239,6 +250,7 @@ async fn run(
                         id: s.id,
                         prompt: s.prompt,
                         output_tokens: s.output_tokens,
+                        lora: s.lora,
                     });
                     live.insert(
                         s.id,
@@ -331,6 +343,11 @@ fn publish(sched: &Scheduler, stats: &Mutex<EngineStats>) {
     let mut st = stats.lock().expect("not poisoned");
     st.running = sched.num_running();
     st.waiting = sched.num_waiting();
+    if sched.config().max_loras > 0 {
+        st.deferred = sched.num_deferred();
+        st.running_loras = sched.running_loras();
+        st.waiting_loras = sched.waiting_loras();
+    }
     st.kv_usage = sched.kv_usage();
     st.counters = sched.counters();
 }

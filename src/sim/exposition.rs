@@ -4,6 +4,7 @@
 //! `--disable-log-stats` or an older vLLM would.
 
 use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::engine::Histogram;
 use super::{Faults, Sim};
@@ -98,8 +99,29 @@ pub fn render(sim: &Sim, faults: &Faults) -> String {
         "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.",
     ) {
         let l = &o.labels;
-        let _ = writeln!(o.text, "vllm:num_requests_waiting_by_reason{{{l},reason=\"capacity\"}} {:?}", st.waiting as f64);
-        let _ = writeln!(o.text, "vllm:num_requests_waiting_by_reason{{{l},reason=\"deferred\"}} 0.0");
+        let capacity = st.waiting.saturating_sub(st.deferred) as f64;
+        let _ = writeln!(o.text, "vllm:num_requests_waiting_by_reason{{{l},reason=\"capacity\"}} {capacity:?}");
+        let _ = writeln!(o.text, "vllm:num_requests_waiting_by_reason{{{l},reason=\"deferred\"}} {:?}", st.deferred as f64);
+    }
+    // With LoRA on, as vLLM: the adapters of the running and waiting requests in labels,
+    // the wall-clock time of the update as the value.
+    if cfg.max_loras > 0
+        && o.family(
+            "vllm:lora_requests_info",
+            "gauge",
+            "Running stats on lora requests.",
+        )
+    {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let _ = writeln!(
+            o.text,
+            "vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {now:?}",
+            cfg.max_loras,
+            sim.lora_names(&st.running_loras),
+            sim.lora_names(&st.waiting_loras),
+        );
     }
     if faults.metrics_legacy {
         o.value(

@@ -62,6 +62,15 @@ pub struct SimArgs {
     /// with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` (404 without).
     #[arg(long)]
     pub runtime_lora: bool,
+    /// LoRA adapters served from the start, as `NAME=PATH` (vLLM's --lora-modules; give
+    /// the flag once per adapter). A request names one as its `model`.
+    #[arg(long = "lora-modules", value_parser = parse_lora_module)]
+    pub lora_modules: Vec<(String, String)>,
+    /// Most distinct LoRA adapters in one batch (vLLM's --max-loras): a request whose
+    /// adapter would exceed it waits, deferred, until one of the batch's adapters has no
+    /// request running.
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
     /// Hardware profile; the flags below override its values.
     #[arg(long, value_enum, default_value_t = Preset::Llama3H100)]
     pub preset: Preset,
@@ -122,6 +131,15 @@ pub struct SimArgs {
     pub api_key: Option<String>,
 }
 
+fn parse_lora_module(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), path.to_string()))
+        }
+        _ => Err(format!("expected NAME=PATH, got {s:?}")),
+    }
+}
+
 fn parse_faults(s: &str) -> Result<Faults, String> {
     serde_json::from_str(s).map_err(|e| format!("not a faults object: {e}"))
 }
@@ -136,6 +154,12 @@ impl SimArgs {
             args: SimArgs,
         }
         Wrap::parse_from(["sim"]).args
+    }
+
+    /// Whether LoRA adapters can be served (vLLM's --enable-lora): some are given, or they
+    /// can be loaded at run time.
+    pub fn lora_enabled(&self) -> bool {
+        self.runtime_lora || !self.lora_modules.is_empty()
     }
 
     /// The engine configuration: the preset's values, overridden by the flags.
@@ -181,6 +205,11 @@ impl SimArgs {
                     self.speed_factor
                 } else {
                     1.0
+                },
+                max_loras: if self.lora_enabled() {
+                    self.max_loras.max(1)
+                } else {
+                    0
                 },
             },
             time_scale: self.time_scale.unwrap_or(scale).max(0.0),
@@ -246,8 +275,11 @@ pub struct Sim {
     next_id: AtomicU64,
     restart: tokio::sync::Notify,
     restart_down: Mutex<Duration>,
-    /// LoRA adapters loaded at run time: (name, path).
+    /// LoRA adapters served: (name, path), from `--lora-modules` and loaded at run time.
     loras: Mutex<Vec<(String, String)>>,
+    /// The engine's id of each adapter name ever requested (`lora_int_id` = index + 1),
+    /// kept when it is unloaded so ids stay stable.
+    lora_ids: Mutex<Vec<String>>,
 }
 
 /// A running simulated server.
@@ -486,6 +518,7 @@ struct Job {
 impl Sim {
     /// Builds the server state and starts its engine (needs a tokio runtime).
     pub fn new(args: SimArgs) -> Sim {
+        let loras = args.lora_modules.clone();
         use rand::SeedableRng;
         let engine = Engine::start(args.engine_config());
         let mut faults = args.faults.clone().unwrap_or_default();
@@ -509,8 +542,35 @@ impl Sim {
             next_id: AtomicU64::new(1),
             restart: tokio::sync::Notify::new(),
             restart_down: Mutex::new(Duration::ZERO),
-            loras: Mutex::new(Vec::new()),
+            loras: Mutex::new(loras),
+            lora_ids: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The engine's adapter id of `model`: 0 for a served name, else the LoRA adapter's.
+    fn lora_id(&self, model: &str) -> u32 {
+        if self.args.models.iter().any(|m| m == model) {
+            return 0;
+        }
+        let mut ids = self.lora_ids.lock().expect("not poisoned");
+        let at = match ids.iter().position(|n| n == model) {
+            Some(i) => i,
+            None => {
+                ids.push(model.to_string());
+                ids.len() - 1
+            }
+        };
+        at as u32 + 1
+    }
+
+    /// The adapter names of engine ids (see [`Sim::lora_id`]), comma-separated as vLLM
+    /// writes them in `vllm:lora_requests_info`.
+    pub(crate) fn lora_names(&self, ids: &[u32]) -> String {
+        let names = self.lora_ids.lock().expect("not poisoned");
+        ids.iter()
+            .filter_map(|&i| names.get(i.checked_sub(1)? as usize).map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Whether `model` is served: a served name or a loaded LoRA adapter.
@@ -791,7 +851,8 @@ impl Sim {
         // Tokenization and validation take time in vLLM too, before the engine sees it.
         let api = self.engine.cfg.scheduler.perf.api_overhead_ms * self.engine.cfg.time_scale;
         tokio::time::sleep(Duration::from_secs_f64(api / 1000.0)).await;
-        let events = self.engine.submit(prompt_ids, output_tokens, arrival);
+        let lora = self.lora_id(&model);
+        let events = self.engine.submit(prompt_ids, output_tokens, lora, arrival);
         let ctx = GenCtx {
             id,
             model,

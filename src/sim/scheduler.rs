@@ -84,6 +84,10 @@ pub struct SchedulerConfig {
     pub perf: PerfModel,
     /// Heterogeneous replicas: GPU time is divided by this.
     pub speed_factor: f64,
+    /// Most distinct LoRA adapters in one batch (vLLM's `--max-loras`); a waiting request
+    /// whose adapter would exceed it is skipped (deferred) until one of the batch's
+    /// adapters has no request running. 0: LoRA is off.
+    pub max_loras: usize,
 }
 
 impl SchedulerConfig {
@@ -110,6 +114,8 @@ pub struct NewSeq {
     pub prompt: Vec<u32>,
     /// Tokens to generate (already capped by `max_tokens` and the model length).
     pub output_tokens: usize,
+    /// The LoRA adapter it runs with (vLLM's `lora_int_id`, from 1); 0: the base model.
+    pub lora: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +131,7 @@ struct Seq {
     preemptions: u32,
     /// Prompt tokens found in the prefix cache at first admission.
     cached_tokens: Option<usize>,
+    lora: u32,
 }
 
 impl Seq {
@@ -391,6 +398,48 @@ impl Scheduler {
         self.running.iter().copied()
     }
 
+    /// The distinct LoRA adapters of the running requests.
+    pub fn running_loras(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for id in &self.running {
+            let l = self.seqs[id].lora;
+            if l != 0 && !out.contains(&l) {
+                out.push(l);
+            }
+        }
+        out
+    }
+
+    /// The distinct LoRA adapters of the waiting requests.
+    pub fn waiting_loras(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for id in &self.waiting {
+            let l = self.seqs[id].lora;
+            if l != 0 && !out.contains(&l) {
+                out.push(l);
+            }
+        }
+        out
+    }
+
+    /// Waiting requests whose adapter cannot join the batch now (vLLM's
+    /// `num_requests_waiting_by_reason{reason="deferred"}`).
+    pub fn num_deferred(&self) -> usize {
+        let loras = self.running_loras();
+        self.waiting
+            .iter()
+            .filter(|id| !self.lora_fits(&loras, self.seqs[id].lora))
+            .count()
+    }
+
+    /// Whether a request of adapter `lora` can join a batch running `loras`.
+    fn lora_fits(&self, loras: &[u32], lora: u32) -> bool {
+        lora == 0
+            || self.cfg.max_loras == 0
+            || loras.contains(&lora)
+            || loras.len() < self.cfg.max_loras
+    }
+
     /// Queues a request. The caller keeps prompt + output within
     /// `effective_max_model_len`.
     pub fn add(&mut self, req: NewSeq) {
@@ -409,6 +458,7 @@ impl Scheduler {
                 hashes: Vec::new(),
                 preemptions: 0,
                 cached_tokens: None,
+                lora: req.lora,
             },
         );
         self.waiting.push_back(req.id);
@@ -464,7 +514,9 @@ impl Scheduler {
         let bs = self.cfg.block_size;
         let max_blocks = (seq.num_tokens().saturating_sub(1)) / bs;
         let mut hits = Vec::new();
-        let mut parent = 0u64;
+        // As vLLM does, the adapter is part of the first block's hash: requests of
+        // different adapters never share KV.
+        let mut parent = u64::from(seq.lora);
         for k in 0..max_blocks {
             let h = block_hash(parent, &seq.tokens[k * bs..(k + 1) * bs]);
             match self.pool.cached.get(&h) {
@@ -510,13 +562,22 @@ impl Scheduler {
             }
         }
 
-        // 2. Waiting requests, only if nothing was preempted; the head blocks the rest.
+        // 2. Waiting requests, only if nothing was preempted; the head blocks the rest,
+        // except a request whose LoRA adapter cannot join the batch: it is skipped and
+        // keeps its place (vLLM's deferred requests).
         if batch.preempted.is_empty() {
+            let mut loras = self.running_loras();
+            let mut at = 0;
             while budget > 0
                 && self.running.len() < self.cfg.max_num_seqs
-                && !self.waiting.is_empty()
+                && at < self.waiting.len()
             {
-                let id = self.waiting[0];
+                let id = self.waiting[at];
+                let lora = self.seqs[&id].lora;
+                if !self.lora_fits(&loras, lora) {
+                    at += 1;
+                    continue;
+                }
                 let hits = if self.cfg.enable_prefix_caching {
                     self.lookup(id)
                 } else {
@@ -548,7 +609,10 @@ impl Scheduler {
                 self.counters.prefix_hits += cached as u64;
                 let allocated = self.allocate(id, cached + n);
                 debug_assert!(allocated, "capacity was checked");
-                self.waiting.pop_front();
+                self.waiting.remove(at);
+                if lora != 0 && !loras.contains(&lora) {
+                    loras.push(lora);
+                }
                 self.running.push(id);
                 batch.admitted.push(id);
                 batch.items.push(Scheduled {
@@ -597,7 +661,11 @@ impl Scheduler {
                 let full = seq.num_computed / bs;
                 while seq.hashes.len() < full {
                     let k = seq.hashes.len();
-                    let parent = if k == 0 { 0 } else { seq.hashes[k - 1] };
+                    let parent = if k == 0 {
+                        u64::from(seq.lora)
+                    } else {
+                        seq.hashes[k - 1]
+                    };
                     let h = block_hash(parent, &seq.tokens[k * bs..(k + 1) * bs]);
                     seq.hashes.push(h);
                     let b = seq.blocks[k];
@@ -714,6 +782,7 @@ pub fn simulate(cfg: SchedulerConfig, trace: &[TraceRequest], seed: u64) -> Simu
                 id: i as SeqId,
                 prompt: trace[i].prompt.clone(),
                 output_tokens: trace[i].output_tokens,
+                lora: 0,
             });
             next += 1;
         }
@@ -800,6 +869,7 @@ mod tests {
                 ..PerfModel::LLAMA3_8B_H100
             },
             speed_factor: 1.0,
+            max_loras: 0,
         }
     }
 
@@ -1034,6 +1104,7 @@ mod tests {
             id: 1,
             prompt: prompt(3, 1000),
             output_tokens: 3,
+            lora: 0,
         });
         while let Some(b) = s.schedule() {
             assert!(s.kv_usage() > 0.0);
@@ -1044,9 +1115,71 @@ mod tests {
             id: 2,
             prompt: prompt(3, 1000),
             output_tokens: 1,
+            lora: 0,
         });
         let b = s.schedule().unwrap();
         assert_eq!(b.items[0].computed_before, 992);
+    }
+
+    #[test]
+    fn a_lora_request_over_max_loras_is_deferred_and_later_ones_pass_it() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_loras: 1,
+            ..h100()
+        });
+        let seq = |id: SeqId, lora: u32, output_tokens: usize| NewSeq {
+            id,
+            prompt: prompt(id as u32, 64),
+            output_tokens,
+            lora,
+        };
+        s.add(seq(1, 1, 4));
+        s.add(seq(2, 2, 1));
+        s.add(seq(3, 1, 1));
+        s.add(seq(4, 0, 1));
+        let b = s.schedule().unwrap();
+        // Adapter 2 cannot join a batch running adapter 1; the base model always can.
+        assert_eq!(b.admitted, vec![1, 3, 4]);
+        assert_eq!(s.running_loras(), vec![1]);
+        assert_eq!(s.waiting_loras(), vec![2]);
+        assert_eq!(s.num_deferred(), 1);
+        s.complete(&b);
+        // Request 1 still runs adapter 1: request 2 keeps waiting.
+        let b = s.schedule().unwrap();
+        assert!(b.admitted.is_empty());
+        s.complete(&b);
+        while s.running_loras() == vec![1] {
+            let b = s.schedule().unwrap();
+            s.complete(&b);
+        }
+        // Adapter 1 left the batch: adapter 2 takes its slot.
+        let b = s.schedule().unwrap();
+        assert_eq!(b.admitted, vec![2]);
+        assert_eq!(s.num_deferred(), 0);
+
+        // Without LoRA limits (max_loras 0) nothing is deferred.
+        let mut s = Scheduler::new(h100());
+        s.add(seq(1, 1, 4));
+        s.add(seq(2, 2, 1));
+        assert_eq!(s.schedule().unwrap().admitted, vec![1, 2]);
+    }
+
+    #[test]
+    fn adapters_do_not_share_prefix_cache_blocks() {
+        let mut s = Scheduler::new(h100());
+        for (id, lora) in [(1, 1), (2, 2), (3, 1)] {
+            s.add(NewSeq {
+                id,
+                prompt: prompt(9, 320),
+                output_tokens: 1,
+                lora,
+            });
+            while let Some(b) = s.schedule() {
+                s.complete(&b);
+            }
+        }
+        assert_eq!(s.cached_tokens(2), Some(0), "another adapter's KV");
+        assert_eq!(s.cached_tokens(3), Some(304), "the same adapter's KV");
     }
 
     #[test]
@@ -1056,6 +1189,7 @@ mod tests {
             id: 1,
             prompt: prompt(3, 1000),
             output_tokens: 100,
+            lora: 0,
         });
         let b = s.schedule().unwrap();
         s.complete(&b);
