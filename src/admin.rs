@@ -341,7 +341,7 @@ pub fn explain(
     use serde_json::json;
     let req = selection::Request::of(info, key, cfg, placer);
     let stale_after = cfg.stale_after();
-    let scorer = selection::Scorer::new(&req, crate::fleet::fresh_since(now, stale_after));
+    let scorer = selection::Scorer::new(snap, &req, crate::fleet::fresh_since(now, stale_after));
     // Scratch selectors: the live one's round-robin cursors must not move. (So
     // `round-robin` shows an order, not whose turn it is.)
     let order = selection::Selector::new(stale_after).candidates(cfg.policy, snap, &req, &[], now);
@@ -368,6 +368,7 @@ pub fn explain(
                 "prefill": ms(Some(t.prefill)),
                 "queue": ms(Some(t.queue)),
                 "kv_pressure": ms(Some(t.pressure)),
+                "lora_slot": ms(Some(t.lora)),
             },
             "scrape_fresh": t.fresh,
             "sequences": (t.sequences * 100.0).round() / 100.0,
@@ -520,6 +521,12 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
                 "running": fresh.and_then(|l| l.running),
                 "waiting": fresh.and_then(|l| l.waiting),
                 "kv_usage": kv,
+                // LoRA adapter slots: null unless the engine reports them.
+                "lora": fresh.and_then(|l| l.lora.as_ref()).map(|s| json!({
+                    "max_loras": s.max,
+                    "running_adapters": s.running,
+                    "waiting_adapters": s.waiting,
+                })),
                 "in_flight": b.in_flight(),
                 "requests_total": answered.get(&b.name).copied().unwrap_or(0),
                 "upstream_errors_total": failed.get(&b.name).copied().unwrap_or(0),

@@ -37,10 +37,52 @@ pub struct EngineLoad {
     pub itl: Option<SumCount>,
     pub ttft: Option<SumCount>,
     pub e2e: Option<SumCount>,
+    /// LoRA adapter slots, from `vllm:lora_requests_info` (served with LoRA enabled).
+    pub lora: Option<LoraSlots>,
     /// Distinct `engine` label values seen (1 when there is no such label).
     pub engines: usize,
     /// Values dropped as out of range, for logs and `/load-stats`.
     pub anomalies: Vec<String>,
+}
+
+/// The LoRA adapters an engine holds: vLLM exports them as the labels of
+/// `vllm:lora_requests_info`, whose value is the wall-clock time they were true. Older
+/// label sets stay in the exposition (a gauge never forgets a label set), so the series
+/// with the latest time is the current one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoraSlots {
+    /// Most adapters in one batch (`max_lora`, vLLM's `--max-loras`).
+    pub max: usize,
+    /// Adapters of running requests: they hold a slot.
+    pub running: Vec<String>,
+    /// Adapters of waiting requests.
+    pub waiting: Vec<String>,
+}
+
+impl LoraSlots {
+    /// Whether a request for `adapter` would be admitted without waiting for a slot: it
+    /// holds one, or one is free.
+    pub fn admits(&self, adapter: &str) -> bool {
+        self.running.len() < self.max || self.running.iter().any(|a| a == adapter)
+    }
+
+    fn of(sample: &Sample) -> Option<LoraSlots> {
+        let list = |k: &str| -> Vec<String> {
+            sample
+                .label(k)
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        Some(LoraSlots {
+            max: sample.label("max_lora")?.trim().parse().ok()?,
+            running: list("running_lora_adapters"),
+            waiting: list("waiting_lora_adapters"),
+        })
+    }
 }
 
 /// A histogram's cumulative `_sum` and `_count`.
@@ -215,6 +257,8 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
     let text = std::str::from_utf8(payload).map_err(|_| MetricsError::NotText)?;
     let mut engines: BTreeMap<String, PerEngine> = BTreeMap::new();
     let mut anomalies = Vec::new();
+    // The latest `vllm:lora_requests_info` series: (its time, its slots).
+    let mut lora: Option<(f64, LoraSlots)> = None;
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim_end_matches('\r');
         let line = line.trim_start();
@@ -308,6 +352,14 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
                     sc.count += v;
                 }
             }
+            "vllm:lora_requests_info" => match LoraSlots::of(&sample) {
+                Some(slots) if v.is_finite() => {
+                    if lora.as_ref().is_none_or(|(at, _)| v >= *at) {
+                        lora = Some((v, slots));
+                    }
+                }
+                _ => reject(sample.name),
+            },
             "vllm:cache_config_info" => {
                 let num = |k: &str| sample.label(k).and_then(|s| s.parse::<u64>().ok());
                 let block = num("block_size");
@@ -322,6 +374,7 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
     }
     let mut load = EngineLoad {
         engines: engines.len().max(1),
+        lora: lora.map(|(_, slots)| slots),
         anomalies,
         ..EngineLoad::default()
     };
@@ -457,6 +510,44 @@ vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.6
         assert!((load.kv_usage.unwrap() - 0.4).abs() < 1e-12);
         assert_eq!(load.engines, 2);
         assert_eq!(load.waiting, None, "missing is unknown, not zero");
+    }
+
+    #[test]
+    fn lora_slots_are_the_latest_series() {
+        // vLLM leaves earlier label sets in place; the value is when each was set.
+        let text = r#"# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",waiting_lora_adapters="c"} 1.7e9
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="b",waiting_lora_adapters=""} 1.70000001e9
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""} 1.6e9
+"#;
+        let slots = parse(text.as_bytes(), MAX).unwrap().lora.unwrap();
+        assert_eq!(
+            slots,
+            LoraSlots {
+                max: 2,
+                running: vec!["b".into()],
+                waiting: vec![],
+            }
+        );
+        assert!(
+            slots.admits("b") && slots.admits("a"),
+            "b holds one; one is free"
+        );
+        let full = LoraSlots {
+            max: 1,
+            running: vec!["a".into()],
+            waiting: vec!["b".into()],
+        };
+        assert!(full.admits("a") && !full.admits("b"));
+        // Without the family LoRA is unknown; without max_lora the series is dropped.
+        assert_eq!(parse(&fixture("metrics-idle.txt"), MAX).unwrap().lora, None);
+        let bad = parse(
+            br#"vllm:lora_requests_info{running_lora_adapters="a"} 1.7e9"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(bad.lora, None);
+        assert_eq!(bad.anomalies.len(), 1);
     }
 
     #[test]

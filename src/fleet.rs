@@ -328,6 +328,11 @@ pub struct FleetSnapshot {
     /// The lowest inter-token latency any backend is scored with (measured or assumed):
     /// a bound under every `vllm` estimate.
     pub(crate) itl_floor: f64,
+    /// Per LoRA adapter that a backend lists (a model whose card has a `parent`) or
+    /// reports in its adapter slots, per backend (same index as `backends`): whether a
+    /// request for it would be admitted now rather than wait for an adapter slot (`None`:
+    /// the backend reports no slots). Empty when no backend reports slots.
+    lora_admits: BTreeMap<String, Box<[Option<bool>]>>,
 }
 
 impl FleetSnapshot {
@@ -372,6 +377,7 @@ impl FleetSnapshot {
             .map(|e| PickInputs::of(e, default_itl, default_per_slot, default_cap))
             .collect();
         let itl_floor = crate::selection::itl_floor(&pick_inputs);
+        let lora_admits = lora_admits(&backends);
         FleetSnapshot {
             backends,
             by_model,
@@ -379,7 +385,18 @@ impl FleetSnapshot {
             equal_weights,
             pick_inputs,
             itl_floor,
+            lora_admits,
         }
+    }
+
+    /// For a request of `model`, per backend (same index as `backends`): whether it
+    /// would be admitted now rather than wait for a LoRA adapter slot (`None`: unknown);
+    /// `None` when `model` is not a LoRA adapter of a backend that reports its slots.
+    pub fn lora_admits(&self, model: &str) -> Option<&[Option<bool>]> {
+        if self.lora_admits.is_empty() {
+            return None;
+        }
+        self.lora_admits.get(model).map(|v| &**v)
     }
 
     /// Indices of the backends known to serve `model`, healthy or not; `None` when no
@@ -444,6 +461,37 @@ impl FleetSnapshot {
             .map(|(m, _)| m.clone())
             .collect()
     }
+}
+
+/// [`FleetSnapshot::lora_admits`] of every adapter the `backends` list or hold.
+fn lora_admits(backends: &[BackendEntry]) -> BTreeMap<String, Box<[Option<bool>]>> {
+    let slots: Vec<Option<&crate::engine_metrics::LoraSlots>> = backends
+        .iter()
+        .map(|e| e.state.load.as_ref().and_then(|l| l.lora.as_ref()))
+        .collect();
+    if slots.iter().all(Option::is_none) {
+        return BTreeMap::new();
+    }
+    let mut adapters: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    for (e, s) in backends.iter().zip(&slots) {
+        adapters.extend(
+            e.state
+                .cards
+                .iter()
+                .filter(|c| c.get("parent").is_some_and(|p| !p.is_null()))
+                .filter_map(crate::openai::card_id),
+        );
+        if let Some(s) = s {
+            adapters.extend(s.running.iter().chain(&s.waiting).map(String::as_str));
+        }
+    }
+    adapters
+        .into_iter()
+        .map(|a| {
+            let admits = slots.iter().map(|s| s.map(|s| s.admits(a))).collect();
+            (a.to_string(), admits)
+        })
+        .collect()
 }
 
 /// The shared handle: the current snapshot, swapped atomically.

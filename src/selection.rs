@@ -224,7 +224,9 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 /// k       = kv_usage + (prompt + max_tokens) / kv_capacity,  at most 0.99
 /// pending = prompt tokens of this gateway's streams there still without a first byte
 /// prefill = itl × (pending + prompt) / 150
-/// score   = 0.5 × step + max(step, prefill) + queue + step × k² / (1 − k)
+/// lora    = e2e if the request names a LoRA adapter that the engine holds no slot for
+///           and has no slot free for (vllm:lora_requests_info), else 0
+/// score   = 0.5 × step + max(step, prefill) + queue + step × k² / (1 − k) + lora
 /// ```
 ///
 /// Why each term:
@@ -261,6 +263,13 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 ///   estimate is the larger of one step and the prefill, not their sum: adding both
 ///   counted the prefill step twice and made a replica with a slightly longer step look
 ///   worse than one whose batch is full (the routing bound, `benches/routing_bound.rs`).
+/// - `lora`: vLLM batches at most `--max-loras` adapters at once. A request for another
+///   adapter is deferred (it waits while later requests pass it) until one of the
+///   batch's adapters has no request running, at least the rest of one request's life
+///   and longer while that adapter's requests keep coming; one mean request duration is
+///   the estimate. Where no replica has a slot, every one carries the term and the order
+///   is the other terms'. Where one holds the adapter or has a slot free, it wins unless
+///   it is a request's life busier.
 /// - A stale or failing scrape falls back to this gateway's in-flight count as the batch
 ///   (`in`), each sequence costing what one cost at its last scrape (`itl / (running +
 ///   1)`, or the fleet's fastest replica's when it never had one), and multiplies the
@@ -276,27 +285,33 @@ pub fn vllm_score(
     req: &Request,
     fresh_since: Option<Instant>,
 ) -> f64 {
-    Scorer::new(req, fresh_since).score(snap, i)
+    Scorer::new(snap, req, fresh_since).score(snap, i)
 }
 
 /// [`vllm_score`] for one request: what depends only on the request and the time is
 /// computed once per pick, then [`Scorer::score`] scores each backend.
 #[derive(Debug, Clone, Copy)]
-pub struct Scorer {
+pub struct Scorer<'a> {
     fresh_since: Option<Instant>,
     /// The request's prompt tokens.
     prompt: f64,
     /// Its KV footprint: prompt plus output tokens.
     own: f64,
+    /// When the request names a LoRA adapter, per backend: whether the engine would
+    /// admit it now rather than wait for an adapter slot
+    /// ([`FleetSnapshot::lora_admits`]).
+    lora_admits: Option<&'a [Option<bool>]>,
 }
 
-impl Scorer {
-    pub fn new(req: &Request, fresh_since: Option<Instant>) -> Scorer {
+impl<'a> Scorer<'a> {
+    /// For `req` on the backends of `snap` (the snapshot it will score).
+    pub fn new(snap: &'a FleetSnapshot, req: &Request, fresh_since: Option<Instant>) -> Self {
         let prompt = req.prompt_tokens as f64;
         Scorer {
             fresh_since,
             prompt,
             own: prompt + req.max_tokens.map_or(DEFAULT_OUTPUT_TOKENS, |m| m as f64),
+            lora_admits: snap.lora_admits(req.model),
         }
     }
 
@@ -355,14 +370,22 @@ impl Scorer {
         let prefill_tokens = count(b.pending_prefill()) + self.prompt;
         let prefill = itl * prefill_tokens * (1.0 / PREFILL_TOKENS_PER_STEP);
 
+        // A LoRA adapter that has no slot there waits until one of the batch's adapters
+        // has no request left: about one request's life.
+        let lora = match self.lora_admits {
+            Some(admits) if fresh && admits.get(i) == Some(&Some(false)) => p.e2e,
+            _ => 0.0,
+        };
+
         // The rest of the step in progress, then the steps that carry the prefill queued
         // ahead and ours: one at least, more when that prefill outweighs a step.
-        let score = RESIDUAL_STEP * step + step.max(prefill) + queue + pressure;
+        let score = RESIDUAL_STEP * step + step.max(prefill) + queue + pressure + lora;
         Terms {
             step,
             prefill,
             queue,
             pressure,
+            lora,
             sequences: in_engine,
             fresh,
             score: if fresh { score } else { score * STALE_PENALTY },
@@ -371,8 +394,8 @@ impl Scorer {
 }
 
 /// The parts of one [`vllm_score`], in seconds, before the stale penalty (see the
-/// formula there): `score = (0.5 × step + max(step, prefill) + queue + pressure)`, times
-/// 1.5 when not `fresh`.
+/// formula there): `score = (0.5 × step + max(step, prefill) + queue + pressure + lora)`,
+/// times 1.5 when not `fresh`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Terms {
     /// One engine step with this request in the batch.
@@ -383,6 +406,8 @@ pub struct Terms {
     pub queue: f64,
     /// KV-cache pressure (`step × k² / (1 − k)`).
     pub pressure: f64,
+    /// Waiting for a LoRA adapter slot.
+    pub lora: f64,
     /// The engine's sequences now, as estimated (scraped plus sent since, minus done).
     pub sequences: f64,
     /// Whether the backend's scrape is fresh.
@@ -412,6 +437,7 @@ pub struct PickInputs {
     /// When the scrape behind `running`, `waiting` and `kv` started (`None`: none yet).
     load_at: Option<Instant>,
     running: f64,
+    /// Waiting as scraped, less the requests vLLM defers.
     waiting: f64,
     /// `Backend::dispatched()` and `Backend::completed()` when that scrape started.
     dispatched_at: u64,
@@ -471,7 +497,11 @@ impl PickInputs {
             backend: b.clone(),
             load_at: st.load_at.filter(|_| load.is_some()),
             running,
-            waiting: load.and_then(|l| l.waiting).unwrap_or(0.0),
+            // Requests vLLM defers (a LoRA adapter waiting for a slot, a KV transfer) are
+            // passed by the others: they are not a queue ahead of a new request.
+            waiting: load.map_or(0.0, |l| {
+                (l.waiting.unwrap_or(0.0) - l.waiting_deferred.unwrap_or(0.0)).max(0.0)
+            }),
             dispatched_at: st.dispatched_at_scrape,
             completed_at: st.completed_at_scrape,
             itl,
@@ -609,7 +639,7 @@ fn keyed_vllm<I: Iterator<Item = usize>>(
     fresh: Option<Instant>,
     eligible: impl Fn() -> I,
 ) -> Option<(usize, f64, usize, bool)> {
-    let scorer = Scorer::new(req, fresh);
+    let scorer = Scorer::new(snap, req, fresh);
     let reusable_steps =
         (sticky.key.reusable_bytes / BYTES_PER_TOKEN) as f64 / PREFILL_TOKENS_PER_STEP;
     // What backend `i`'s prefix cache likely saves it.
@@ -704,7 +734,7 @@ impl Selector {
             // The pick first, then the rest.
             let first = self.best(policy, snap, req, tried, now)?.index;
             let fresh = fresh_since(now, self.stale_after);
-            let scorer = Scorer::new(req, fresh);
+            let scorer = Scorer::new(snap, req, fresh);
             let mut rest: Vec<(usize, f64)> = eligible
                 .iter()
                 .filter(|&&i| i != first)
@@ -760,7 +790,7 @@ impl Selector {
             }
             // (`affinity` returned above.)
             Policy::Vllm | Policy::Affinity => {
-                let scorer = Scorer::new(req, fresh_since(now, self.stale_after));
+                let scorer = Scorer::new(snap, req, fresh_since(now, self.stale_after));
                 let mut scored: Vec<(f64, usize)> = eligible
                     .iter()
                     .map(|&i| (scorer.score(snap, i), i))
@@ -838,7 +868,7 @@ impl Selector {
                 }
             }
             Policy::Vllm => {
-                let scorer = Scorer::new(req, fresh);
+                let scorer = Scorer::new(snap, req, fresh);
                 // Strictly lower wins: ties keep configuration order, as in `candidates`.
                 let (best, n) = eligible.map(|i| (scorer.score(snap, i), i)).fold(
                     (None, 0),
@@ -1496,6 +1526,61 @@ mod tests {
                 .unwrap()[0],
             0
         );
+    }
+
+    #[test]
+    fn vllm_sends_a_lora_adapter_where_it_has_a_slot() {
+        use crate::engine_metrics::LoraSlots;
+        let now = Instant::now();
+        let sel = Selector::new(STALE);
+        // Backend 0 is the less busy, but its one adapter slot is held by `a`; backend 1
+        // has its slot free.
+        let snap = scraped(snapshot(&[true, true]), 0, 4.0, 1.0, 0.1, 0.02, now);
+        let snap = scraped(snap, 1, 12.0, 0.0, 0.1, 0.02, now);
+        let slots = |running: &[&str], waiting: &[&str]| LoraSlots {
+            max: 1,
+            running: running.iter().map(|a| a.to_string()).collect(),
+            waiting: waiting.iter().map(|a| a.to_string()).collect(),
+        };
+        let mut entries = snap.backends.clone();
+        for (e, s) in entries
+            .iter_mut()
+            .zip([slots(&["a"], &["b"]), slots(&[], &[])])
+        {
+            e.state.models = vec!["m".into(), "a".into(), "b".into()];
+            let load = e.state.load.as_mut().unwrap();
+            load.waiting_deferred = Some(s.waiting.len() as f64);
+            load.lora = Some(s);
+        }
+        let snap = FleetSnapshot::new(entries);
+        let first = |model: &str| {
+            let r = Request { model, ..req() };
+            sel.best(Policy::Vllm, &snap, &r, &[], now).unwrap().index
+        };
+        assert_eq!(first("b"), 1, "b would wait for a slot on backend 0");
+        assert_eq!(first("a"), 0, "a holds its slot on backend 0");
+        assert_eq!(first("m"), 0, "the base model needs no slot");
+        let scorer = Scorer::new(
+            &snap,
+            &Request {
+                model: "b",
+                ..req()
+            },
+            fresh_since(now, STALE),
+        );
+        assert!(scorer.terms(&snap, 0).lora > 0.0);
+        assert_eq!(scorer.terms(&snap, 1).lora, 0.0);
+        // A stale scrape tells nothing of the slots.
+        let stale = now + 10 * STALE;
+        let scorer = Scorer::new(
+            &snap,
+            &Request {
+                model: "b",
+                ..req()
+            },
+            fresh_since(stale, STALE),
+        );
+        assert_eq!(scorer.terms(&snap, 0).lora, 0.0);
     }
 
     #[test]

@@ -145,3 +145,99 @@ async fn requests_avoid_a_replica_whose_engine_queues() {
         assert_eq!(t.await.unwrap().unwrap(), 200);
     }
 }
+
+#[tokio::test]
+async fn a_lora_adapter_goes_where_it_has_a_slot() {
+    // Two engines with one LoRA slot each (vLLM's --max-loras 1), in real time so the
+    // requests below hold their slots for seconds.
+    let lora = |a: &mut vllm_edge::sim::SimArgs| {
+        a.preset = Preset::TinyTest;
+        a.time_scale = Some(1.0);
+        a.kv_tokens = None;
+        a.max_model_len = None;
+        a.lora_modules = vec![
+            ("a".into(), "/lora/a".into()),
+            ("b".into(), "/lora/b".into()),
+        ];
+        a.max_loras = 1;
+    };
+    let holds_a = sim_with(&["m"], lora).await;
+    // A GPU half as fast: the worse replica for any request that needs no slot.
+    let slower = sim_with(&["m"], |a| {
+        lora(a);
+        a.speed_factor = 0.5;
+    })
+    .await;
+    let gw = Gateway::builder(&[&holds_a, &slower])
+        .yaml("discovery:\n  scrape_interval: 50ms\n  models_interval: 1s")
+        .start()
+        .await;
+    // Behind the gateway's back: adapter `a` takes the first engine's slot with one long
+    // stream; the slower engine runs base-model streams, no adapter.
+    let hold = |sim: &vllm_edge::sim::SimHandle, model: &str, tokens: usize| {
+        let url = format!("{}/v1/completions", sim.url());
+        let body = json!({"model": model, "prompt": "hold", "max_tokens": tokens,
+                          "ignore_eos": true, "stream": true});
+        tokio::spawn(async move {
+            let r = http1().post(url).json(&body).send().await.unwrap();
+            r.bytes().await.map(|b| b.len())
+        })
+    };
+    let held = [
+        hold(&holds_a, "a", 2000),
+        hold(&slower, "m", 1000),
+        hold(&slower, "m", 1000),
+        hold(&slower, "m", 1000),
+    ];
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let s = load_stats(&gw).await;
+            let (a, b) = (backend(&s, &holds_a.addr), backend(&s, &slower.addr));
+            a["lora"]["running_adapters"] == json!(["a"]) && b["running"] == 3.0
+        })
+        .await,
+        "the gateway should see the slots: {}",
+        load_stats(&gw).await
+    );
+    let stats = load_stats(&gw).await;
+    assert_eq!(
+        backend(&stats, &slower.addr)["lora"],
+        json!({"max_loras": 1, "running_adapters": [], "waiting_adapters": []})
+    );
+
+    // Adapter `b` would wait on the faster engine until `a` is done there: it goes to the
+    // slower one, which has a slot free, and `/explain` says why.
+    let ask = |model: &str| json!({"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let v: Value = http1()
+        .post(gw.admin_url("/explain"))
+        .json(&ask("b"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choice"]["backend"], slower.addr.to_string(), "{v}");
+    let c = v["candidates"].as_array().unwrap();
+    assert_eq!(c[0]["terms_ms"]["lora_slot"], 0.0, "{v}");
+    assert!(c[1]["terms_ms"]["lora_slot"].as_f64() > Some(0.0), "{v}");
+    let sent_to = |model: &'static str| {
+        let (url, body) = (gw.url("/v1/chat/completions"), ask(model));
+        async move {
+            let r = http1().post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-vllm-edge-backend"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    assert_eq!(sent_to("b").await, slower.addr.to_string());
+    // Adapter `a` holds its slot there, and the base model needs none: both go to the
+    // faster engine.
+    assert_eq!(sent_to("a").await, holds_a.addr.to_string());
+    assert_eq!(sent_to("m").await, holds_a.addr.to_string());
+    for h in held {
+        h.abort();
+    }
+}
