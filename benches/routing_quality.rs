@@ -8,6 +8,13 @@
 //! Environment: `NGINX` and `VLLM_ROUTER` (paths; a router whose binary is missing is
 //! skipped), `RQ_SECONDS` (arrival window per run, default 60), `RQ_LOADS` (default
 //! "0.7,0.9"), `RQ_ROUTERS` (comma-separated subset of the names in the table).
+//!
+//! `RQ_LORA=N` turns it into a LoRA workload: every replica serves adapters `lora0` ..
+//! `lora{N-1}` with `RQ_MAX_LORAS` slots (vLLM's `--max-loras`, default 2), and each
+//! request names an adapter, drawn with Zipf popularity (the k-th adapter's share ∝
+//! 1/k). The router "vllm-edge vllm+noslots" is the `vllm` policy with the replicas'
+//! `vllm:lora_requests_info` hidden from it (the simulators leave it out of `/metrics`
+//! for that run): the same policy, blind to adapter slots.
 
 mod common;
 
@@ -21,14 +28,31 @@ use vllm_edge::sim::{self, SimHandle};
 
 struct Planned {
     at: Duration,
+    model: String,
     prompt: String,
     output: usize,
 }
 
-fn schedule(rate: f64, seconds: f64, seed: u64) -> Vec<Planned> {
+/// The schedule at `rate` per second; with `loras` adapters, each request names one of
+/// them (Zipf popularity), else the base model `m`.
+fn schedule(rate: f64, seconds: f64, seed: u64, loras: usize) -> Vec<Planned> {
+    use rand::{Rng, SeedableRng};
     let words = [
         "alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta",
     ];
+    // Its own generator: the arrivals and lengths are the same with and without LoRA.
+    let mut pick = rand::rngs::StdRng::seed_from_u64(seed ^ 0x10ba);
+    let total: f64 = (1..=loras).map(|k| 1.0 / k as f64).sum();
+    let mut adapter = move || {
+        let mut x = pick.gen_range(0.0..total);
+        for k in 1..=loras {
+            x -= 1.0 / k as f64;
+            if x < 0.0 {
+                return format!("lora{}", k - 1);
+            }
+        }
+        format!("lora{}", loras - 1)
+    };
     arrivals(rate, seconds, seed)
         .into_iter()
         .enumerate()
@@ -41,6 +65,7 @@ fn schedule(rate: f64, seconds: f64, seed: u64) -> Vec<Planned> {
             }
             Planned {
                 at: Duration::from_secs_f64(at),
+                model: if loras > 0 { adapter() } else { "m".into() },
                 prompt,
                 output: o,
             }
@@ -70,7 +95,7 @@ async fn drive(url: &str, plan: &[Planned]) -> (Outcome, f64) {
     for p in plan {
         tokio::time::sleep_until((start + p.at).into()).await;
         let body = serde_json::json!({
-            "model": "m", "stream": true, "ignore_eos": true, "max_tokens": p.output,
+            "model": p.model, "stream": true, "ignore_eos": true, "max_tokens": p.output,
             "messages": [{"role": "user", "content": p.prompt}],
         });
         let (client, url) = (client.clone(), url.to_string());
@@ -171,11 +196,20 @@ async fn main() {
         "vllm-edge power-of-two",
         "vllm-edge vllm",
         "vllm-edge vllm+cap",
+        "vllm-edge vllm+noslots",
         "nginx least_conn",
         "vllm-router round_robin",
         "vllm-router power_of_two",
         "vllm-router cache_aware",
     ];
+    let env_usize = |k: &str, default: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let loras = env_usize("RQ_LORA", 0);
+    let max_loras = env_usize("RQ_MAX_LORAS", 2);
     let only = std::env::var("RQ_ROUTERS").ok();
     let routers: Vec<&str> = all
         .iter()
@@ -184,6 +218,8 @@ async fn main() {
             only.as_ref()
                 .is_none_or(|o| o.split(',').any(|x| x.trim() == *r))
         })
+        // Hiding the adapter slots means something only with adapters.
+        .filter(|r| loras > 0 || !r.ends_with("+noslots"))
         .collect();
 
     let fleet_capacity = fleet_capacity();
@@ -194,18 +230,41 @@ async fn main() {
         let mut a = replica(i, 4096);
         a.speed_factor = speed;
         a.name = Some(format!("r{i}{}", if speed < 1.0 { "-slow" } else { "" }));
+        a.lora_modules = (0..loras)
+            .map(|k| (format!("lora{k}"), format!("/adapters/lora{k}")))
+            .collect();
+        a.max_loras = max_loras;
         sims.push(sim::spawn(a).await.unwrap());
     }
     let backends: Vec<String> = sims.iter().map(|s| s.url()).collect();
 
     println!("Fleet: 4 simulated replicas (A100 profile, {MAX_NUM_SEQS} sequences, {KV_TOKENS} KV tokens, speeds {SPEEDS:?}); capacity {fleet_capacity:.1} req/s; {seconds} s of Poisson arrivals per run.\n");
+    if loras > 0 {
+        println!("LoRA: {loras} adapters on every replica, {max_loras} slots each (--max-loras); requests name an adapter, Zipf popularity.\n");
+    }
     println!("| load | router | requests | errors | TTFT p50 (s) | TTFT p99 (s) | e2e p99 (s) | throughput (req/s) | tokens/s | preemptions | TTFT over 100 ms: client / engine | share / TTFT p99 per replica |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &load in &loads {
-        let plan = schedule(load * fleet_capacity, seconds, 42);
+        let plan = schedule(load * fleet_capacity, seconds, 42, loras);
         for name in &routers {
             wait_idle(&sims).await;
-            let Some(mut router) = start_router(name, &backends).await else {
+            let hidden = name.strip_suffix("+noslots");
+            let drop: &[&str] = if hidden.is_some() {
+                &["vllm:lora_requests_info"]
+            } else {
+                &[]
+            };
+            for s in &sims {
+                let faults = serde_json::json!({ "metrics_drop": drop });
+                let r = reqwest::Client::new()
+                    .post(format!("{}/sim/faults", s.url()))
+                    .json(&faults)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+            }
+            let Some(mut router) = start_router(hidden.unwrap_or(name), &backends).await else {
                 eprintln!("skipping {name}");
                 continue;
             };

@@ -59,11 +59,29 @@ pub struct LoraSlots {
     pub waiting: Vec<String>,
 }
 
+/// Where a request for a LoRA adapter stands on one engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFit {
+    /// The engine reports no adapter slots.
+    Unknown,
+    /// The adapter holds a slot: its requests run with the batch's.
+    Active,
+    /// The adapter would take one of these free slots.
+    Free(u32),
+    /// Every slot is held by another adapter: the request would wait for one.
+    Full,
+}
+
 impl LoraSlots {
-    /// Whether a request for `adapter` would be admitted without waiting for a slot: it
-    /// holds one, or one is free.
-    pub fn admits(&self, adapter: &str) -> bool {
-        self.running.len() < self.max || self.running.iter().any(|a| a == adapter)
+    /// Where a request for `adapter` stands here.
+    pub fn fit(&self, adapter: &str) -> LoraFit {
+        if self.running.iter().any(|a| a == adapter) {
+            LoraFit::Active
+        } else if self.running.len() < self.max {
+            LoraFit::Free((self.max - self.running.len()) as u32)
+        } else {
+            LoraFit::Full
+        }
     }
 
     fn of(sample: &Sample) -> Option<LoraSlots> {
@@ -529,16 +547,17 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
                 waiting: vec![],
             }
         );
-        assert!(
-            slots.admits("b") && slots.admits("a"),
-            "b holds one; one is free"
-        );
+        assert_eq!(slots.fit("b"), LoraFit::Active);
+        assert_eq!(slots.fit("a"), LoraFit::Free(1));
         let full = LoraSlots {
             max: 1,
             running: vec!["a".into()],
             waiting: vec!["b".into()],
         };
-        assert!(full.admits("a") && !full.admits("b"));
+        assert_eq!(
+            (full.fit("a"), full.fit("b")),
+            (LoraFit::Active, LoraFit::Full)
+        );
         // Without the family LoRA is unknown; without max_lora the series is dropped.
         assert_eq!(parse(&fixture("metrics-idle.txt"), MAX).unwrap().lora, None);
         let bad = parse(

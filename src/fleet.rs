@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crate::auth::Secret;
 use crate::config::BackendConfig;
-use crate::engine_metrics::EngineLoad;
+use crate::engine_metrics::{EngineLoad, LoraFit};
 use crate::health::BackendHealth;
 use crate::selection::PickInputs;
 use crate::tls::BackendTls;
@@ -329,10 +329,9 @@ pub struct FleetSnapshot {
     /// a bound under every `vllm` estimate.
     pub(crate) itl_floor: f64,
     /// Per LoRA adapter that a backend lists (a model whose card has a `parent`) or
-    /// reports in its adapter slots, per backend (same index as `backends`): whether a
-    /// request for it would be admitted now rather than wait for an adapter slot (`None`:
-    /// the backend reports no slots). Empty when no backend reports slots.
-    lora_admits: BTreeMap<String, Box<[Option<bool>]>>,
+    /// reports in its adapter slots, per backend (same index as `backends`): where a
+    /// request for it stands there. Empty when no backend reports slots.
+    lora_fit: BTreeMap<String, Box<[LoraFit]>>,
 }
 
 impl FleetSnapshot {
@@ -377,7 +376,7 @@ impl FleetSnapshot {
             .map(|e| PickInputs::of(e, default_itl, default_per_slot, default_cap))
             .collect();
         let itl_floor = crate::selection::itl_floor(&pick_inputs);
-        let lora_admits = lora_admits(&backends);
+        let lora_fit = lora_fit(&backends);
         FleetSnapshot {
             backends,
             by_model,
@@ -385,18 +384,18 @@ impl FleetSnapshot {
             equal_weights,
             pick_inputs,
             itl_floor,
-            lora_admits,
+            lora_fit,
         }
     }
 
-    /// For a request of `model`, per backend (same index as `backends`): whether it
-    /// would be admitted now rather than wait for a LoRA adapter slot (`None`: unknown);
-    /// `None` when `model` is not a LoRA adapter of a backend that reports its slots.
-    pub fn lora_admits(&self, model: &str) -> Option<&[Option<bool>]> {
-        if self.lora_admits.is_empty() {
+    /// For a request of `model`, per backend (same index as `backends`): where it stands
+    /// as to LoRA adapter slots; `None` when `model` is not a LoRA adapter of a backend
+    /// that reports its slots.
+    pub fn lora_fit(&self, model: &str) -> Option<&[LoraFit]> {
+        if self.lora_fit.is_empty() {
             return None;
         }
-        self.lora_admits.get(model).map(|v| &**v)
+        self.lora_fit.get(model).map(|v| &**v)
     }
 
     /// Indices of the backends known to serve `model`, healthy or not; `None` when no
@@ -463,8 +462,8 @@ impl FleetSnapshot {
     }
 }
 
-/// [`FleetSnapshot::lora_admits`] of every adapter the `backends` list or hold.
-fn lora_admits(backends: &[BackendEntry]) -> BTreeMap<String, Box<[Option<bool>]>> {
+/// [`FleetSnapshot::lora_fit`] of every adapter the `backends` list or hold.
+fn lora_fit(backends: &[BackendEntry]) -> BTreeMap<String, Box<[LoraFit]>> {
     let slots: Vec<Option<&crate::engine_metrics::LoraSlots>> = backends
         .iter()
         .map(|e| e.state.load.as_ref().and_then(|l| l.lora.as_ref()))
@@ -488,8 +487,11 @@ fn lora_admits(backends: &[BackendEntry]) -> BTreeMap<String, Box<[Option<bool>]
     adapters
         .into_iter()
         .map(|a| {
-            let admits = slots.iter().map(|s| s.map(|s| s.admits(a))).collect();
-            (a.to_string(), admits)
+            let fit = slots
+                .iter()
+                .map(|s| s.map_or(LoraFit::Unknown, |s| s.fit(a)))
+                .collect();
+            (a.to_string(), fit)
         })
         .collect()
 }
