@@ -66,8 +66,8 @@ pub enum LoraFit {
     Unknown,
     /// The adapter holds a slot: its requests run with the batch's.
     Active,
-    /// The adapter would take one of these free slots.
-    Free(u32),
+    /// The adapter would take a free slot.
+    Free,
     /// Every slot is held by another adapter: the request would wait for one.
     Full,
 }
@@ -78,7 +78,7 @@ impl LoraSlots {
         if self.running.iter().any(|a| a == adapter) {
             LoraFit::Active
         } else if self.running.len() < self.max {
-            LoraFit::Free((self.max - self.running.len()) as u32)
+            LoraFit::Free
         } else {
             LoraFit::Full
         }
@@ -548,7 +548,7 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
             }
         );
         assert_eq!(slots.fit("b"), LoraFit::Active);
-        assert_eq!(slots.fit("a"), LoraFit::Free(1));
+        assert_eq!(slots.fit("a"), LoraFit::Free);
         let full = LoraSlots {
             max: 1,
             running: vec!["a".into()],

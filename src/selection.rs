@@ -382,7 +382,7 @@ impl<'a> Scorer<'a> {
             // request ahead in the queue does (`e2e / cap`), so an adapter stays where it
             // runs unless that is a queue place busier. Without a batch limit, configured
             // or learned, there is no queue place to weigh it against: no cost.
-            Some(LoraFit::Free(_)) if fresh && !p.cap.is_nan() => p.queue_per_ahead,
+            Some(LoraFit::Free) if fresh && !p.cap.is_nan() => p.queue_per_ahead,
             _ => 0.0,
         };
 
