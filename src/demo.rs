@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use crate::config::Config;
 use crate::sim::{self, SimArgs};
 
+/// The LoRA adapters every demo replica serves.
+const ADAPTERS: [&str; 2] = ["sql-lora", "chat-lora"];
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Data-plane address of the gateway.
@@ -65,6 +68,13 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
                     a.time_scale = Some(time_scale);
                     a.seed = i as u64;
                     a.name = Some(format!("replica-{i}"));
+                    // Two LoRA adapters, one slot each (vLLM's default --max-loras): the
+                    // gateway sends an adapter where it holds a slot or one is free.
+                    a.lora_modules = ADAPTERS
+                        .iter()
+                        .map(|n| (n.to_string(), format!("/adapters/{n}")))
+                        .collect();
+                    a.max_loras = 1;
                     match sim::spawn(a).await {
                         Ok(h) => handles.push(h),
                         Err(e) => {
@@ -85,7 +95,7 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
 
     let config = Config::with_backends(args.listen, args.admin, &urls);
     println!(
-        "vllm-edge demo: {} simulated replicas of `{}` ({})\n\
+        "vllm-edge demo: {} simulated replicas of `{}` with LoRA adapters {} ({})\n\
          gateway on http://{} (admin http://{})\n\n\
          Try:\n\
          \x20 curl -s http://{listen}/v1/models\n\
@@ -93,12 +103,14 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
          \x20      -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16}}'\n\
          \x20 curl -sN http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n\
          \x20      -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16,\"stream\":true}}'\n\
+         \x20 curl -s http://{listen}/v1/completions -d '{{\"model\":\"sql-lora\",\"prompt\":\"SELECT\",\"max_tokens\":16}}'   # a LoRA adapter\n\
          \x20 curl -s http://{admin}/metrics\n\
          \x20 curl -s http://{admin}/explain -d '{{\"model\":\"{model}\",\"prompt\":\"Hello\"}}'   # where it would go, and why\n\
          \x20 open http://{admin}/dashboard, or run: vllm-edge top --admin {admin}\n\n\
          Ctrl-C stops everything.",
         urls.len(),
         args.model,
+        ADAPTERS.join(", "),
         urls.join(", "),
         args.listen,
         args.admin,

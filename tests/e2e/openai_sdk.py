@@ -14,6 +14,8 @@ import time
 import openai
 
 MODEL = "sim-llama"
+# The LoRA adapters `vllm-edge demo` serves (src/demo.rs).
+ADAPTERS = ["sql-lora", "chat-lora"]
 
 
 def start_demo(binary):
@@ -95,12 +97,25 @@ def check_audio(client):
 
 
 def check_models(client):
-    models = client.models.list().data
-    assert [m.id for m in models] == [MODEL], models
+    models = {m.id: m for m in client.models.list().data}
+    assert sorted(models) == sorted([MODEL] + ADAPTERS), models
     # vLLM's own fields come through (the SDK keeps unknown ones in model_extra).
-    extra = models[0].model_extra or {}
+    extra = models[MODEL].model_extra or {}
     assert extra.get("max_model_len", 0) > 0, extra
-    assert "root" in extra and "parent" in extra, extra
+    assert "root" in extra and extra.get("parent", "absent") is None, extra
+    # A LoRA adapter names its base model.
+    for a in ADAPTERS:
+        assert (models[a].model_extra or {}).get("parent") == MODEL, models[a]
+
+
+def check_lora(client):
+    # The demo's replicas serve LoRA adapters with one slot each (vLLM's default).
+    for a in ADAPTERS:
+        r = client.chat.completions.create(
+            model=a, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert r.model == a, r
+        assert r.choices[0].message.content, r
 
 
 def check_unknown_model(client):
@@ -120,7 +135,8 @@ def main():
     passed = failed = 0
     try:
         client = openai.OpenAI(base_url=f"http://{addr}/v1", api_key="unused", max_retries=0)
-        for check in (check_chat, check_stream, check_audio, check_models, check_unknown_model):
+        checks = (check_chat, check_stream, check_audio, check_models, check_lora, check_unknown_model)
+        for check in checks:
             try:
                 check(client)
                 passed += 1
