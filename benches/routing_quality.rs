@@ -15,6 +15,9 @@
 //! 1/k). The router "vllm-edge vllm+noslots" is the `vllm` policy with the replicas'
 //! `vllm:lora_requests_info` hidden from it (the simulators leave it out of `/metrics`
 //! for that run): the same policy, blind to adapter slots.
+//!
+//! `RQ_BASELINE=<a vllm-edge binary>` adds the router "baseline vllm": the `vllm` policy
+//! of that build, for a before/after in one run.
 
 mod common;
 
@@ -197,6 +200,7 @@ async fn main() {
         "vllm-edge vllm",
         "vllm-edge vllm+cap",
         "vllm-edge vllm+noslots",
+        "baseline vllm",
         "nginx least_conn",
         "vllm-router round_robin",
         "vllm-router power_of_two",
@@ -220,6 +224,8 @@ async fn main() {
         })
         // Hiding the adapter slots means something only with adapters.
         .filter(|r| loras > 0 || !r.ends_with("+noslots"))
+        // The same policy in another build, when one is given.
+        .filter(|r| !r.starts_with("baseline ") || std::env::var_os("RQ_BASELINE").is_some())
         .collect();
 
     let fleet_capacity = fleet_capacity();

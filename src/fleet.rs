@@ -64,7 +64,15 @@ pub struct Backend {
     /// Prompt tokens of this gateway's streaming requests that have not produced a first
     /// byte yet: prefill work queued on the engine (exact for one gateway).
     pending_prefill: AtomicU64,
+    /// The LoRA adapters this gateway sent requests for, each with the `dispatched` count
+    /// of its latest: those sent since a scrape began hold a slot the scrape does not
+    /// show yet. Touched only by requests for adapters.
+    adapters_sent: std::sync::Mutex<Vec<(String, u64)>>,
 }
+
+/// Adapters remembered per backend by [`Backend::note_adapter`]: more than any engine
+/// has slots (vLLM's `--max-loras` is at most a few dozen).
+const ADAPTERS_REMEMBERED: usize = 64;
 
 impl Backend {
     pub fn new(cfg: &BackendConfig) -> Arc<Backend> {
@@ -89,7 +97,37 @@ impl Backend {
             completed: AtomicU64::new(0),
             served: AtomicU64::new(0),
             pending_prefill: AtomicU64::new(0),
+            adapters_sent: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Notes that the request just begun here ([`Backend::begin_request`]) is for LoRA
+    /// adapter `adapter`.
+    pub fn note_adapter(&self, adapter: &str) {
+        let seq = self.dispatched();
+        let mut sent = self.adapters_sent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = sent.iter_mut().find(|(a, _)| a == adapter) {
+            e.1 = seq;
+            return;
+        }
+        if sent.len() == ADAPTERS_REMEMBERED {
+            let oldest = (0..sent.len())
+                .min_by_key(|&i| sent[i].1)
+                .expect("not empty");
+            sent.swap_remove(oldest);
+        }
+        sent.push((adapter.to_string(), seq));
+    }
+
+    /// Calls `f` with each adapter this gateway sent a request for after the backend's
+    /// `dispatched` count was `since` (a scrape's start).
+    pub fn adapters_sent_since(&self, since: u64, mut f: impl FnMut(&str)) {
+        let sent = self.adapters_sent.lock().unwrap_or_else(|e| e.into_inner());
+        for (a, seq) in sent.iter() {
+            if *seq > since {
+                f(a);
+            }
+        }
     }
 
     /// Whether `cfg` describes this backend as it is (the drain flag aside).

@@ -274,7 +274,9 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 ///   keeps the slot from adapters that have none, and left free to the first adapter
 ///   that came, slots fragmented (an adapter held slots on every replica while another
 ///   waited on all of them; on the LoRA workload of `benches/routing_quality.rs` this
-///   cut the TTFT p99 at 90% load from 25 s to 0.3 s).
+///   cut the TTFT p99 at 90% load from 25 s to 0.3 s). Adapters this gateway sent since
+///   the scrape count as holding slots ([`Scorer::fit_now`]): a burst of new adapters
+///   between two scrapes took the same free slot, one after the other.
 /// - A stale or failing scrape falls back to this gateway's in-flight count as the batch
 ///   (`in`), each sequence costing what one cost at its last scrape (`itl / (running +
 ///   1)`, or the fleet's fastest replica's when it never had one), and multiplies the
@@ -305,17 +307,20 @@ pub struct Scorer<'a> {
     /// When the request names a LoRA adapter, per backend: where it stands as to adapter
     /// slots ([`FleetSnapshot::lora_fit`]).
     lora_fit: Option<&'a [LoraFit]>,
+    /// The request's model (its adapter, with `lora_fit`).
+    model: &'a str,
 }
 
 impl<'a> Scorer<'a> {
     /// For `req` on the backends of `snap` (the snapshot it will score).
-    pub fn new(snap: &'a FleetSnapshot, req: &Request, fresh_since: Option<Instant>) -> Self {
+    pub fn new(snap: &'a FleetSnapshot, req: &Request<'a>, fresh_since: Option<Instant>) -> Self {
         let prompt = req.prompt_tokens as f64;
         Scorer {
             fresh_since,
             prompt,
             own: prompt + req.max_tokens.map_or(DEFAULT_OUTPUT_TOKENS, |m| m as f64),
             lora_fit: snap.lora_fit(req.model),
+            model: req.model,
         }
     }
 
@@ -376,13 +381,17 @@ impl<'a> Scorer<'a> {
 
         // A LoRA adapter that has no slot there waits until one of the batch's adapters
         // has no request left: about one request's life.
-        let lora = match self.lora_fit.and_then(|f| f.get(i)) {
-            Some(LoraFit::Full) if fresh => p.e2e,
+        let fit = match self.lora_fit.and_then(|f| f.get(i)) {
+            Some(&fit) if fresh => self.fit_now(snap, i, fit),
+            _ => LoraFit::Unknown,
+        };
+        let lora = match fit {
+            LoraFit::Full => p.e2e,
             // Taking a free slot keeps it from adapters that have none: it costs what one
             // request ahead in the queue does (`e2e / cap`), so an adapter stays where it
             // runs unless that is a queue place busier. Without a batch limit, configured
             // or learned, there is no queue place to weigh it against: no cost.
-            Some(LoraFit::Free) if fresh && !p.cap.is_nan() => p.queue_per_ahead,
+            LoraFit::Free if !p.cap.is_nan() => p.queue_per_ahead,
             _ => 0.0,
         };
 
@@ -398,6 +407,36 @@ impl<'a> Scorer<'a> {
             sequences: in_engine,
             fresh,
             score: if fresh { score } else { score * STALE_PENALTY },
+        }
+    }
+}
+
+impl Scorer<'_> {
+    /// `fit`, the request's adapter on backend `i` as of its scrape, updated with the
+    /// adapters this gateway sent there since: the request's own now holds a slot, and
+    /// others may have taken the free ones (a burst of new adapters between two scrapes
+    /// would otherwise all count on the same free slot).
+    fn fit_now(&self, snap: &FleetSnapshot, i: usize, fit: LoraFit) -> LoraFit {
+        let e = &snap.backends[i];
+        let slots = e.state.load.as_ref().and_then(|l| l.lora.as_ref());
+        let (LoraFit::Free, Some(slots)) = (fit, slots) else {
+            return fit;
+        };
+        let (mut own, mut taken) = (false, 0);
+        let since = snap.pick_inputs[i].dispatched_at;
+        e.backend.adapters_sent_since(since, |a| {
+            if a == self.model {
+                own = true;
+            } else if !slots.running.iter().any(|r| r == a) {
+                taken += 1;
+            }
+        });
+        if own {
+            LoraFit::Active
+        } else if slots.running.len() + taken >= slots.max {
+            LoraFit::Full
+        } else {
+            LoraFit::Free
         }
     }
 }
@@ -1655,6 +1694,58 @@ mod tests {
         assert_eq!(
             sel.best(Policy::Vllm, &snap, &x, &[], now).unwrap().index,
             1
+        );
+    }
+
+    #[test]
+    fn an_adapter_sent_since_the_scrape_holds_its_slot() {
+        use crate::engine_metrics::LoraSlots;
+        let now = Instant::now();
+        let sel = Selector::new(STALE);
+        // One free slot on each; backend 0 is the faster.
+        let snap = scraped(snapshot(&[true, true]), 0, 2.0, 0.0, 0.1, 0.02, now);
+        let snap = scraped(snap, 1, 2.0, 0.0, 0.1, 0.03, now);
+        let mut entries = snap.backends.clone();
+        for e in entries.iter_mut() {
+            e.state.models = vec!["m".into(), "x".into(), "y".into()];
+            e.state.load.as_mut().unwrap().lora = Some(LoraSlots {
+                max: 1,
+                running: vec![],
+                waiting: vec!["x".into(), "y".into()],
+            });
+        }
+        let snap = FleetSnapshot::new(entries);
+        let first = |model: &str| {
+            let r = Request { model, ..req() };
+            sel.best(Policy::Vllm, &snap, &r, &[], now).unwrap().index
+        };
+        assert_eq!((first("x"), first("y")), (0, 0));
+        // `x` is sent to backend 0 before the next scrape: it takes the slot there, so `y`
+        // would wait on backend 0, and a second `x` joins the first.
+        let b0 = snap.backends[0].backend.clone();
+        let _x = b0.begin_request();
+        b0.note_adapter("x");
+        assert_eq!(first("y"), 1);
+        assert_eq!(first("x"), 0);
+        // An adapter noted before the scrape began is in the scrape's own numbers.
+        let rescraped = scraped(
+            FleetSnapshot::new(snap.backends.clone()),
+            0,
+            2.0,
+            0.0,
+            0.1,
+            0.02,
+            now,
+        );
+        let r = Request {
+            model: "y",
+            ..req()
+        };
+        assert_eq!(
+            Scorer::new(&rescraped, &r, fresh_since(now, STALE))
+                .terms(&rescraped, 0)
+                .lora,
+            0.0
         );
     }
 

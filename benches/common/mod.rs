@@ -78,7 +78,16 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let log = std::fs::File::create(dir.path().join("log")).unwrap();
     let mut admin = None;
-    let child = if let Some(policy) = name.strip_prefix("vllm-edge ") {
+    // "baseline POLICY": the vllm-edge binary at $RQ_BASELINE (another build, for a
+    // before/after in one run), else this build.
+    let (bin, gateway) = match name.strip_prefix("baseline ") {
+        Some(policy) => (std::env::var("RQ_BASELINE").ok()?, Some(policy)),
+        None => (
+            env!("CARGO_BIN_EXE_vllm-edge").to_string(),
+            name.strip_prefix("vllm-edge "),
+        ),
+    };
+    let child = if let Some(policy) = gateway {
         // "vllm-edge vllm+cap": the operator told the gateway vLLM's --max-num-seqs;
         // "+noaffinity": prefix affinity off; "+noplacement": affinity without placing
         // long-lived prefixes against their homes' KV caches.
@@ -105,7 +114,7 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
         }
         let conf = dir.path().join("gw.yaml");
         std::fs::write(&conf, yaml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
+        let mut child = Command::new(&bin)
             .args(["run", "-c"])
             .arg(&conf)
             .env("RUST_LOG", "warn")

@@ -690,6 +690,9 @@ impl ProxyHttp for Gateway {
             0
         };
         ctx.in_flight = Some(backend.begin_request_with_prefill(prefill));
+        if snap.lora_fit(&info.model).is_some() {
+            backend.note_adapter(&info.model);
+        }
         ctx.deadlines = None;
         ctx.got_body = false;
 
