@@ -371,6 +371,14 @@ pub fn explain(
                 "lora_slot": ms(Some(t.lora)),
             },
             "scrape_fresh": t.fresh,
+            // For a LoRA adapter: whether it holds a slot there, would take a free one,
+            // or would wait for one.
+            "lora": match t.lora_fit {
+                crate::engine_metrics::LoraFit::Unknown => None,
+                crate::engine_metrics::LoraFit::Active => Some("holds a slot"),
+                crate::engine_metrics::LoraFit::Free => Some("free slot"),
+                crate::engine_metrics::LoraFit::Full => Some("no slot free"),
+            },
             "sequences": (t.sequences * 100.0).round() / 100.0,
             "in_flight": e.backend.in_flight(),
         })

@@ -275,7 +275,7 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 ///   that came, slots fragmented (an adapter held slots on every replica while another
 ///   waited on all of them; on the LoRA workload of `benches/routing_quality.rs` this
 ///   cut the TTFT p99 at 90% load from 25 s to 0.3 s). Adapters this gateway sent since
-///   the scrape count as holding slots ([`Scorer::fit_now`]): a burst of new adapters
+///   the scrape count as holding slots (`Scorer::fit_now`): a burst of new adapters
 ///   between two scrapes took the same free slot, one after the other.
 /// - A stale or failing scrape falls back to this gateway's in-flight count as the batch
 ///   (`in`), each sequence costing what one cost at its last scrape (`itl / (running +
@@ -404,6 +404,7 @@ impl<'a> Scorer<'a> {
             queue,
             pressure,
             lora,
+            lora_fit: fit,
             sequences: in_engine,
             fresh,
             score: if fresh { score } else { score * STALE_PENALTY },
@@ -454,8 +455,11 @@ pub struct Terms {
     pub queue: f64,
     /// KV-cache pressure (`step × k² / (1 − k)`).
     pub pressure: f64,
-    /// Waiting for a LoRA adapter slot.
+    /// Waiting for a LoRA adapter slot, or taking a free one.
     pub lora: f64,
+    /// Where the request's LoRA adapter stands there ([`LoraFit::Unknown`] for a base
+    /// model, or with a stale scrape).
+    pub lora_fit: LoraFit,
     /// The engine's sequences now, as estimated (scraped plus sent since, minus done).
     pub sequences: f64,
     /// Whether the backend's scrape is fresh.

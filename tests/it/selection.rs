@@ -220,7 +220,9 @@ async fn a_lora_adapter_goes_where_it_has_a_slot() {
     assert_eq!(v["choice"]["backend"], slower.addr.to_string(), "{v}");
     let c = v["candidates"].as_array().unwrap();
     assert_eq!(c[0]["terms_ms"]["lora_slot"], 0.0, "{v}");
+    assert_eq!(c[0]["lora"], "free slot", "{v}");
     assert!(c[1]["terms_ms"]["lora_slot"].as_f64() > Some(0.0), "{v}");
+    assert_eq!(c[1]["lora"], "no slot free", "{v}");
     let sent_to = |model: &'static str| {
         let (url, body) = (gw.url("/v1/chat/completions"), ask(model));
         async move {
