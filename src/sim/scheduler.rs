@@ -400,20 +400,17 @@ impl Scheduler {
 
     /// The distinct LoRA adapters of the running requests.
     pub fn running_loras(&self) -> Vec<u32> {
-        let mut out = Vec::new();
-        for id in &self.running {
-            let l = self.seqs[id].lora;
-            if l != 0 && !out.contains(&l) {
-                out.push(l);
-            }
-        }
-        out
+        self.distinct_loras(&self.running)
     }
 
     /// The distinct LoRA adapters of the waiting requests.
     pub fn waiting_loras(&self) -> Vec<u32> {
+        self.distinct_loras(&self.waiting)
+    }
+
+    fn distinct_loras<'a>(&self, ids: impl IntoIterator<Item = &'a SeqId>) -> Vec<u32> {
         let mut out = Vec::new();
-        for id in &self.waiting {
+        for id in ids {
             let l = self.seqs[id].lora;
             if l != 0 && !out.contains(&l) {
                 out.push(l);
