@@ -82,14 +82,7 @@ async fn requests_avoid_a_replica_whose_engine_queues() {
     // queue on the busy replica decides.
     let ask =
         json!({"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "why?"}]});
-    let r = http1()
-        .post(gw.admin_url("/explain"))
-        .json(&ask)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
+    let v = explain(&gw, &ask).await;
     assert_eq!(v["choice"]["backend"], idle.addr.to_string(), "{v}");
     assert_eq!(v["choice"]["reason"], "lowest_score", "{v}");
     let c = v["candidates"].as_array().unwrap();
@@ -208,15 +201,7 @@ async fn a_lora_adapter_goes_where_it_has_a_slot() {
     // Adapter `b` would wait on the faster engine until `a` is done there: it goes to the
     // slower one, which has a slot free, and `/explain` says why.
     let ask = |model: &str| json!({"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
-    let v: Value = http1()
-        .post(gw.admin_url("/explain"))
-        .json(&ask("b"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = explain(&gw, &ask("b")).await;
     assert_eq!(v["choice"]["backend"], slower.addr.to_string(), "{v}");
     let c = v["candidates"].as_array().unwrap();
     assert_eq!(c[0]["terms_ms"]["lora_slot"], 0.0, "{v}");

@@ -358,6 +358,18 @@ pub async fn get_json(url: impl reqwest::IntoUrl) -> Value {
     http1().get(url).send().await.unwrap().json().await.unwrap()
 }
 
+/// The gateway's `POST /explain` of request `body`: where it would route it, and why.
+pub async fn explain(gw: &Gateway, body: &Value) -> Value {
+    let r = http1()
+        .post(gw.admin_url("/explain"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
 /// The model ids the gateway's `/v1/models` lists.
 pub async fn models(gw: &Gateway) -> Vec<String> {
     let v = get_json(gw.url("/v1/models")).await;
