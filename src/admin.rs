@@ -309,8 +309,25 @@ impl AdminApp {
                 Ok(info) => info,
                 Err(e) => return refuse(e),
             };
+        // A request that names no model is explained as the request path sends it: with
+        // the default model written in.
+        let defaulted = info.model.is_empty();
+        let (body, info) = if defaulted {
+            let snap = self.fleet.load();
+            match crate::openai::with_default_model(
+                content_type,
+                &body,
+                snap.default_model(cfg.default_model.as_deref()),
+                cfg.limits.max_json_depth,
+            ) {
+                Ok(named) => named,
+                Err(e) => return refuse(e),
+            }
+        } else {
+            (body, info)
+        };
         let key = crate::affinity::request_key(&cfg, headers, &body, &info);
-        let v = explain(
+        let mut v = explain(
             &cfg,
             &self.fleet.load(),
             &self.fleet.placer,
@@ -318,6 +335,7 @@ impl AdminApp {
             key,
             Instant::now(),
         );
+        v["request"]["model_defaulted"] = defaulted.into();
         reply(
             200,
             "application/json",

@@ -261,6 +261,8 @@ struct FileRouting {
     #[serde(default)]
     policy: Option<Policy>,
     #[serde(default)]
+    default_model: Option<String>,
+    #[serde(default)]
     affinity: FileAffinity,
 }
 
@@ -452,6 +454,10 @@ pub struct Config {
     /// unspecified and nothing is sent to it.
     pub unresolved: Vec<BackendConfig>,
     pub policy: Policy,
+    /// The model of a request that names none (`routing.default_model`); `None`: the
+    /// one model every replica in rotation serves first
+    /// ([`crate::fleet::FleetSnapshot::default_model`]).
+    pub default_model: Option<String>,
     pub affinity: Affinity,
     pub limits: ClientLimits,
     pub connect_timeout: Duration,
@@ -1181,6 +1187,16 @@ impl Config {
         let dur = |d: Option<HumanDuration>, default: Duration| d.map_or(default, |d| d.0);
         let limits = client_limits(&file.limits, &invalid)?;
         let affinity = affinity(&file.routing.affinity, &invalid)?;
+        let default_model = file.routing.default_model.clone();
+        if let Some(m) = &default_model {
+            // It is written into request bodies and forms as it is.
+            if m.is_empty() || m.chars().any(char::is_control) {
+                return Err(invalid(
+                    "routing.default_model",
+                    "must be a model name: not empty, no control characters".into(),
+                ));
+            }
+        }
         let retry_budget_ratio = file
             .upstream
             .retry_budget
@@ -1269,6 +1285,7 @@ impl Config {
             groups,
             unresolved,
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
+            default_model,
             affinity,
             limits,
             connect_timeout,
@@ -1727,6 +1744,28 @@ mod tests {
             let e = parse(&text).unwrap_err().to_string();
             assert!(e.starts_with("test.yaml:"), "{e}");
             assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_default_model_is_a_name() {
+        let with = |v: &str| {
+            MINIMAL.replace(
+                "  policy: round-robin\n",
+                &format!("  policy: round-robin\n  default_model: {v}\n"),
+            )
+        };
+        assert_eq!(parse(MINIMAL).unwrap().default_model, None);
+        assert_eq!(
+            parse(&with("llama-3-8b")).unwrap().default_model.as_deref(),
+            Some("llama-3-8b")
+        );
+        for bad in ["\"\"", "\"a\\nb\""] {
+            let e = parse(&with(bad)).unwrap_err().to_string();
+            assert!(
+                e.starts_with("test.yaml:") && e.contains("routing.default_model"),
+                "{e}"
+            );
         }
     }
 

@@ -442,6 +442,50 @@ impl FleetSnapshot {
         self.by_model.get(model).map(|v| v.as_slice())
     }
 
+    /// The model of a request that names none. vLLM serves such a request with the first
+    /// model it lists (its first `--served-model-name`), so through the gateway it is
+    /// `configured` (`routing.default_model`) if set, else the first base model (not an
+    /// adapter) of the backends in rotation, when they all agree on it; backends out of
+    /// rotation count only when none is in it. `Err` with the first models they list when
+    /// they differ, or none when no backend lists a model.
+    pub fn default_model<'a>(
+        &'a self,
+        configured: Option<&'a str>,
+    ) -> Result<&'a str, Vec<&'a str>> {
+        if let Some(m) = configured {
+            return Ok(m);
+        }
+        let first = |e: &'a BackendEntry| -> Option<&'a str> {
+            let st = &e.state;
+            if st.cards.is_empty() {
+                return st.models.first().map(String::as_str);
+            }
+            st.cards
+                .iter()
+                .filter(|c| c.get("parent").is_none_or(serde_json::Value::is_null))
+                .find_map(crate::openai::card_id)
+        };
+        let distinct = |up: bool| {
+            let mut firsts: Vec<&str> = self
+                .backends
+                .iter()
+                .filter(|e| !up || e.backend.health.routable_ignoring_breaker())
+                .filter_map(first)
+                .collect();
+            firsts.sort_unstable();
+            firsts.dedup();
+            firsts
+        };
+        let mut firsts = distinct(true);
+        if firsts.is_empty() {
+            firsts = distinct(false);
+        }
+        match firsts.as_slice() {
+            [only] => Ok(only),
+            _ => Err(firsts),
+        }
+    }
+
     /// The vLLM version the fleet offers (`GET /version`): the oldest that the backends
     /// in rotation report (see [`crate::openai::oldest_version`]).
     pub fn version(&self) -> Option<&str> {
@@ -773,6 +817,48 @@ mod tests {
         let ids: Vec<&serde_json::Value> = cards.iter().map(|c| &c["id"]).collect();
         assert_eq!(ids, ["m2", "m3"]);
         assert_eq!(cards[0], crate::openai::model_card("m2"));
+    }
+
+    #[test]
+    fn the_default_model_is_the_first_base_model_the_replicas_in_rotation_agree_on() {
+        let fleet = Fleet::new(&[cfg("a", None), cfg("b", None), cfg("c", Some(&["m", "x"]))]);
+        let card = |id: &str, parent: Option<&str>| serde_json::json!({"id": id, "parent": parent});
+        let mut entries: Vec<BackendEntry> = fleet.load().backends.clone();
+        // An adapter listed first is not a default; the second name of a base is not.
+        entries[0].state.set_models(vec![
+            card("sql", Some("m")),
+            card("m", None),
+            card("alias", None),
+        ]);
+        entries[1].state.set_models(vec![card("m", None)]);
+        let states: Vec<_> = entries.into_iter().map(|e| (e.backend, e.state)).collect();
+        fleet.update_states(&states);
+        let snap = fleet.load();
+        // None in rotation: every backend counts, and the configured `c` lists `m` first.
+        assert_eq!(snap.default_model(None), Ok("m"));
+        assert_eq!(snap.default_model(Some("sql")), Ok("sql"), "configured");
+        let up = |i: usize| {
+            snap.backends[i]
+                .backend
+                .health
+                .observe_check(Ok(()), &Default::default())
+        };
+        up(1);
+        assert_eq!(fleet.load().default_model(None), Ok("m"));
+        // A backend in rotation whose first model differs makes it ambiguous.
+        let other = Fleet::new(&[cfg("a", Some(&["m"])), cfg("b", Some(&["n", "m"]))]);
+        assert_eq!(other.load().default_model(None), Err(vec!["m", "n"]));
+        other.load().backends[1]
+            .backend
+            .health
+            .observe_check(Ok(()), &Default::default());
+        assert_eq!(
+            other.load().default_model(None),
+            Ok("n"),
+            "only b is in rotation"
+        );
+        let empty = Fleet::new(&[cfg("a", None)]);
+        assert_eq!(empty.load().default_model(None), Err(vec![]));
     }
 
     #[test]

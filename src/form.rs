@@ -80,6 +80,45 @@ pub fn boundary(content_type: &[u8]) -> Option<Result<Cow<'_, [u8]>, &'static st
 /// The parts of a form body delimited by `boundary`, in order. The body must end with
 /// the closing delimiter: a form cut short is an error, not fewer fields.
 pub fn parts<'a>(body: &'a [u8], boundary: &[u8]) -> Result<Vec<Part<'a>>, &'static str> {
+    scan(body, boundary).map(|(parts, _)| parts)
+}
+
+/// The form `body` with one more field, `name` = `value`, after its other parts: as the
+/// last of its name, it is the one that counts ([`field`]). `value` must not break a line.
+pub fn with_field(
+    body: &[u8],
+    boundary: &[u8],
+    name: &str,
+    value: &str,
+) -> Result<Vec<u8>, &'static str> {
+    if value.contains(['\r', '\n']) || name.contains(['\r', '\n', '"']) {
+        return Err("a form field added by the gateway must fit on one line");
+    }
+    let (_, close) = scan(body, boundary)?;
+    let part = format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}");
+    let mut out = Vec::with_capacity(body.len() + part.len() + boundary.len() + 8);
+    out.extend_from_slice(&body[..close]);
+    if body[close..].starts_with(b"\r\n") {
+        // `CRLF--boundary--` closes the last part: the new one goes before it.
+        out.extend_from_slice(b"\r\n--");
+        out.extend_from_slice(boundary);
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(part.as_bytes());
+    } else {
+        // A form of no parts, `--boundary--` at its start.
+        out.extend_from_slice(b"--");
+        out.extend_from_slice(boundary);
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(part.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(&body[close..]);
+    Ok(out)
+}
+
+/// The parts of a form body, and where its closing delimiter begins (at the line break
+/// before it, or at 0 when it opens the body).
+fn scan<'a>(body: &'a [u8], boundary: &[u8]) -> Result<(Vec<Part<'a>>, usize), &'static str> {
     let mut delimiter = Vec::with_capacity(boundary.len() + 4);
     delimiter.extend_from_slice(b"\r\n--");
     delimiter.extend_from_slice(boundary);
@@ -98,7 +137,7 @@ pub fn parts<'a>(body: &'a [u8], boundary: &[u8]) -> Result<Vec<Part<'a>>, &'sta
         let rest = &body[at..];
         if rest.starts_with(b"--") {
             // The closing delimiter; what follows it (the epilogue) is ignored.
-            return Ok(parts);
+            return Ok((parts, at.saturating_sub(delimiter.len())));
         }
         // Transport padding, then the line break that ends the delimiter line.
         let pad = rest
@@ -288,6 +327,30 @@ mod tests {
             ok(&format!("multipart/form-data; boundary={}", "x".repeat(71))),
             Some(Err(_))
         ));
+    }
+
+    #[test]
+    fn a_field_added_comes_last_and_counts() {
+        let b = body("B", &[("model", ""), ("stream", "true")], b"RIFF\r\n-B");
+        let out = with_field(&b, b"B", "model", "m 1").unwrap();
+        let p = parts(&out, b"B").unwrap();
+        assert_eq!(p.len(), 4);
+        assert_eq!(field(&p, "model"), Some(&b"m 1"[..]));
+        assert_eq!(p[2].data, b"RIFF\r\n-B", "the file is intact");
+        assert!(out.ends_with(b"\r\n--B--\r\n"), "the epilogue stays");
+        // A preamble and an epilogue, and a form of no parts.
+        for b in [&b"preamble\r\n--B\r\n\r\nx\r\n--B--tail"[..], b"--B--\r\n"] {
+            let out = with_field(b, b"B", "model", "m").unwrap();
+            let p = parts(&out, b"B").unwrap();
+            assert_eq!(
+                field(&p, "model"),
+                Some(&b"m"[..]),
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        assert!(with_field(&b, b"B", "model", "a\r\nb").is_err());
+        assert!(with_field(b"--B\r\n\r\ncut", b"B", "model", "m").is_err());
     }
 
     #[test]

@@ -88,6 +88,7 @@ pub fn route(method: &http::Method, path: &str) -> Route {
 /// prompt: the prompt fields are only measured, as raw JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingInfo {
+    /// The model named; empty when the request names none ([`with_default_model`]).
     pub model: String,
     pub stream: bool,
     /// Bytes of JSON text in the prompt-carrying fields (`messages`, `prompt`, `input`, ...):
@@ -220,7 +221,7 @@ pub fn inspect_form(body: &[u8], boundary: &[u8]) -> Result<RoutingInfo, ApiErro
             })
         })
     };
-    let model = required_model(text("model")?, "form")?;
+    let model = named_model(text("model")?);
     let stream = flag("stream")?;
     let include_usage = flag("stream_include_usage")?;
     let max_tokens = match text("max_completion_tokens")? {
@@ -259,6 +260,7 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<RoutingInfo, ApiError> {
     if json_depth_exceeds(body, max_depth) {
         return Err(ApiError::too_deep(max_depth));
     }
+
     // The common case, a valid body, is read without tracking the path; a failure is read
     // again with it, for a message that names the field.
     if let Ok(probe) = serde_json::from_slice::<Probe>(body) {
@@ -295,25 +297,84 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<RoutingInfo, ApiError> {
     routing_info(body, probe)
 }
 
-/// The `model` a request names (in its JSON `body` or its `form`): the gateway routes by
-/// it, so it must be there and not empty.
-fn required_model(model: Option<&str>, container: &str) -> Result<String, ApiError> {
-    match model {
-        Some(m) if !m.is_empty() => Ok(m.to_string()),
-        Some(_) => Err(ApiError::bad_request(
-            "`model` must not be empty.",
-            Some("model"),
-        )),
-        None => Err(ApiError::bad_request(
-            format!("The request {container} has no `model` field; the gateway routes by model."),
-            Some("model"),
-        )),
+/// The `model` a request names (in its JSON `body` or its `form`); empty when it names
+/// none (no field, `null` or an empty name), which vLLM serves with its first model: see
+/// [`with_default_model`].
+fn named_model(model: Option<&str>) -> String {
+    model.unwrap_or_default().to_string()
+}
+
+/// A request that names no model ([`RoutingInfo::model`] empty) made to name `default`
+/// ([`crate::fleet::FleetSnapshot::default_model`]): its body with the model written in,
+/// and its routing fields read again. vLLM would serve it with its own first model;
+/// written in, the model is the same wherever the request goes (and the one it was routed
+/// by, also when `routing.default_model` names an adapter). A JSON body's `model` (absent,
+/// `null` or empty) is set; a form gets a `model` field after its others, which counts.
+pub fn with_default_model(
+    content_type: Option<&[u8]>,
+    body: &[u8],
+    default: Result<&str, Vec<&str>>,
+    max_depth: usize,
+) -> Result<(Vec<u8>, RoutingInfo), ApiError> {
+    let model = default.map_err(|firsts| ApiError::no_default_model(&firsts))?;
+    let named = match content_type.and_then(crate::form::boundary) {
+        Some(Ok(boundary)) => {
+            crate::form::with_field(body, &boundary, "model", model).map_err(|why| {
+                ApiError::bad_request(format!("The request form is malformed: {why}."), None)
+            })?
+        }
+        // Read by `inspect_request` already: a JSON object whose `model` is absent, null
+        // or empty.
+        _ => json_with_model(body, model).ok_or_else(|| {
+            ApiError::bad_request("The request body must be a JSON object.", None)
+        })?,
+    };
+    let info = inspect_request(content_type, &named, max_depth)?;
+    Ok((named, info))
+}
+
+/// A JSON object `body` with its `model` member's value replaced by `model`, or the member
+/// put first when there is none; `None` if `body` is not an object.
+fn json_with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
     }
+    let value = serde_json::to_string(model).expect("a string serializes");
+    // The members as raw text (`null` too, which an `Option` would not tell from absent).
+    let members: std::collections::HashMap<Cow<str>, &RawValue> =
+        serde_json::from_slice(body).ok()?;
+    let (at, replaced, member) = match members.get("model") {
+        Some(raw) => {
+            let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+            (start, raw.get().len(), value)
+        }
+        None => {
+            let empty = body[open + 1..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|&b| b == b'}');
+            let sep = if empty { "" } else { "," };
+            (open + 1, 0, format!("\"model\":{value}{sep}"))
+        }
+    };
+    let mut out = Vec::with_capacity(body.len() + member.len());
+    out.extend_from_slice(&body[..at]);
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(body.get(at + replaced..)?);
+    Some(out)
 }
 
 /// The routing fields of a well-formed body's `probe`.
 fn routing_info<'a>(body: &'a [u8], probe: Probe<'a>) -> Result<RoutingInfo, ApiError> {
-    let model = required_model(probe.model.as_deref(), "body")?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        // Serde reads an array as the fields in order.
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object.",
+            None,
+        ));
+    }
+    let model = named_model(probe.model.as_deref());
     let prompt_bytes = [
         probe.messages,
         probe.prompt,
@@ -453,6 +514,25 @@ impl ApiError {
                 truncate(model, 200)
             ),
         )
+    }
+    /// A request that names no model when the gateway has no default for it: the
+    /// replicas in rotation serve different models first (`firsts`), or none lists a model.
+    pub fn no_default_model(firsts: &[&str]) -> Self {
+        if firsts.is_empty() {
+            return Self::new(
+                503,
+                "ServiceUnavailableError",
+                "The request names no `model`, and no replica lists a model yet; retry later.",
+            );
+        }
+        ApiError {
+            param: Some("model"),
+            ..Self::bad_request(
+                "The request names no `model`, and this gateway serves more than one; name \
+                 one (GET /v1/models lists them).",
+                None,
+            )
+        }
     }
     pub fn missing_api_key() -> Self {
         Self::new(
@@ -664,6 +744,7 @@ impl UsageTail {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn inspects_routing_fields_only() {
@@ -683,7 +764,6 @@ mod tests {
         for (body, param) in [
             (&b"{\"model\": 3}"[..], Some("model")),
             (b"{\"model\":\"m\",\"stream\":\"yes\"}", Some("stream")),
-            (b"{\"messages\":[]}", Some("model")),
             (b"{\"model\":\"m\"", None),
             (b"", None),
             (b"[1,2]", None),
@@ -799,6 +879,50 @@ mod tests {
     }
 
     #[test]
+    fn a_request_naming_no_model_gets_the_default_written_in() {
+        let read = |body: &str| {
+            let info = inspect(body.as_bytes(), 64).unwrap();
+            assert_eq!(info.model, "", "names none: {body}");
+            let (named, info) = with_default_model(None, body.as_bytes(), Ok("llama \"3\""), 64)
+                .unwrap_or_else(|e| panic!("{body}: {e:?}"));
+            assert_eq!(info.model, "llama \"3\"");
+            let v: serde_json::Value = serde_json::from_slice(&named).unwrap();
+            (v, info)
+        };
+        let (v, info) = read(r#" {"messages":[{"role":"user","content":"hi"}],"stream":true}"#);
+        assert_eq!(v["messages"][0]["content"], "hi");
+        assert!(info.stream, "the other fields are read again");
+        let body = br#"{"prompt":"abc","model":null,"user":"u"}"#;
+        let (v, _) = read(std::str::from_utf8(body).unwrap());
+        assert_eq!((&v["prompt"], &v["user"]), (&json!("abc"), &json!("u")));
+        // The affinity key's spans are in the new body.
+        let (named, info) = with_default_model(None, body, Ok("m"), 64).unwrap();
+        assert_eq!(&named[info.spans.user.unwrap()], b"\"u\"");
+        assert_eq!(&named[info.spans.prompt.unwrap()], b"\"abc\"");
+        read(r#"{"model":"","prompt":"x"}"#);
+        read(" { } ");
+        // Only a request that names none is changed: one that names a model is routed by
+        // it (a name no replica serves is a 404 there).
+        let info = inspect(br#"{"model":"other"}"#, 64).unwrap();
+        assert_eq!(info.model, "other");
+        // No default: several first models are the client's to choose from; none is a
+        // fleet not ready yet.
+        let e = with_default_model(None, b"{}", Err(vec!["a", "b"]), 64).unwrap_err();
+        assert_eq!((e.status, e.param), (400, Some("model")), "{e:?}");
+        assert!(e.message.contains("GET /v1/models"), "{e:?}");
+        let e = with_default_model(None, b"{}", Err(vec![]), 64).unwrap_err();
+        assert_eq!(e.status, 503, "{e:?}");
+        // A form gets the field.
+        let ct = Some(&b"multipart/form-data; boundary=XB"[..]);
+        for body in [form(&[]), form(&[("model", ""), ("stream", "1")])] {
+            assert_eq!(inspect_request(ct, &body, 64).unwrap().model, "");
+            let (named, info) = with_default_model(ct, &body, Ok("whisper"), 64).unwrap();
+            assert_eq!(info.model, "whisper");
+            assert!(named.len() > body.len());
+        }
+    }
+
+    #[test]
     fn forms_are_read_for_their_routing_fields() {
         let ct = Some(&b"multipart/form-data; boundary=XB"[..]);
         let body = form(&[
@@ -827,13 +951,6 @@ mod tests {
     fn bad_forms_are_400_naming_what_to_fix() {
         let ct = Some(&b"multipart/form-data; boundary=XB"[..]);
         for (ct, body, param, says) in [
-            (ct, form(&[]), Some("model"), "no `model` field"),
-            (
-                ct,
-                form(&[("model", "")]),
-                Some("model"),
-                "must not be empty",
-            ),
             (
                 ct,
                 form(&[("model", "m"), ("stream", "maybe")]),

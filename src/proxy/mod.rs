@@ -592,6 +592,31 @@ impl ProxyHttp for Gateway {
                             return respond_error(session, ctx, &err).await;
                         }
                     };
+                let (body, info) = if info.model.is_empty() {
+                    let snap = self.fleet.load();
+                    let default = snap.default_model(cfg.default_model.as_deref());
+                    match openai::with_default_model(
+                        content_type,
+                        &body,
+                        default,
+                        cfg.limits.max_json_depth,
+                    ) {
+                        Ok((named, info)) => (Bytes::from(named), info),
+                        Err(err) if err.status == 503 => {
+                            let after = self.retry_after();
+                            return respond_error_with(
+                                session,
+                                ctx,
+                                &err,
+                                &[("retry-after", &after)],
+                            )
+                            .await;
+                        }
+                        Err(err) => return respond_error(session, ctx, &err).await,
+                    }
+                } else {
+                    (body, info)
+                };
                 // Refused here rather than after `upstream_peer` finds nothing: an answer
                 // after a failed proxy closes the client's connection (see `fail_to_proxy`).
                 match selection::availability(&self.fleet.load(), &info.model) {

@@ -573,6 +573,15 @@ impl Sim {
             .join(",")
     }
 
+    /// The model a request is for: the one it names, or with none (absent, `null` or
+    /// empty) the first served name, as vLLM's `_get_model_name`.
+    fn named_or_first(&self, named: Option<&str>) -> String {
+        named
+            .filter(|m| !m.is_empty())
+            .unwrap_or(self.model_name())
+            .to_string()
+    }
+
     /// Whether `model` is served: a served name or a loaded LoRA adapter.
     fn serves(&self, model: &str) -> bool {
         self.args.models.iter().any(|m| m == model)
@@ -960,7 +969,7 @@ impl Sim {
             },
         };
         Ok(Job {
-            model: v["model"].as_str().unwrap_or(self.model_name()).to_string(),
+            model: self.named_or_first(v["model"].as_str()),
             prompt_ids: tokenize(&prompt),
             max_tokens: v["max_completion_tokens"]
                 .as_u64()
@@ -1018,7 +1027,7 @@ impl Sim {
         let mut prompt_ids = vec![0; seconds * AUDIO_TOKENS_PER_SECOND];
         prompt_ids.extend(tokenize(&field("prompt").unwrap_or_default()));
         Ok(Job {
-            model: field("model").unwrap_or_else(|| self.model_name().to_string()),
+            model: self.named_or_first(field("model").as_deref()),
             prompt_ids,
             max_tokens: field("max_completion_tokens").and_then(|v| v.trim().parse().ok()),
             stream,
@@ -1033,7 +1042,7 @@ impl Sim {
             Ok(v) => v,
             Err(_) => return vllm_error(400, "Bad Request", "JSON decode error", Some("body")),
         };
-        let model = v["model"].as_str().unwrap_or(self.model_name()).to_string();
+        let model = self.named_or_first(v["model"].as_str());
         if !self.serves(&model) {
             return vllm_error(
                 404,

@@ -36,7 +36,7 @@ fn a_typo_is_named_by_file_line_and_key() {
     assert!(!ok);
     assert!(out.contains(&format!("{}:4:", p.display())), "{out}");
     assert!(
-        out.contains("`routing.polcy`: unknown field `polcy`, expected `policy`"),
+        out.contains("`routing.polcy`: unknown field `polcy`, expected one of `policy`"),
         "{out}"
     );
 

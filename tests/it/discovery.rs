@@ -74,6 +74,95 @@ async fn models_are_the_union_of_healthy_backends_and_requests_follow_their_mode
 }
 
 #[tokio::test]
+async fn a_request_that_names_no_model_gets_the_fleets_default_as_from_vllm() {
+    use serde_json::json;
+    let a = sim_with(&["m1"], |s| s.name = Some("a".into())).await;
+    let b = sim_with(&["m1"], |s| s.name = Some("b".into())).await;
+    let c = http1();
+    let post = |gw: &Gateway, body: serde_json::Value| {
+        c.post(gw.url("/v1/chat/completions")).json(&body).send()
+    };
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    // One model everywhere: it is the default, as vLLM's own.
+    let gw = Gateway::builder(&[&a, &b]).start().await;
+    for body in [
+        json!({"messages": hi}),
+        json!({"messages": hi, "model": null}),
+        json!({"messages": hi, "model": ""}),
+    ] {
+        let resp = post(&gw, body.clone()).await.unwrap();
+        assert_eq!(resp.status(), 200, "{body}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["model"], "m1", "{body}: {v}");
+    }
+    let resp = post(&gw, json!({"messages": hi, "stream": true}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("\"model\":\"m1\"") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    // The access log names the model (its line is written once the answer is out).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.log()
+                .lines()
+                .filter(|l| l.contains(" access: ") && l.contains("model=\"m1\""))
+                .count()
+                == 4
+        })
+        .await,
+        "{}",
+        gw.log()
+    );
+    drop(gw);
+
+    // Two models, no default: the client must choose.
+    let other = sim_with(&["m2"], |s| s.name = Some("other".into())).await;
+    let gw = Gateway::builder(&[&a, &other]).start().await;
+    let (status, v) = error_of(post(&gw, json!({"messages": hi})).await.unwrap()).await;
+    assert_eq!(
+        (status, &v["error"]["param"]),
+        (400, &json!("model")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET /v1/models"),
+        "{v}"
+    );
+    still_serves(&gw, "m2").await;
+    drop(gw);
+
+    // A configured default, here a LoRA adapter of one replica: the name is written into
+    // the body (the replica would otherwise answer with its base model).
+    let lora = sim_with(&["m3"], |s| {
+        s.name = Some("lora".into());
+        s.lora_modules = vec![("sql".into(), "/lora/sql".into())];
+    })
+    .await;
+    let gw = Gateway::builder(&[&a, &lora])
+        .yaml("routing:\n  default_model: sql")
+        .start()
+        .await;
+    for _ in 0..3 {
+        let resp = post(&gw, json!({"messages": hi})).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-sim-replica"], "lora");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["model"], "sql", "{v}");
+    }
+    let e = explain(&gw, &json!({"messages": hi})).await;
+    assert_eq!(e["request"]["model"], "sql", "{e}");
+    assert_eq!(e["request"]["model_defaulted"], true, "{e}");
+    assert_eq!(e["choice"]["backend"], name_of(&lora), "{e}");
+}
+
+#[tokio::test]
 async fn other_model_endpoints_are_proxied() {
     let a = sim(&["emb"]).await;
     let gw = Gateway::builder(&[&a]).start().await;

@@ -33,7 +33,7 @@ async fn client_errors() {
     for (body, want, param) in [
         ("{\"model\":", 400, Some("model")),
         ("not json", 400, None),
-        ("{\"messages\":[]}", 400, Some("model")),
+        ("[{\"model\":\"m\"}]", 400, None),
         ("{\"model\":7,\"messages\":[]}", 400, Some("model")),
         ("{\"model\":\"m\",\"stream\":\"yes\"}", 400, Some("stream")),
         ("", 400, None),

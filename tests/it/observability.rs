@@ -843,7 +843,7 @@ async fn explain_is_a_dry_run_of_the_selection() {
     assert!(v["no_choice"].as_str().unwrap().starts_with("404"), "{v}");
     let (_, v) = explain(serde_json::json!({"model": "later", "prompt": "x"})).await;
     assert!(v["no_choice"].as_str().unwrap().starts_with("503"), "{v}");
-    let (status, v) = explain(serde_json::json!({"prompt": "x"})).await;
+    let (status, v) = explain(serde_json::json!({"model": 7, "prompt": "x"})).await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["param"], "model", "{v}");
     let r = http1().get(gw.admin_url("/explain")).send().await.unwrap();
