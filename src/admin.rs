@@ -309,22 +309,26 @@ impl AdminApp {
                 Ok(info) => info,
                 Err(e) => return refuse(e),
             };
-        // A request that names no model is explained as the request path sends it: with
-        // the default model written in.
-        let defaulted = info.model.is_empty();
-        let (body, info) = if defaulted {
-            let snap = self.fleet.load();
-            match crate::openai::with_default_model(
-                content_type,
-                &body,
-                snap.default_model(cfg.default_model.as_deref()),
-                cfg.limits.max_json_depth,
-            ) {
-                Ok(named) => named,
-                Err(e) => return refuse(e),
-            }
-        } else {
-            (body, info)
+        // Explained as the request path sends it: with the default model or an alias's
+        // model written in.
+        let snap = self.fleet.load();
+        let renamed = match crate::openai::route_model(
+            content_type,
+            &body,
+            &info,
+            &cfg.model_aliases,
+            || snap.default_model(cfg.default_model.as_deref()),
+            cfg.limits.max_json_depth,
+        ) {
+            Ok(r) => r,
+            Err(e) => return refuse(e),
+        };
+        let (defaulted, alias) = renamed
+            .as_ref()
+            .map_or((false, None), |r| (r.defaulted, r.alias.clone()));
+        let (body, info) = match renamed {
+            Some(r) => (r.body, r.info),
+            None => (body, info),
         };
         let key = crate::affinity::request_key(&cfg, headers, &body, &info);
         let mut v = explain(
@@ -336,6 +340,7 @@ impl AdminApp {
             Instant::now(),
         );
         v["request"]["model_defaulted"] = defaulted.into();
+        v["request"]["model_alias"] = alias.into();
         reply(
             200,
             "application/json",

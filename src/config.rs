@@ -7,6 +7,7 @@
 //! line and column; checks that need several keys name the key path and its line.
 
 use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -263,6 +264,8 @@ struct FileRouting {
     #[serde(default)]
     default_model: Option<String>,
     #[serde(default)]
+    model_aliases: BTreeMap<String, String>,
+    #[serde(default)]
     affinity: FileAffinity,
 }
 
@@ -458,6 +461,9 @@ pub struct Config {
     /// one model every replica in rotation serves first
     /// ([`crate::fleet::FleetSnapshot::default_model`]).
     pub default_model: Option<String>,
+    /// Model names clients may use for another (`routing.model_aliases`): alias → the
+    /// model requests for it are routed to and sent as.
+    pub model_aliases: BTreeMap<String, String>,
     pub affinity: Affinity,
     pub limits: ClientLimits,
     pub connect_timeout: Duration,
@@ -1187,13 +1193,23 @@ impl Config {
         let dur = |d: Option<HumanDuration>, default: Duration| d.map_or(default, |d| d.0);
         let limits = client_limits(&file.limits, &invalid)?;
         let affinity = affinity(&file.routing.affinity, &invalid)?;
+        // Model names are written into request bodies and forms as they are.
+        let model_name = |m: &str| !m.is_empty() && !m.chars().any(char::is_control);
+        const NOT_A_NAME: &str = "must be a model name: not empty, no control characters";
         let default_model = file.routing.default_model.clone();
-        if let Some(m) = &default_model {
-            // It is written into request bodies and forms as it is.
-            if m.is_empty() || m.chars().any(char::is_control) {
+        if default_model.as_deref().is_some_and(|m| !model_name(m)) {
+            return Err(invalid("routing.default_model", NOT_A_NAME.into()));
+        }
+        let model_aliases = file.routing.model_aliases.clone();
+        for (alias, target) in &model_aliases {
+            let key = format!("routing.model_aliases.{alias}");
+            if !model_name(alias) || !model_name(target) {
+                return Err(invalid(&key, NOT_A_NAME.into()));
+            }
+            if model_aliases.contains_key(target) {
                 return Err(invalid(
-                    "routing.default_model",
-                    "must be a model name: not empty, no control characters".into(),
+                    &key,
+                    format!("`{target}` is an alias itself; name the model it stands for"),
                 ));
             }
         }
@@ -1286,6 +1302,7 @@ impl Config {
             unresolved,
             policy: file.routing.policy.unwrap_or(Policy::Vllm),
             default_model,
+            model_aliases,
             affinity,
             limits,
             connect_timeout,
@@ -1748,7 +1765,7 @@ mod tests {
     }
 
     #[test]
-    fn the_default_model_is_a_name() {
+    fn the_default_model_and_aliases_are_model_names() {
         let with = |v: &str| {
             MINIMAL.replace(
                 "  policy: round-robin\n",
@@ -1764,6 +1781,26 @@ mod tests {
             let e = parse(&with(bad)).unwrap_err().to_string();
             assert!(
                 e.starts_with("test.yaml:") && e.contains("routing.default_model"),
+                "{e}"
+            );
+        }
+        let aliases = |v: &str| {
+            MINIMAL.replace(
+                "  policy: round-robin\n",
+                &format!("  policy: round-robin\n  model_aliases:\n{v}"),
+            )
+        };
+        let c = parse(&aliases("    gpt-4o: llama\n    \"o1\": sql-lora\n")).unwrap();
+        assert_eq!(c.model_aliases.len(), 2);
+        assert_eq!(c.model_aliases["o1"], "sql-lora");
+        for (bad, says) in [
+            ("    a: b\n    b: c\n", "is an alias itself"),
+            ("    a: \"\"\n", "not empty"),
+        ] {
+            let e = parse(&aliases(bad)).unwrap_err().to_string();
+            assert!(e.starts_with("test.yaml:11:"), "{e}");
+            assert!(
+                e.contains("routing.model_aliases.a") && e.contains(says),
                 "{e}"
             );
         }

@@ -500,8 +500,33 @@ impl FleetSnapshot {
     /// `GET /v1/models`: an entry per model of [`FleetSnapshot::healthy_models`], as the
     /// first backend in rotation that serves it describes it, with the smallest
     /// `max_model_len` those backends report (a prompt sized to it fits wherever it goes);
-    /// a minimal entry for a model only the config names.
-    pub fn model_cards(&self) -> Vec<serde_json::Value> {
+    /// a minimal entry for a model only the config names. Each of the `aliases` whose
+    /// model is listed gets that model's entry under its own name (in place of a model of
+    /// the same name, which the alias hides).
+    pub fn model_cards(
+        &self,
+        aliases: &std::collections::BTreeMap<String, String>,
+    ) -> Vec<serde_json::Value> {
+        let mut cards = self.served_cards();
+        let aliased: Vec<serde_json::Value> = aliases
+            .iter()
+            .filter_map(|(alias, target)| {
+                let mut card = cards
+                    .iter()
+                    .find(|c| crate::openai::card_id(c) == Some(target.as_str()))?
+                    .clone();
+                card["id"] = alias.as_str().into();
+                Some(card)
+            })
+            .collect();
+        cards.retain(|c| crate::openai::card_id(c).is_none_or(|id| !aliases.contains_key(id)));
+        cards.extend(aliased);
+        cards.sort_by(|a, b| crate::openai::card_id(a).cmp(&crate::openai::card_id(b)));
+        cards
+    }
+
+    /// [`FleetSnapshot::model_cards`] of the models the backends serve.
+    fn served_cards(&self) -> Vec<serde_json::Value> {
         let up = |&&i: &&usize| self.backends[i].backend.health.routable_ignoring_breaker();
         self.by_model
             .iter()
@@ -813,7 +838,7 @@ mod tests {
         assert_eq!(fleet.load().serving("m1"), Some(&[0usize][..]));
         assert_eq!(fleet.load().serving("nope"), None);
         // Configured models are described minimally.
-        let cards = fleet.load().model_cards();
+        let cards = fleet.load().model_cards(&Default::default());
         let ids: Vec<&serde_json::Value> = cards.iter().map(|c| &c["id"]).collect();
         assert_eq!(ids, ["m2", "m3"]);
         assert_eq!(cards[0], crate::openai::model_card("m2"));
@@ -912,11 +937,21 @@ mod tests {
                 .observe_check(Ok(()), &Default::default());
         }
         // `c` is not in rotation: its shorter length does not count.
-        let cards = fleet.load().model_cards();
+        let cards = fleet.load().model_cards(&Default::default());
         assert_eq!(
             cards,
             [card(2048, "/a")],
             "the first one's, with the shortest length"
         );
+        // An alias of a listed model has its entry under its own name; an alias hides a
+        // model of its name; an alias of a model not listed is not listed.
+        let aliases: std::collections::BTreeMap<String, String> =
+            [("gpt", "m"), ("m", "m2"), ("old", "gone")]
+                .map(|(a, t)| (a.to_string(), t.to_string()))
+                .into();
+        let cards = fleet.load().model_cards(&aliases);
+        let mut want = card(2048, "/a");
+        want["id"] = "gpt".into();
+        assert_eq!(cards, [want]);
     }
 }

@@ -88,7 +88,7 @@ pub fn route(method: &http::Method, path: &str) -> Route {
 /// prompt: the prompt fields are only measured, as raw JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingInfo {
-    /// The model named; empty when the request names none ([`with_default_model`]).
+    /// The model named; empty when the request names none ([`route_model`]).
     pub model: String,
     pub stream: bool,
     /// Bytes of JSON text in the prompt-carrying fields (`messages`, `prompt`, `input`, ...):
@@ -299,32 +299,77 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<RoutingInfo, ApiError> {
 
 /// The `model` a request names (in its JSON `body` or its `form`); empty when it names
 /// none (no field, `null` or an empty name), which vLLM serves with its first model: see
-/// [`with_default_model`].
+/// [`route_model`].
 fn named_model(model: Option<&str>) -> String {
     model.unwrap_or_default().to_string()
 }
 
-/// A request that names no model ([`RoutingInfo::model`] empty) made to name `default`
-/// ([`crate::fleet::FleetSnapshot::default_model`]): its body with the model written in,
-/// and its routing fields read again. vLLM would serve it with its own first model;
-/// written in, the model is the same wherever the request goes (and the one it was routed
-/// by, also when `routing.default_model` names an adapter). A JSON body's `model` (absent,
-/// `null` or empty) is set; a form gets a `model` field after its others, which counts.
-pub fn with_default_model(
+/// A request whose body the gateway rewrote to name the model it is routed by
+/// ([`route_model`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renamed {
+    pub body: Vec<u8>,
+    /// Its routing fields, read again from `body`.
+    pub info: RoutingInfo,
+    /// It named no model and got the default.
+    pub defaulted: bool,
+    /// It named this alias (`routing.model_aliases`) of the model it now names.
+    pub alias: Option<String>,
+}
+
+/// The model a request (read by [`inspect_request`]) is routed by and sent as:
+/// - the one it names;
+/// - when it names none ([`RoutingInfo::model`] empty), the `default`
+///   ([`crate::fleet::FleetSnapshot::default_model`]): vLLM would serve it with its own
+///   first model;
+/// - for an alias (in `aliases`, the default included), the model it stands for.
+///
+/// In the last two cases the model is written into the body ([`with_model`]), so that it
+/// is the same wherever the request goes and the one it was routed by (also an adapter);
+/// `None` when the body stays as it is.
+pub fn route_model<'a>(
     content_type: Option<&[u8]>,
     body: &[u8],
-    default: Result<&str, Vec<&str>>,
+    info: &'a RoutingInfo,
+    aliases: &'a std::collections::BTreeMap<String, String>,
+    default: impl FnOnce() -> Result<&'a str, Vec<&'a str>>,
+    max_depth: usize,
+) -> Result<Option<Renamed>, ApiError> {
+    let defaulted = info.model.is_empty();
+    let asked = if defaulted {
+        default().map_err(|firsts| ApiError::no_default_model(&firsts))?
+    } else {
+        info.model.as_str()
+    };
+    let target = aliases.get(asked);
+    if !defaulted && target.is_none() {
+        return Ok(None);
+    }
+    let model = target.map_or(asked, String::as_str);
+    let (body, info) = with_model(content_type, body, model, max_depth)?;
+    Ok(Some(Renamed {
+        body,
+        info,
+        defaulted,
+        alias: target.map(|_| asked.to_string()),
+    }))
+}
+
+/// A request (read by [`inspect_request`] already) made to name `model`: its body with the
+/// model written in, and its routing fields read again. A JSON body's `model` is set (or
+/// put first when absent); a form gets a `model` field after its others, which counts.
+pub fn with_model(
+    content_type: Option<&[u8]>,
+    body: &[u8],
+    model: &str,
     max_depth: usize,
 ) -> Result<(Vec<u8>, RoutingInfo), ApiError> {
-    let model = default.map_err(|firsts| ApiError::no_default_model(&firsts))?;
     let named = match content_type.and_then(crate::form::boundary) {
         Some(Ok(boundary)) => {
             crate::form::with_field(body, &boundary, "model", model).map_err(|why| {
                 ApiError::bad_request(format!("The request form is malformed: {why}."), None)
             })?
         }
-        // Read by `inspect_request` already: a JSON object whose `model` is absent, null
-        // or empty.
         _ => json_with_model(body, model).ok_or_else(|| {
             ApiError::bad_request("The request body must be a JSON object.", None)
         })?,
@@ -878,12 +923,52 @@ mod tests {
         )
     }
 
+    /// `route_model` for a request that names no model, without aliases.
+    fn default_to(
+        ct: Option<&[u8]>,
+        body: &[u8],
+        default: Result<&str, Vec<&str>>,
+    ) -> Result<(Vec<u8>, RoutingInfo), ApiError> {
+        let info = inspect_request(ct, body, 64)?;
+        let none = Default::default();
+        let r = route_model(ct, body, &info, &none, || default, 64)?.expect("renamed");
+        assert!(r.defaulted && r.alias.is_none());
+        Ok((r.body, r.info))
+    }
+
+    #[test]
+    fn an_alias_is_sent_as_its_model_and_a_default_may_be_one() {
+        let aliases: std::collections::BTreeMap<String, String> =
+            [("gpt-4o".to_string(), "llama".to_string())].into();
+        let route = |body: &str, default: &'static str| {
+            let info = inspect(body.as_bytes(), 64).unwrap();
+            route_model(None, body.as_bytes(), &info, &aliases, || Ok(default), 64).unwrap()
+        };
+        let r = route(r#"{"model":"gpt-4o","prompt":"p"}"#, "x").unwrap();
+        assert_eq!(
+            (r.info.model.as_str(), r.alias.as_deref(), r.defaulted),
+            ("llama", Some("gpt-4o"), false)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v, json!({"model": "llama", "prompt": "p"}));
+        assert_eq!(
+            route(r#"{"model":"llama"}"#, "x"),
+            None,
+            "a model is sent as it is"
+        );
+        let r = route(r#"{"prompt":"p"}"#, "gpt-4o").unwrap();
+        assert_eq!(
+            (r.info.model.as_str(), r.alias.as_deref(), r.defaulted),
+            ("llama", Some("gpt-4o"), true)
+        );
+    }
+
     #[test]
     fn a_request_naming_no_model_gets_the_default_written_in() {
         let read = |body: &str| {
             let info = inspect(body.as_bytes(), 64).unwrap();
             assert_eq!(info.model, "", "names none: {body}");
-            let (named, info) = with_default_model(None, body.as_bytes(), Ok("llama \"3\""), 64)
+            let (named, info) = default_to(None, body.as_bytes(), Ok("llama \"3\""))
                 .unwrap_or_else(|e| panic!("{body}: {e:?}"));
             assert_eq!(info.model, "llama \"3\"");
             let v: serde_json::Value = serde_json::from_slice(&named).unwrap();
@@ -896,7 +981,7 @@ mod tests {
         let (v, _) = read(std::str::from_utf8(body).unwrap());
         assert_eq!((&v["prompt"], &v["user"]), (&json!("abc"), &json!("u")));
         // The affinity key's spans are in the new body.
-        let (named, info) = with_default_model(None, body, Ok("m"), 64).unwrap();
+        let (named, info) = default_to(None, body, Ok("m")).unwrap();
         assert_eq!(&named[info.spans.user.unwrap()], b"\"u\"");
         assert_eq!(&named[info.spans.prompt.unwrap()], b"\"abc\"");
         read(r#"{"model":"","prompt":"x"}"#);
@@ -907,16 +992,16 @@ mod tests {
         assert_eq!(info.model, "other");
         // No default: several first models are the client's to choose from; none is a
         // fleet not ready yet.
-        let e = with_default_model(None, b"{}", Err(vec!["a", "b"]), 64).unwrap_err();
+        let e = default_to(None, b"{}", Err(vec!["a", "b"])).unwrap_err();
         assert_eq!((e.status, e.param), (400, Some("model")), "{e:?}");
         assert!(e.message.contains("GET /v1/models"), "{e:?}");
-        let e = with_default_model(None, b"{}", Err(vec![]), 64).unwrap_err();
+        let e = default_to(None, b"{}", Err(vec![])).unwrap_err();
         assert_eq!(e.status, 503, "{e:?}");
         // A form gets the field.
         let ct = Some(&b"multipart/form-data; boundary=XB"[..]);
         for body in [form(&[]), form(&[("model", ""), ("stream", "1")])] {
             assert_eq!(inspect_request(ct, &body, 64).unwrap().model, "");
-            let (named, info) = with_default_model(ct, &body, Ok("whisper"), 64).unwrap();
+            let (named, info) = default_to(ct, &body, Ok("whisper")).unwrap();
             assert_eq!(info.model, "whisper");
             assert!(named.len() > body.len());
         }

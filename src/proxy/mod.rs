@@ -524,7 +524,9 @@ impl ProxyHttp for Gateway {
                 let snap = self.fleet.load();
                 let body = match ctx.route {
                     Route::Health => Bytes::from_static(b"{\"status\":\"ok\"}"),
-                    Route::Models => openai::models_body(&snap.model_cards()),
+                    Route::Models => {
+                        openai::models_body(&snap.model_cards(&self.config.load().model_aliases))
+                    }
                     Route::Load => {
                         let n: usize = snap.backends.iter().map(|e| e.backend.in_flight()).sum();
                         Bytes::from(format!("{{\"server_load\":{n}}}"))
@@ -592,37 +594,36 @@ impl ProxyHttp for Gateway {
                             return respond_error(session, ctx, &err).await;
                         }
                     };
-                let (body, info) = if info.model.is_empty() {
-                    let snap = self.fleet.load();
-                    let default = snap.default_model(cfg.default_model.as_deref());
-                    match openai::with_default_model(
-                        content_type,
-                        &body,
-                        default,
-                        cfg.limits.max_json_depth,
-                    ) {
-                        Ok((named, info)) => (Bytes::from(named), info),
-                        Err(err) if err.status == 503 => {
-                            let after = self.retry_after();
-                            return respond_error_with(
-                                session,
-                                ctx,
-                                &err,
-                                &[("retry-after", &after)],
-                            )
+                // No model named (the default), or an alias: the body is sent naming the
+                // model it is routed by.
+                let snap = self.fleet.load();
+                let renamed = openai::route_model(
+                    content_type,
+                    &body,
+                    &info,
+                    &cfg.model_aliases,
+                    || snap.default_model(cfg.default_model.as_deref()),
+                    cfg.limits.max_json_depth,
+                );
+                let (body, info, alias) = match renamed {
+                    Ok(None) => (body, info, None),
+                    Ok(Some(r)) => (Bytes::from(r.body), r.info, r.alias),
+                    Err(err) if err.status == 503 => {
+                        let after = self.retry_after();
+                        return respond_error_with(session, ctx, &err, &[("retry-after", &after)])
                             .await;
-                        }
-                        Err(err) => return respond_error(session, ctx, &err).await,
                     }
-                } else {
-                    (body, info)
+                    Err(err) => return respond_error(session, ctx, &err).await,
                 };
+                drop(snap);
                 // Refused here rather than after `upstream_peer` finds nothing: an answer
                 // after a failed proxy closes the client's connection (see `fail_to_proxy`).
                 match selection::availability(&self.fleet.load(), &info.model) {
                     Ok(()) => {}
                     Err(NoCandidate::UnknownModel) if !cfg.awaits(&info.model) => {
-                        let err = ApiError::model_not_found(&info.model);
+                        // The name the client asked for, an alias's too.
+                        let asked = alias.as_deref().unwrap_or(&info.model);
+                        let err = ApiError::model_not_found(asked);
                         return respond_error(session, ctx, &err).await;
                     }
                     // Its replicas are all down, or its host name has no address yet

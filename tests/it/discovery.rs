@@ -163,6 +163,88 @@ async fn a_request_that_names_no_model_gets_the_fleets_default_as_from_vllm() {
 }
 
 #[tokio::test]
+async fn an_alias_is_routed_and_sent_as_the_model_it_stands_for() {
+    use serde_json::json;
+    let a = sim_with(&["llama"], |s| s.name = Some("a".into())).await;
+    let lora = sim_with(&["base"], |s| {
+        s.name = Some("lora".into());
+        s.lora_modules = vec![("sql".into(), "/lora/sql".into())];
+    })
+    .await;
+    let gw = Gateway::builder(&[&a, &lora])
+        .yaml("routing:\n  model_aliases:\n    gpt-4o: llama\n    cheap: sql\n    base: llama\n    ghost: nowhere\n")
+        .start()
+        .await;
+    let c = http1();
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    // `base` is an alias too: it hides the model of that name.
+    for (asked, replica, model) in [
+        ("gpt-4o", "a", "llama"),
+        ("cheap", "lora", "sql"),
+        ("base", "a", "llama"),
+        ("llama", "a", "llama"),
+    ] {
+        let resp = c
+            .post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": asked, "messages": hi}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{asked}");
+        assert_eq!(resp.headers()["x-sim-replica"], replica, "{asked}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["model"], model, "{asked}: {v}");
+    }
+    // An alias of a model no replica serves is unknown, by the name asked for.
+    let (status, v) = error_of(
+        c.post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": "ghost", "messages": hi}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let says = v["error"]["message"].as_str().unwrap();
+    assert_eq!(status, 404, "{v}");
+    assert!(says.contains("`ghost`") && !says.contains("nowhere"), "{v}");
+    // Listed under their own names, with their model's entry (`base` with llama's); not
+    // `ghost`.
+    assert_eq!(
+        models(&gw).await,
+        ["base", "cheap", "gpt-4o", "llama", "sql"]
+    );
+    let cards = get_json(gw.url("/v1/models")).await;
+    let cheap = cards["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "cheap")
+        .unwrap()
+        .clone();
+    assert_eq!(cheap["parent"], "base", "{cheap}");
+    let card = |id: &str| {
+        let mut c = cards["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap()
+            .clone();
+        c["id"] = "-".into();
+        c
+    };
+    assert_eq!(
+        card("base"),
+        card("llama"),
+        "llama's entry under another name"
+    );
+    let e = explain(&gw, &json!({"model": "gpt-4o", "prompt": "x"})).await;
+    assert_eq!(e["request"]["model"], "llama", "{e}");
+    assert_eq!(e["request"]["model_alias"], "gpt-4o", "{e}");
+    assert_eq!(e["choice"]["backend"], name_of(&a), "{e}");
+}
+
+#[tokio::test]
 async fn other_model_endpoints_are_proxied() {
     let a = sim(&["emb"]).await;
     let gw = Gateway::builder(&[&a]).start().await;
