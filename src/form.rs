@@ -427,10 +427,19 @@ mod tests {
             prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'-'), Just(b'B'), Just(b'"'),
                         Just(b';'), Just(b'='), any::<u8>()], 0..300)) {
             if let Ok(p) = parts(&body, b"B") {
-                for part in p {
+                for part in &p {
                     prop_assert!(body.as_ptr_range().contains(&part.data.as_ptr())
                         || part.data.is_empty());
                 }
+                // A field added to any form that reads is read back last, after the
+                // same parts.
+                let out = with_field(&body, b"B", "model", "m").unwrap();
+                let q = parts(&out, b"B").unwrap();
+                prop_assert_eq!(q.len(), p.len() + 1);
+                prop_assert_eq!(&q[..p.len()], &p[..]);
+                prop_assert_eq!(field(&q, "model"), Some(&b"m"[..]));
+            } else {
+                prop_assert!(with_field(&body, b"B", "model", "m").is_err());
             }
             let _ = boundary(&body);
         }
@@ -444,6 +453,10 @@ mod tests {
             prop_assert_eq!(p.len(), 2);
             prop_assert_eq!(p[0].data, model.as_bytes());
             prop_assert_eq!(p[1].data, &file[..]);
+            let out = with_field(&b, b"----b0undary", "model", "other").unwrap();
+            let q = parts(&out, b"----b0undary").unwrap();
+            prop_assert_eq!(&q[..2], &p[..]);
+            prop_assert_eq!(field(&q, "model"), Some(&b"other"[..]));
         }
     }
 }

@@ -1215,9 +1215,58 @@ data: {"usage":null}
             #[test]
             fn any_body_is_read_or_refused_with_400(body in prop::collection::vec(any::<u8>(), 0..512)) {
                 match inspect(&body, 64) {
-                    Ok(info) => prop_assert!(!info.model.is_empty()),
+                    // One that names no model gets the default written in.
+                    Ok(info) if info.model.is_empty() => {
+                        let none = Default::default();
+                        let r = route_model(None, &body, &info, &none, || Ok("d"), 64);
+                        prop_assert_eq!(r.unwrap().unwrap().info.model, "d");
+                    }
+                    Ok(_) => {}
                     Err(e) => prop_assert_eq!(e.status, 400),
                 }
+            }
+
+            /// The default is written into any object that names no model, whatever its
+            /// layout, and nothing else changes.
+            #[test]
+            fn the_model_written_in_is_all_that_changes(
+                members in prop::collection::btree_map("[a-z_]{1,8}", "\\PC{0,16}", 0..5),
+                unnamed in prop::sample::select(vec!["absent", "null", "empty"]),
+                at in 0usize..6,
+                pretty in any::<bool>(),
+                model in "\\PC{1,24}",
+            ) {
+                let mut pairs: Vec<(String, serde_json::Value)> = members
+                    .into_iter()
+                    .filter(|(k, _)| k != "model")
+                    .map(|(k, v)| (format!("x_{k}"), v.into()))
+                    .collect();
+                let given = match unnamed {
+                    "null" => Some(serde_json::Value::Null),
+                    "empty" => Some("".into()),
+                    _ => None,
+                };
+                if let Some(v) = given {
+                    pairs.insert(at.min(pairs.len()), ("model".into(), v));
+                }
+                let object: serde_json::Map<String, serde_json::Value> = pairs.into_iter().collect();
+                let body = if pretty {
+                    serde_json::to_vec_pretty(&object).unwrap()
+                } else {
+                    serde_json::to_vec(&object).unwrap()
+                };
+                let info = inspect(&body, 64).unwrap();
+                prop_assert_eq!(&info.model, "");
+                let none = Default::default();
+                let r = route_model(None, &body, &info, &none, || Ok(model.as_str()), 64)
+                    .unwrap()
+                    .unwrap();
+                prop_assert_eq!(&r.info.model, &model);
+                let mut want = object.clone();
+                want.insert("model".into(), model.clone().into());
+                let got: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(&r.body).unwrap();
+                prop_assert_eq!(got, want);
             }
 
             /// What a client sends in the routing fields is what routing reads.
