@@ -386,10 +386,19 @@ fn json_with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
         return None;
     }
     let value = serde_json::to_string(model).expect("a string serializes");
-    // The members as raw text (`null` too, which an `Option` would not tell from absent).
-    let members: std::collections::HashMap<Cow<str>, &RawValue> =
-        serde_json::from_slice(body).ok()?;
-    let (at, replaced, member) = match members.get("model") {
+    #[derive(Deserialize)]
+    struct ModelOnly<'a> {
+        #[serde(borrow, default, deserialize_with = "present")]
+        model: Option<&'a RawValue>,
+    }
+    /// The member's raw text, `null` included (an `Option` alone reads it as absent).
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+        <&RawValue>::deserialize(d).map(Some)
+    }
+    // The other members are skipped as `inspect` skips them (strings not checked for
+    // UTF-8: vLLM answers for what it cannot decode).
+    let found: ModelOnly = serde_json::from_slice(body).ok()?;
+    let (at, replaced, member) = match found.model {
         Some(raw) => {
             let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
             (start, raw.get().len(), value)
@@ -985,6 +994,11 @@ mod tests {
         assert_eq!(&named[info.spans.user.unwrap()], b"\"u\"");
         assert_eq!(&named[info.spans.prompt.unwrap()], b"\"abc\"");
         read(r#"{"model":"","prompt":"x"}"#);
+        // Bytes that are not UTF-8 in a field the gateway does not read stay as they are.
+        let body = b"{\"x\":{\"k\xc6_\":1},\"model\":null}";
+        let (named, info) = default_to(None, body, Ok("m")).unwrap();
+        assert_eq!(info.model, "m");
+        assert_eq!(&named[..], b"{\"x\":{\"k\xc6_\":1},\"model\":\"m\"}");
         read(" { } ");
         // Only a request that names none is changed: one that names a model is routed by
         // it (a name no replica serves is a 404 there).
