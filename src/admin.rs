@@ -599,6 +599,12 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
             "backends": snap.backends.len(),
             "healthy": healthy,
             "models": snap.healthy_models(),
+            // What a request that names no model is for now, or why there is none.
+            "default_model": match snap.default_model(config.default_model.as_deref()) {
+                Ok(m) => json!({"model": m, "configured": config.default_model.is_some()}),
+                Err(firsts) => json!({"model": null, "replicas_list_first": firsts}),
+            },
+            "model_aliases": &config.model_aliases,
             "running": running,
             "waiting": waiting,
             "in_flight": in_flight,

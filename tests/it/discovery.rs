@@ -117,11 +117,21 @@ async fn a_request_that_names_no_model_gets_the_fleets_default_as_from_vllm() {
         "{}",
         gw.log()
     );
+    let stats = get_json(gw.admin_url("/load-stats")).await;
+    assert_eq!(
+        stats["fleet"]["default_model"],
+        json!({"model": "m1", "configured": false})
+    );
     drop(gw);
 
     // Two models, no default: the client must choose.
     let other = sim_with(&["m2"], |s| s.name = Some("other".into())).await;
     let gw = Gateway::builder(&[&a, &other]).start().await;
+    let stats = get_json(gw.admin_url("/load-stats")).await;
+    assert_eq!(
+        stats["fleet"]["default_model"],
+        json!({"model": null, "replicas_list_first": ["m1", "m2"]})
+    );
     let (status, v) = error_of(post(&gw, json!({"messages": hi})).await.unwrap()).await;
     assert_eq!(
         (status, &v["error"]["param"]),
@@ -238,6 +248,8 @@ async fn an_alias_is_routed_and_sent_as_the_model_it_stands_for() {
         card("llama"),
         "llama's entry under another name"
     );
+    let stats = get_json(gw.admin_url("/load-stats")).await;
+    assert_eq!(stats["fleet"]["model_aliases"]["gpt-4o"], "llama");
     let e = explain(&gw, &json!({"model": "gpt-4o", "prompt": "x"})).await;
     assert_eq!(e["request"]["model"], "llama", "{e}");
     assert_eq!(e["request"]["model_alias"], "gpt-4o", "{e}");
