@@ -3,8 +3,9 @@
 //! `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`), answered on the admin listener (a change to
 //! every replica is an operator's act, not an API client's) by sending the same request
 //! to every replica in rotation, or to those serving `?model=BASE`. The replicas that
-//! took it have their models read again before the answer, so the adapter is routable
-//! as soon as the client hears it was loaded.
+//! took it (or refused it) have their models read again before the answer, so the
+//! adapter is routable as soon as the client hears it was loaded, and a refusal from a
+//! replica that already is as asked is told by its models, not by the refusal's text.
 
 use std::sync::Arc;
 
@@ -37,9 +38,21 @@ impl Op {
         }
     }
 
-    /// Whether a refusal says the replica is already as asked: vLLM's 400 "has already
-    /// been loaded" to a load, its 404 "cannot be found" to an unload.
-    fn already(self, status: u16, body: &[u8]) -> bool {
+    /// Whether a replica that answered `status` with `body` is as asked: it took it
+    /// (200), or it refused (4xx) and is as asked anyway (an earlier, partly failed
+    /// request reached it), which `listed` tells (whether its models, read after its
+    /// answer, list the adapter). Without that, from vLLM's refusal texts: 400 "has
+    /// already been loaded" to a load, 404 "cannot be found" to an unload.
+    fn as_asked(self, status: u16, body: &[u8], listed: Option<bool>) -> bool {
+        if status == 200 {
+            return true;
+        }
+        if !(400..500).contains(&status) {
+            return false;
+        }
+        if let Some(listed) = listed {
+            return listed == (self == Op::Load);
+        }
         let (want, says): (u16, &[u8]) = match self {
             Op::Load => (400, b"already been loaded"),
             Op::Unload => (404, b"cannot be found"),
@@ -123,52 +136,67 @@ pub async fn apply(
             .map(|b| httpclient::post_json(Target::of(b), op.path(), body, limit, MAX_ANSWER)),
     )
     .await;
-    // The replicas that took it: their models now, published before the answer.
-    let took: Vec<&Arc<Backend>> = targets
-        .iter()
-        .zip(&answers)
-        .filter(|(_, a)| a.as_ref().is_ok_and(|r| r.status == 200))
-        .map(|(b, _)| b)
+    // The replicas that took it or refused: their models now, published before the
+    // answer, and whether they list the adapter.
+    let answered: Vec<usize> = (0..targets.len())
+        .filter(|&i| {
+            answers[i]
+                .as_ref()
+                .is_ok_and(|r| r.status == 200 || (400..500).contains(&r.status))
+        })
         .collect();
     let reread = futures::future::join_all(
-        took.iter()
-            .map(|b| crate::scraper::discover_models(b, cfg.discovery_timeout)),
+        answered
+            .iter()
+            .map(|&i| crate::scraper::discover_models(&targets[i], cfg.discovery_timeout)),
     )
     .await;
-    for (b, models) in took.iter().zip(reread) {
+    let mut listed: Vec<Option<bool>> = vec![None; targets.len()];
+    for (&i, models) in answered.iter().zip(reread) {
         match models {
-            Ok(cards) => fleet.publish_models(b, cards),
+            Ok(cards) => {
+                listed[i] = Some(
+                    cards
+                        .iter()
+                        .any(|c| crate::openai::card_id(c) == Some(name.as_str())),
+                );
+                fleet.publish_models(&targets[i], cards);
+            }
             Err(e) => {
-                tracing::warn!(backend = %b.name, error = %e, "models not read again after a LoRA change; the next scrape will")
+                tracing::warn!(backend = %targets[i].name, error = %e, "models not read again after a LoRA change; the next scrape will")
             }
         }
     }
+    let took = answers
+        .iter()
+        .filter(|a| a.as_ref().is_ok_and(|r| r.status == 200))
+        .count();
     let statuses: Vec<Option<u16>> = answers
         .iter()
         .map(|a| a.as_ref().ok().map(|r| r.status))
         .collect();
-    tracing::info!(adapter = %name, op = op.done(), replicas = targets.len(), took = took.len(), "LoRA change sent to the fleet");
+    tracing::info!(adapter = %name, op = op.done(), replicas = targets.len(), took, "LoRA change sent to the fleet");
     let first = answers.iter().find_map(|a| a.as_ref().ok());
-    // Replicas that were already as asked (an earlier, partly failed request reached
-    // them) count as done when others took it: a retry then succeeds.
-    let done = |a: &Result<httpclient::Response, _>| {
-        a.as_ref()
-            .is_ok_and(|r| r.status == 200 || op.already(r.status, &r.body))
+    // Replicas that were already as asked count as done when others took it: a retry
+    // after a partial failure then succeeds.
+    let done = |i: usize| {
+        answers[i]
+            .as_ref()
+            .is_ok_and(|r| op.as_asked(r.status, &r.body, listed[i]))
     };
     let ok = answers
         .iter()
         .find(|a| a.as_ref().is_ok_and(|r| r.status == 200));
     match (first, statuses.iter().all(|s| *s == statuses[0])) {
         (Some(r), true) => relay(r),
-        (_, false) if answers.iter().all(done) => relay(
+        (_, false) if (0..targets.len()).all(done) => relay(
             ok.and_then(|a| a.as_ref().ok())
                 .expect("mixed answers, all done: one took it"),
         ),
         _ => {
-            let failed: Vec<String> = targets
-                .iter()
-                .zip(&answers)
-                .filter(|(_, a)| !done(a))
+            let failed: Vec<String> = (0..targets.len())
+                .filter(|&i| !done(i))
+                .map(|i| (&targets[i], &answers[i]))
                 .map(|(b, a)| match a {
                     Ok(r) => format!(
                         "{}: {} {}",
@@ -179,7 +207,7 @@ pub async fn apply(
                     Err(e) => format!("{}: {e}", b.name),
                 })
                 .collect();
-            let done_n = answers.iter().filter(|a| done(a)).count();
+            let done_n = (0..targets.len()).filter(|&i| done(i)).count();
             Outcome::error(&ApiError::new(
                 502,
                 "BadGatewayError",
@@ -204,5 +232,26 @@ fn relay(r: &httpclient::Response) -> Outcome {
             "text/plain; charset=utf-8"
         },
         body: r.body.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_judged_by_the_models_read_after_it() {
+        // Whatever the refusal says, the models tell.
+        assert!(Op::Load.as_asked(400, b"some future wording", Some(true)));
+        assert!(!Op::Load.as_asked(400, b"already been loaded", Some(false)));
+        assert!(Op::Unload.as_asked(404, b"{}", Some(false)));
+        assert!(!Op::Unload.as_asked(400, b"{}", Some(true)));
+        // Without the models, vLLM's texts.
+        assert!(Op::Load.as_asked(400, b"The lora adapter 'a' has already been loaded.", None));
+        assert!(Op::Unload.as_asked(404, b"The lora adapter 'a' cannot be found.", None));
+        assert!(!Op::Load.as_asked(400, b"invalid path", None));
+        // A success is one; a server error never is.
+        assert!(Op::Unload.as_asked(200, b"", Some(true)));
+        assert!(!Op::Load.as_asked(500, b"", Some(true)));
     }
 }
