@@ -605,6 +605,7 @@ impl ProxyHttp for Gateway {
                     || snap.default_model(cfg.default_model.as_deref()),
                     cfg.limits.max_json_depth,
                 );
+                drop(snap);
                 let (body, info, alias) = match renamed {
                     Ok(None) => (body, info, None),
                     Ok(Some(r)) => (Bytes::from(r.body), r.info, r.alias),
@@ -615,7 +616,6 @@ impl ProxyHttp for Gateway {
                     }
                     Err(err) => return respond_error(session, ctx, &err).await,
                 };
-                drop(snap);
                 // Refused here rather than after `upstream_peer` finds nothing: an answer
                 // after a failed proxy closes the client's connection (see `fail_to_proxy`).
                 match selection::availability(&self.fleet.load(), &info.model) {
