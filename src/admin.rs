@@ -311,15 +311,11 @@ impl AdminApp {
             };
         // Explained as the request path sends it: with the default model or an alias's
         // model written in.
-        let snap = self.fleet.load();
-        let renamed = match crate::openai::route_model(
-            content_type,
-            &body,
-            &info,
-            &cfg.model_aliases,
-            || snap.default_model(cfg.default_model.as_deref()),
-            cfg.limits.max_json_depth,
-        ) {
+        let renamed = match self
+            .fleet
+            .load()
+            .route_model(&cfg, content_type, &body, &info)
+        {
             Ok(r) => r,
             Err(e) => return refuse(e),
         };

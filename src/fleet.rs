@@ -486,6 +486,26 @@ impl FleetSnapshot {
         }
     }
 
+    /// The model a request (read by [`crate::openai::inspect_request`]) is routed by
+    /// and sent as under `cfg`: [`crate::openai::route_model`] with this fleet's
+    /// [`FleetSnapshot::default_model`] and `cfg`'s aliases.
+    pub fn route_model(
+        &self,
+        cfg: &crate::config::Config,
+        content_type: Option<&[u8]>,
+        body: &[u8],
+        info: &crate::openai::RoutingInfo,
+    ) -> Result<Option<crate::openai::Renamed>, crate::openai::ApiError> {
+        crate::openai::route_model(
+            content_type,
+            body,
+            info,
+            &cfg.model_aliases,
+            || self.default_model(cfg.default_model.as_deref()),
+            cfg.limits.max_json_depth,
+        )
+    }
+
     /// The vLLM version the fleet offers (`GET /version`): the oldest that the backends
     /// in rotation report (see [`crate::openai::oldest_version`]).
     pub fn version(&self) -> Option<&str> {

@@ -596,16 +596,10 @@ impl ProxyHttp for Gateway {
                     };
                 // No model named (the default), or an alias: the body is sent naming the
                 // model it is routed by.
-                let snap = self.fleet.load();
-                let renamed = openai::route_model(
-                    content_type,
-                    &body,
-                    &info,
-                    &cfg.model_aliases,
-                    || snap.default_model(cfg.default_model.as_deref()),
-                    cfg.limits.max_json_depth,
-                );
-                drop(snap);
+                let renamed = self
+                    .fleet
+                    .load()
+                    .route_model(&cfg, content_type, &body, &info);
                 let (body, info, alias) = match renamed {
                     Ok(None) => (body, info, None),
                     Ok(Some(r)) => (Bytes::from(r.body), r.info, r.alias),
