@@ -149,6 +149,14 @@ impl Expired {
     }
 }
 
+impl std::fmt::Display for Expired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the {} deadline passed", self.as_str())
+    }
+}
+
+impl std::error::Error for Expired {}
+
 const NOTHING: u64 = 0;
 
 #[derive(Debug)]

@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod deadline;
+pub mod gate;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -76,7 +77,13 @@ pub struct Gateway {
     budget: RetryBudget,
     /// Requests being handled (any route): a graceful shutdown ends when it reaches 0.
     active: Arc<AtomicUsize>,
+    /// Opens the connections streams go over to plain-HTTP replicas (`gate`).
+    gate: Arc<gate::GateConnector>,
 }
+
+/// The connection-pool group of gated connections (`HttpPeer::group_key`): a stream's
+/// attempt never reuses an ungated connection, nor a plain request a gated one.
+const GATED_POOL: u64 = 1;
 
 /// Counts one request in [`Gateway::active_requests`] while it lives.
 struct Active(Arc<AtomicUsize>);
@@ -93,6 +100,7 @@ impl Gateway {
             selector: Selector::new(config.load().stale_after()),
             budget: RetryBudget::new(),
             active: Arc::new(AtomicUsize::new(0)),
+            gate: Arc::new(gate::GateConnector::new(config.clone())),
             config,
             fleet,
         }
@@ -419,7 +427,7 @@ fn is_timeout(e: &Error) -> bool {
     matches!(
         e.etype(),
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
-    )
+    ) || gate::expired_in(e).is_some()
 }
 
 #[async_trait]
@@ -725,6 +733,12 @@ impl ProxyHttp for Gateway {
                 p
             }
         };
+        if info.stream && backend.tls.is_none() {
+            // Its response header is held until the first token (`gate`), so a replica
+            // whose engine hangs before it is retried elsewhere.
+            peer.options.custom_l4 = Some(self.gate.clone());
+            peer.group_key = GATED_POOL;
+        }
         let o = &mut peer.options;
         o.connection_timeout = Some(cfg.connect_timeout);
         o.total_connection_timeout = Some(cfg.connect_timeout);
@@ -746,6 +760,11 @@ impl ProxyHttp for Gateway {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if fd < 0 {
+            // A gated connection (no descriptor): it enforces its deadlines itself.
+            ctx.deadlines = None;
+            return Ok(());
+        }
         let stream = ctx.info.as_ref().is_some_and(|i| i.stream);
         ctx.deadlines = Attempt::start(fd, Instant::now(), self.limits(stream));
         Ok(())
@@ -958,7 +977,11 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
         let nothing_sent_down = session.response_written().is_none();
-        let expired = ctx.deadlines.as_ref().and_then(Attempt::fired);
+        let expired = ctx
+            .deadlines
+            .as_ref()
+            .and_then(Attempt::fired)
+            .or_else(|| gate::expired_in(&e));
         if let Some(d) = ctx.deadlines.take() {
             d.finish();
         }

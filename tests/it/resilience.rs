@@ -624,16 +624,12 @@ async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_counted() {
 
 #[tokio::test]
 async fn a_stream_whose_engine_hangs_is_ended_by_its_deadlines() {
-    // Hangs right after the header (first-byte deadline), or after two tokens (gap); over
-    // HTTP/1.1 (the body is left unfinished, see the proxy) and HTTP/2 (a clean end).
-    for (after, want, h2) in [
-        (0usize, "first", false),
-        (2, "gap", false),
-        (2, "gap h2", true),
-    ] {
+    // Hangs after two tokens (the gap deadline); over HTTP/1.1 (the body is left
+    // unfinished, see the proxy) and HTTP/2 (a clean end).
+    for (want, h2) in [("gap", false), ("gap h2", true)] {
         let hangs = sim_with(&["m"], |a| a.time_scale = Some(0.05)).await;
         hangs.sim.set_faults(Faults {
-            stream_hang_after_tokens: Some(after),
+            stream_hang_after_tokens: Some(2),
             ..Faults::default()
         });
         let gw = Gateway::builder(&[&hangs])
@@ -658,12 +654,84 @@ async fn a_stream_whose_engine_hangs_is_ended_by_its_deadlines() {
             t.elapsed(),
             gw.log_unusual()
         );
-        let limit = if after == 0 { 300 } else { 200 };
         assert!(
-            took >= Duration::from_millis(limit) && took < Duration::from_millis(limit + 1500),
+            took >= Duration::from_millis(200) && took < Duration::from_millis(200 + 1500),
             "{want}: ended after {took:?}"
         );
     }
+}
+
+/// An engine that hangs right after vLLM sent the stream's response header (a live API
+/// server in front of a stuck engine): the header is held until the first token, so the
+/// request goes to another replica when the first-byte deadline passes, and the client
+/// never sees the hung attempt.
+#[tokio::test]
+async fn a_stream_whose_engine_hangs_before_its_first_token_is_retried_elsewhere() {
+    let hang = |name: &'static str| async move {
+        let s = sim_with(&["m"], |a| a.name = Some(name.into())).await;
+        s.sim.set_faults(Faults {
+            stream_hang_after_tokens: Some(0),
+            ..Faults::default()
+        });
+        s
+    };
+    let (hangs, ok) = (
+        hang("hangs").await,
+        sim_with(&["m"], |a| a.name = Some("ok".into())).await,
+    );
+    let gw = Gateway::builder(&[&hangs, &ok])
+        .yaml("timeouts:\n  stream_first_byte: 300ms\n  stream_chunk_gap: 200ms\nrouting:\n  policy: round-robin")
+        .start()
+        .await;
+    for (i, client) in [http1(), http2(), http1(), http2()].into_iter().enumerate() {
+        let t = Instant::now();
+        let resp = client
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("m", &format!("q{i}"), true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-sim-replica"], "ok", "request {i}");
+        let (text, broken) = read_stream(resp).await;
+        assert!(broken.is_none(), "request {i}: {broken:?}");
+        assert!(
+            !text.contains("error") && text.ends_with("data: [DONE]\n\n"),
+            "request {i}: {text}\n{}",
+            gw.log_unusual()
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(300 + 1500),
+            "request {i}: {:?}",
+            t.elapsed()
+        );
+    }
+    // Round-robin sent some of them to the hung engine first: those were retried.
+    let metrics = gw.metrics_text().await;
+    let retries = metric(&metrics, "vllm_edge_retries_total", "");
+    assert!(retries >= 1.0, "{metrics}");
+    assert!(hangs.sim.state()["requests"].as_u64().unwrap() >= 1);
+
+    // With no other replica, the client gets a timeout, not a stream that never starts.
+    let gw = Gateway::builder(&[&hangs])
+        .yaml("timeouts:\n  stream_first_byte: 300ms\n  stream_chunk_gap: 200ms")
+        .start()
+        .await;
+    let t = Instant::now();
+    let resp = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", true))
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = error_of(resp).await;
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["error"]["type"], "GatewayTimeoutError", "{v}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(300 + 1500),
+        "ended after {took:?}"
+    );
 }
 
 #[tokio::test]

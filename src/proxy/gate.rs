@@ -1,0 +1,386 @@
+//! The connection a stream is proxied over to a plain-HTTP replica: it holds back the
+//! replica's `200 text/event-stream` response header until the first piece of the body
+//! (the first token) has arrived.
+//!
+//! vLLM sends a stream's response header as soon as it accepts the request, before the
+//! engine has run it. An engine that hangs then leaves the stream with its header and
+//! nothing else, and once Pingora has passed that header on to the client, the request can
+//! no longer be sent to another replica. Held here, the header has not reached Pingora
+//! when the first-byte deadline passes: to Pingora the replica never answered, and the
+//! request is retried elsewhere like one that met a replica that accepts and never
+//! answers. A client sees the header and the first token together, as before, once
+//! there is a first token.
+//!
+//! Pingora gives a custom connection no descriptor the deadline watchdog could watch
+//! (`deadline.rs`), so the gate enforces a stream's deadlines itself, from the
+//! configuration when the request is written: the first byte (from the request's head
+//! to the first piece of the body) and the gap between two reads that bring data. A
+//! passed deadline fails the pending read with an [`io::ErrorKind::TimedOut`] error whose
+//! inner error is the [`Expired`] deadline ([`expired_in`] finds it again).
+//!
+//! A new exchange is told by a write that begins with an HTTP request line: the proxy
+//! sends only requests with JSON or form bodies (`{`, whitespace or `--` first), whose
+//! head and body are separate writes. Replicas reached over TLS are not gated (the gate
+//! would see ciphertext); their streams keep the watchdog, and an engine that hangs after
+//! their header cannot be retried.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::protocols::l4::socket::SocketAddr;
+use pingora::protocols::l4::stream::Stream;
+use pingora::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
+use pingora::{Error, ErrorType};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use super::deadline::Expired;
+use crate::config::Config;
+
+/// The most response-head bytes held while waiting for the end of the head; a longer head
+/// is passed on as it is (vLLM's are a few hundred bytes).
+const MAX_HELD_HEAD: usize = 64 * 1024;
+
+/// Opens gated connections (Pingora's `custom_l4` for streams to plain-HTTP replicas).
+#[derive(Debug)]
+pub struct GateConnector {
+    config: Arc<ArcSwap<Config>>,
+}
+
+impl GateConnector {
+    pub fn new(config: Arc<ArcSwap<Config>>) -> GateConnector {
+        GateConnector { config }
+    }
+}
+
+#[async_trait]
+impl pingora::connectors::L4Connect for GateConnector {
+    async fn connect(&self, addr: &SocketAddr) -> pingora::Result<Stream> {
+        let SocketAddr::Inet(inet) = addr else {
+            return Error::e_explain(ErrorType::ConnectError, "a gated replica is an IP address");
+        };
+        let limit = self.config.load().connect_timeout;
+        let tcp = match tokio::time::timeout(limit, TcpStream::connect(inet)).await {
+            Err(_) => {
+                return Error::e_explain(
+                    ErrorType::ConnectTimedout,
+                    format!("timeout {limit:?} connecting to {inet}"),
+                )
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Error::e_because(
+                    ErrorType::ConnectRefused,
+                    format!("connecting to {inet}"),
+                    e,
+                )
+            }
+            Ok(Err(e)) => {
+                return Error::e_because(
+                    ErrorType::ConnectError,
+                    format!("connecting to {inet}"),
+                    e,
+                )
+            }
+            Ok(Ok(tcp)) => tcp,
+        };
+        let gate = Gate::new(tcp, self.config.clone());
+        Ok(Stream::from(VirtualSocketStream::new(Box::new(gate))))
+    }
+}
+
+/// The deadline a gated read failed on, if that is why `e` (a proxy error) happened.
+pub fn expired_in(e: &Error) -> Option<Expired> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e
+        .cause
+        .as_deref()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            if let Some(x) = io.get_ref().and_then(|i| i.downcast_ref::<Expired>()) {
+                return Some(*x);
+            }
+        }
+        // Pingora nests its errors boxed.
+        let nested = c
+            .downcast_ref::<Box<Error>>()
+            .map(|b| &**b)
+            .or_else(|| c.downcast_ref::<Error>());
+        if let Some(x) = nested.and_then(expired_in) {
+            return Some(x);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// Where the current exchange is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No request written yet: reads pass through (an idle pooled connection).
+    Idle,
+    /// A request was written; the response head is being read and held.
+    Head,
+    /// A `200 text/event-stream` head is held until body bytes follow it (`body_at`: where
+    /// the body begins in the held bytes).
+    Hold { body_at: usize },
+    /// Held bytes are handed out, then reads pass through (with the gap deadline).
+    Pass,
+}
+
+#[derive(Debug)]
+struct Gate {
+    tcp: TcpStream,
+    config: Arc<ArcSwap<Config>>,
+    phase: Phase,
+    /// Bytes read and not yet handed out (from `given`).
+    held: Vec<u8>,
+    given: usize,
+    /// The deadline of the pending wait, and which one it is.
+    deadline: Option<(Pin<Box<Sleep>>, Expired)>,
+    /// The stream deadlines of the current exchange.
+    first_byte: Duration,
+    gap: Duration,
+}
+
+impl Gate {
+    fn new(tcp: TcpStream, config: Arc<ArcSwap<Config>>) -> Gate {
+        Gate {
+            tcp,
+            config,
+            phase: Phase::Idle,
+            held: Vec::new(),
+            given: 0,
+            deadline: None,
+            first_byte: Duration::MAX,
+            gap: Duration::MAX,
+        }
+    }
+
+    fn arm(&mut self, after: Duration, why: Expired) {
+        let at = Instant::now().checked_add(after);
+        self.deadline = at.map(|at| (Box::pin(tokio::time::sleep_until(at)), why));
+    }
+
+    /// A request is being written: a new exchange begins.
+    fn begin(&mut self) {
+        let t = self.config.load().timeouts;
+        self.first_byte = t.stream_first_byte;
+        self.gap = t.stream_chunk_gap;
+        self.phase = Phase::Head;
+        self.held.clear();
+        self.given = 0;
+        self.arm(self.first_byte, Expired::FirstByte);
+    }
+
+    /// The held bytes go out from now on.
+    fn release(&mut self) {
+        self.phase = Phase::Pass;
+        self.given = 0;
+        self.arm(self.gap, Expired::Gap);
+    }
+
+    /// After held bytes were read: whether the head is complete, and if it is a stream's,
+    /// whether body bytes follow it.
+    fn judge(&mut self) {
+        match self.phase {
+            Phase::Head => match memchr::memmem::find(&self.held, b"\r\n\r\n") {
+                Some(i) if is_event_stream(&self.held[..i]) => {
+                    self.phase = Phase::Hold { body_at: i + 4 };
+                    self.judge();
+                }
+                Some(_) => self.release(),
+                None if self.held.len() > MAX_HELD_HEAD => self.release(),
+                None => {}
+            },
+            Phase::Hold { body_at } if self.held.len() > body_at => self.release(),
+            _ => {}
+        }
+    }
+
+    /// The deadline of the pending wait has passed: the read fails.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let Some((sleep, why)) = &mut self.deadline else {
+            return Poll::Pending;
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let why = *why;
+        self.deadline = None;
+        Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why))
+    }
+}
+
+/// Whether a response head (without its empty line) is `200` with a `text/event-stream`
+/// body.
+fn is_event_stream(head: &[u8]) -> bool {
+    let mut lines = head.split(|&c| c == b'\n');
+    let mut status = lines.next().unwrap_or_default().split(|&c| c == b' ');
+    if !status.next().is_some_and(|v| v.starts_with(b"HTTP/1."))
+        || status.next().map(<[u8]>::trim_ascii) != Some(b"200")
+    {
+        return false;
+    }
+    lines.any(|l| {
+        let Some(colon) = memchr::memchr(b':', l) else {
+            return false;
+        };
+        l[..colon].eq_ignore_ascii_case(b"content-type")
+            && l[colon + 1..]
+                .trim_ascii()
+                .get(..17)
+                .is_some_and(|v| v.eq_ignore_ascii_case(b"text/event-stream"))
+    })
+}
+
+/// Whether a write begins an HTTP/1 request: a method token, a space, a target, and
+/// ` HTTP/1.` on its first line.
+fn starts_request(buf: &[u8]) -> bool {
+    let method = buf.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    if method == 0 || buf.get(method) != Some(&b' ') {
+        return false;
+    }
+    let line = &buf[..memchr::memchr(b'\n', buf).unwrap_or(buf.len())];
+    memchr::memmem::find(line, b" HTTP/1.").is_some()
+}
+
+impl AsyncRead for Gate {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match this.phase {
+                Phase::Idle => return Pin::new(&mut this.tcp).poll_read(cx, buf),
+                Phase::Pass if this.given < this.held.len() => {
+                    let n = buf.remaining().min(this.held.len() - this.given);
+                    buf.put_slice(&this.held[this.given..this.given + n]);
+                    this.given += n;
+                    if this.given == this.held.len() {
+                        this.held = Vec::new();
+                        this.given = 0;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Phase::Pass => {
+                    let before = buf.filled().len();
+                    match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+                        Poll::Ready(Ok(())) => {
+                            if buf.filled().len() > before {
+                                this.arm(this.gap, Expired::Gap);
+                            }
+                            return Poll::Ready(Ok(()));
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => {
+                            return match this.poll_deadline(cx) {
+                                Poll::Ready(e) => Poll::Ready(Err(e)),
+                                Poll::Pending => Poll::Pending,
+                            }
+                        }
+                    }
+                }
+                Phase::Head | Phase::Hold { .. } => {
+                    let mut chunk = [0u8; 8192];
+                    let mut rb = ReadBuf::new(&mut chunk);
+                    match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                            // The replica closed: what it sent goes on, and Pingora
+                            // judges the cut answer.
+                            this.release();
+                        }
+                        Poll::Ready(Ok(())) => {
+                            this.held.extend_from_slice(rb.filled());
+                            this.judge();
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => {
+                            return match this.poll_deadline(cx) {
+                                Poll::Ready(e) => Poll::Ready(Err(e)),
+                                Poll::Pending => Poll::Pending,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Gate {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if matches!(this.phase, Phase::Idle | Phase::Pass) && starts_request(buf) {
+            this.begin();
+        }
+        Pin::new(&mut this.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+impl VirtualSocket for Gate {
+    fn set_socket_option(&self, opt: VirtualSockOpt) -> io::Result<()> {
+        match opt {
+            VirtualSockOpt::NoDelay => self.tcp.set_nodelay(true),
+            // The proxy sets no keep-alive probes on replica connections.
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_is_found_in_pingoras_nested_errors() {
+        let io = io::Error::new(io::ErrorKind::TimedOut, Expired::FirstByte);
+        let inner = Error::because(ErrorType::ReadError, "while reading", io);
+        assert_eq!(expired_in(&inner), Some(Expired::FirstByte));
+        let outer = Error::because(ErrorType::ReadError, "peer", inner);
+        assert_eq!(expired_in(&outer), Some(Expired::FirstByte));
+        let other = Error::because(ErrorType::ReadError, "peer", io::Error::other("reset"));
+        assert_eq!(expired_in(&other), None);
+    }
+
+    #[test]
+    fn heads_and_requests_are_told_apart() {
+        let sse = b"HTTP/1.1 200 OK\r\ndate: x\r\nContent-Type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked";
+        assert!(is_event_stream(sse));
+        assert!(!is_event_stream(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json"
+        ));
+        assert!(!is_event_stream(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/event-stream"
+        ));
+        assert!(is_event_stream(
+            b"HTTP/1.1 200\r\ncontent-type:text/event-stream"
+        ));
+        assert!(starts_request(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n"
+        ));
+        assert!(!starts_request(b"{\"model\":\"POST / HTTP/1.1\"}"));
+        assert!(!starts_request(b"--boundary\r\n"));
+        assert!(!starts_request(b"POST"));
+    }
+}
