@@ -142,8 +142,8 @@ struct Gate {
     /// Bytes read and not yet handed out (from `given`).
     held: Vec<u8>,
     given: usize,
-    /// The deadline of the pending wait, and which one it is.
-    deadline: Option<(Pin<Box<Sleep>>, Expired)>,
+    /// The deadline of the pending wait.
+    deadline: Option<Deadline>,
     /// The stream deadlines of the current exchange.
     first_byte: Duration,
     gap: Duration,
@@ -163,9 +163,39 @@ impl Gate {
         }
     }
 
+    /// Sets the deadline of the next wait. The timer is made once per connection; it is
+    /// moved only when it would fire too late, and a deadline that moved later (each read
+    /// that brings data moves the gap's) is checked when it fires ([`Gate::poll_deadline`]).
     fn arm(&mut self, after: Duration, why: Expired) {
-        let at = Instant::now().checked_add(after);
-        self.deadline = at.map(|at| (Box::pin(tokio::time::sleep_until(at)), why));
+        let Some(due) = Instant::now().checked_add(after) else {
+            self.deadline = None;
+            return;
+        };
+        match &mut self.deadline {
+            Some(d) => {
+                if d.sleep.deadline() > due {
+                    d.sleep.as_mut().reset(due);
+                }
+                d.due = due;
+                d.why = why;
+            }
+            None => {
+                self.deadline = Some(Deadline {
+                    sleep: Box::pin(tokio::time::sleep_until(due)),
+                    due,
+                    why,
+                })
+            }
+        }
+    }
+
+    /// Data came: the gap's deadline moves (checked when the timer fires).
+    fn progress(&mut self) {
+        if let Some(d) = &mut self.deadline {
+            if let Some(due) = Instant::now().checked_add(self.gap) {
+                d.due = due;
+            }
+        }
     }
 
     /// A request is being written: a new exchange begins.
@@ -206,16 +236,33 @@ impl Gate {
 
     /// The deadline of the pending wait has passed: the read fails.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let Some((sleep, why)) = &mut self.deadline else {
+        let Some(d) = &mut self.deadline else {
             return Poll::Pending;
         };
-        if sleep.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
+        loop {
+            if d.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if d.sleep.deadline() >= d.due {
+                break;
+            }
+            // Progress moved the deadline since the timer was set.
+            let due = d.due;
+            d.sleep.as_mut().reset(due);
         }
-        let why = *why;
+        let why = d.why;
+        // Once passed, the connection is done with: Pingora drops it after the error.
         self.deadline = None;
         Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why))
     }
+}
+
+/// A gate's timer, and the deadline it stands for (at or after the timer's).
+#[derive(Debug)]
+struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    due: Instant,
+    why: Expired,
 }
 
 /// Whether a response head (without its empty line) is `200` with a `text/event-stream`
@@ -276,7 +323,7 @@ impl AsyncRead for Gate {
                     match Pin::new(&mut this.tcp).poll_read(cx, buf) {
                         Poll::Ready(Ok(())) => {
                             if buf.filled().len() > before {
-                                this.arm(this.gap, Expired::Gap);
+                                this.progress();
                             }
                             return Poll::Ready(Ok(()));
                         }

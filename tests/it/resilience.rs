@@ -661,6 +661,36 @@ async fn a_stream_whose_engine_hangs_is_ended_by_its_deadlines() {
     }
 }
 
+/// A gated stream's gap deadline moves with each token: a stream that lasts many gaps,
+/// its tokens closer together than one, is not cut.
+#[tokio::test]
+async fn a_stream_longer_than_its_gap_deadline_is_not_cut() {
+    // Real time: tokens about 10-30 ms apart, 60 of them.
+    let s = sim_with(&["m"], |a| a.time_scale = Some(1.0)).await;
+    let gw = Gateway::builder(&[&s])
+        .yaml("timeouts:\n  stream_first_byte: 2s\n  stream_chunk_gap: 150ms")
+        .start()
+        .await;
+    let t = Instant::now();
+    let resp = http1()
+        .post(gw.url("/v1/chat/completions"))
+        .json(
+            &serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 60, "ignore_eos": true, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (text, broken) = read_stream(resp).await;
+    let took = t.elapsed();
+    assert!(broken.is_none() && !text.contains("error"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(
+        took > Duration::from_millis(300),
+        "it lasted two gaps or more: {took:?}"
+    );
+}
+
 /// An engine that hangs right after vLLM sent the stream's response header (a live API
 /// server in front of a stuck engine): the header is held until the first token, so the
 /// request goes to another replica when the first-byte deadline passes, and the client
