@@ -374,7 +374,7 @@ async def one_stream(port, results):
     w.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
     await w.drain()
-    first, transit, buf = None, [], b""
+    first, first_event, transit, buf = None, None, [], b""
     while True:
         chunk = await r.read(65536)
         now = time.monotonic_ns()
@@ -385,22 +385,29 @@ async def one_stream(port, results):
         buf += chunk
         for m in re.finditer(rb'"t":(\d+)', buf):
             transit.append((now - int(m.group(1))) / 1e6)
+            if first_event is None:
+                first_event = now - sent
         buf = buf[buf.rfind(b"\n") + 1:] if b'"t":' in buf else buf[-64:]
         if b"[DONE]" in chunk:
             break
     w.close()
-    results.append((first / 1e6 if first else None, transit))
+    results.append((first / 1e6 if first else None, transit,
+                    first_event / 1e6 if first_event else None))
 
 
 async def streams_run(port, concurrency=32):
     results = []
     for _ in range(STREAM_ROUNDS):
         await asyncio.gather(*(one_stream(port, results) for _ in range(concurrency)))
-    ttfb = sorted(t for t, _ in results if t is not None)
-    transit = sorted(x for _, ts in results for x in ts)
-    events = sum(len(ts) for _, ts in results)
+    ttfb = sorted(t for t, _, _ in results if t is not None)
+    # The first event at the client: the first token, whether or not the response head
+    # came before it.
+    ttfe = sorted(t for _, _, t in results if t is not None)
+    transit = sorted(x for _, ts, _ in results for x in ts)
+    events = sum(len(ts) for _, ts, _ in results)
     q = lambda v, p: v[min(len(v) - 1, int(p * len(v)))] if v else None
     return {"ttfb_p50_ms": q(ttfb, 0.5), "ttfb_p99_ms": q(ttfb, 0.99),
+            "ttfe_p50_ms": q(ttfe, 0.5), "ttfe_p99_ms": q(ttfe, 0.99),
             "transit_p50_ms": q(transit, 0.5), "transit_p99_ms": q(transit, 0.99),
             "events": events, "streams": len(results)}
 
@@ -572,16 +579,17 @@ def main():
     direct = st.get("direct")
     d50 = statistics.median([r["transit_p50_ms"] for r in direct]) if direct else 0.0
     d99 = statistics.median([r["transit_p99_ms"] for r in direct]) if direct else 0.0
-    print("\n| configuration | TTFB p50 ms | TTFB p99 ms | event transit p50 ms | p99 ms | gained vs direct p50 / p99 ms | events |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| configuration | TTFB p50 ms | TTFB p99 ms | first event p50 ms | p99 ms | event transit p50 ms | p99 ms | gained vs direct p50 / p99 ms | events |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in configs:
         rs = st[c]
         if not rs:
-            print(f"| {c} | failed to start | | | | | |")
+            print(f"| {c} | failed to start | | | | | | | |")
             continue
         g50 = statistics.median([r["transit_p50_ms"] for r in rs]) - d50
         g99 = statistics.median([r["transit_p99_ms"] for r in rs]) - d99
         print(f"| {c} | {fmt([r['ttfb_p50_ms'] for r in rs], 2)} | {fmt([r['ttfb_p99_ms'] for r in rs], 2)} | "
+              f"{fmt([r['ttfe_p50_ms'] for r in rs], 2)} | {fmt([r['ttfe_p99_ms'] for r in rs], 2)} | "
               f"{fmt([r['transit_p50_ms'] for r in rs], 2)} | {fmt([r['transit_p99_ms'] for r in rs], 2)} | "
               f"{g50:.2f} / {g99:.2f} | {sum(r['events'] for r in rs)} |")
     if mem:

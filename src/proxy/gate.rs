@@ -48,15 +48,66 @@ use crate::config::Config;
 /// is passed on as it is (vLLM's are a few hundred bytes).
 const MAX_HELD_HEAD: usize = 64 * 1024;
 
-/// Opens gated connections (Pingora's `custom_l4` for streams to plain-HTTP replicas).
+/// How a chunked body ends (the last chunk, no trailers), as the last bytes read.
+const LAST_CHUNK: &[u8; 7] = b"\r\n0\r\n\r\n";
+
+/// Opens gated connections (Pingora's `custom_l4` for streams to plain-HTTP replicas),
+/// reusing idle ones ([`Idle`]).
 #[derive(Debug)]
 pub struct GateConnector {
     config: Arc<ArcSwap<Config>>,
+    idle: Arc<Idle>,
 }
 
 impl GateConnector {
     pub fn new(config: Arc<ArcSwap<Config>>) -> GateConnector {
-        GateConnector { config }
+        GateConnector {
+            config,
+            idle: Arc::new(Idle::default()),
+        }
+    }
+}
+
+/// Gated connections whose last stream ended cleanly, per replica address, newest last.
+///
+/// Pingora's own pool cannot keep them: it checks a reused connection by its descriptor's
+/// peer address, and a custom connection has no descriptor, so every stream would open a
+/// new connection (measured: 0.35 ms more to the first token on loopback). A gate that is
+/// dropped after a stream it saw end (its last chunk read, nothing after it) gives its
+/// socket back here, and the next stream to that replica takes it, if it is younger
+/// than `upstream.pool_idle_timeout` (below uvicorn's keep-alive) and still open.
+#[derive(Debug, Default)]
+pub struct Idle {
+    by_addr: std::sync::Mutex<
+        std::collections::HashMap<std::net::SocketAddr, Vec<(TcpStream, Instant)>>,
+    >,
+}
+
+impl Idle {
+    /// The newest open idle connection to `addr` younger than `max_idle`; older ones
+    /// are closed.
+    fn take(&self, addr: std::net::SocketAddr, max_idle: Duration) -> Option<TcpStream> {
+        let mut map = self.by_addr.lock().expect("not poisoned");
+        let list = map.get_mut(&addr)?;
+        let now = Instant::now();
+        list.retain(|(_, since)| now.saturating_duration_since(*since) < max_idle);
+        while let Some((tcp, _)) = list.pop() {
+            // Open, and nothing unasked for waiting: a read would block.
+            let mut probe = [0u8; 1];
+            if matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                return Some(tcp);
+            }
+        }
+        None
+    }
+
+    /// Keeps `tcp`, idle `since`, for the next stream to `addr`, up to `max` per replica.
+    fn put(&self, addr: std::net::SocketAddr, tcp: TcpStream, since: Instant, max: usize) {
+        let mut map = self.by_addr.lock().expect("not poisoned");
+        let list = map.entry(addr).or_default();
+        if list.len() < max {
+            list.push((tcp, since));
+        }
     }
 }
 
@@ -66,7 +117,12 @@ impl pingora::connectors::L4Connect for GateConnector {
         let SocketAddr::Inet(inet) = addr else {
             return Error::e_explain(ErrorType::ConnectError, "a gated replica is an IP address");
         };
-        let limit = self.config.load().connect_timeout;
+        let cfg = self.config.load();
+        if let Some(tcp) = self.idle.take(*inet, cfg.pool_idle_timeout) {
+            let gate = Gate::new(tcp, *inet, self.config.clone(), self.idle.clone());
+            return Ok(Stream::from(VirtualSocketStream::new(Box::new(gate))));
+        }
+        let limit = cfg.connect_timeout;
         let tcp = match tokio::time::timeout(limit, TcpStream::connect(inet)).await {
             Err(_) => {
                 return Error::e_explain(
@@ -90,7 +146,7 @@ impl pingora::connectors::L4Connect for GateConnector {
             }
             Ok(Ok(tcp)) => tcp,
         };
-        let gate = Gate::new(tcp, self.config.clone());
+        let gate = Gate::new(tcp, *inet, self.config.clone(), self.idle.clone());
         Ok(Stream::from(VirtualSocketStream::new(Box::new(gate))))
     }
 }
@@ -136,8 +192,17 @@ enum Phase {
 
 #[derive(Debug)]
 struct Gate {
-    tcp: TcpStream,
+    /// `None` once given back to [`Idle`] (on drop).
+    tcp: Option<TcpStream>,
+    addr: std::net::SocketAddr,
     config: Arc<ArcSwap<Config>>,
+    idle: Arc<Idle>,
+    /// The last bytes read (up to [`LAST_CHUNK`]'s length), to see a chunked body end.
+    tail: [u8; LAST_CHUNK.len()],
+    tail_len: usize,
+    /// When the current exchange's answer ended cleanly (its last chunk was the last
+    /// thing read), so that the connection may carry another stream.
+    ended: Option<Instant>,
     phase: Phase,
     /// Bytes read and not yet handed out (from `given`).
     held: Vec<u8>,
@@ -150,10 +215,20 @@ struct Gate {
 }
 
 impl Gate {
-    fn new(tcp: TcpStream, config: Arc<ArcSwap<Config>>) -> Gate {
+    fn new(
+        tcp: TcpStream,
+        addr: std::net::SocketAddr,
+        config: Arc<ArcSwap<Config>>,
+        idle: Arc<Idle>,
+    ) -> Gate {
         Gate {
-            tcp,
+            tcp: Some(tcp),
+            addr,
             config,
+            idle,
+            tail: [0; LAST_CHUNK.len()],
+            tail_len: 0,
+            ended: None,
             phase: Phase::Idle,
             held: Vec::new(),
             given: 0,
@@ -198,6 +273,34 @@ impl Gate {
         }
     }
 
+    /// `data` was read from the replica: whether the answer has ended is seen in the last
+    /// bytes read.
+    fn note_read(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            self.ended = None;
+            return;
+        }
+        let n = LAST_CHUNK.len();
+        if data.len() >= n {
+            self.tail.copy_from_slice(&data[data.len() - n..]);
+            self.tail_len = n;
+        } else {
+            let keep = (n - data.len()).min(self.tail_len);
+            self.tail
+                .copy_within(self.tail_len - keep..self.tail_len, 0);
+            self.tail[keep..keep + data.len()].copy_from_slice(data);
+            self.tail_len = keep + data.len();
+        }
+        let ended = self.phase != Phase::Idle && self.tail[..self.tail_len] == LAST_CHUNK[..];
+        self.ended = ended.then(Instant::now);
+    }
+
+    fn tcp(&mut self) -> &mut TcpStream {
+        self.tcp
+            .as_mut()
+            .expect("a gate has its socket until it is dropped")
+    }
+
     /// A request is being written: a new exchange begins.
     fn begin(&mut self) {
         let t = self.config.load().timeouts;
@@ -206,6 +309,8 @@ impl Gate {
         self.phase = Phase::Head;
         self.held.clear();
         self.given = 0;
+        self.tail_len = 0;
+        self.ended = None;
         self.arm(self.first_byte, Expired::FirstByte);
     }
 
@@ -253,6 +358,7 @@ impl Gate {
         let why = d.why;
         // Once passed, the connection is done with: Pingora drops it after the error.
         self.deadline = None;
+        self.ended = None;
         Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why))
     }
 }
@@ -307,7 +413,14 @@ impl AsyncRead for Gate {
         let this = self.get_mut();
         loop {
             match this.phase {
-                Phase::Idle => return Pin::new(&mut this.tcp).poll_read(cx, buf),
+                Phase::Idle => {
+                    let before = buf.filled().len();
+                    let r = Pin::new(this.tcp()).poll_read(cx, buf);
+                    if matches!(r, Poll::Ready(Ok(()))) {
+                        this.note_read(&buf.filled()[before..]);
+                    }
+                    return r;
+                }
                 Phase::Pass if this.given < this.held.len() => {
                     let n = buf.remaining().min(this.held.len() - this.given);
                     buf.put_slice(&this.held[this.given..this.given + n]);
@@ -320,14 +433,18 @@ impl AsyncRead for Gate {
                 }
                 Phase::Pass => {
                     let before = buf.filled().len();
-                    match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+                    match Pin::new(this.tcp()).poll_read(cx, buf) {
                         Poll::Ready(Ok(())) => {
                             if buf.filled().len() > before {
                                 this.progress();
                             }
+                            this.note_read(&buf.filled()[before..]);
                             return Poll::Ready(Ok(()));
                         }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Err(e)) => {
+                            this.ended = None;
+                            return Poll::Ready(Err(e));
+                        }
                         Poll::Pending => {
                             return match this.poll_deadline(cx) {
                                 Poll::Ready(e) => Poll::Ready(Err(e)),
@@ -339,7 +456,11 @@ impl AsyncRead for Gate {
                 Phase::Head | Phase::Hold { .. } => {
                     let mut chunk = [0u8; 8192];
                     let mut rb = ReadBuf::new(&mut chunk);
-                    match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
+                    let r = Pin::new(this.tcp()).poll_read(cx, &mut rb);
+                    if matches!(r, Poll::Ready(Ok(()))) {
+                        this.note_read(rb.filled());
+                    }
+                    match r {
                         Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                             // The replica closed: what it sent goes on, and Pingora
                             // judges the cut answer.
@@ -373,24 +494,67 @@ impl AsyncWrite for Gate {
         if matches!(this.phase, Phase::Idle | Phase::Pass) && starts_request(buf) {
             this.begin();
         }
-        Pin::new(&mut this.tcp).poll_write(cx, buf)
+        Pin::new(this.tcp()).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let first = bufs.iter().find(|b| !b.is_empty());
+        if matches!(this.phase, Phase::Idle | Phase::Pass)
+            && first.is_some_and(|b| starts_request(b))
+        {
+            this.begin();
+        }
+        Pin::new(this.tcp()).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        // As a plain TCP connection: Pingora then writes a head and a body in one call.
+        self.tcp.as_ref().is_some_and(TcpStream::is_write_vectored)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        Pin::new(self.get_mut().tcp()).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        let this = self.get_mut();
+        this.ended = None;
+        Pin::new(this.tcp()).poll_shutdown(cx)
     }
 }
 
 impl VirtualSocket for Gate {
     fn set_socket_option(&self, opt: VirtualSockOpt) -> io::Result<()> {
         match opt {
-            VirtualSockOpt::NoDelay => self.tcp.set_nodelay(true),
+            VirtualSockOpt::NoDelay => match &self.tcp {
+                Some(tcp) => tcp.set_nodelay(true),
+                None => Ok(()),
+            },
             // The proxy sets no keep-alive probes on replica connections.
             _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        // Pingora drops a gated connection when it would pool it (it cannot: see
+        // [`Idle`]) or when the exchange failed; only the first kind ended cleanly, with
+        // everything it read handed out.
+        let clean = self.phase == Phase::Pass && self.given >= self.held.len();
+        if let (Some(ended), true) = (self.ended, clean) {
+            if let Some(tcp) = self.tcp.take() {
+                let cfg = self.config.load();
+                if ended.elapsed() < cfg.pool_idle_timeout {
+                    self.idle
+                        .put(self.addr, tcp, ended, cfg.keepalive_pool_size);
+                }
+            }
         }
     }
 }
@@ -408,6 +572,33 @@ mod tests {
         assert_eq!(expired_in(&outer), Some(Expired::FirstByte));
         let other = Error::because(ErrorType::ReadError, "peer", io::Error::other("reset"));
         assert_eq!(expired_in(&other), None);
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_chunked_answer_is_seen_however_it_is_split() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let config = Arc::new(ArcSwap::from_pointee(Config::with_backends(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            &["http://127.0.0.1:9".to_string()],
+        )));
+        let mut g = Gate::new(tcp, addr, config, Arc::new(Idle::default()));
+        g.begin();
+        g.phase = Phase::Pass;
+        let body: &[u8] = b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
+        for split in 0..body.len() {
+            g.tail_len = 0;
+            g.note_read(&body[..split]);
+            g.note_read(&body[split..]);
+            assert!(g.ended.is_some(), "split at {split}");
+        }
+        for (a, b) in [(&b"x\r\n0\r\n"[..], &b"\r\nmore"[..]), (b"abc", b"")] {
+            g.note_read(a);
+            g.note_read(b);
+            assert!(g.ended.is_none(), "{a:?} {b:?}");
+        }
     }
 
     #[test]

@@ -691,6 +691,39 @@ async fn a_stream_longer_than_its_gap_deadline_is_not_cut() {
     );
 }
 
+/// Streams go over gated connections, which Pingora's pool cannot keep: the gate keeps
+/// them itself, so one stream after another reuses one connection.
+#[tokio::test]
+async fn streams_one_after_another_reuse_one_connection() {
+    let s = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&s])
+        .yaml(
+            "discovery:\n  scrape_interval: 10s\n  models_interval: 10s\nhealth:\n  interval: 10s",
+        )
+        .start()
+        .await;
+    let stream = || async {
+        let resp = http1()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("m", "hi", true))
+            .send()
+            .await
+            .unwrap();
+        let (text, broken) = read_stream(resp).await;
+        assert!(
+            broken.is_none() && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
+    };
+    stream().await;
+    let before = s.sim.state()["connections"].as_u64().unwrap();
+    for _ in 0..10 {
+        stream().await;
+    }
+    let opened = s.sim.state()["connections"].as_u64().unwrap() - before;
+    assert!(opened <= 1, "{opened} connections opened for 10 streams");
+}
+
 /// An engine that hangs right after vLLM sent the stream's response header (a live API
 /// server in front of a stuck engine): the header is held until the first token, so the
 /// request goes to another replica when the first-byte deadline passes, and the client
