@@ -445,6 +445,9 @@ impl AsyncRead for Gate {
                             this.ended = None;
                             return Poll::Ready(Err(e));
                         }
+                        // An answer that ended has no gap: the connection is idle (in
+                        // Pingora's pool, whose own idle timeout applies).
+                        Poll::Pending if this.ended.is_some() => return Poll::Pending,
                         Poll::Pending => {
                             return match this.poll_deadline(cx) {
                                 Poll::Ready(e) => Poll::Ready(Err(e)),

@@ -698,7 +698,8 @@ async fn streams_one_after_another_reuse_one_connection() {
     let s = sim(&["m"]).await;
     let gw = Gateway::builder(&[&s])
         .yaml(
-            "discovery:\n  scrape_interval: 10s\n  models_interval: 10s\nhealth:\n  interval: 10s",
+            "discovery:\n  scrape_interval: 10s\n  models_interval: 10s\nhealth:\n  interval: 10s\n\
+             timeouts:\n  stream_chunk_gap: 200ms",
         )
         .start()
         .await;
@@ -722,6 +723,12 @@ async fn streams_one_after_another_reuse_one_connection() {
     }
     let opened = s.sim.state()["connections"].as_u64().unwrap() - before;
     assert!(opened <= 1, "{opened} connections opened for 10 streams");
+    // Idle longer than the gap deadline (which is for streams, not idle connections), and
+    // within the pool's idle timeout: still reused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream().await;
+    let opened = s.sim.state()["connections"].as_u64().unwrap() - before;
+    assert!(opened <= 1, "{opened} connections opened for 11 streams");
 }
 
 /// An engine that hangs right after vLLM sent the stream's response header (a live API
