@@ -9,7 +9,9 @@
 //! proxy's error hooks see [`Watchdog::fired`] and treat the failure as a timeout (retried
 //! if nothing reached the client, counted against the backend either way).
 //!
-//! Only attempts with a gap deadline (streams) need the watchdog. A non-streaming answer
+//! Only attempts with a gap deadline (streams) need the watchdog, and of those only the
+//! ones to replicas over TLS: a stream to a plain-HTTP replica goes over a gated
+//! connection that enforces its deadlines itself (`gate.rs`). A non-streaming answer
 //! has two deadlines, first byte and total, and Pingora's per-read timeout set to the
 //! nearer of them bounds the wait for the header and every stall of the body; the total
 //! is also checked as each piece of the body arrives, so an answer that keeps coming is
