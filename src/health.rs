@@ -3,8 +3,10 @@
 //!   (`unhealthy_threshold` consecutive failures take a backend out, `healthy_threshold`
 //!   consecutive passes bring it back);
 //! - passive outlier detection: a circuit breaker fed by request outcomes. Connect
-//!   failures, resets, engine 5xx and timeouts count against a backend; client errors
-//!   never do. `failure_threshold` consecutive failures open the circuit; after
+//!   failures, resets, engine 5xx and timeouts count against a backend, before or after
+//!   its answer's head (a body cut short, a stream that stalls); client errors never do,
+//!   and only an answer received in full counts for it. `failure_threshold` consecutive
+//!   failures open the circuit; after
 //!   `open_duration` the health task sends one synthetic probe request (half-open), and
 //!   its success closes the circuit. A stalled engine (its `/health` still 200) is thus
 //!   ejected by its timeouts like a dead one;
@@ -258,7 +260,7 @@ impl BackendHealth {
         }
     }
 
-    /// A request got a good answer (any status below 500) and made progress.
+    /// A request got a good answer (any status below 500), in full.
     pub fn record_success(&self) {
         // The common case is a plain load: no write on a healthy backend's hot path.
         if self.failures.load(Ordering::Relaxed) != 0 {

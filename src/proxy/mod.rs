@@ -924,8 +924,6 @@ impl ProxyHttp for Gateway {
                 ctx.first_byte.get_or_insert_with(|| ctx.started.elapsed());
                 if let Some(g) = ctx.in_flight.as_mut() {
                     g.first_byte();
-                    // The backend answered and made progress.
-                    g.backend().health.record_success();
                 }
             }
         }
@@ -943,8 +941,12 @@ impl ProxyHttp for Gateway {
             if let Some(d) = ctx.deadlines.take() {
                 d.finish();
             }
-            if (200..300).contains(&ctx.status) {
-                if let Some(g) = ctx.in_flight.as_mut() {
+            if let Some(g) = ctx.in_flight.as_mut() {
+                // Only a whole answer counts for the backend: one that fails after its
+                // head (a cut body, a stream that stalls) counts against it, and a
+                // success recorded at the first byte would reset its failures each time.
+                g.backend().health.record_success();
+                if (200..300).contains(&ctx.status) {
                     g.served();
                 }
             }

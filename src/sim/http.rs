@@ -48,6 +48,13 @@ pub enum Reply {
         headers: Vec<(&'static str, String)>,
         rx: mpsc::Receiver<StreamItem>,
     },
+    /// A header announcing all of `body`, half of it, then the connection closes.
+    Cut {
+        status: u16,
+        content_type: &'static str,
+        headers: Vec<(&'static str, String)>,
+        body: Bytes,
+    },
     /// Close the connection at once with a TCP reset, answering nothing.
     Reset,
     /// Answer nothing and keep the connection open until the client leaves.
@@ -264,6 +271,26 @@ async fn connection<H: Handler>(stream: TcpStream, handler: Arc<H>) {
             }
         };
         let keep = match reply {
+            Reply::Cut {
+                status,
+                content_type,
+                headers,
+                body,
+            } => {
+                let mut head = format!(
+                    "HTTP/1.1 {status} {}\r\nserver: vllm-edge-sim\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
+                    reason(status),
+                    body.len()
+                );
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let mut out = BytesMut::from(head.as_bytes());
+                out.extend_from_slice(&body[..body.len() / 2]);
+                let _ = write.write_all(&out).await;
+                return;
+            }
             Reply::Full {
                 status,
                 content_type,

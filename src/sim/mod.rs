@@ -235,6 +235,9 @@ pub struct Faults {
     pub health_delay_ms: Option<u64>,
     /// Every engine step takes this many times longer.
     pub slow_factor: Option<f64>,
+    /// Send a non-streaming answer's header and half its body, then close the connection
+    /// (an engine that died while its answer was being written).
+    pub body_cut: bool,
     /// Reset the connection after this many streamed tokens.
     pub stream_reset_after_tokens: Option<usize>,
     /// Send a vLLM error event and `[DONE]` after this many streamed tokens.
@@ -917,11 +920,20 @@ impl Sim {
                 }),
                 Kind::Translation => json!({"text": text}),
             };
+            let body = Bytes::from(body.to_string());
+            if faults.body_cut {
+                return Reply::Cut {
+                    status: 200,
+                    content_type: "application/json",
+                    headers,
+                    body,
+                };
+            }
             Reply::Full {
                 status: 200,
                 content_type: "application/json",
                 headers,
-                body: Bytes::from(body.to_string()),
+                body,
             }
         }
     }

@@ -350,6 +350,94 @@ async fn a_stalled_replica_with_healthy_health_is_ejected_and_nobody_waits_past_
     );
 }
 
+/// A replica whose answers fail after their head reached the client (a body cut short, a
+/// stream cut or stalled after its first event) cannot be retried, but it must leave
+/// rotation like one that fails before: only the first few requests sent to it fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_fails_after_its_answers_head_leaves_rotation_within_a_few_failures() {
+    const SENT: usize = 60;
+    const AT_ONCE: usize = 4;
+    let cases = [
+        (
+            "body cut",
+            false,
+            Faults {
+                body_cut: true,
+                ..Faults::default()
+            },
+        ),
+        (
+            "stream cut after its first event",
+            true,
+            Faults {
+                stream_reset_after_tokens: Some(1),
+                ..Faults::default()
+            },
+        ),
+        (
+            "stream stalled after its first event",
+            true,
+            Faults {
+                stream_hang_after_tokens: Some(1),
+                ..Faults::default()
+            },
+        ),
+    ];
+    for (case, stream, faults) in cases {
+        let (victim, b, c) = fleet(0.05).await;
+        victim.sim.set_faults(faults);
+        // Round-robin sends the victim every third request, as in the attack run; the
+        // circuit stays open for the whole run once it opens.
+        let gw = Gateway::builder(&[&victim, &b, &c])
+            .yaml(
+                "routing:\n  policy: round-robin\ntimeouts:\n  stream_chunk_gap: 300ms\n\
+                 health:\n  interval: 100ms\n  timeout: 500ms\n  open_duration: 60s",
+            )
+            .start()
+            .await;
+        let client = http1();
+        let url = gw.url("/v1/chat/completions");
+        // `one` streams even-numbered requests.
+        let ends: Vec<(End, Option<String>)> = futures_util::stream::iter(0..SENT)
+            .map(|i| {
+                let (client, url) = (client.clone(), url.clone());
+                async move { one(&client, &url, 2 * i + usize::from(!stream), 8).await }
+            })
+            .buffer_unordered(AT_ONCE)
+            .collect()
+            .await;
+        let failed = ends.iter().filter(|(e, _)| *e != End::Ok).count();
+        let st = backend_stats(&gw, &name_of(&victim)).await;
+        let reached = victim.sim.state()["requests"].as_u64().unwrap();
+        eprintln!(
+            "{case}: {failed} of {SENT} requests failed; {reached} reached the replica; circuit {}",
+            st["circuit"]
+        );
+        assert_eq!(st["circuit"], "open", "{case}: {st}\n{}", gw.log_unusual());
+        // The failures that open the circuit, plus those already on their way to it.
+        let threshold = 3;
+        assert!(
+            failed <= threshold + AT_ONCE,
+            "{case}: {failed} failed: {:?}",
+            ends.iter()
+                .filter_map(|(_, w)| w.as_ref())
+                .take(5)
+                .collect::<Vec<_>>()
+        );
+        assert!(failed >= threshold, "{case}: the fault was exercised");
+        let text = gw.metrics_text().await;
+        assert_eq!(
+            metric(
+                &text,
+                "vllm_edge_upstream_errors_total",
+                "kind=\"mid_stream\""
+            ),
+            failed as f64,
+            "{case}: each counted once: {text}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_answering_503_is_never_seen_by_clients() {
     let (victim, b, c) = fleet(0.05).await;
