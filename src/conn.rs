@@ -6,6 +6,13 @@
 //! offers no hook before the head is parsed. So [`EdgeApp`] wraps the proxy application:
 //! it counts connections, and hands Pingora the client's stream wrapped in a
 //! [`HeadDeadline`], which fails reads once a request head has taken too long.
+//!
+//! The same wrapper sees each request line before Pingora does, which is the only place
+//! two faults can be told: Pingora percent-escapes a control character in the target
+//! (a raw NUL would become `%00`), and refuses a target the `http` crate cannot hold with
+//! an empty 400 before any hook runs. Such a line is passed on marked by a
+//! [`MALFORMED`] header (cut to [`MAX_REQUEST_LINE`] if it is longer), so the proxy
+//! answers it in its turn like any other request.
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -28,6 +35,18 @@ use tokio::time::Sleep;
 
 use crate::config::Config;
 use crate::metrics;
+
+/// A request line (method, target, version) longer than this is cut and marked (or
+/// `limits.max_header_size`, if smaller). Twice nginx's 8 KiB line buffer; an
+/// OpenAI request's target is a short path. A third of the 65,534 bytes the `http` crate
+/// holds, so a target Pingora percent-escapes (one byte to three) still fits.
+pub const MAX_REQUEST_LINE: usize = 16 * 1024;
+
+/// The header that marks a request line the gateway must refuse: `control` (a control
+/// character in it) or `long N` (it was N bytes, cut). Added by [`HeadDeadline`] after
+/// the request line; answered by the proxy before anything else. A client that sends it
+/// itself only gets its own request refused.
+pub const MALFORMED: &str = "x-vllm-edge-malformed";
 
 /// Answer to a connection over `limits.max_connections`.
 fn refusal() -> Vec<u8> {
@@ -95,7 +114,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
         };
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         if !h2 {
-            stream = Box::new(HeadDeadline::new(stream, limits.header_read_timeout));
+            let max_line = limits.max_header_bytes.min(MAX_REQUEST_LINE);
+            stream = Box::new(HeadDeadline::new(
+                stream,
+                limits.header_read_timeout,
+                max_line,
+            ));
         }
         self.inner.process_new(stream, shutdown).await
     }
@@ -140,7 +164,7 @@ enum Head {
 
 /// What a head says so far, read a byte at a time: where it ends (an empty line), and
 /// how long the body after it is (`Content-Length`, or `Transfer-Encoding`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct HeadScan {
     /// Line ends since the last other byte; two in a row end the head.
     newlines: u8,
@@ -152,6 +176,61 @@ struct HeadScan {
     /// The length cannot be followed: a `Transfer-Encoding`, or a `Content-Length` that
     /// is not one number (Pingora refuses that request anyway).
     unknown_length: bool,
+    /// Still in the head's first line, the request line: what it holds so far.
+    request_line: Option<RequestLine>,
+}
+
+impl Default for HeadScan {
+    fn default() -> Self {
+        HeadScan {
+            newlines: 0,
+            name: [0; 18],
+            name_len: 0,
+            field: Field::Name,
+            content_length: None,
+            unknown_length: false,
+            request_line: Some(RequestLine::default()),
+        }
+    }
+}
+
+/// A request line as it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct RequestLine {
+    /// Bytes so far (its line end not counted).
+    len: usize,
+    /// A control character (other than the line's CR) was in it.
+    control: bool,
+}
+
+/// A change to the bytes a read handed Pingora, at offsets into that read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Edit {
+    /// These bytes are left out (the part of a request line past its limit).
+    Drop(std::ops::Range<usize>),
+    /// These bytes are put in before the byte at this offset.
+    Insert(usize, Vec<u8>),
+}
+
+/// `data` with `edits` (in offset order) applied.
+fn edited(data: &[u8], edits: &[Edit]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    let mut at = 0;
+    for e in edits {
+        match e {
+            Edit::Drop(r) => {
+                out.extend_from_slice(&data[at..r.start]);
+                at = r.end;
+            }
+            Edit::Insert(i, bytes) => {
+                out.extend_from_slice(&data[at..*i]);
+                out.extend_from_slice(bytes);
+                at = *i;
+            }
+        }
+    }
+    out.extend_from_slice(&data[at..]);
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -264,12 +343,15 @@ pub struct HeadDeadline {
     timer: Option<Pin<Box<Sleep>>>,
     /// The connection's first bytes, until they show whether it is an HTTP/2 preface.
     start: Option<Vec<u8>>,
-    /// Bytes read by [`Peek::try_peek`], handed out again by the next reads.
+    /// Bytes read by [`Peek::try_peek`] (or left over from an edited read), handed out
+    /// again by the next reads.
     peeked: Vec<u8>,
+    /// A request line longer than this is cut and marked.
+    max_line: usize,
 }
 
 impl HeadDeadline {
-    pub fn new(inner: Stream, limit: Duration) -> HeadDeadline {
+    pub fn new(inner: Stream, limit: Duration, max_line: usize) -> HeadDeadline {
         HeadDeadline {
             inner,
             limit,
@@ -277,6 +359,7 @@ impl HeadDeadline {
             timer: Some(Box::pin(tokio::time::sleep(limit))),
             start: Some(Vec::new()),
             peeked: Vec::new(),
+            max_line,
         }
     }
 
@@ -305,10 +388,18 @@ impl HeadDeadline {
     /// Follows the bytes a client sent: heads (each timed from its first byte), and the
     /// bodies between them, skipped by their `Content-Length`. Pipelined requests
     /// (several in one read, or a head whose body comes in later reads) are told apart.
-    fn observe(&mut self, mut data: &[u8]) {
+    /// Returns the edits a request line needs (see [`MALFORMED`]), usually none.
+    fn observe(&mut self, data: &[u8]) -> Vec<Edit> {
+        let mut edits = Vec::new();
+        self.observe_into(data, &mut edits);
+        edits
+    }
+
+    fn observe_into(&mut self, mut data: &[u8], edits: &mut Vec<Edit>) {
         if data.is_empty() {
             return;
         }
+        let origin = data.as_ptr() as usize;
         if let Some(start) = self.start.as_mut() {
             let want = H2_PREFACE.len() - start.len();
             start.extend_from_slice(&data[..want.min(data.len())]);
@@ -336,17 +427,52 @@ impl HeadDeadline {
                     self.head = Head::Receiving(HeadScan::default());
                     self.timer = Some(Box::pin(tokio::time::sleep(self.limit)));
                 }
-                Head::Receiving(scan) => match scan.feed(data) {
-                    Some((taken, next)) => {
-                        data = &data[taken..];
-                        self.head = next;
-                        self.timer = None;
+                Head::Receiving(scan) => {
+                    if let Some(line) = scan.request_line.as_mut() {
+                        let at = data.as_ptr() as usize - origin;
+                        request_line(line, data, at, self.max_line, edits);
+                        if memchr::memchr(b'\n', data).is_some() {
+                            scan.request_line = None;
+                        }
                     }
-                    None => return,
-                },
+                    match scan.feed(data) {
+                        Some((taken, next)) => {
+                            data = &data[taken..];
+                            self.head = next;
+                            self.timer = None;
+                        }
+                        None => return,
+                    }
+                }
             }
         }
     }
+}
+
+/// Follows a request line through `data` (which starts inside it, at offset `at` of the
+/// read): a control character in it, or bytes past `max` (left out), and at its end the
+/// [`MALFORMED`] mark they call for.
+fn request_line(line: &mut RequestLine, data: &[u8], at: usize, max: usize, edits: &mut Vec<Edit>) {
+    let end = memchr::memchr(b'\n', data);
+    let seg = &data[..end.unwrap_or(data.len())];
+    line.control |= seg.iter().any(|&b| (b < 0x20 && b != b'\r') || b == 0x7f);
+    let before = line.len;
+    line.len += seg.len();
+    if line.len > max {
+        let keep = max.saturating_sub(before).min(seg.len());
+        let through = end.map_or(data.len(), |e| e + 1);
+        edits.push(Edit::Drop(at + keep..at + through));
+    }
+    let Some(end) = end else { return };
+    let mark = if line.len > max {
+        // The cut took the version and the line's end with it.
+        format!(" HTTP/1.1\r\n{MALFORMED}: long {}\r\n", line.len)
+    } else if line.control {
+        format!("{MALFORMED}: control\r\n")
+    } else {
+        return;
+    };
+    edits.push(Edit::Insert(at + end + 1, mark.into_bytes()));
 }
 
 /// How an HTTP/2 connection without TLS starts (its first line).
@@ -376,10 +502,26 @@ impl AsyncRead for HeadDeadline {
             }
             return Poll::Ready(Ok(()));
         }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut *this.inner).poll_read(cx, buf))?;
-        this.observe(&buf.filled()[before..]);
-        Poll::Ready(Ok(()))
+        loop {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut *this.inner).poll_read(cx, buf))?;
+            if buf.filled().len() == before {
+                return Poll::Ready(Ok(()));
+            }
+            let edits = this.observe(&buf.filled()[before..]);
+            if edits.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let out = edited(&buf.filled()[before..], &edits);
+            buf.set_filled(before);
+            let n = out.len().min(buf.remaining());
+            buf.put_slice(&out[..n]);
+            this.peeked.extend_from_slice(&out[n..]);
+            if n > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Everything read was left out: an empty read would look like the end.
+        }
     }
 }
 
@@ -493,8 +635,13 @@ impl Peek for HeadDeadline {
                 if n == 0 {
                     break;
                 }
-                self.observe(&chunk[..n]);
-                self.peeked.extend_from_slice(&chunk[..n]);
+                let edits = self.observe(&chunk[..n]);
+                if edits.is_empty() {
+                    self.peeked.extend_from_slice(&chunk[..n]);
+                } else {
+                    let out = edited(&chunk[..n], &edits);
+                    self.peeked.extend_from_slice(&out);
+                }
             }
             Ok::<_, io::Error>(())
         };
@@ -567,7 +714,10 @@ mod tests {
         a.set_nonblocking(true).unwrap();
         let l4: pingora::protocols::l4::stream::Stream =
             tokio::net::UnixStream::from_std(a).unwrap().into();
-        (HeadDeadline::new(Box::new(l4), Duration::from_secs(1)), b)
+        (
+            HeadDeadline::new(Box::new(l4), Duration::from_secs(1), 64),
+            b,
+        )
     }
 
     fn deadline() -> HeadDeadline {
@@ -723,6 +873,113 @@ mod tests {
             proptest::prop_assert_eq!(d.head, whole.head);
             proptest::prop_assert!(d.timer.is_none());
         }
+
+        /// What Pingora is handed does not depend on how reads split the bytes either,
+        /// whatever the request lines hold.
+        #[test]
+        fn the_bytes_handed_out_do_not_depend_on_how_reads_split_them(
+            cuts in proptest::collection::vec(0usize..300, 0..8),
+            target in proptest::collection::vec(proptest::sample::select(&b"ab/?\x00\x7f\r"[..]), 0..120),
+            body in "[a-z\r\n]{0,20}",
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let _guard = rt.enter();
+            let mut bytes = b"POST /".to_vec();
+            bytes.extend_from_slice(&target);
+            bytes.extend_from_slice(format!(" HTTP/1.1\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes());
+            bytes.extend_from_slice(&bytes.clone());
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            proptest::prop_assert_eq!(handed_out(&bytes, &cuts, 64), handed_out(&bytes, &[], 64));
+        }
+    }
+
+    /// What Pingora is handed for `bytes` read in pieces cut at `cuts`, with request
+    /// lines limited to `max`.
+    fn handed_out(bytes: &[u8], cuts: &[usize], max: usize) -> Vec<u8> {
+        let mut d = deadline();
+        d.max_line = max;
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &c in cuts.iter().chain([&bytes.len()]) {
+            let c = c.clamp(at, bytes.len());
+            let edits = d.observe(&bytes[at..c]);
+            out.extend(edited(&bytes[at..c], &edits));
+            at = c;
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_request_line_with_a_control_character_or_too_long_is_marked() {
+        let plain = b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n";
+        assert_eq!(
+            handed_out(plain, &[], 64),
+            plain,
+            "a plain line passes as it is"
+        );
+        assert_eq!(
+            handed_out(b"GET /v1/mo\x00dels HTTP/1.1\r\nhost: x\r\n\r\n", &[3], 64),
+            b"GET /v1/mo\x00dels HTTP/1.1\r\nx-vllm-edge-malformed: control\r\nhost: x\r\n\r\n"
+        );
+        let long = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(100));
+        let line_len = long.find("\r\n").unwrap() + 1;
+        let want = format!(
+            "GET /{} HTTP/1.1\r\nx-vllm-edge-malformed: long {line_len}\r\nhost: x\r\n\r\n",
+            "a".repeat(59)
+        );
+        for cuts in [
+            vec![],
+            vec![10],
+            vec![64],
+            vec![70, 80, 100],
+            (0..long.len()).collect(),
+        ] {
+            assert_eq!(
+                String::from_utf8(handed_out(long.as_bytes(), &cuts, 64)).unwrap(),
+                want,
+                "cuts {cuts:?}"
+            );
+        }
+        // A body that looks like a request line is a body; the next head is checked.
+        let pipelined = b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n\x00\x01\x02\x03\x04GET /\x01 HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            handed_out(pipelined, &[], 64),
+            b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n\x00\x01\x02\x03\x04GET /\x01 HTTP/1.1\r\nx-vllm-edge-malformed: control\r\n\r\n"
+        );
+    }
+
+    /// A request line cut in a read of its own: the read that is left out entirely is not
+    /// handed out as an empty read (which Pingora would take for the client's end).
+    #[tokio::test]
+    async fn a_read_left_out_entirely_is_not_an_end() {
+        use std::io::Write;
+        let (mut d, mut client) = connected();
+        d.max_line = 16;
+        let wrote = std::thread::spawn(move || {
+            client.write_all(b"GET /aaaaaaaaaaaa").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            client.write_all(b"aaaaaaaaaaaaaaaaaa").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            client.write_all(b" HTTP/1.1\r\n\r\n").unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            let mut chunk = [0u8; 64];
+            let n = d.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "ended early after {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "GET /aaaaaaaaaaa HTTP/1.1\r\nx-vllm-edge-malformed: long 45\r\n\r\n"
+        );
+        drop(wrote.join());
     }
 
     #[tokio::test]

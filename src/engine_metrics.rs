@@ -5,8 +5,11 @@
 //! gateway. A server with data parallelism reports several `engine` label values: counts
 //! are summed, KV usage averaged, capacities summed. A metric that is absent is unknown
 //! (`None`), never zero (`--disable-log-stats` removes them all). A payload that is not a
-//! valid exposition (HTML, binary, truncated lines) is an error for that backend; a value
-//! out of its range (negative counts, KV usage above 1, NaN) is dropped as unknown.
+//! valid exposition (HTML, binary, truncated lines) is an error for that backend, and so
+//! is one with a value no engine can report (NaN, an infinity, a negative count, KV usage
+//! above 1, a count past [`MAX_REQUESTS`] or [`MAX_COUNTER`]): an exporter that says that
+//! cannot be trusted for its other values either, so the backend is scored as unknown
+//! (from this gateway's own accounting), never as idle.
 
 use std::collections::BTreeMap;
 
@@ -41,7 +44,8 @@ pub struct EngineLoad {
     pub lora: Option<LoraSlots>,
     /// Distinct `engine` label values seen (1 when there is no such label).
     pub engines: usize,
-    /// Values dropped as out of range, for logs and `/load-stats`.
+    /// Series that could not be read and were left out (a LoRA series without
+    /// `max_lora`), for the logs.
     pub anomalies: Vec<String>,
 }
 
@@ -120,7 +124,13 @@ impl SumCount {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Most requests an engine can hold running or waiting: far past any real batch and
+/// queue (vLLM's `--max-num-seqs` is hundreds), so a larger value is a broken exporter.
+pub const MAX_REQUESTS: f64 = 1e6;
+/// Most a cumulative counter can read: 2^53, past which an `f64` cannot count by ones.
+pub const MAX_COUNTER: f64 = 9_007_199_254_740_992.0;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MetricsError {
     #[error("metrics payload larger than {0} bytes")]
     TooLarge(usize),
@@ -128,6 +138,43 @@ pub enum MetricsError {
     NotText,
     #[error("line {line}: {reason}")]
     Malformed { line: usize, reason: &'static str },
+    #[error("line {line}: {metric} = {value:?} cannot be true (expected {expected})")]
+    Impossible {
+        line: usize,
+        metric: String,
+        value: f64,
+        expected: &'static str,
+    },
+}
+
+/// Which values a family can take.
+#[derive(Clone, Copy)]
+enum Range {
+    /// Requests now: 0 to [`MAX_REQUESTS`].
+    Requests,
+    /// A fraction: 0 to 1.
+    Fraction,
+    /// A cumulative count or sum: 0 to [`MAX_COUNTER`].
+    Counter,
+}
+
+impl Range {
+    fn holds(self, v: f64) -> bool {
+        let max = match self {
+            Range::Requests => MAX_REQUESTS,
+            Range::Fraction => 1.0,
+            Range::Counter => MAX_COUNTER,
+        };
+        (0.0..=max).contains(&v)
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            Range::Requests => "a request count from 0 to 1e6",
+            Range::Fraction => "a fraction from 0 to 1",
+            Range::Counter => "a count from 0 to 2^53",
+        }
+    }
 }
 
 /// One sample line: metric name, labels, value.
@@ -287,16 +334,36 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
             line: n + 1,
             reason,
         })?;
-        let engine = sample.label("engine").unwrap_or("").to_string();
         let v = sample.value;
-        let valid_count = v.is_finite() && v >= 0.0;
-        let mut reject = |what: &str| anomalies.push(format!("{what}={v} (line {})", n + 1));
+        let range = match sample.name {
+            "vllm:num_requests_running"
+            | "vllm:num_requests_waiting"
+            | "vllm:num_requests_waiting_by_reason" => Some(Range::Requests),
+            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => Some(Range::Fraction),
+            "vllm:prefix_cache_queries_total"
+            | "vllm:prefix_cache_hits_total"
+            | "vllm:num_preemptions_total"
+            | "vllm:prompt_tokens_total"
+            | "vllm:generation_tokens_total"
+            | "vllm:inter_token_latency_seconds_sum"
+            | "vllm:inter_token_latency_seconds_count"
+            | "vllm:time_to_first_token_seconds_sum"
+            | "vllm:time_to_first_token_seconds_count"
+            | "vllm:e2e_request_latency_seconds_sum"
+            | "vllm:e2e_request_latency_seconds_count" => Some(Range::Counter),
+            _ => None,
+        };
+        if let Some(range) = range.filter(|r| !r.holds(v)) {
+            return Err(MetricsError::Impossible {
+                line: n + 1,
+                metric: sample.name.to_string(),
+                value: v,
+                expected: range.expected(),
+            });
+        }
+        let engine = sample.label("engine").unwrap_or("").to_string();
         match sample.name {
             "vllm:num_requests_running" | "vllm:num_requests_waiting" => {
-                if !valid_count {
-                    reject(sample.name);
-                    continue;
-                }
                 let e = engines.entry(engine).or_default();
                 if sample.name.ends_with("running") {
                     add(&mut e.running, v);
@@ -305,25 +372,13 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
                 }
             }
             "vllm:num_requests_waiting_by_reason" if sample.label("reason") == Some("deferred") => {
-                if !valid_count {
-                    reject(sample.name);
-                    continue;
-                }
                 add(&mut engines.entry(engine).or_default().waiting_deferred, v);
             }
             "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
-                if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
-                    reject(sample.name);
-                    continue;
-                }
                 // Current and legacy names may both be present (0.10): same value.
                 engines.entry(engine).or_default().kv_usage = Some(v);
             }
             "vllm:prefix_cache_queries_total" | "vllm:prefix_cache_hits_total" => {
-                if !valid_count {
-                    reject(sample.name);
-                    continue;
-                }
                 let e = engines.entry(engine).or_default();
                 if sample.name.contains("queries") {
                     add(&mut e.prefix_queries, v);
@@ -332,17 +387,9 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
                 }
             }
             "vllm:num_preemptions_total" => {
-                if !valid_count {
-                    reject(sample.name);
-                    continue;
-                }
                 add(&mut engines.entry(engine).or_default().preemptions, v);
             }
             "vllm:prompt_tokens_total" | "vllm:generation_tokens_total" => {
-                if !valid_count {
-                    reject(sample.name);
-                    continue;
-                }
                 add(&mut engines.entry(engine).or_default().tokens, v);
             }
             "vllm:inter_token_latency_seconds_sum"
@@ -351,10 +398,6 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
             | "vllm:time_to_first_token_seconds_count"
             | "vllm:e2e_request_latency_seconds_sum"
             | "vllm:e2e_request_latency_seconds_count" => {
-                if !valid_count {
-                    reject(sample.name);
-                    continue;
-                }
                 let e = engines.entry(engine).or_default();
                 let slot = if sample.name.starts_with("vllm:inter") {
                     &mut e.itl
@@ -376,7 +419,7 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
                         lora = Some((v, slots));
                     }
                 }
-                _ => reject(sample.name),
+                _ => anomalies.push(format!("{}={v} (line {})", sample.name, n + 1)),
             },
             "vllm:cache_config_info" => {
                 let num = |k: &str| sample.label(k).and_then(|s| s.parse::<u64>().ok());
@@ -585,7 +628,7 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
     }
 
     #[test]
-    fn garbage_is_an_error_and_out_of_range_values_are_dropped() {
+    fn garbage_and_values_no_engine_can_report_are_errors() {
         for bad in [
             &b"<html><body>502 Bad Gateway</body></html>"[..],
             br#"vllm:num_requests_running{engine="0" 3"#,
@@ -600,16 +643,59 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
             );
         }
         assert_eq!(parse(&[b'#'; 100], 10), Err(MetricsError::TooLarge(10)));
+        // The attack run's values: a replica reporting NaN running took every request.
+        for (line, metric) in [
+            ("vllm:num_requests_running NaN", "vllm:num_requests_running"),
+            (
+                "vllm:num_requests_waiting +Inf",
+                "vllm:num_requests_waiting",
+            ),
+            ("vllm:num_requests_running -2", "vllm:num_requests_running"),
+            (
+                "vllm:num_requests_running 1e308",
+                "vllm:num_requests_running",
+            ),
+            ("vllm:num_requests_running 2e6", "vllm:num_requests_running"),
+            (
+                r#"vllm:num_requests_waiting_by_reason{reason="capacity"} -1"#,
+                "vllm:num_requests_waiting_by_reason",
+            ),
+            ("vllm:kv_cache_usage_perc -0.1", "vllm:kv_cache_usage_perc"),
+            ("vllm:kv_cache_usage_perc 1.7", "vllm:kv_cache_usage_perc"),
+            ("vllm:gpu_cache_usage_perc NaN", "vllm:gpu_cache_usage_perc"),
+            (
+                "vllm:generation_tokens_total 1e308",
+                "vllm:generation_tokens_total",
+            ),
+            (
+                "vllm:prefix_cache_hits_total -Inf",
+                "vllm:prefix_cache_hits_total",
+            ),
+            (
+                "vllm:e2e_request_latency_seconds_sum -3",
+                "vllm:e2e_request_latency_seconds_sum",
+            ),
+        ] {
+            let text = format!("vllm:num_requests_running 1\n{line}\n");
+            match parse(text.as_bytes(), MAX) {
+                Err(MetricsError::Impossible {
+                    line: 2, metric: m, ..
+                }) => assert_eq!(m, metric),
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+        // The edges are values an engine can report.
         let load = parse(
-            b"vllm:kv_cache_usage_perc 1.7\nvllm:num_requests_running -2\nvllm:num_requests_waiting NaN\n",
+            b"vllm:kv_cache_usage_perc 1\nvllm:num_requests_running 0\nvllm:num_requests_waiting 1e6\n",
             MAX,
         )
         .unwrap();
         assert_eq!(
             (load.kv_usage, load.running, load.waiting),
-            (None, None, None)
+            (Some(1.0), Some(0.0), Some(1e6))
         );
-        assert_eq!(load.anomalies.len(), 3);
+        // Families routing does not read are not judged.
+        assert!(parse(b"process_open_fds NaN\nvllm:foo -1\n", MAX).is_ok());
     }
 
     #[test]

@@ -22,9 +22,13 @@ pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub enum BodyError {
-    /// Answer the client with this error (and close the connection: the rest of the body
-    /// may still be unread).
+    /// Answer the client with this error (the connection stays open only if the body was
+    /// read in full).
     Reply(ApiError),
+    /// The body's framing is broken (a malformed or repeated `Content-Length`, invalid
+    /// chunked encoding): answer with this error and close the connection, since where
+    /// this request ends and the next begins cannot be told (RFC 9112 §6.3).
+    Framing(ApiError),
     /// The client went away or broke the protocol; there is nobody to answer.
     ClientGone(Box<pingora::Error>),
 }
@@ -104,7 +108,7 @@ pub async fn read_full_body(
                 Ok(None) => return Ok(()),
                 // Pingora's names for a chunked body it cannot parse (`v1/body.rs`).
                 Err(e) if matches!(e.etype().as_str(), "InvalidChunk" | "InvalidTrailerEnd") => {
-                    return Err(BodyError::Reply(ApiError::bad_request(
+                    return Err(BodyError::Framing(ApiError::bad_request(
                         "The request body's chunked encoding is invalid.",
                         None,
                     )))
@@ -150,7 +154,7 @@ fn content_length(session: &Session) -> Result<Option<usize>, BodyError> {
         return Ok(None);
     };
     let bad = || {
-        BodyError::Reply(ApiError::bad_request(
+        BodyError::Framing(ApiError::bad_request(
             "The Content-Length header is malformed or repeated.",
             None,
         ))
@@ -165,6 +169,41 @@ fn content_length(session: &Session) -> Result<Option<usize>, BodyError> {
         .and_then(|s| s.parse::<usize>().ok())
         .ok_or_else(bad)?;
     Ok(Some(n))
+}
+
+/// Refuses a `Transfer-Encoding` other than a plain `chunked`: a coding the gateway
+/// cannot decode is 501 (RFC 9112 §6.1; `gzip, chunked` would otherwise reach the replica
+/// still compressed), a malformed list is 400. Both close the connection.
+pub fn transfer_coding(headers: &http::HeaderMap) -> Result<(), BodyError> {
+    let mut values = headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    let Some(first) = values.next() else {
+        return Ok(());
+    };
+    let single = values.next().is_none();
+    let codings: Vec<&[u8]> = first
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(|c| c.trim_ascii())
+        .collect();
+    if single && codings.len() == 1 && codings[0].eq_ignore_ascii_case(b"chunked") {
+        return Ok(());
+    }
+    let known = |c: &&[u8]| !c.is_empty() && c.iter().all(|b| b.is_ascii_graphic());
+    if !single || !codings.iter().all(known) {
+        return Err(BodyError::Framing(ApiError::bad_request(
+            "The Transfer-Encoding header is malformed or repeated.",
+            None,
+        )));
+    }
+    let listed = String::from_utf8_lossy(first.as_bytes()).into_owned();
+    Err(BodyError::Framing(ApiError::new(
+        501,
+        "NotImplementedError",
+        format!(
+            "Transfer-Encoding `{listed}` is not supported: request bodies may only be sent \
+             with a Content-Length or as plain `chunked`."
+        ),
+    )))
 }
 
 fn expects_continue(session: &Session) -> bool {

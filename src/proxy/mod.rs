@@ -14,6 +14,7 @@ use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpUpstreamRequestPolicy;
 use pingora::{ErrorSource, ErrorType, RetryType};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -277,6 +278,54 @@ fn head_refusal(
     None
 }
 
+/// A request head whose framing or target the gateway will not guess at: a transfer
+/// coding it cannot decode, or a request line the client connection marked (see
+/// `conn::MALFORMED`): a control character in it, or a line too long to pass on.
+/// Answered, then the connection closes. A limit's name comes with its answer.
+fn malformed_head(
+    header: &pingora::http::RequestHeader,
+    limits: &crate::config::ClientLimits,
+) -> Option<(Option<&'static str>, ApiError)> {
+    if let Some(mark) = header.headers.get(crate::conn::MALFORMED) {
+        let mark = mark.to_str().unwrap_or("");
+        if let Some(n) = mark.strip_prefix("long ") {
+            let line: usize = n.parse().unwrap_or(usize::MAX);
+            let fields: usize = header
+                .headers
+                .iter()
+                .filter(|(k, _)| k.as_str() != crate::conn::MALFORMED)
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum();
+            let bytes = line.saturating_add(fields);
+            if bytes > limits.max_header_bytes {
+                let err = ApiError::header_too_large(format!(
+                    "The request head is {bytes} bytes; the limit is {} \
+                     (limits.max_header_size).",
+                    limits.max_header_bytes
+                ));
+                return Some((Some("max_header_size"), err));
+            }
+            let err = ApiError::new(
+                414,
+                "URITooLongError",
+                format!(
+                    "The request line is {line} bytes; the gateway takes at most {}.",
+                    crate::conn::MAX_REQUEST_LINE
+                ),
+            );
+            return Some((None, err));
+        }
+        let err = ApiError::bad_request("The request line contains a control character.", None);
+        return Some((None, err));
+    }
+    if let Err(BodyError::Framing(err) | BodyError::Reply(err)) =
+        body::transfer_coding(&header.headers)
+    {
+        return Some((None, err));
+    }
+    None
+}
+
 /// Answers with a JSON body. With `keepalive`, the connection stays open for the
 /// client's next request if the client wants that and its request body was read in full
 /// (Pingora closes it otherwise: unread body bytes would be taken for the next request);
@@ -315,6 +364,17 @@ async fn respond_error(
     err: &ApiError,
 ) -> Result<bool> {
     respond_error_with(session, ctx, err, &[]).await
+}
+
+/// [`respond_error`], then the connection closes: after a framing error, what the client
+/// sends next cannot be told from the rest of this request (RFC 9112 §6.3, §11.2).
+async fn respond_error_closing(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    err: &ApiError,
+) -> Result<bool> {
+    session.set_keepalive(None);
+    respond_error(session, ctx, err).await
 }
 
 /// 429 for a key over one of its own limits (counted by key name).
@@ -474,6 +534,14 @@ impl ProxyHttp for Gateway {
             ctx.cors = c.verdict(&header.headers);
         }
         let limits = self.config.load().limits;
+        if let Some((limit, err)) = malformed_head(header, &limits) {
+            if let Some(limit) = limit {
+                crate::metrics::LIMIT_REFUSALS
+                    .with_label_values(&[limit])
+                    .inc();
+            }
+            return respond_error_closing(session, ctx, &err).await;
+        }
         if let Some((limit, err)) = head_refusal(header, &limits) {
             crate::metrics::LIMIT_REFUSALS
                 .with_label_values(&[limit])
@@ -582,6 +650,9 @@ impl ProxyHttp for Gateway {
                                     .inc();
                             }
                             return respond_error(session, ctx, &err).await;
+                        }
+                        Err(BodyError::Framing(err)) => {
+                            return respond_error_closing(session, ctx, &err).await
                         }
                         Err(BodyError::ClientGone(e)) => return Err(e),
                     };
@@ -748,6 +819,11 @@ impl ProxyHttp for Gateway {
         o.read_timeout = Some(self.limits(info.stream).longest_read());
         o.write_timeout = Some(cfg.connect_timeout.max(Duration::from_secs(10)));
         o.idle_timeout = Some(cfg.pool_idle_timeout);
+        // The gateway never switches protocols: a client's `Upgrade` is not forwarded
+        // (RFC 9110 §7.8 lets a server ignore it; the request is served as HTTP/1.1), so
+        // a replica's `101` is a mismatch Pingora refuses (a 502) rather than a tunnel
+        // that would carry the client's next requests past every check.
+        o.http_upstream_request_policy = HttpUpstreamRequestPolicy::deny_upgrades();
         Ok(Box::new(peer))
     }
 
@@ -840,6 +916,18 @@ impl ProxyHttp for Gateway {
         // vLLM answers 503 when its engine is dead, 500 when it failed: another replica
         // may serve the request, and nothing has reached the client yet.
         let status = resp.status.as_u16();
+        if status == 101 {
+            // No request of ours asks to switch protocols (see `upstream_peer`); Pingora
+            // refuses a 101 only when the client asked for an upgrade.
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                format!(
+                    "backend {} switched protocols unasked (101)",
+                    ctx.backend_name()
+                ),
+            )
+            .into_up());
+        }
         if status >= 500 && session.response_written().is_none() {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(status),

@@ -5,7 +5,10 @@
 //! them); HTTP/2 frames are written by hand.
 
 use crate::support::*;
+use serde_json::Value;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -201,15 +204,103 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
     .into_bytes();
     smuggling.extend_from_slice(smuggled);
 
+    // A framing error must close the connection (RFC 9112 §6.3): this request, sent
+    // right behind each of them, must never be read as a request of its own.
+    let next =
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                 content-length: 31\r\n\r\n{\"model\":\"m\",\"messages\":[    ]}";
+    let framed = |head: &str, body: &[u8]| {
+        let mut r =
+            format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{head}\r\n").into_bytes();
+        r.extend_from_slice(body);
+        r.extend_from_slice(next);
+        r
+    };
+    let chat = br#"{"model":"m","messages":[]}"#;
+    let chunked = |size_line: &[u8]| {
+        let mut b = size_line.to_vec();
+        b.extend_from_slice(chat);
+        b.extend_from_slice(b"\r\n0\r\n\r\n");
+        b
+    };
+
     // (case, bytes, status, whether the answer is the gateway's own OpenAI-shaped JSON).
     // Pingora answers heads it cannot parse with an empty 400 before our code runs (status
     // 0 would be a connection closed without an answer).
-    let cases: Vec<(&str, Vec<u8>, u16, bool)> =
-        vec![
-        ("malformed JSON", post("", b"{\"model\":\"m\",,}"), 400, true),
+    let cases: Vec<(&str, Vec<u8>, u16, bool)> = vec![
+        (
+            "chunk size -1",
+            framed("transfer-encoding: chunked\r\n", &chunked(b"-1\r\n")),
+            400,
+            true,
+        ),
+        (
+            "a chunk size line ending in a bare LF",
+            framed("transfer-encoding: chunked\r\n", &chunked(b"1b\n")),
+            400,
+            true,
+        ),
+        (
+            "the same Content-Length twice",
+            framed("content-length: 27\r\ncontent-length: 27\r\n", chat),
+            400,
+            true,
+        ),
+        (
+            "Content-Length `N, N`",
+            framed("content-length: 27, 27\r\n", chat),
+            400,
+            true,
+        ),
+        (
+            "Transfer-Encoding gzip, chunked (a coding the gateway cannot decode)",
+            framed("transfer-encoding: gzip, chunked\r\n", &chunked(b"1b\r\n")),
+            501,
+            true,
+        ),
+        (
+            "Transfer-Encoding chunked twice",
+            framed(
+                "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+                &chunked(b"1b\r\n"),
+            ),
+            400,
+            true,
+        ),
+        (
+            "a raw NUL in the request target",
+            b"GET /v1/mo\x00dels HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "a DEL in the request target's query",
+            b"GET /v1/models?a=\x7f HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "a 70 KB request target (over the 8 KiB head limit and what Pingora holds)",
+            format!(
+                "GET /v1/models?{} HTTP/1.1\r\nhost: x\r\n\r\n",
+                "a".repeat(70_000)
+            )
+            .into_bytes(),
+            431,
+            true,
+        ),
+        (
+            "malformed JSON",
+            post("", b"{\"model\":\"m\",,}"),
+            400,
+            true,
+        ),
         (
             "truncated JSON",
-            post("", b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"con"),
+            post(
+                "",
+                b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"con",
+            ),
             400,
             true,
         ),
@@ -240,7 +331,12 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
             400,
             true,
         ),
-        ("100,000 levels of nesting", post("", nested.as_bytes()), 400, true),
+        (
+            "100,000 levels of nesting",
+            post("", nested.as_bytes()),
+            400,
+            true,
+        ),
         (
             "two different Content-Lengths",
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\
@@ -269,7 +365,12 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
             431,
             true,
         ),
-        ("60 header fields (limit 50)", post(&many(60), b"{}"), 431, true),
+        (
+            "60 header fields (limit 50)",
+            post(&many(60), b"{}"),
+            431,
+            true,
+        ),
         (
             "300 header fields (Pingora's ceiling is 256)",
             post(&many(300), b"{}"),
@@ -315,6 +416,13 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
             continue;
         };
         assert_eq!(a.status, *want, "{case}: {}", a.head);
+        if bytes.ends_with(next) {
+            assert!(
+                a.head.to_lowercase().contains("connection: close"),
+                "{case}: the connection must close: {}",
+                a.head
+            );
+        }
         if *ours {
             assert!(
                 is_openai_error(&a.body),
@@ -996,6 +1104,34 @@ enum Lie {
     /// Honest `/metrics`; a stream sends its header and one event, then nothing, forever
     /// (an engine that hung, or a very slow one).
     Hold,
+    /// Honours a client's `Upgrade`: answers `101` and tunnels what follows (kept in
+    /// [`Liar::tunneled`]).
+    Upgrades,
+    /// Answers every inference request `101`, asked or not, and tunnels what follows.
+    Switches,
+    /// `/metrics` is this exposition (values no engine can report).
+    Metrics(&'static str),
+}
+
+/// A lying replica and what it saw.
+struct Liar {
+    addr: SocketAddr,
+    /// Every request head it received, lowercased.
+    heads: Arc<Mutex<Vec<String>>>,
+    /// Bytes received after it switched protocols.
+    tunneled: Arc<Mutex<Vec<u8>>>,
+    /// Connections it accepted.
+    connections: Arc<AtomicUsize>,
+}
+
+impl Liar {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
 }
 
 const COMPLETION: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
@@ -1010,14 +1146,26 @@ data: [DONE]\n\n";
 
 /// A vLLM-shaped server that lies in the way `lie` says; `/health` and `/v1/models` are
 /// honest, so it is in rotation.
-async fn liar(lie: Lie) -> SocketAddr {
+async fn liar(lie: Lie) -> Liar {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let liar = Liar {
+        addr: listener.local_addr().unwrap(),
+        heads: Arc::default(),
+        tunneled: Arc::default(),
+        connections: Arc::default(),
+    };
+    let (heads, tunneled, connections) = (
+        liar.heads.clone(),
+        liar.tunneled.clone(),
+        liar.connections.clone(),
+    );
     tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
                 return;
             };
+            connections.fetch_add(1, Ordering::Relaxed);
+            let (heads, tunneled) = (heads.clone(), tunneled.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 8192];
@@ -1033,6 +1181,7 @@ async fn liar(lie: Lie) -> SocketAddr {
                         }
                     };
                     let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    heads.lock().unwrap().push(head.clone());
                     let length: usize = head
                         .lines()
                         .find_map(|l| l.strip_prefix("content-length:"))
@@ -1080,10 +1229,27 @@ async fn liar(lie: Lie) -> SocketAddr {
                                 "text/plain",
                                 b"vllm:num_requests_running{model_name=\"m\xff\"} 1\nvllm:kv_cache_usage_perc \xfe\n",
                             ),
-                            Lie::Endless | Lie::Hold => ok("text/plain", b""),
+                            Lie::Metrics(text) => ok("text/plain", text.as_bytes()),
+                            _ => ok("text/plain", b""),
                         },
                         _ => {
                             let stream = String::from_utf8_lossy(&body).contains("\"stream\":true");
+                            let asked = head.contains("\r\nupgrade:");
+                            if matches!((lie, asked), (Lie::Upgrades, true) | (Lie::Switches, _)) {
+                                let _ = conn
+                                    .write_all(
+                                        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+                                          connection: upgrade\r\n\r\n",
+                                    )
+                                    .await;
+                                tunneled.lock().unwrap().extend_from_slice(&buf);
+                                loop {
+                                    match conn.read(&mut chunk).await {
+                                        Ok(0) | Err(_) => return,
+                                        Ok(n) => tunneled.lock().unwrap().extend_from_slice(&chunk[..n]),
+                                    }
+                                }
+                            }
                             match (lie, stream) {
                                 (Lie::Endless, false) => {
                                     // No length, no chunking: the body ends when the
@@ -1130,7 +1296,7 @@ async fn liar(lie: Lie) -> SocketAddr {
             });
         }
     });
-    addr
+    liar
 }
 
 async fn scrape_error_of(gw: &Gateway, name: &str) -> Option<String> {
@@ -1146,19 +1312,37 @@ async fn scrape_error_of(gw: &Gateway, name: &str) -> Option<String> {
 #[tokio::test]
 async fn lying_replicas_are_scraped_as_errors_and_their_answers_bounded() {
     let lies = [
-        Lie::HugeMetrics,
-        Lie::SlowMetrics,
-        Lie::GarbageMetrics,
-        Lie::NonUtf8Metrics,
+        ("HugeMetrics", Lie::HugeMetrics),
+        ("SlowMetrics", Lie::SlowMetrics),
+        ("GarbageMetrics", Lie::GarbageMetrics),
+        ("NonUtf8Metrics", Lie::NonUtf8Metrics),
+        // Values no engine can report (the attack run's: NaN took every request).
+        (
+            "NaN",
+            Lie::Metrics("vllm:num_requests_running{model_name=\"m\"} NaN\n"),
+        ),
+        (
+            "Inf",
+            Lie::Metrics("vllm:num_requests_waiting{model_name=\"m\"} +Inf\n"),
+        ),
+        (
+            "Negative",
+            Lie::Metrics("vllm:num_requests_running{model_name=\"m\"} -4\n"),
+        ),
+        (
+            "KvOverOne",
+            Lie::Metrics("vllm:kv_cache_usage_perc{model_name=\"m\"} 3.5\n"),
+        ),
+        (
+            "Huge",
+            Lie::Metrics("vllm:num_requests_waiting{model_name=\"m\"} 1e308\n"),
+        ),
     ];
     let mut builder = Gateway::builder(&[]);
-    for lie in lies {
-        builder = builder.backend_with(
-            &format!("http://{}", liar(lie).await),
-            &format!("name: {lie:?}"),
-        );
+    for (name, lie) in lies {
+        builder = builder.backend_with(&liar(lie).await.url(), &format!("name: {name}"));
     }
-    let endless = liar(Lie::Endless).await;
+    let endless = liar(Lie::Endless).await.addr;
     let gw = builder
         .backend_with(
             &format!("http://{endless}"),
@@ -1169,10 +1353,9 @@ async fn lying_replicas_are_scraped_as_errors_and_their_answers_bounded() {
         .await;
 
     // Each lying /metrics is an error for that backend only, with a reason.
-    for lie in lies {
-        let name = format!("{lie:?}");
+    for (name, _) in lies {
         let seen = eventually(Duration::from_secs(10), || async {
-            scrape_error_of(&gw, &name).await.is_some()
+            scrape_error_of(&gw, name).await.is_some()
         })
         .await;
         assert!(
@@ -1180,7 +1363,17 @@ async fn lying_replicas_are_scraped_as_errors_and_their_answers_bounded() {
             "{name}: no scrape error recorded\n{}",
             gw.log_unusual()
         );
-        eprintln!("{name}: {}", scrape_error_of(&gw, &name).await.unwrap());
+        eprintln!("{name}: {}", scrape_error_of(&gw, name).await.unwrap());
+        // Scored as unknown (from local accounting), not from what it said.
+        let v = get_json(gw.admin_url("/load-stats")).await;
+        let b = v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap();
+        assert_eq!(b["scrape_fresh"], false, "{name}: {b}");
+        assert_eq!(b["running"], Value::Null, "{name}: {b}");
     }
     // ...and the backends are still used, scored from local accounting.
     for _ in 0..8 {
@@ -1288,7 +1481,7 @@ async fn ten_thousand_idle_connections_and_streams_stay_within_the_memory_bound(
         );
     }
     let backend = sim(&["m"]).await;
-    let holder = liar(Lie::Hold).await;
+    let holder = liar(Lie::Hold).await.addr;
     let gw = Gateway::builder(&[&backend])
         .backend_with(&format!("http://{holder}"), "name: holder\nmodels: [hold]")
         .yaml(
@@ -1435,4 +1628,311 @@ async fn ten_thousand_idle_connections_and_streams_stay_within_the_memory_bound(
     // measured, with margin.
     assert!(per_conn < 48 * 1024, "{per_conn} bytes per idle connection");
     assert!(per_stream < 64 * 1024, "{per_stream} bytes per idle stream");
+}
+
+// ---------------------------------------------------------------------------------------
+// Upgrades and framing
+// ---------------------------------------------------------------------------------------
+
+/// A client's `Upgrade` is not forwarded, and no `101` is relayed: a backend willing to
+/// switch protocols never gets the chance, so no client bytes reach it past the
+/// gateway's checks (the attack run tunnelled requests to refused paths this way).
+#[tokio::test]
+async fn a_clients_upgrade_is_never_forwarded_and_a_101_never_relayed() {
+    let upgrades = liar(Lie::Upgrades).await;
+    let switches = liar(Lie::Switches).await;
+    let gw = Gateway::builder(&[])
+        .backend_with(&upgrades.url(), "name: upgrades")
+        .backend_with(&switches.url(), "name: switches\nmodels: [switches]")
+        .yaml(LIMITS)
+        .start()
+        .await;
+    still_serves(&gw, "m").await;
+
+    let chat = |model: &str, upgrade: bool| {
+        let asks = "connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\
+                    sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        post(
+            if upgrade { asks } else { "" },
+            format!(r#"{{"model":"{model}","messages":[]}}"#).as_bytes(),
+        )
+    };
+    // The next request on the connection, to a path the data plane refuses.
+    let refused = b"POST /v1/load_lora_adapter HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+
+    // A backend that would accept: it is asked nothing it could accept, answers the
+    // request as such, and the next request is the gateway's to judge.
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(&chat("m", true)).await.unwrap();
+    let first = tokio::time::timeout(ANSWER_WITHIN, read_answer(&mut conn, false))
+        .await
+        .expect("answered");
+    assert_eq!(first.status, 200, "{}", first.head);
+    conn.write_all(refused).await.unwrap();
+    let second = tokio::time::timeout(ANSWER_WITHIN, read_answer(&mut conn, false))
+        .await
+        .expect("answered");
+    assert_eq!(second.status, 404, "{}", second.head);
+    assert!(is_openai_error(&second.body));
+    let heads = upgrades.heads();
+    // This test's raw requests name the host `x`.
+    let inference: Vec<_> = heads
+        .iter()
+        .filter(|h| h.contains("/v1/chat") && h.contains("\r\nhost: x\r\n"))
+        .collect();
+    assert_eq!(inference.len(), 1, "{heads:?}");
+    assert!(
+        !inference[0].contains("upgrade"),
+        "the upgrade reached the backend: {}",
+        inference[0]
+    );
+    assert!(!heads.iter().any(|h| h.contains("load_lora")), "{heads:?}");
+    assert!(upgrades.tunneled.lock().unwrap().is_empty());
+
+    // A backend that answers 101, asked by the client or not: the client gets an error,
+    // never the 101, and what it sends next is never tunnelled.
+    for upgrade in [true, false] {
+        let mut bytes = chat("switches", upgrade);
+        bytes.extend_from_slice(refused);
+        // Not half-closed: a client that closed its side is gone (Pingora aborts).
+        let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+        conn.write_all(&bytes).await.unwrap();
+        let a = tokio::time::timeout(ANSWER_WITHIN, read_answer(&mut conn, true))
+            .await
+            .unwrap_or_else(|_| panic!("no answer: {}", gw.log_unusual()));
+        assert_eq!(a.status, 502, "{}", a.head);
+        assert!(is_openai_error(&a.body));
+        assert!(
+            !String::from_utf8_lossy(&a.rest).contains("HTTP/1.1"),
+            "{:?}",
+            String::from_utf8_lossy(&a.rest)
+        );
+    }
+    let tunneled = switches.tunneled.lock().unwrap().clone();
+    assert!(
+        tunneled.is_empty(),
+        "tunnelled: {:?}",
+        String::from_utf8_lossy(&tunneled)
+    );
+    assert!(!switches.heads().iter().any(|h| h.contains("load_lora")));
+    still_serves(&gw, "m").await;
+}
+
+/// A request line longer than the gateway passes on (16 KiB) is 414, or 431 past the
+/// head's limit, each the gateway's own answer; shorter ones are served.
+#[tokio::test]
+async fn long_request_targets_get_414_or_431_and_shorter_ones_are_served() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend]).start().await;
+    for (len, want) in [
+        (10_000, 200),
+        (20_000, 414),
+        (70_000, 431),
+        (2_000_000, 431),
+    ] {
+        let line = format!(
+            "GET /v1/models?{} HTTP/1.1\r\nhost: x\r\n\r\n",
+            "a".repeat(len)
+        );
+        let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+        conn.write_all(line.as_bytes()).await.unwrap();
+        let a = tokio::time::timeout(ANSWER_WITHIN, read_answer(&mut conn, false))
+            .await
+            .expect("answered");
+        assert_eq!(a.status, want, "a {len}-byte target: {}", a.head);
+        assert!(
+            is_openai_error(&a.body) || want == 200,
+            "{len}: {:?}",
+            a.body
+        );
+        if want != 200 {
+            assert!(
+                a.head.to_lowercase().contains("connection: close"),
+                "{}",
+                a.head
+            );
+        }
+    }
+    still_serves(&gw, "m").await;
+}
+
+/// A request head's fields, pseudo-headers included, as raw bytes.
+type H2Fields<'a> = Vec<(&'a [u8], &'a [u8])>;
+
+/// HPACK's integer with a 7-bit prefix (RFC 7541 §5.1).
+fn hpack_int(n: usize) -> Vec<u8> {
+    if n < 127 {
+        return vec![n as u8];
+    }
+    let mut out = vec![127u8];
+    let mut rest = n - 127;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+    out
+}
+
+/// A header block of literal fields without indexing, names and values as given.
+fn hpack_literals(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut h = Vec::new();
+    for (name, value) in fields {
+        h.push(0);
+        h.extend(hpack_int(name.len()));
+        h.extend_from_slice(name);
+        h.extend(hpack_int(value.len()));
+        h.extend_from_slice(value);
+    }
+    h
+}
+
+/// How the gateway ended an HTTP/2 request it was sent.
+#[derive(Debug, PartialEq)]
+enum H2End {
+    /// A response head: its first HPACK byte (0x88 is `:status 200` from the static table).
+    Head(u8),
+    Reset,
+    GoAway,
+    Closed,
+}
+
+/// Sends one HTTP/2 request (a head of `fields`, then `body` if any) on a new
+/// connection and tells how stream 1 ended.
+async fn h2_exchange(addr: SocketAddr, fields: &[(&[u8], &[u8])], body: &[u8]) -> H2End {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    let block = hpack_literals(fields);
+    // HEADERS with END_HEADERS, and END_STREAM when there is no body; the block may need
+    // CONTINUATION frames past the default 16 KiB frame size.
+    let mut pieces = block.chunks(16_384).peekable();
+    let first = pieces.next().unwrap_or(&[]);
+    let end_stream = if body.is_empty() { 0x1 } else { 0 };
+    let last = pieces.peek().is_none();
+    out.extend(frame(1, end_stream | if last { 0x4 } else { 0 }, 1, first));
+    while let Some(p) = pieces.next() {
+        out.extend(frame(
+            9,
+            if pieces.peek().is_none() { 0x4 } else { 0 },
+            1,
+            p,
+        ));
+    }
+    if !body.is_empty() {
+        out.extend(frame(0, 0x1, 1, body));
+    }
+    let _ = conn.write_all(&out).await;
+    tokio::time::timeout(ANSWER_WITHIN, async {
+        loop {
+            let mut head = [0u8; 9];
+            if conn.read_exact(&mut head).await.is_err() {
+                return H2End::Closed;
+            }
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if conn.read_exact(&mut payload).await.is_err() {
+                return H2End::Closed;
+            }
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match head[3] {
+                1 if stream == 1 => return H2End::Head(payload.first().copied().unwrap_or(0)),
+                3 if stream == 1 => return H2End::Reset,
+                7 => return H2End::GoAway,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the gateway ends the request within the limit")
+}
+
+/// HTTP/2 heads that break the protocol's rules (RFC 9113 §8.2-8.3) are refused, never
+/// proxied: the backend sees none of them, and the gateway serves a good one after.
+#[tokio::test]
+async fn malformed_http2_heads_never_reach_a_backend() {
+    let backend = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&backend]).yaml(LIMITS).start().await;
+    still_serves(&gw, "m").await;
+    let body = br#"{"model":"m","messages":[]}"#;
+    let len = body.len().to_string();
+    let good: H2Fields = vec![
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/v1/chat/completions"),
+        (b":authority", b"x"),
+        (b"content-type", b"application/json"),
+        (b"content-length", len.as_bytes()),
+    ];
+    assert_eq!(
+        h2_exchange(gw.addr, &good, body).await,
+        H2End::Head(0x88),
+        "the good head is served"
+    );
+    let with = |name: &'static [u8], value: &'static [u8]| {
+        let mut f = good.clone();
+        f.push((name, value));
+        f
+    };
+    let replaced = |name: &'static [u8], value: &'static [u8]| {
+        good.iter()
+            .map(|&(n, v)| if n == name { (n, value) } else { (n, v) })
+            .collect::<Vec<_>>()
+    };
+    let without = |name: &'static [u8]| {
+        good.iter()
+            .filter(|(n, _)| *n != name)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let mut cases: Vec<(&str, H2Fields)> = vec![
+        (
+            "a NUL in :path",
+            replaced(b":path", b"/v1/chat/completions\x00"),
+        ),
+        (
+            "a control character in :path's query",
+            replaced(b":path", b"/v1/chat/completions?a=\x01"),
+        ),
+        (
+            "a space in :path",
+            replaced(b":path", b"/v1/chat completions"),
+        ),
+        ("an empty :path", replaced(b":path", b"")),
+        ("no :path", without(b":path")),
+        ("no :method", without(b":method")),
+        ("two :path", with(b":path", b"/v1/completions")),
+        ("an unknown pseudo-header", with(b":foo", b"bar")),
+        ("an upper-case name", with(b"X-Upper", b"1")),
+        ("a name with a space", with(b"x a", b"1")),
+        ("connection", with(b"connection", b"keep-alive")),
+        ("upgrade", with(b"upgrade", b"websocket")),
+        ("transfer-encoding", with(b"transfer-encoding", b"chunked")),
+        ("te other than trailers", with(b"te", b"gzip")),
+        ("CR LF in a value", with(b"x-a", b"a\r\nx-b: c")),
+        ("a NUL in a value", with(b"x-a", b"a\x00b")),
+        ("userinfo in :authority", replaced(b":authority", b"user@x")),
+    ];
+    let mut late_pseudo = without(b":path");
+    late_pseudo.push((b":path", b"/v1/chat/completions"));
+    cases.push(("a pseudo-header after a regular one", late_pseudo));
+    let long_path: &'static [u8] = format!("/v1/chat/completions?{}", "a".repeat(70_000))
+        .leak()
+        .as_bytes();
+    cases.push(("a 70 KB :path", replaced(b":path", long_path)));
+    let before = backend.sim.state()["requests"].as_u64().unwrap();
+    for (case, fields) in &cases {
+        let end = h2_exchange(gw.addr, fields, body).await;
+        eprintln!("{case}: {end:?}");
+        assert_ne!(end, H2End::Head(0x88), "{case}: served");
+    }
+    // The body's length must agree with content-length.
+    let end = h2_exchange(gw.addr, &replaced(b"content-length", b"5"), body).await;
+    eprintln!("content-length shorter than the body: {end:?}");
+    assert_ne!(end, H2End::Head(0x88));
+    let reached = backend.sim.state()["requests"].as_u64().unwrap() - before;
+    assert_eq!(reached, 0, "malformed heads reached the backend");
+    assert_eq!(h2_exchange(gw.addr, &good, body).await, H2End::Head(0x88));
+    still_serves(&gw, "m").await;
 }
