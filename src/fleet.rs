@@ -68,6 +68,8 @@ pub struct Backend {
     /// of its latest: those sent since a scrape began hold a slot the scrape does not
     /// show yet. Touched only by requests for adapters.
     adapters_sent: std::sync::Mutex<Vec<(String, u64)>>,
+    /// Connections kept open for the background requests (scrapes, checks).
+    pub kept: crate::httpclient::KeptConnections,
 }
 
 /// Adapters remembered per backend by [`Backend::note_adapter`]: more than any engine
@@ -98,6 +100,7 @@ impl Backend {
             served: AtomicU64::new(0),
             pending_prefill: AtomicU64::new(0),
             adapters_sent: std::sync::Mutex::new(Vec::new()),
+            kept: Default::default(),
         })
     }
 

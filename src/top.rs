@@ -334,6 +334,7 @@ async fn fetch(addr: SocketAddr, token: Option<&Secret>, history: bool) -> Resul
         addr,
         key: token,
         tls: None,
+        kept: None,
     };
     let path = if history {
         "/load-stats?history=1"

@@ -279,8 +279,9 @@ fn head_refusal(
 }
 
 /// A request head whose framing or target the gateway will not guess at: a transfer
-/// coding it cannot decode, or a request line the client connection marked (see
-/// `conn::MALFORMED`): a control character in it, or a line too long to pass on.
+/// coding it cannot decode, an HTTP/1.1 request without `Host`, or a request line the
+/// client connection marked (see `conn::MALFORMED`): a control character in it, or a
+/// line too long to pass on.
 /// Answered, then the connection closes. A limit's name comes with its answer.
 fn malformed_head(
     header: &pingora::http::RequestHeader,
@@ -321,6 +322,14 @@ fn malformed_head(
     if let Err(BodyError::Framing(err) | BodyError::Reply(err)) =
         body::transfer_coding(&header.headers)
     {
+        return Some((None, err));
+    }
+    if header.version == http::Version::HTTP_11 && !header.headers.contains_key(http::header::HOST)
+    {
+        let err = ApiError::bad_request(
+            "An HTTP/1.1 request must carry a Host header (RFC 9112 §3.2).",
+            None,
+        );
         return Some((None, err));
     }
     None

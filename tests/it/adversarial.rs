@@ -280,6 +280,50 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
             true,
         ),
         (
+            "an HTTP/1.1 request without Host",
+            b"POST /v1/chat/completions HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: 27\r\n\r\n{\"model\":\"m\",\"messages\":[]}".iter().chain(next.iter()).copied().collect(),
+            400,
+            true,
+        ),
+        ("Content-Length `+N`", framed("content-length: +27\r\n", chat), 400, false),
+        ("Content-Length in hex", framed("content-length: 0x1b\r\n", chat), 400, false),
+        (
+            "Transfer-Encoding folded over two lines (obs-fold)",
+            framed("transfer-encoding:\r\n chunked\r\n", &chunked(b"1b\r\n")),
+            400,
+            false,
+        ),
+        (
+            "a space between a field name and its colon",
+            framed("content-length : 27\r\n", chat),
+            400,
+            false,
+        ),
+        ("two Host fields", framed("host: y\r\ncontent-length: 27\r\n", chat), 400, false),
+        (
+            "a chunk size past 64 bits",
+            framed("transfer-encoding: chunked\r\n", &chunked(b"ffffffffffffffffff1\r\n")),
+            400,
+            false,
+        ),
+        (
+            "Transfer-Encoding in an HTTP/1.0 request",
+            {
+                let mut r = b"POST /v1/chat/completions HTTP/1.0\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                r.extend(chunked(b"1b\r\n"));
+                r.extend_from_slice(next);
+                r
+            },
+            400,
+            false,
+        ),
+        (
+            "an absolute-form target naming another host",
+            b"POST http://elsewhere.example/v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 27\r\n\r\n{\"model\":\"m\",\"messages\":[]}".iter().chain(next.iter()).copied().collect(),
+            400,
+            false,
+        ),
+        (
             "a 70 KB request target (over the 8 KiB head limit and what Pingora holds)",
             format!(
                 "GET /v1/models?{} HTTP/1.1\r\nhost: x\r\n\r\n",
@@ -609,7 +653,8 @@ async fn a_request_shorter_than_the_h2_preface_is_answered_at_once() {
     for (head, status) in [
         (&b"OPTIONS / HTTP/1.0\r\n\r\n"[..], 404),
         (b"GET / HTTP/1.0\r\n\r\n", 404),
-        (b"GET / HTTP/1.1\r\n\r\n", 404),
+        // HTTP/1.1 without Host is refused (RFC 9112 §3.2), at once too.
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
         (b"GET /health HTTP/1.0\r\n\r\n", 200),
     ] {
         let mut conn = TcpStream::connect(gw.addr).await.unwrap();

@@ -680,6 +680,41 @@ async fn a_hanging_health_endpoint_does_not_slow_the_others_checks() {
     assert!(took < Duration::from_millis(900), "out after {took:?}");
 }
 
+/// The scraper and health checker visit each backend several times a second over
+/// connections they keep open, not a new connection each time.
+#[tokio::test]
+async fn scrapes_and_checks_reuse_their_connections() {
+    let s = sim(&["m"]).await;
+    let gw = Gateway::builder(&[&s])
+        .yaml("discovery:\n  scrape_interval: 20ms\n  models_interval: 100ms\nhealth:\n  interval: 20ms\n  timeout: 500ms")
+        .start()
+        .await;
+    let name = name_of(&s);
+    let scrapes = || async {
+        metric(
+            &gw.metrics_text().await,
+            "vllm_edge_scrape_duration_seconds_count",
+            &format!("backend=\"{name}\""),
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            scrapes().await >= 50.0
+        })
+        .await,
+        "{}",
+        gw.log_unusual()
+    );
+    let connections = s.sim.state()["connections"].as_u64().unwrap();
+    eprintln!(
+        "{} scrapes (and as many checks) over {connections} connections",
+        scrapes().await
+    );
+    // Scrapes, checks and model discovery (models and version) may overlap: a few
+    // connections (at most 4 at once), not one per visit (over 100 here).
+    assert!(connections <= 8, "{connections} connections");
+}
+
 fn scrape_errors(text: &str, backend: &str) -> f64 {
     metric(
         text,
