@@ -452,8 +452,10 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
             false,
         ),
     ];
+    let reached = || backend.sim.state()["requests"].as_u64().unwrap();
     for (case, bytes, want, ours) in &cases {
         eprintln!("case: {case}");
+        let before = reached();
         let Some(a) = try_exchange(gw.addr, bytes).await else {
             assert_eq!(*want, 0, "{case}: closed without an answer");
             still_serves(&gw, "m").await;
@@ -466,6 +468,7 @@ async fn hostile_requests_get_their_exact_answer_and_the_gateway_keeps_serving()
                 "{case}: the connection must close: {}",
                 a.head
             );
+            assert_eq!(reached(), before, "{case}: a request reached the backend");
         }
         if *ours {
             assert!(
