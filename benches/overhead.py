@@ -73,8 +73,7 @@ CANNED = json.dumps({
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 250, "completion_tokens": 6, "total_tokens": 256},
 })
-METRICS = open(os.path.join(ROOT, "../shared/fixtures/vllm-0.32/metrics-idle.txt")).read() \
-    if os.path.exists(os.path.join(ROOT, "../shared/fixtures/vllm-0.32/metrics-idle.txt")) else ""
+METRICS = open(os.path.join(ROOT, "tests/fixtures/vllm-0.32/metrics-idle.txt")).read()
 
 
 def free_port():

@@ -192,7 +192,7 @@ fn placement(c: &mut Criterion) {
 fn parse_metrics(c: &mut Criterion) {
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/vllm-0.32/metrics-busy-48x512-queued.txt"
+        "/tests/fixtures/vllm-0.32/metrics-busy-48x512-queued.txt"
     );
     let payload = std::fs::read(p).expect("the vLLM fixture");
     c.bench_function("parse vLLM /metrics (53 KB fixture)", |b| {

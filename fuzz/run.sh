@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 root=$(cd .. && pwd)
-fixtures=${FIXTURES:-$root/../shared/fixtures/vllm-0.32}
+fixtures=$root/tests/fixtures/vllm-0.32
 target=${1:-all}
 shift || true
 flags=("$@")

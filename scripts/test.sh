@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# Builds vllm-edge and runs every test: unit and integration tests (cargo), then the
-# end-to-end check with the official `openai` Python SDK against `vllm-edge demo`.
+# Builds vllm-edge and runs every check: no path outside the repository, formatting and
+# clippy, unit and integration tests (cargo), the systemd units, the end-to-end check with
+# the official `openai` Python SDK against `vllm-edge demo`, and the dashboard in Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 
+# The repository needs nothing beside it: no file but the documentation may name a path
+# out of it (the recorded vLLM outputs live in tests/fixtures/).
+outside=$(grep -rlE '\.\./shared\b|/work/shared' --exclude-dir=target --exclude-dir=.git \
+  --exclude='*.md' --exclude=test.sh . || true)
+if [ -n "$outside" ]; then
+  echo "test.sh: these files read a path outside the repository:" $outside >&2
+  exit 1
+fi
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked
 # The benchmarks are not run here, but they must keep compiling.
 cargo build --locked --benches

@@ -497,7 +497,7 @@ mod tests {
 
     fn fixture(name: &str) -> Vec<u8> {
         let p = format!(
-            "{}/../shared/fixtures/vllm-0.32/{name}",
+            "{}/tests/fixtures/vllm-0.32/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
@@ -506,7 +506,7 @@ mod tests {
     #[test]
     fn reads_every_real_vllm_fixture() {
         let dir = format!(
-            "{}/../shared/fixtures/vllm-0.32",
+            "{}/tests/fixtures/vllm-0.32",
             env!("CARGO_MANIFEST_DIR")
         );
         let mut seen = 0;

@@ -896,7 +896,7 @@ mod tests {
     fn versions_are_read_and_the_oldest_is_the_fleets() {
         let fixture = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/vllm-0.32/version.json"
+            "/tests/fixtures/vllm-0.32/version.json"
         ))
         .unwrap();
         assert_eq!(parse_version(&fixture).unwrap(), "0.32.0");
@@ -1099,7 +1099,7 @@ mod tests {
     fn parses_the_real_models_fixture() {
         let p = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/vllm-0.32/models.json"
+            "/tests/fixtures/vllm-0.32/models.json"
         );
         let text = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
         let cards = parse_models(&text).unwrap();
@@ -1121,7 +1121,7 @@ mod tests {
 
     fn fixture(name: &str) -> Vec<u8> {
         let p = format!(
-            "{}/../shared/fixtures/vllm-0.32/{name}",
+            "{}/tests/fixtures/vllm-0.32/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))

@@ -460,7 +460,7 @@ mod tests {
 
     fn fixture_load(name: &str) -> EngineLoad {
         let p = format!(
-            "{}/../shared/fixtures/vllm-0.32/{name}",
+            "{}/tests/fixtures/vllm-0.32/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"));

@@ -1,5 +1,5 @@
 //! `vllm-edge sim`: a simulated vLLM server with vLLM's endpoints, JSON shapes, SSE format
-//! and metric names (those of a real vLLM 0.32 server, `shared/fixtures/vllm-0.32/`), a
+//! and metric names (those of a real vLLM 0.32 server, `tests/fixtures/vllm-0.32/`), a
 //! simulated engine behind them, and fault injection for resilience tests.
 //!
 //! - [`http`]: the HTTP/1.1 server (keep-alive, streams, reset and stall on demand);
