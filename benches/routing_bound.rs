@@ -42,9 +42,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use vllm_edge::config::{BackendConfig, Policy as EdgePolicy};
-use vllm_edge::engine_metrics::{EngineLoad, SumCount};
+use vllm_edge::engine::metrics::{EngineLoad, SumCount};
 use vllm_edge::fleet::{BackendEntry, Fleet, FleetSnapshot, InFlightGuard};
-use vllm_edge::selection::{Request, Selector};
+use vllm_edge::routing::{Request, Selector};
 use vllm_edge::sim::scheduler::{jitter, Batch, NewSeq, Scheduler, SeqId};
 
 /// Seconds between two scrapes of the emulated gateway: its default, or `RB_SCRAPE`.
@@ -275,7 +275,7 @@ impl Gateway {
                 ..EngineLoad::default()
             };
             let (d, c) = (e.backend.dispatched(), e.backend.completed());
-            vllm_edge::scraper::accept(&mut e.state, load, d, c, now, d);
+            vllm_edge::observe::scraper::accept(&mut e.state, load, d, c, now, d);
         }
         self.snap = Arc::new(FleetSnapshot::new(self.entries.clone()));
     }

@@ -7,10 +7,11 @@
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::time::{Duration, Instant};
 use vllm_edge::config::{BackendConfig, Policy};
-use vllm_edge::engine_metrics::{self, EngineLoad};
+use vllm_edge::engine::metrics::{self as engine_metrics, EngineLoad};
 use vllm_edge::fleet::{BackendEntry, Fleet, FleetSnapshot};
-use vllm_edge::selection::{Request, Selector, Sticky};
-use vllm_edge::{affinity, openai};
+use vllm_edge::openai;
+use vllm_edge::routing::affinity;
+use vllm_edge::routing::{Request, Selector, Sticky};
 
 /// A fleet of `n` backends, each at its own load and speed.
 fn fleet(n: usize, now: Instant) -> FleetSnapshot {

@@ -53,29 +53,19 @@
 //! - [`demo`]: a simulated fleet plus the gateway in one process;
 //! - [`top`]: `vllm-edge top`, the fleet live in a terminal.
 
-pub mod access_log;
 pub mod admin;
-pub mod affinity;
 pub mod auth;
+pub mod cli;
 pub mod config;
-pub mod conn;
 pub mod cors;
-pub mod demo;
-pub mod engine_metrics;
+pub mod engine;
 pub mod fleet;
-pub mod form;
-pub mod health;
 pub mod httpclient;
-pub mod lifecycle;
-pub mod lora;
 pub mod metrics;
+pub mod observe;
 pub mod openai;
 pub mod proxy;
-pub mod reload;
-pub mod rounds;
-pub mod scraper;
-pub mod selection;
+pub mod routing;
 pub mod server;
 pub mod sim;
 pub mod tls;
-pub mod top;

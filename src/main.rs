@@ -4,8 +4,10 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use vllm_edge::cli::{demo, top};
 use vllm_edge::config::{Config, LogFormat};
-use vllm_edge::{demo, lifecycle, server, sim, top};
+use vllm_edge::server::{self, lifecycle};
+use vllm_edge::sim;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -71,7 +73,7 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     lifecycle::remember_exe();
-    vllm_edge::conn::no_huge_pages();
+    vllm_edge::proxy::conn::no_huge_pages();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run { .. }) {
         init_logging(LogFormat::Text);

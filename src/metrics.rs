@@ -14,8 +14,8 @@ use prometheus::{
 use std::sync::LazyLock;
 use std::time::Instant;
 
+use crate::fleet::health::BreakerState;
 use crate::fleet::{fresh_since, FleetSnapshot};
-use crate::health::BreakerState;
 
 /// Request latencies: from a few ms (a cached short answer) to minutes (a long
 /// generation).

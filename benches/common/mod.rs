@@ -236,11 +236,11 @@ pub async fn metrics_payload(sim: &SimHandle) -> Vec<u8> {
 }
 
 /// Every replica's `/metrics`, parsed as the gateway parses it.
-pub async fn engine_loads(sims: &[SimHandle]) -> Vec<vllm_edge::engine_metrics::EngineLoad> {
+pub async fn engine_loads(sims: &[SimHandle]) -> Vec<vllm_edge::engine::metrics::EngineLoad> {
     let mut out = Vec::new();
     for s in sims {
         let body = metrics_payload(s).await;
-        out.push(vllm_edge::engine_metrics::parse(&body, 8 << 20).unwrap());
+        out.push(vllm_edge::engine::metrics::parse(&body, 8 << 20).unwrap());
     }
     out
 }

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vllm_edge::engine_metrics::parse;
+use vllm_edge::engine::metrics::parse;
 
 fuzz_target!(|payload: &[u8]| {
     if let Ok(load) = parse(payload, 8 << 20) {

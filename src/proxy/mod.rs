@@ -3,7 +3,9 @@
 //! byte-exactly, retries on another replica while nothing has reached the client, and
 //! writes OpenAI-shaped errors.
 
+pub mod access_log;
 pub mod body;
+pub mod conn;
 pub mod deadline;
 pub mod gate;
 
@@ -20,15 +22,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::affinity::{self, AffinityKey};
 use crate::auth::{Denied, Permit};
 use crate::config::Config;
 use crate::cors;
+use crate::fleet::health::{FailureKind, RetryBudget};
 use crate::fleet::{Backend, Fleet, InFlightGuard};
-use crate::health::{FailureKind, RetryBudget};
-use crate::lifecycle;
 use crate::openai::{self, ApiError, Route, RoutingInfo, UsageTail};
-use crate::selection::{self, NoCandidate, Reason, Selector};
+use crate::routing::affinity::{self, AffinityKey};
+use crate::routing::{self, NoCandidate, Reason, Selector};
+use crate::server::lifecycle;
 use body::BodyError;
 use deadline::{Attempt, Limits};
 
@@ -71,7 +73,7 @@ fn request_id(header: &pingora::http::RequestHeader) -> HeaderValue {
 }
 
 pub struct Gateway {
-    /// The running configuration; a reload swaps it (see `crate::reload`).
+    /// The running configuration; a reload swaps it (see `crate::server::reload`).
     config: Arc<ArcSwap<Config>>,
     fleet: Arc<Fleet>,
     selector: Selector,
@@ -155,7 +157,7 @@ impl Gateway {
                 u.prompt_tokens + u.completion_tokens
             }
             None if (200..300).contains(&status) => {
-                (info.prompt_bytes / selection::BYTES_PER_TOKEN) as u64
+                (info.prompt_bytes / routing::BYTES_PER_TOKEN) as u64
                     + stream_events.saturating_sub(1)
             }
             None => 0,
@@ -287,14 +289,14 @@ fn malformed_head(
     header: &pingora::http::RequestHeader,
     limits: &crate::config::ClientLimits,
 ) -> Option<(Option<&'static str>, ApiError)> {
-    if let Some(mark) = header.headers.get(crate::conn::MALFORMED) {
+    if let Some(mark) = header.headers.get(crate::proxy::conn::MALFORMED) {
         let mark = mark.to_str().unwrap_or("");
         if let Some(n) = mark.strip_prefix("long ") {
             let line: usize = n.parse().unwrap_or(usize::MAX);
             let fields: usize = header
                 .headers
                 .iter()
-                .filter(|(k, _)| k.as_str() != crate::conn::MALFORMED)
+                .filter(|(k, _)| k.as_str() != crate::proxy::conn::MALFORMED)
                 .map(|(k, v)| k.as_str().len() + v.len() + 4)
                 .sum();
             let bytes = line.saturating_add(fields);
@@ -311,7 +313,7 @@ fn malformed_head(
                 "URITooLongError",
                 format!(
                     "The request line is {line} bytes; the gateway takes at most {}.",
-                    crate::conn::MAX_REQUEST_LINE
+                    crate::proxy::conn::MAX_REQUEST_LINE
                 ),
             );
             return Some((None, err));
@@ -700,7 +702,7 @@ impl ProxyHttp for Gateway {
                 };
                 // Refused here rather than after `upstream_peer` finds nothing: an answer
                 // after a failed proxy closes the client's connection (see `fail_to_proxy`).
-                match selection::availability(&self.fleet.load(), &info.model) {
+                match routing::availability(&self.fleet.load(), &info.model) {
                     Ok(()) => {}
                     Err(NoCandidate::UnknownModel) if !cfg.awaits(&info.model) => {
                         // The name the client asked for, an alias's too.
@@ -718,7 +720,7 @@ impl ProxyHttp for Gateway {
                     }
                 }
                 if let Some(k) = ctx.key.as_ref().filter(|k| k.counts_tokens()) {
-                    let prompt = (info.prompt_bytes / selection::BYTES_PER_TOKEN) as u64;
+                    let prompt = (info.prompt_bytes / routing::BYTES_PER_TOKEN) as u64;
                     if let Err(Denied::Limited {
                         key,
                         message,
@@ -762,7 +764,7 @@ impl ProxyHttp for Gateway {
             .filter(|(_, e)| ctx.tried.iter().any(|t| Arc::ptr_eq(t, &e.backend)))
             .map(|(i, _)| i)
             .collect();
-        let request = selection::Request::of(info, ctx.affinity, &cfg, &self.fleet.placer);
+        let request = routing::Request::of(info, ctx.affinity, &cfg, &self.fleet.placer);
         let chosen = match self
             .selector
             .best(cfg.policy, &snap, &request, &tried, Instant::now())
@@ -1203,11 +1205,11 @@ impl ProxyHttp for Gateway {
         let model = ctx.info.as_ref().map_or("-", |i| i.model.as_str());
         let usage = ctx.usage_tail.take().and_then(|t| t.usage());
         let cfg = self.config.load();
-        if cfg.access_log && crate::access_log::enabled() {
+        if cfg.access_log && crate::proxy::access_log::enabled() {
             let header = session.req_header();
             let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
             let error = e.map(|e| e.to_string());
-            let line = crate::access_log::Line {
+            let line = crate::proxy::access_log::Line {
                 request_id: ctx.request_id(),
                 client: session
                     .client_addr()
@@ -1235,7 +1237,7 @@ impl ProxyHttp for Gateway {
                 stream_error_event: ctx.stream_error_sent,
                 error: error.as_deref().unwrap_or(""),
             };
-            crate::access_log::write(&line, cfg.log_format);
+            crate::proxy::access_log::write(&line, cfg.log_format);
         }
         if let Some(u) = usage {
             crate::metrics::TOKENS

@@ -1002,22 +1002,24 @@ impl Sim {
         let bad = |msg: &str, param: &str| vllm_error(400, "BadRequestError", msg, Some(param));
         let boundary = match req
             .header("content-type")
-            .map(|c| crate::form::boundary(c.as_bytes()))
+            .map(|c| crate::openai::form::boundary(c.as_bytes()))
         {
             Some(Some(Ok(b))) => b.into_owned(),
             _ => return Err(bad("Expected a multipart/form-data body.", "body")),
         };
-        let parts = crate::form::parts(&req.body, &boundary).map_err(|why| {
+        let parts = crate::openai::form::parts(&req.body, &boundary).map_err(|why| {
             bad(
                 &format!("There was an error parsing the body: {why}"),
                 "body",
             )
         })?;
         let field = |name: &str| {
-            crate::form::field(&parts, name).map(|v| String::from_utf8_lossy(v).into_owned())
+            crate::openai::form::field(&parts, name)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
         };
         let flag = |name: &str| {
-            crate::form::field(&parts, name).and_then(crate::form::boolean) == Some(true)
+            crate::openai::form::field(&parts, name).and_then(crate::openai::form::boolean)
+                == Some(true)
         };
         let Some(audio) = parts
             .iter()

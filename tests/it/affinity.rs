@@ -184,7 +184,7 @@ async fn an_unavailable_home_sends_its_conversations_to_the_same_next_replica_ev
 
 #[tokio::test]
 async fn gateways_place_long_lived_prompts_alike_and_within_each_home_s_share_of_kv() {
-    use vllm_edge::affinity;
+    use vllm_edge::routing::affinity;
     // 20,000 tokens of KV each, of which 5% (1,000 tokens) may hold long-lived prefixes:
     // three 300-token system prompts.
     let mut sims = Vec::new();

@@ -5,7 +5,7 @@ use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use vllm_edge::engine_metrics::{self, EngineLoad, MetricsError};
+use vllm_edge::engine::metrics::{self as engine_metrics, EngineLoad, MetricsError};
 use vllm_edge::sim::{Faults, Preset, SimHandle};
 
 async fn metrics(s: &SimHandle) -> Result<EngineLoad, MetricsError> {

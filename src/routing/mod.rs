@@ -12,16 +12,18 @@
 //!   plus the prefill its prefix cache likely saves;
 //! - `affinity`: the affinity home unless its load is above the bound (see `affinity.rs`).
 
+pub mod affinity;
+
 use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::affinity::{self, AffinityKey};
 use crate::config::Policy;
-use crate::engine_metrics::LoraFit;
+use crate::engine::metrics::LoraFit;
 use crate::fleet::{fresh_since, is_fresh, Backend, BackendEntry, FleetSnapshot};
+use affinity::AffinityKey;
 
 /// Why no candidate was returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +182,7 @@ pub struct Sticky {
     pub load_factor: f64,
     /// The node id of the backend the key is placed on when that is not its rendezvous
     /// home (a long-lived prefix moved off a home whose share of KV cache it would
-    /// overfill; see [`crate::affinity::Placer`]): that backend comes first in the key's
+    /// overfill; see [`crate::routing::affinity::Placer`]): that backend comes first in the key's
     /// order, then the rest in rendezvous order.
     pub placed: Option<u64>,
 }
@@ -1013,7 +1015,7 @@ impl Selector {
 mod tests {
     use super::*;
     use crate::config::BackendConfig;
-    use crate::engine_metrics::EngineLoad;
+    use crate::engine::metrics::EngineLoad;
     use crate::fleet::Fleet;
 
     const STALE: Duration = Duration::from_secs(1);
@@ -1096,7 +1098,7 @@ mod tests {
 
     #[test]
     fn the_placer_moves_long_lived_keys_off_a_home_past_its_share_of_kv() {
-        use crate::affinity::{PlacementSettings, Placer};
+        use crate::routing::affinity::{PlacementSettings, Placer};
         let t0 = Instant::now();
         let mut snap = snapshot(&[true, true, true, true]);
         for i in 0..4 {
@@ -1207,7 +1209,7 @@ mod tests {
         a.replan(
             &snap,
             settings,
-            t + crate::affinity::LEDGER_IDLE + Duration::from_secs(1),
+            t + crate::routing::affinity::LEDGER_IDLE + Duration::from_secs(1),
         );
         assert_eq!(
             (a.placement().long_lived, a.placement().moved_keys()),
@@ -1472,7 +1474,7 @@ mod tests {
             for _ in 0..3 {
                 e.backend
                     .health
-                    .record_failure(crate::health::FailureKind::Connect, 3, now);
+                    .record_failure(crate::fleet::health::FailureKind::Connect, 3, now);
             }
         }
         let c = reason(&snap, Policy::LeastRequest, &[]);
@@ -1582,7 +1584,7 @@ mod tests {
 
     #[test]
     fn vllm_sends_a_lora_adapter_where_it_has_a_slot() {
-        use crate::engine_metrics::LoraSlots;
+        use crate::engine::metrics::LoraSlots;
         let now = Instant::now();
         let sel = Selector::new(STALE);
         // Backend 0 is the less busy, but its one adapter slot is held by `a`; backend 1
@@ -1648,7 +1650,7 @@ mod tests {
 
     #[test]
     fn a_lora_adapter_stays_where_it_holds_a_slot_unless_that_is_a_queue_busier() {
-        use crate::engine_metrics::LoraSlots;
+        use crate::engine::metrics::LoraSlots;
         let now = Instant::now();
         let sel = Selector::new(STALE);
         // `x` holds a slot on backend 0, a little slower than backend 1, which has both of
@@ -1703,7 +1705,7 @@ mod tests {
 
     #[test]
     fn an_adapter_sent_since_the_scrape_holds_its_slot() {
-        use crate::engine_metrics::LoraSlots;
+        use crate::engine::metrics::LoraSlots;
         let now = Instant::now();
         let sel = Selector::new(STALE);
         // One free slot on each; backend 0 is the faster.

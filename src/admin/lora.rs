@@ -145,12 +145,11 @@ pub async fn apply(
                 .is_ok_and(|r| r.status == 200 || (400..500).contains(&r.status))
         })
         .collect();
-    let reread = futures::future::join_all(
-        answered
-            .iter()
-            .map(|&i| crate::scraper::discover_models(&targets[i], cfg.discovery_timeout)),
-    )
-    .await;
+    let reread =
+        futures::future::join_all(answered.iter().map(|&i| {
+            crate::observe::scraper::discover_models(&targets[i], cfg.discovery_timeout)
+        }))
+        .await;
     let mut listed: Vec<Option<bool>> = vec![None; targets.len()];
     for (&i, models) in answered.iter().zip(reread) {
         match models {

@@ -505,10 +505,7 @@ mod tests {
 
     #[test]
     fn reads_every_real_vllm_fixture() {
-        let dir = format!(
-            "{}/tests/fixtures/vllm-0.32",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let dir = format!("{}/tests/fixtures/vllm-0.32", env!("CARGO_MANIFEST_DIR"));
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();

@@ -572,7 +572,7 @@ pub fn plan(snap: &FleetSnapshot, keys: &[(String, u64, usize)], kv_share: f64) 
         let ks: Vec<(u64, f64)> = keys
             .iter()
             .filter(|k| k.0 == model)
-            .map(|k| (k.1, (k.2 / crate::selection::BYTES_PER_TOKEN) as f64))
+            .map(|k| (k.1, (k.2 / crate::routing::BYTES_PER_TOKEN) as f64))
             .collect();
         let (moved, used) = place(&ks, &bins, snap.equal_weights);
         out.moved.extend(moved);

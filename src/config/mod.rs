@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::auth::{ApiKeys, Secret};
 use crate::cors::Cors;
-use crate::health::HealthPolicy;
+use crate::fleet::health::HealthPolicy;
 use crate::tls::{client_config, BackendTls, LoadedCert, TlsFiles};
 
 /// Every default in one place. The comments say what each prevents.
@@ -453,7 +453,7 @@ pub struct Config {
     pub groups: Vec<BackendConfig>,
     /// The other entries whose host name had no address when the file was read (a
     /// replica not up yet, a DNS record not published yet): each becomes a backend under
-    /// its own name once its name resolves (`crate::reload`). Until then `addr` is
+    /// its own name once its name resolves (`crate::server::reload`). Until then `addr` is
     /// unspecified and nothing is sent to it.
     pub unresolved: Vec<BackendConfig>,
     pub policy: Policy,
@@ -501,7 +501,7 @@ pub struct Affinity {
     /// Lower-case header name carrying a client's session id.
     pub session_header: String,
     /// Placement of long-lived prefixes against their homes' KV caches.
-    pub placement: crate::affinity::PlacementSettings,
+    pub placement: crate::routing::affinity::PlacementSettings,
 }
 
 impl Default for Affinity {
@@ -511,7 +511,7 @@ impl Default for Affinity {
             load_factor: defaults::AFFINITY_LOAD_FACTOR,
             prefix_bytes: defaults::AFFINITY_PREFIX_BYTES,
             session_header: defaults::AFFINITY_SESSION_HEADER.to_string(),
-            placement: crate::affinity::PlacementSettings {
+            placement: crate::routing::affinity::PlacementSettings {
                 kv_share: defaults::AFFINITY_KV_SHARE,
                 long_lived_after: defaults::AFFINITY_LONG_LIVED_AFTER,
             },
@@ -540,7 +540,7 @@ fn affinity(
             .clone()
             .unwrap_or(d.session_header)
             .to_ascii_lowercase(),
-        placement: crate::affinity::PlacementSettings {
+        placement: crate::routing::affinity::PlacementSettings {
             kv_share: a.kv_share.unwrap_or(d.placement.kv_share),
             long_lived_after: a
                 .long_lived_after
@@ -562,7 +562,7 @@ fn affinity(
             "routing.affinity.long_lived_after",
             format!(
                 "must be at most 10m (keys idle for {}s are forgotten), got {:?}",
-                crate::affinity::LEDGER_IDLE.as_secs(),
+                crate::routing::affinity::LEDGER_IDLE.as_secs(),
                 out.placement.long_lived_after
             ),
         ));
@@ -746,7 +746,7 @@ pub struct BackendConfig {
     pub url: String,
     pub addr: SocketAddr,
     /// `host:port` of a URL whose host is a name, resolved again in the background
-    /// (`crate::reload`); `None` for an address.
+    /// (`crate::server::reload`); `None` for an address.
     pub resolve: Option<String>,
     /// For one of the backends an `addresses: all` entry makes, one per address of its
     /// host name: the entry's name. The backend's own is `{group}@{ip}`.
@@ -1051,7 +1051,7 @@ impl Config {
             // By default a backend is named after its URL's `host:port` (a host name
             // stays the name when its address moves), the address for an address.
             // An entry whose host name has no address yet makes no backend until it has
-            // (see `crate::reload`): a replica that is not up yet must not keep the
+            // (see `crate::server::reload`): a replica that is not up yet must not keep the
             // gateway from starting, nor a reload from applying.
             let (addr, addrs) = match &b.url.addrs {
                 Ok(a) => (preferred_address(a).expect("never empty"), a.clone()),
@@ -1731,7 +1731,7 @@ mod tests {
                 load_factor: 2.0,
                 prefix_bytes: 1024,
                 session_header: "x-conversation".into(),
-                placement: crate::affinity::PlacementSettings {
+                placement: crate::routing::affinity::PlacementSettings {
                     kv_share: 0.4,
                     long_lived_after: Duration::from_secs(45),
                 },

@@ -365,7 +365,7 @@ impl HealthChecker {
     /// Visits every backend each interval until `stop` says so, each on its own clock
     /// (see `rounds`): one whose `/health` hangs until its timeout delays only itself.
     pub async fn run(&self, stop: tokio::sync::watch::Receiver<bool>) {
-        crate::rounds::run(
+        crate::observe::rounds::run(
             &self.fleet,
             self.policy.interval,
             stop,

@@ -5,6 +5,8 @@
 //! [`Fleet::store`]; the request path only [`Fleet::load`]s it (wait-free) and touches the
 //! per-backend atomics through an RAII [`InFlightGuard`], so counts cannot drift.
 
+pub mod health;
+
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,9 +16,9 @@ use std::time::Instant;
 
 use crate::auth::Secret;
 use crate::config::BackendConfig;
-use crate::engine_metrics::{EngineLoad, LoraFit};
-use crate::health::BackendHealth;
-use crate::selection::PickInputs;
+use crate::engine::metrics::{EngineLoad, LoraFit};
+use crate::fleet::health::BackendHealth;
+use crate::routing::PickInputs;
 use crate::tls::BackendTls;
 
 /// The oldest scrape start still fresh at `now` (`None`: every scrape is, because the
@@ -86,7 +88,7 @@ impl Backend {
             // The config checks names are valid header values.
             name_header: http::HeaderValue::from_str(&cfg.name)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("-")),
-            node_id: crate::affinity::node_id(&cfg.name),
+            node_id: crate::routing::affinity::node_id(&cfg.name),
             url: cfg.url.clone(),
             addr: cfg.addr,
             static_models: cfg.static_models.clone(),
@@ -361,7 +363,7 @@ pub struct FleetSnapshot {
     /// measured yet (probably idle) is assumed to have.
     pub min_itl_s: Option<f64>,
     /// Every backend has the same weight: rendezvous ranks can then be compared without
-    /// their logarithm ([`crate::affinity::unweighted_rank`]).
+    /// their logarithm ([`crate::routing::affinity::unweighted_rank`]).
     pub equal_weights: bool,
     /// Per backend (same index as `backends`), what a pick reads that changes only with
     /// the snapshot.
@@ -401,7 +403,7 @@ impl FleetSnapshot {
         let equal_weights = backends
             .windows(2)
             .all(|w| w[0].backend.weight == w[1].backend.weight);
-        let default_itl = min_itl_s.unwrap_or(crate::selection::DEFAULT_ITL_S);
+        let default_itl = min_itl_s.unwrap_or(crate::routing::DEFAULT_ITL_S);
         let default_per_slot = fastest.map_or(default_itl, |(itl, running)| itl / (running + 1.0));
         let default_cap = backends
             .iter()
@@ -416,7 +418,7 @@ impl FleetSnapshot {
             .iter()
             .map(|e| PickInputs::of(e, default_itl, default_per_slot, default_cap))
             .collect();
-        let itl_floor = crate::selection::itl_floor(&pick_inputs);
+        let itl_floor = crate::routing::itl_floor(&pick_inputs);
         let lora_fit = lora_fit(&backends);
         FleetSnapshot {
             backends,
@@ -594,7 +596,7 @@ impl FleetSnapshot {
 
 /// [`FleetSnapshot::lora_fit`] of every adapter the `backends` list or hold.
 fn lora_fit(backends: &[BackendEntry]) -> BTreeMap<String, Box<[LoraFit]>> {
-    let slots: Vec<Option<&crate::engine_metrics::LoraSlots>> = backends
+    let slots: Vec<Option<&crate::engine::metrics::LoraSlots>> = backends
         .iter()
         .map(|e| e.state.load.as_ref().and_then(|l| l.lora.as_ref()))
         .collect();
@@ -631,7 +633,7 @@ fn lora_fit(backends: &[BackendEntry]) -> BTreeMap<String, Box<[LoraFit]>> {
 pub struct Fleet {
     current: ArcSwap<FleetSnapshot>,
     /// This gateway's ledger of affinity keys and its placement of the long-lived ones.
-    pub placer: crate::affinity::Placer,
+    pub placer: crate::routing::affinity::Placer,
 }
 
 impl Fleet {

@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{BackendConfig, Config, ConfigError};
+use crate::fleet::health;
+use crate::fleet::health::HealthPolicy;
 use crate::fleet::{Fleet, Reconfigured};
-use crate::health::HealthPolicy;
+use crate::observe::scraper;
 use crate::tls::CertResolver;
-use crate::{health, scraper};
 
 /// Resolves a `host:port` to every address it has now.
 pub type Resolve =

@@ -2,7 +2,7 @@
 //! [`FleetSnapshot`](crate::fleet::FleetSnapshot). Every `scrape_interval` it reads all backends' `/metrics`
 //! concurrently, each with its own timeout; every `models_interval` it also asks for
 //! `/v1/models` (unless the config lists the models) and `/version`. Alongside, it runs the
-//! [`HealthChecker`] (active `/health` checks and circuit probes, see [`crate::health`]).
+//! [`HealthChecker`] (active `/health` checks and circuit probes, see [`crate::fleet::health`]).
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::engine_metrics::{self, EngineLoad, SumCount};
+use crate::engine::metrics::{self as engine_metrics, EngineLoad, SumCount};
+use crate::fleet::health::HealthChecker;
 use crate::fleet::{Backend, BackendState, Fleet, FrozenBaseline, Progress};
-use crate::health::HealthChecker;
 use crate::httpclient::{self, Target};
 use crate::openai;
 
@@ -399,7 +399,7 @@ impl BackgroundService for Scraper {
         let health = self.health.run(shutdown.clone());
         // Each backend on its own clock (see `rounds`): one whose `/metrics` or
         // `/v1/models` hangs until its timeout delays only its own observations.
-        let scrape = crate::rounds::run(
+        let scrape = crate::observe::rounds::run(
             &self.fleet,
             self.scrape_interval,
             shutdown,
@@ -464,7 +464,7 @@ mod tests {
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
-        crate::engine_metrics::parse(&text, 8 << 20).unwrap()
+        crate::engine::metrics::parse(&text, 8 << 20).unwrap()
     }
 
     /// A `/metrics` frozen while it showed requests running is caught by its token count

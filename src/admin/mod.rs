@@ -1,10 +1,12 @@
 //! The admin listener (loopback by default, separate from the data plane): `/health`,
 //! `/ready`, `/metrics`, `/load-stats`, `/explain` (a dry run of the selection for a
 //! request body), `/dashboard`, and vLLM's `/v1/load_lora_adapter` and
-//! `/v1/unload_lora_adapter` for the whole fleet (`crate::lora`). With `admin.token_file` set,
+//! `/v1/unload_lora_adapter` for the whole fleet (`crate::admin::lora`). With `admin.token_file` set,
 //! everything but `/health`, `/ready` and the dashboard's page requires
 //! `Authorization: Bearer TOKEN`. The page holds no data: it asks for the token and sends
 //! it with its own `/load-stats` requests.
+
+pub mod lora;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -22,7 +24,7 @@ use crate::auth;
 use crate::config::Config;
 use crate::fleet::{Fleet, FleetSnapshot};
 use crate::metrics;
-use crate::selection;
+use crate::routing;
 
 /// The live dashboard: one self-contained page (no external assets) that polls
 /// `/load-stats`.
@@ -213,8 +215,8 @@ impl ServeHttp for AdminApp {
                 )
             }
             "/explain" => self.explain_request(session).await,
-            p if crate::lora::Op::of(p).is_some() => {
-                let op = crate::lora::Op::of(p).expect("matched");
+            p if crate::admin::lora::Op::of(p).is_some() => {
+                let op = crate::admin::lora::Op::of(p).expect("matched");
                 self.lora_request(session, op).await
             }
             _ => reply(
@@ -272,11 +274,11 @@ impl AdminApp {
     }
 
     /// `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (`?model=BASE` to
-    /// reach only the replicas serving it): see [`crate::lora`].
+    /// reach only the replicas serving it): see [`crate::admin::lora`].
     async fn lora_request(
         &self,
         session: &mut ServerSession,
-        op: crate::lora::Op,
+        op: crate::admin::lora::Op,
     ) -> Response<Vec<u8>> {
         let cfg = self.config.load();
         let body = match Self::post_body(session, &cfg, "vLLM's LoRA request body").await {
@@ -287,7 +289,7 @@ impl AdminApp {
         let base = form_urlencoded::parse(query.as_bytes())
             .find(|(k, _)| k == "model")
             .map(|(_, v)| v.into_owned());
-        let out = crate::lora::apply(&self.fleet, &cfg, op, &body, base.as_deref()).await;
+        let out = crate::admin::lora::apply(&self.fleet, &cfg, op, &body, base.as_deref()).await;
         reply(out.status, out.content_type, out.body)
     }
 
@@ -326,7 +328,7 @@ impl AdminApp {
             Some(r) => (r.body, r.info),
             None => (body, info),
         };
-        let key = crate::affinity::request_key(&cfg, headers, &body, &info);
+        let key = crate::routing::affinity::request_key(&cfg, headers, &body, &info);
         let mut v = explain(
             &cfg,
             &self.fleet.load(),
@@ -352,19 +354,19 @@ impl AdminApp {
 pub fn explain(
     cfg: &Config,
     snap: &FleetSnapshot,
-    placer: &crate::affinity::Placer,
+    placer: &crate::routing::affinity::Placer,
     info: &crate::openai::RoutingInfo,
-    key: Option<crate::affinity::AffinityKey>,
+    key: Option<crate::routing::affinity::AffinityKey>,
     now: Instant,
 ) -> serde_json::Value {
     use serde_json::json;
-    let req = selection::Request::of(info, key, cfg, placer);
+    let req = routing::Request::of(info, key, cfg, placer);
     let stale_after = cfg.stale_after();
-    let scorer = selection::Scorer::new(snap, &req, crate::fleet::fresh_since(now, stale_after));
+    let scorer = routing::Scorer::new(snap, &req, crate::fleet::fresh_since(now, stale_after));
     // Scratch selectors: the live one's round-robin cursors must not move. (So
     // `round-robin` shows an order, not whose turn it is.)
-    let order = selection::Selector::new(stale_after).candidates(cfg.policy, snap, &req, &[], now);
-    let choice = selection::Selector::new(stale_after).best(cfg.policy, snap, &req, &[], now);
+    let order = routing::Selector::new(stale_after).candidates(cfg.policy, snap, &req, &[], now);
+    let choice = routing::Selector::new(stale_after).best(cfg.policy, snap, &req, &[], now);
     let sticky = req.affinity.as_ref();
     let request = json!({
         "model": info.model,
@@ -373,7 +375,7 @@ pub fn explain(
         "max_tokens": info.max_tokens,
         "affinity_key": sticky.map(|s| json!({
             "source": s.key.source.as_str(),
-            "reusable_prefix_tokens": s.key.reusable_bytes / selection::BYTES_PER_TOKEN,
+            "reusable_prefix_tokens": s.key.reusable_bytes / routing::BYTES_PER_TOKEN,
         })),
     });
     let candidate = |i: usize| {
@@ -393,10 +395,10 @@ pub fn explain(
             // For a LoRA adapter: whether it holds a slot there, would take a free one,
             // or would wait for one.
             "lora": match t.lora_fit {
-                crate::engine_metrics::LoraFit::Unknown => None,
-                crate::engine_metrics::LoraFit::Active => Some("holds a slot"),
-                crate::engine_metrics::LoraFit::Free => Some("free slot"),
-                crate::engine_metrics::LoraFit::Full => Some("no slot free"),
+                crate::engine::metrics::LoraFit::Unknown => None,
+                crate::engine::metrics::LoraFit::Active => Some("holds a slot"),
+                crate::engine::metrics::LoraFit::Free => Some("free slot"),
+                crate::engine::metrics::LoraFit::Full => Some("no slot free"),
             },
             "sequences": (t.sequences * 100.0).round() / 100.0,
             "in_flight": e.backend.in_flight(),
@@ -411,15 +413,15 @@ pub fn explain(
             }),
             None,
         ),
-        (Err(selection::NoCandidate::UnknownModel), _) if cfg.awaits(&info.model) => (
+        (Err(routing::NoCandidate::UnknownModel), _) if cfg.awaits(&info.model) => (
             serde_json::Value::Null,
             Some("503: the model's backends have no address yet"),
         ),
-        (Err(selection::NoCandidate::UnknownModel), _) => (
+        (Err(routing::NoCandidate::UnknownModel), _) => (
             serde_json::Value::Null,
             Some("404: no backend serves this model"),
         ),
-        (Err(selection::NoCandidate::Unavailable), _) => (
+        (Err(routing::NoCandidate::Unavailable), _) => (
             serde_json::Value::Null,
             Some("503: no backend of this model is in rotation"),
         ),
@@ -463,7 +465,7 @@ fn ms(s: Option<f64>) -> serde_json::Value {
 /// This gateway's placement of long-lived affinity keys (see `affinity::Placer`): how many
 /// it tracks as long-lived, how many it homes away from their rendezvous home, and per
 /// backend the prefix tokens homed there against its budget.
-pub fn placement_stats(p: &crate::affinity::Placement) -> serde_json::Value {
+pub fn placement_stats(p: &crate::routing::affinity::Placement) -> serde_json::Value {
     let homes: Vec<serde_json::Value> = p
         .homed
         .iter()
@@ -483,7 +485,7 @@ pub fn placement_stats(p: &crate::affinity::Placement) -> serde_json::Value {
 pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_json::Value {
     use serde_json::json;
     let stale_after = config.stale_after();
-    let typical = selection::Request {
+    let typical = routing::Request {
         model: "",
         prompt_tokens: 500,
         max_tokens: Some(256),
@@ -575,7 +577,7 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
                 "scrape_fresh": fresh.is_some(),
                 "scrape_age_ms": st.load_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 "last_scrape_error": st.scrape_error,
-                "score_ms": ms(Some(selection::vllm_score(
+                "score_ms": ms(Some(routing::vllm_score(
                     snap,
                     i,
                     &typical,

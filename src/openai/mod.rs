@@ -1,6 +1,8 @@
 //! The OpenAI API as vLLM serves it: which routes exist, what the gateway reads from a
 //! request body to route it, and the error bodies clients expect.
 
+pub mod form;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -100,7 +102,7 @@ pub struct RoutingInfo {
     /// that asked for it (`stream_options.include_usage`).
     pub usage_reported: bool,
     /// Where the fields prefix affinity keys on are in the body.
-    pub spans: crate::affinity::BodySpans,
+    pub spans: crate::routing::affinity::BodySpans,
 }
 
 #[derive(Deserialize, Default)]
@@ -183,7 +185,7 @@ pub fn inspect_request(
     body: &[u8],
     max_depth: usize,
 ) -> Result<RoutingInfo, ApiError> {
-    match content_type.and_then(crate::form::boundary) {
+    match content_type.and_then(crate::openai::form::boundary) {
         None => inspect(body, max_depth),
         Some(Ok(boundary)) => inspect_form(body, &boundary),
         Some(Err(why)) => Err(ApiError::bad_request(format!("{why}."), None)),
@@ -195,10 +197,10 @@ pub fn inspect_request(
 /// text `prompt` are fields (the last counts when one comes twice, as for vLLM); the
 /// audio is a file part, which is not read.
 pub fn inspect_form(body: &[u8], boundary: &[u8]) -> Result<RoutingInfo, ApiError> {
-    let parts = crate::form::parts(body, boundary).map_err(|why| {
+    let parts = crate::openai::form::parts(body, boundary).map_err(|why| {
         ApiError::bad_request(format!("The request form is malformed: {why}."), None)
     })?;
-    let field = |name: &str| crate::form::field(&parts, name);
+    let field = |name: &str| crate::openai::form::field(&parts, name);
     let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
         field(name)
             .map(|v| {
@@ -213,7 +215,7 @@ pub fn inspect_form(body: &[u8], boundary: &[u8]) -> Result<RoutingInfo, ApiErro
     };
     let flag = |name: &'static str| -> Result<bool, ApiError> {
         field(name).map_or(Ok(false), |v| {
-            crate::form::boolean(v).ok_or_else(|| {
+            crate::openai::form::boolean(v).ok_or_else(|| {
                 ApiError::bad_request(
                     format!("The form field `{name}` must be true or false."),
                     Some(name),
@@ -364,12 +366,11 @@ pub fn with_model(
     model: &str,
     max_depth: usize,
 ) -> Result<(Vec<u8>, RoutingInfo), ApiError> {
-    let named = match content_type.and_then(crate::form::boundary) {
-        Some(Ok(boundary)) => {
-            crate::form::with_field(body, &boundary, "model", model).map_err(|why| {
+    let named = match content_type.and_then(crate::openai::form::boundary) {
+        Some(Ok(boundary)) => crate::openai::form::with_field(body, &boundary, "model", model)
+            .map_err(|why| {
                 ApiError::bad_request(format!("The request form is malformed: {why}."), None)
-            })?
-        }
+            })?,
         _ => json_with_model(body, model).ok_or_else(|| {
             ApiError::bad_request("The request body must be a JSON object.", None)
         })?,
@@ -458,7 +459,7 @@ fn routing_info<'a>(body: &'a [u8], probe: Probe<'a>) -> Result<RoutingInfo, Api
         prompt_bytes,
         max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
         usage_reported: !stream || include_usage,
-        spans: crate::affinity::BodySpans {
+        spans: crate::routing::affinity::BodySpans {
             messages: span(probe.messages),
             prompt: span(probe.prompt),
             user: span(probe.user),
@@ -924,7 +925,7 @@ mod tests {
 
     /// A form whose file part is named `model` (and holds JSON naming another model).
     fn form(fields: &[(&str, &str)]) -> Vec<u8> {
-        crate::form::encode(
+        crate::openai::form::encode(
             "XB",
             fields,
             "model",

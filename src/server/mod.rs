@@ -7,6 +7,9 @@
 //! `{"event":"ready","listeners":["127.0.0.1:PORT"],"admin":"127.0.0.1:PORT"}`; tests and
 //! scripts wait for that line instead of sleeping.
 
+pub mod lifecycle;
+pub mod reload;
+
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
@@ -25,11 +28,11 @@ use std::time::Duration;
 use crate::admin::{AdminApp, History, HistorySampler};
 use crate::config::Config;
 use crate::fleet::Fleet;
-use crate::lifecycle::{self, Handover};
+use crate::observe::scraper::Scraper;
 use crate::proxy::Gateway;
-use crate::reload::Reloader;
-use crate::scraper::Scraper;
+use crate::server::reload::Reloader;
 use crate::tls::CertResolver;
+use lifecycle::Handover;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -83,11 +86,11 @@ fn socket_options(bound: &Bound) -> TcpSocketOptions {
 
 /// Runs the gateway until it is told to stop; never returns.
 /// With `upgrade`, the listening sockets are taken over from a running gateway (see
-/// `crate::lifecycle`).
+/// `crate::server::lifecycle`).
 pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, StartError> {
     let config = Arc::new(config);
     let wanted = config.limits.max_connections as u64 * 2 + 256;
-    match crate::conn::raise_descriptor_limit() {
+    match crate::proxy::conn::raise_descriptor_limit() {
         Some(n) if n < wanted => tracing::warn!(
             descriptors = n,
             max_connections = config.limits.max_connections,
@@ -174,7 +177,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
     app.h2_options = Some(h2);
     let mut proxy = Service::new(
         "vllm-edge".to_string(),
-        crate::conn::EdgeApp::new(app, live.clone()),
+        crate::proxy::conn::EdgeApp::new(app, live.clone()),
     );
     for (l, cert) in listeners.iter().zip(&certs) {
         match cert {

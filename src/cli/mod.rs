@@ -1,0 +1,4 @@
+//! The subcommands besides `run`.
+
+pub mod demo;
+pub mod top;

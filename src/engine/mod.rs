@@ -1,0 +1,3 @@
+//! What an engine says about itself: its `/metrics` read into load signals.
+
+pub mod metrics;

@@ -1,0 +1,4 @@
+//! The background services that watch the backends.
+
+pub mod rounds;
+pub mod scraper;
