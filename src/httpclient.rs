@@ -19,7 +19,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::auth::Secret;
-use crate::fleet::Backend;
 use crate::tls::BackendTls;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,17 +51,6 @@ pub struct Target<'a> {
     pub key: Option<&'a Secret>,
     pub tls: Option<&'a BackendTls>,
     pub kept: Option<&'a KeptConnections>,
-}
-
-impl<'a> Target<'a> {
-    pub fn of(b: &'a Backend) -> Target<'a> {
-        Target {
-            addr: b.addr,
-            key: b.api_key.as_ref(),
-            tls: b.tls.as_ref(),
-            kept: Some(&b.kept),
-        }
-    }
 }
 
 /// Idle connections to one backend, most recently used last.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::fleet::{Backend, Fleet};
-use crate::httpclient::{self, Target};
+use crate::httpclient;
 use crate::openai::ApiError;
 
 /// What is asked of the replicas.
@@ -133,7 +133,7 @@ pub async fn apply(
     let answers = futures::future::join_all(
         targets
             .iter()
-            .map(|b| httpclient::post_json(Target::of(b), op.path(), body, limit, MAX_ANSWER)),
+            .map(|b| httpclient::post_json(b.target(), op.path(), body, limit, MAX_ANSWER)),
     )
     .await;
     // The replicas that took it or refused: their models now, published before the
@@ -157,7 +157,7 @@ pub async fn apply(
                 listed[i] = Some(
                     cards
                         .iter()
-                        .any(|c| crate::openai::card_id(c) == Some(name.as_str())),
+                        .any(|c| crate::engine::models::card_id(c) == Some(name.as_str())),
                 );
                 fleet.publish_models(&targets[i], cards);
             }

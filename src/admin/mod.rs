@@ -6,6 +6,7 @@
 //! `Authorization: Bearer TOKEN`. The page holds no data: it asks for the token and sends
 //! it with its own `/load-stats` requests.
 
+pub mod gauges;
 pub mod lora;
 
 use arc_swap::ArcSwap;
@@ -36,6 +37,8 @@ pub struct AdminApp {
     /// Set once every listener accepts connections.
     pub ready: Arc<AtomicBool>,
     pub history: Arc<History>,
+    /// The data plane's placement of long-lived affinity keys.
+    pub placer: Arc<crate::routing::affinity::Placer>,
 }
 
 /// Samples kept for the dashboard's sparklines (one a second): a page opened now shows
@@ -199,11 +202,11 @@ impl ServeHttp for AdminApp {
             "/metrics" => reply(
                 200,
                 "text/plain; version=0.0.4",
-                metrics::render(&self.fleet.load(), self.config.load().stale_after()),
+                gauges::render(&self.fleet.load(), self.config.load().stale_after()),
             ),
             "/load-stats" => {
                 let mut v = load_stats(&self.config.load(), &self.fleet.load(), Instant::now());
-                v["affinity_placement"] = placement_stats(&self.fleet.placer.placement());
+                v["affinity_placement"] = placement_stats(&self.placer.placement());
                 let query = session.req_header().uri.query().unwrap_or("");
                 if query.split('&').any(|p| p == "history=1") {
                     v["history"] = serde_json::to_value(self.history.samples()).unwrap_or_default();
@@ -313,14 +316,11 @@ impl AdminApp {
             };
         // Explained as the request path sends it: with the default model or an alias's
         // model written in.
-        let renamed = match self
-            .fleet
-            .load()
-            .route_model(&cfg, content_type, &body, &info)
-        {
-            Ok(r) => r,
-            Err(e) => return refuse(e),
-        };
+        let renamed =
+            match routing::route_model(&self.fleet.load(), &cfg, content_type, &body, &info) {
+                Ok(r) => r,
+                Err(e) => return refuse(e),
+            };
         let (defaulted, alias) = renamed
             .as_ref()
             .map_or((false, None), |r| (r.defaulted, r.alias.clone()));
@@ -332,7 +332,7 @@ impl AdminApp {
         let mut v = explain(
             &cfg,
             &self.fleet.load(),
-            &self.fleet.placer,
+            &self.placer,
             &info,
             key,
             Instant::now(),

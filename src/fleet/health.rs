@@ -1,4 +1,5 @@
-//! Whether a backend may be sent requests, from three sources:
+//! Whether a backend may be sent requests: the state three sources feed (see
+//! `observe::health_check` for the active side):
 //! - active checks: `GET /health` every `health.interval`, with hysteresis
 //!   (`unhealthy_threshold` consecutive failures take a backend out, `healthy_threshold`
 //!   consecutive passes bring it back);
@@ -6,23 +7,19 @@
 //!   failures, resets, engine 5xx and timeouts count against a backend, before or after
 //!   its answer's head (a body cut short, a stream that stalls); client errors never do,
 //!   and only an answer received in full counts for it. `failure_threshold` consecutive
-//!   failures open the circuit; after
-//!   `open_duration` the health task sends one synthetic probe request (half-open), and
-//!   its success closes the circuit. A stalled engine (its `/health` still 200) is thus
-//!   ejected by its timeouts like a dead one;
+//!   failures open the circuit; after `open_duration` the health task sends one
+//!   synthetic probe request (half-open), and its success closes the circuit. A stalled
+//!   engine (its `/health` still 200) is thus ejected by its timeouts like a dead one;
 //! - draining: a backend marked `drain: true` gets no new requests.
 //!
 //! The request path reads a few atomics ([`BackendHealth::routable`]); state changes are
 //! logged once, when they happen.
-//!
-//! Also here: the [`RetryBudget`], which keeps retries a bounded fraction of requests.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::fleet::{Backend, BackendEntry, Fleet};
-use crate::httpclient::{self, Target};
+use crate::config::HealthPolicy;
 
 /// Why a request's attempt counts against its backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,31 +41,6 @@ impl FailureKind {
             FailureKind::Reset => "reset",
             FailureKind::Status5xx => "5xx",
             FailureKind::Timeout => "timeout",
-        }
-    }
-}
-
-/// Thresholds, from the `health` section of the config.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HealthPolicy {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub unhealthy_threshold: u32,
-    pub healthy_threshold: u32,
-    pub failure_threshold: u32,
-    pub open_duration: Duration,
-}
-
-impl Default for HealthPolicy {
-    fn default() -> Self {
-        use crate::config::defaults as d;
-        HealthPolicy {
-            interval: d::HEALTH_INTERVAL,
-            timeout: d::HEALTH_TIMEOUT,
-            unhealthy_threshold: d::UNHEALTHY_THRESHOLD,
-            healthy_threshold: d::HEALTHY_THRESHOLD,
-            failure_threshold: d::FAILURE_THRESHOLD,
-            open_duration: d::OPEN_DURATION,
         }
     }
 }
@@ -319,203 +291,6 @@ impl BackendHealth {
     }
 }
 
-/// The active side: checks every backend's `/health` every `interval`, and sends the
-/// probe of each open circuit that is due.
-pub struct HealthChecker {
-    fleet: Arc<Fleet>,
-    policy: HealthPolicy,
-    /// How long a probe request may take (the limit on a stream's first token).
-    probe_timeout: Duration,
-}
-
-/// The synthetic request that probes an open circuit: one token of one model it serves.
-fn probe_body(model: &str) -> Vec<u8> {
-    serde_json::json!({"model": model, "prompt": "ping", "max_tokens": 1})
-        .to_string()
-        .into_bytes()
-}
-
-impl HealthChecker {
-    pub fn new(fleet: Arc<Fleet>, policy: HealthPolicy, probe_timeout: Duration) -> Self {
-        HealthChecker {
-            fleet,
-            policy,
-            probe_timeout,
-        }
-    }
-
-    /// Checks every backend once, concurrently, and starts the probes that are due.
-    pub async fn pass(&self) {
-        let snap = self.fleet.load();
-        futures::future::join_all(snap.backends.iter().map(|e| self.visit(e))).await;
-    }
-
-    /// Starts `e`'s probe if one is due, and checks its `/health`.
-    fn visit(&self, e: &BackendEntry) -> impl std::future::Future<Output = ()> + 'static {
-        if e.backend
-            .health
-            .begin_probe(Instant::now(), self.policy.open_duration)
-        {
-            let model = e.state.models.first().cloned();
-            tokio::spawn(probe(e.backend.clone(), model, self.probe_timeout));
-        }
-        check(e.backend.clone(), self.policy)
-    }
-
-    /// Visits every backend each interval until `stop` says so, each on its own clock
-    /// (see `rounds`): one whose `/health` hangs until its timeout delays only itself.
-    pub async fn run(&self, stop: tokio::sync::watch::Receiver<bool>) {
-        crate::observe::rounds::run(
-            &self.fleet,
-            self.policy.interval,
-            stop,
-            |e| Some(self.visit(e)),
-            |_| {},
-        )
-        .await;
-    }
-}
-
-/// Checks one backend's `/health` and feeds the result to its hysteresis.
-pub async fn check(backend: Arc<Backend>, policy: HealthPolicy) {
-    let result =
-        match httpclient::get(Target::of(&backend), "/health", policy.timeout, 64 * 1024).await {
-            Ok(r) if r.status == 200 => Ok(()),
-            Ok(r) => Err(format!("GET /health: status {}", r.status)),
-            Err(e) => Err(format!("GET /health: {e}")),
-        };
-    let error = result.as_ref().err().cloned();
-    match backend.health.observe_check(result, &policy) {
-        Some(CheckFlip::Up) => tracing::info!(backend = %backend.name, "backend is up"),
-        Some(CheckFlip::Down) => tracing::warn!(
-            backend = %backend.name,
-            error = error.as_deref().unwrap_or(""),
-            "backend is down"
-        ),
-        None => {}
-    }
-}
-
-async fn probe(backend: Arc<Backend>, model: Option<String>, timeout: Duration) {
-    let Some(model) = model else {
-        // Nothing to ask for: the active checks decide alone.
-        backend.health.end_probe(true, Instant::now());
-        return;
-    };
-    let result = httpclient::post_json(
-        Target::of(&backend),
-        "/v1/completions",
-        &probe_body(&model),
-        timeout,
-        1024 * 1024,
-    )
-    .await;
-    let ok = matches!(&result, Ok(r) if r.status < 500);
-    backend.health.end_probe(ok, Instant::now());
-    if ok {
-        tracing::info!(backend = %backend.name, "probe succeeded: circuit closed");
-    } else {
-        let why = match result {
-            Ok(r) => format!("status {}", r.status),
-            Err(e) => e.to_string(),
-        };
-        tracing::warn!(backend = %backend.name, error = %why, "probe failed: circuit stays open");
-    }
-}
-
-/// Retries may not exceed `ratio` of the requests seen in the last [`RetryBudget::WINDOW`]
-/// (plus `min` retries, so a quiet gateway can still retry). A fleet that fails most
-/// requests then gets each request about once, not `max_attempts` times.
-///
-/// Lock-free: every request touches it. Concurrent retries may overshoot the budget by
-/// the few that check it at the same instant.
-#[derive(Debug)]
-pub struct RetryBudget {
-    /// Per-second counts, ring-indexed by the second since `origin`.
-    slots: [Slot; SLOTS],
-    origin: Instant,
-}
-
-#[derive(Debug, Default)]
-struct Slot {
-    /// 1 + the second this slot counts (0: never used).
-    sec: AtomicU64,
-    requests: AtomicU64,
-    retries: AtomicU64,
-}
-
-const SLOTS: usize = 10;
-
-impl Default for RetryBudget {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl RetryBudget {
-    pub const WINDOW: Duration = Duration::from_secs(SLOTS as u64);
-
-    pub fn new() -> RetryBudget {
-        RetryBudget {
-            slots: Default::default(),
-            origin: Instant::now(),
-        }
-    }
-
-    fn second(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.origin).as_secs() + 1
-    }
-
-    /// The slot of `now`'s second, emptied first if it held an older second.
-    fn slot(&self, now: Instant) -> &Slot {
-        let sec = self.second(now);
-        let slot = &self.slots[(sec % SLOTS as u64) as usize];
-        let tag = slot.sec.load(Ordering::Acquire);
-        if tag != sec
-            && slot
-                .sec
-                .compare_exchange(tag, sec, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            slot.requests.store(0, Ordering::Relaxed);
-            slot.retries.store(0, Ordering::Relaxed);
-        }
-        slot
-    }
-
-    /// Counts a new request.
-    pub fn record_request(&self, now: Instant) {
-        self.slot(now).requests.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Asks to spend one retry; counts it if allowed (`ratio` and `min` come from the
-    /// running config).
-    pub fn try_retry(&self, now: Instant, ratio: f64, min: u32) -> bool {
-        let current = self.slot(now);
-        let sec = self.second(now);
-        let (requests, retries) = self
-            .slots
-            .iter()
-            .filter(|s| {
-                let t = s.sec.load(Ordering::Acquire);
-                t != 0 && t + (SLOTS as u64) > sec
-            })
-            .fold((0u64, 0u64), |(a, b), s| {
-                (
-                    a + s.requests.load(Ordering::Relaxed),
-                    b + s.retries.load(Ordering::Relaxed),
-                )
-            });
-        let allowed = min as u64 + (ratio * requests as f64) as u64;
-        if retries < allowed {
-            current.retries.fetch_add(1, Ordering::Relaxed);
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,23 +386,5 @@ mod tests {
         h.end_probe(true, t1);
         assert!(h.routable());
         assert_eq!(h.breaker_opens(), 1);
-    }
-
-    #[test]
-    fn retry_budget_is_a_fraction_of_recent_requests() {
-        let b = RetryBudget::new();
-        let t = Instant::now();
-        let try_retry = |at| b.try_retry(at, 0.2, 2);
-        assert!(try_retry(t) && try_retry(t), "the minimum");
-        assert!(!try_retry(t));
-        for _ in 0..50 {
-            b.record_request(t);
-        }
-        let granted = (0..100).filter(|_| try_retry(t)).count();
-        assert_eq!(granted, 10, "2 + 20% of 50, minus the 2 already spent");
-        // After the window, old requests and retries no longer count.
-        let later = t + RetryBudget::WINDOW + Duration::from_secs(1);
-        assert!(try_retry(later) && try_retry(later));
-        assert!(!try_retry(later));
     }
 }

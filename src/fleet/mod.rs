@@ -6,6 +6,7 @@
 //! per-backend atomics through an RAII [`InFlightGuard`], so counts cannot drift.
 
 pub mod health;
+pub mod pick;
 
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
@@ -18,8 +19,8 @@ use crate::auth::Secret;
 use crate::config::BackendConfig;
 use crate::engine::metrics::{EngineLoad, LoraFit};
 use crate::fleet::health::BackendHealth;
-use crate::routing::PickInputs;
 use crate::tls::BackendTls;
+use pick::PickInputs;
 
 /// The oldest scrape start still fresh at `now` (`None`: every scrape is, because the
 /// process is younger than `stale_after`).
@@ -74,11 +75,31 @@ pub struct Backend {
     pub kept: crate::httpclient::KeptConnections,
 }
 
+/// A backend's identity for prefix affinity: a digest of its configured name, so every
+/// gateway with the same config gives it the same id.
+pub fn node_id(name: &str) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"vllm-edge/node\0");
+    ctx.update(name.as_bytes());
+    let d = ctx.finish();
+    u64::from_be_bytes(d.as_ref()[..8].try_into().expect("a SHA-256 has 8 bytes"))
+}
+
 /// Adapters remembered per backend by [`Backend::note_adapter`]: more than any engine
 /// has slots (vLLM's `--max-loras` is at most a few dozen).
 const ADAPTERS_REMEMBERED: usize = 64;
 
 impl Backend {
+    /// Where the gateway's own requests to it go (`crate::httpclient`).
+    pub fn target(&self) -> crate::httpclient::Target<'_> {
+        crate::httpclient::Target {
+            addr: self.addr,
+            key: self.api_key.as_ref(),
+            tls: self.tls.as_ref(),
+            kept: Some(&self.kept),
+        }
+    }
+
     pub fn new(cfg: &BackendConfig) -> Arc<Backend> {
         let health = BackendHealth::default();
         health.set_draining(cfg.drain);
@@ -88,7 +109,7 @@ impl Backend {
             // The config checks names are valid header values.
             name_header: http::HeaderValue::from_str(&cfg.name)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("-")),
-            node_id: crate::routing::affinity::node_id(&cfg.name),
+            node_id: node_id(&cfg.name),
             url: cfg.url.clone(),
             addr: cfg.addr,
             static_models: cfg.static_models.clone(),
@@ -294,12 +315,12 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    /// The models of a `/v1/models` answer (see [`crate::openai::parse_models`]); whether
+    /// The models of a `/v1/models` answer (see [`crate::engine::models::parse_models`]); whether
     /// the list of names changed.
     pub fn set_models(&mut self, cards: Vec<serde_json::Value>) -> bool {
         let models: Vec<String> = cards
             .iter()
-            .filter_map(|c| crate::openai::card_id(c).map(str::to_string))
+            .filter_map(|c| crate::engine::models::card_id(c).map(str::to_string))
             .collect();
         let changed = models != self.models;
         self.models = models;
@@ -363,7 +384,7 @@ pub struct FleetSnapshot {
     /// measured yet (probably idle) is assumed to have.
     pub min_itl_s: Option<f64>,
     /// Every backend has the same weight: rendezvous ranks can then be compared without
-    /// their logarithm ([`crate::routing::affinity::unweighted_rank`]).
+    /// their logarithm (see `routing::affinity`).
     pub equal_weights: bool,
     /// Per backend (same index as `backends`), what a pick reads that changes only with
     /// the snapshot.
@@ -403,7 +424,7 @@ impl FleetSnapshot {
         let equal_weights = backends
             .windows(2)
             .all(|w| w[0].backend.weight == w[1].backend.weight);
-        let default_itl = min_itl_s.unwrap_or(crate::routing::DEFAULT_ITL_S);
+        let default_itl = min_itl_s.unwrap_or(pick::DEFAULT_ITL_S);
         let default_per_slot = fastest.map_or(default_itl, |(itl, running)| itl / (running + 1.0));
         let default_cap = backends
             .iter()
@@ -418,7 +439,7 @@ impl FleetSnapshot {
             .iter()
             .map(|e| PickInputs::of(e, default_itl, default_per_slot, default_cap))
             .collect();
-        let itl_floor = crate::routing::itl_floor(&pick_inputs);
+        let itl_floor = pick::itl_floor(&pick_inputs);
         let lora_fit = lora_fit(&backends);
         FleetSnapshot {
             backends,
@@ -468,7 +489,7 @@ impl FleetSnapshot {
             st.cards
                 .iter()
                 .filter(|c| c.get("parent").is_none_or(serde_json::Value::is_null))
-                .find_map(crate::openai::card_id)
+                .find_map(crate::engine::models::card_id)
         };
         let distinct = |up: bool| {
             let mut firsts: Vec<&str> = self
@@ -491,30 +512,10 @@ impl FleetSnapshot {
         }
     }
 
-    /// The model a request (read by [`crate::openai::inspect_request`]) is routed by
-    /// and sent as under `cfg`: [`crate::openai::route_model`] with this fleet's
-    /// [`FleetSnapshot::default_model`] and `cfg`'s aliases.
-    pub fn route_model(
-        &self,
-        cfg: &crate::config::Config,
-        content_type: Option<&[u8]>,
-        body: &[u8],
-        info: &crate::openai::RoutingInfo,
-    ) -> Result<Option<crate::openai::Renamed>, crate::openai::ApiError> {
-        crate::openai::route_model(
-            content_type,
-            body,
-            info,
-            &cfg.model_aliases,
-            || self.default_model(cfg.default_model.as_deref()),
-            cfg.limits.max_json_depth,
-        )
-    }
-
     /// The vLLM version the fleet offers (`GET /version`): the oldest that the backends
-    /// in rotation report (see [`crate::openai::oldest_version`]).
+    /// in rotation report (see [`crate::engine::models::oldest_version`]).
     pub fn version(&self) -> Option<&str> {
-        crate::openai::oldest_version(
+        crate::engine::models::oldest_version(
             self.backends
                 .iter()
                 .filter(|e| e.backend.health.routable_ignoring_breaker())
@@ -538,15 +539,19 @@ impl FleetSnapshot {
             .filter_map(|(alias, target)| {
                 let mut card = cards
                     .iter()
-                    .find(|c| crate::openai::card_id(c) == Some(target.as_str()))?
+                    .find(|c| crate::engine::models::card_id(c) == Some(target.as_str()))?
                     .clone();
                 card["id"] = alias.as_str().into();
                 Some(card)
             })
             .collect();
-        cards.retain(|c| crate::openai::card_id(c).is_none_or(|id| !aliases.contains_key(id)));
+        cards.retain(|c| {
+            crate::engine::models::card_id(c).is_none_or(|id| !aliases.contains_key(id))
+        });
         cards.extend(aliased);
-        cards.sort_by(|a, b| crate::openai::card_id(a).cmp(&crate::openai::card_id(b)));
+        cards.sort_by(|a, b| {
+            crate::engine::models::card_id(a).cmp(&crate::engine::models::card_id(b))
+        });
         cards
     }
 
@@ -561,7 +566,7 @@ impl FleetSnapshot {
                     let st = &self.backends[i].state;
                     st.cards
                         .iter()
-                        .find(|c| crate::openai::card_id(c) == Some(m))
+                        .find(|c| crate::engine::models::card_id(c) == Some(m))
                 });
                 let shortest = cards
                     .clone()
@@ -571,7 +576,7 @@ impl FleetSnapshot {
                     .clone()
                     .next()
                     .cloned()
-                    .unwrap_or_else(|| crate::openai::model_card(m));
+                    .unwrap_or_else(|| crate::engine::models::model_card(m));
                 if let (Some(n), Some(o)) = (shortest, card.as_object_mut()) {
                     o.insert("max_model_len".into(), n.into());
                 }
@@ -610,7 +615,7 @@ fn lora_fit(backends: &[BackendEntry]) -> BTreeMap<String, Box<[LoraFit]>> {
                 .cards
                 .iter()
                 .filter(|c| c.get("parent").is_some_and(|p| !p.is_null()))
-                .filter_map(crate::openai::card_id),
+                .filter_map(crate::engine::models::card_id),
         );
         if let Some(s) = s {
             adapters.extend(s.running.iter().chain(&s.waiting).map(String::as_str));
@@ -632,8 +637,6 @@ fn lora_fit(backends: &[BackendEntry]) -> BTreeMap<String, Box<[LoraFit]>> {
 #[derive(Debug)]
 pub struct Fleet {
     current: ArcSwap<FleetSnapshot>,
-    /// This gateway's ledger of affinity keys and its placement of the long-lived ones.
-    pub placer: crate::routing::affinity::Placer,
 }
 
 impl Fleet {
@@ -649,7 +652,6 @@ impl Fleet {
             .collect();
         Arc::new(Fleet {
             current: ArcSwap::from_pointee(FleetSnapshot::new(entries)),
-            placer: Default::default(),
         })
     }
 
@@ -866,7 +868,7 @@ mod tests {
         let cards = fleet.load().model_cards(&Default::default());
         let ids: Vec<&serde_json::Value> = cards.iter().map(|c| &c["id"]).collect();
         assert_eq!(ids, ["m2", "m3"]);
-        assert_eq!(cards[0], crate::openai::model_card("m2"));
+        assert_eq!(cards[0], crate::engine::models::model_card("m2"));
     }
 
     #[test]

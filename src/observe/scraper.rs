@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::engine::metrics::{self as engine_metrics, EngineLoad, SumCount};
-use crate::fleet::health::HealthChecker;
 use crate::fleet::{Backend, BackendState, Fleet, FrozenBaseline, Progress};
-use crate::httpclient::{self, Target};
-use crate::openai;
+use crate::httpclient;
+use crate::observe::health_check::HealthChecker;
+use crate::routing::affinity::Placer;
 
 /// A `/v1/models` answer above this is not a model list.
 const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
@@ -37,8 +37,9 @@ const EWMA_NEW: f64 = 0.5;
 
 pub struct Scraper {
     fleet: Arc<Fleet>,
-    /// The live config, for the settings a reload may change (affinity placement).
-    config: Option<Arc<ArcSwap<Config>>>,
+    /// The live config, for the settings a reload may change (affinity placement), and
+    /// the placement it plans.
+    placement: Option<(Arc<ArcSwap<Config>>, Arc<Placer>)>,
     scrape_interval: Duration,
     scrape_timeout: Duration,
     models_interval: Duration,
@@ -50,7 +51,7 @@ impl Scraper {
     pub fn new(fleet: Arc<Fleet>, config: &Config) -> Scraper {
         Scraper {
             fleet: fleet.clone(),
-            config: None,
+            placement: None,
             scrape_interval: config.scrape_interval,
             scrape_timeout: config.scrape_timeout,
             models_interval: config.models_interval,
@@ -63,9 +64,10 @@ impl Scraper {
         }
     }
 
-    /// Follows `live` for the settings a reload may change.
-    pub fn following(mut self, live: Arc<ArcSwap<Config>>) -> Scraper {
-        self.config = Some(live);
+    /// Follows `live` for the settings a reload may change, and plans `placer`'s
+    /// placement of long-lived affinity keys after each pass.
+    pub fn following(mut self, live: Arc<ArcSwap<Config>>, placer: Arc<Placer>) -> Scraper {
+        self.placement = Some((live, placer));
         self
     }
 
@@ -95,14 +97,10 @@ impl Scraper {
     /// Plans the placement of long-lived affinity keys again (the placer does it at most
     /// about once a second), when the live config uses affinity.
     fn replan(&self) {
-        if let Some(live) = &self.config {
+        if let Some((live, placer)) = &self.placement {
             let cfg = live.load();
             if cfg.affinity.used_by(cfg.policy) {
-                self.fleet.placer.replan(
-                    &self.fleet.load(),
-                    cfg.affinity.placement,
-                    Instant::now(),
-                );
+                placer.replan(&self.fleet.load(), cfg.affinity.placement, Instant::now());
             }
         }
     }
@@ -147,7 +145,7 @@ async fn observe(
         let dispatched = backend.dispatched();
         let started = Instant::now();
         let result = match httpclient::get(
-            Target::of(&backend),
+            backend.target(),
             "/metrics",
             scrape_timeout,
             MAX_METRICS_BODY,
@@ -359,11 +357,11 @@ pub fn accept(
 /// The backend's vLLM version (from `/version`), or `None` when it does not say (an older
 /// server, another engine, a failure: the last known one is kept).
 pub async fn discover_version(backend: &Backend, timeout: Duration) -> Option<String> {
-    let resp = httpclient::get(Target::of(backend), "/version", timeout, MAX_MODELS_BODY)
+    let resp = httpclient::get(backend.target(), "/version", timeout, MAX_MODELS_BODY)
         .await
         .ok()?;
     (resp.status == 200)
-        .then(|| openai::parse_version(&resp.body).ok())
+        .then(|| crate::engine::models::parse_version(&resp.body).ok())
         .flatten()
 }
 
@@ -372,13 +370,13 @@ pub async fn discover_models(
     backend: &Backend,
     timeout: Duration,
 ) -> Result<Vec<serde_json::Value>, String> {
-    let resp = httpclient::get(Target::of(backend), "/v1/models", timeout, MAX_MODELS_BODY)
+    let resp = httpclient::get(backend.target(), "/v1/models", timeout, MAX_MODELS_BODY)
         .await
         .map_err(|e| format!("GET /v1/models: {e}"))?;
     if resp.status != 200 {
         return Err(format!("GET /v1/models: status {}", resp.status));
     }
-    let models = openai::parse_models(&resp.body)?;
+    let models = crate::engine::models::parse_models(&resp.body)?;
     if models.is_empty() {
         return Err("GET /v1/models: no models".into());
     }

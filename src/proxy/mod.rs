@@ -8,6 +8,7 @@ pub mod body;
 pub mod conn;
 pub mod deadline;
 pub mod gate;
+pub mod retry_budget;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -18,21 +19,21 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpUpstreamRequestPolicy;
 use pingora::{ErrorSource, ErrorType, RetryType};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::{Denied, Permit};
 use crate::config::Config;
 use crate::cors;
-use crate::fleet::health::{FailureKind, RetryBudget};
+use crate::fleet::health::FailureKind;
 use crate::fleet::{Backend, Fleet, InFlightGuard};
 use crate::openai::{self, ApiError, Route, RoutingInfo, UsageTail};
 use crate::routing::affinity::{self, AffinityKey};
 use crate::routing::{self, NoCandidate, Reason, Selector};
-use crate::server::lifecycle;
 use body::BodyError;
 use deadline::{Attempt, Limits};
+use retry_budget::RetryBudget;
 
 /// A dead pooled connection (the backend closed it while idle) is retried on the same
 /// backend at most this many times per request, without counting as a failed attempt.
@@ -73,46 +74,74 @@ fn request_id(header: &pingora::http::RequestHeader) -> HeaderValue {
 }
 
 pub struct Gateway {
-    /// The running configuration; a reload swaps it (see `crate::server::reload`).
+    /// The running configuration; a reload swaps it (see `server::reload`).
     config: Arc<ArcSwap<Config>>,
     fleet: Arc<Fleet>,
     selector: Selector,
     budget: RetryBudget,
-    /// Requests being handled (any route): a graceful shutdown ends when it reaches 0.
-    active: Arc<AtomicUsize>,
+    /// Requests being handled, and whether a successor is taking the sockets over.
+    traffic: Arc<Traffic>,
     /// Opens the connections streams go over to plain-HTTP replicas (`gate`).
     gate: Arc<gate::GateConnector>,
+    /// This gateway's ledger of affinity keys and its placement of the long-lived ones.
+    placer: Arc<affinity::Placer>,
 }
 
 /// The connection-pool group of gated connections (`HttpPeer::group_key`): a stream's
 /// attempt never reuses an ungated connection, nor a plain request a gated one.
 const GATED_POOL: u64 = 1;
 
-/// Counts one request in [`Gateway::active_requests`] while it lives.
-struct Active(Arc<AtomicUsize>);
+/// What the data plane shares with the server about the process: the requests being
+/// handled (any route: a graceful shutdown ends when none is left), and whether a
+/// successor is taking the listening sockets over (`server::lifecycle`; HTTP/1.1 clients
+/// are then told to reconnect, which reaches the successor).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    active: AtomicUsize,
+    handing_over: AtomicBool,
+}
+
+impl Traffic {
+    pub fn active_requests(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Relaxed)
+    }
+
+    /// A successor has the listening sockets: from now on, answers close their
+    /// connection.
+    pub fn begin_handover(&self) {
+        self.handing_over.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Counts one request in [`Traffic::active_requests`] while it lives.
+struct Active(Arc<Traffic>);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Gateway {
-    pub fn new(config: Arc<ArcSwap<Config>>, fleet: Arc<Fleet>) -> Gateway {
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        fleet: Arc<Fleet>,
+        placer: Arc<affinity::Placer>,
+        traffic: Arc<Traffic>,
+    ) -> Gateway {
         Gateway {
+            placer,
+            traffic,
             selector: Selector::new(config.load().stale_after()),
             budget: RetryBudget::new(),
-            active: Arc::new(AtomicUsize::new(0)),
             gate: Arc::new(gate::GateConnector::new(config.clone())),
             config,
             fleet,
         }
-    }
-
-    /// The number of requests being handled, shared with whoever waits for it to drop
-    /// to zero (see `server`'s shutdown).
-    pub fn active_requests(&self) -> Arc<AtomicUsize> {
-        self.active.clone()
     }
 
     /// The deadlines of one attempt for this kind of request.
@@ -338,11 +367,13 @@ fn malformed_head(
 }
 
 /// Answers with a JSON body. With `keepalive`, the connection stays open for the
-/// client's next request if the client wants that and its request body was read in full
-/// (Pingora closes it otherwise: unread body bytes would be taken for the next request);
-/// without, it closes after the answer.
+/// client's next request if the client wants that, its request body was read in full
+/// (Pingora closes it otherwise: unread body bytes would be taken for the next request)
+/// and no successor is taking the sockets over (`traffic`); without, it closes after the
+/// answer.
 async fn respond_json(
     session: &mut Session,
+    traffic: &Traffic,
     status: u16,
     body: Bytes,
     keepalive: bool,
@@ -355,7 +386,7 @@ async fn respond_json(
         resp.insert_header(*k, *v)?;
     }
     if keepalive {
-        if lifecycle::handing_over() {
+        if traffic.handing_over() {
             session.set_keepalive(None);
         }
         session.write_response_header(Box::new(resp), false).await?;
@@ -424,7 +455,15 @@ async fn respond_error_with(
     if !session.is_body_done() {
         let _ = tokio::time::timeout(Duration::ZERO, session.drain_request_body()).await;
     }
-    respond_json(session, err.status, err.body(), true, &extra).await?;
+    respond_json(
+        session,
+        &ctx._active.0,
+        err.status,
+        err.body(),
+        true,
+        &extra,
+    )
+    .await?;
     linger(session).await;
     Ok(true)
 }
@@ -487,7 +526,7 @@ async fn answer_preflight(
     }
     resp.insert_header("access-control-max-age", cors::MAX_AGE)?;
     resp.insert_header(REQUEST_ID, ctx.request_id.clone())?;
-    if lifecycle::handing_over() {
+    if ctx._active.0.handing_over() {
         session.set_keepalive(None);
     }
     session.write_response_header(Box::new(resp), true).await?;
@@ -506,9 +545,9 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.traffic.active.fetch_add(1, Ordering::Relaxed);
         RequestCtx {
-            _active: Active(self.active.clone()),
+            _active: Active(self.traffic.clone()),
             started: Instant::now(),
             route: Route::NotFound,
             body: None,
@@ -633,7 +672,7 @@ impl ProxyHttp for Gateway {
                 ctx.status = 200;
                 let mut extra = vec![(REQUEST_ID, ctx.request_id())];
                 extra.extend(ctx.cors.headers());
-                respond_json(session, 200, body, true, &extra).await?;
+                respond_json(session, &self.traffic, 200, body, true, &extra).await?;
                 Ok(true)
             }
             Route::MethodNotAllowed(allow) => {
@@ -686,10 +725,8 @@ impl ProxyHttp for Gateway {
                     };
                 // No model named (the default), or an alias: the body is sent naming the
                 // model it is routed by.
-                let renamed = self
-                    .fleet
-                    .load()
-                    .route_model(&cfg, content_type, &body, &info);
+                let renamed =
+                    routing::route_model(&self.fleet.load(), &cfg, content_type, &body, &info);
                 let (body, info, alias) = match renamed {
                     Ok(None) => (body, info, None),
                     Ok(Some(r)) => (Bytes::from(r.body), r.info, r.alias),
@@ -734,8 +771,7 @@ impl ProxyHttp for Gateway {
                 ctx.affinity =
                     affinity::request_key(&cfg, &session.req_header().headers, &body, &info);
                 if let Some(k) = &ctx.affinity {
-                    self.fleet
-                        .placer
+                    self.placer
                         .record(&info.model, k.key, k.reusable_bytes, Instant::now());
                 }
                 ctx.body = Some(body);
@@ -764,7 +800,7 @@ impl ProxyHttp for Gateway {
             .filter(|(_, e)| ctx.tried.iter().any(|t| Arc::ptr_eq(t, &e.backend)))
             .map(|(i, _)| i)
             .collect();
-        let request = routing::Request::of(info, ctx.affinity, &cfg, &self.fleet.placer);
+        let request = routing::Request::of(info, ctx.affinity, &cfg, &self.placer);
         let chosen = match self
             .selector
             .best(cfg.policy, &snap, &request, &tried, Instant::now())
@@ -961,7 +997,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if lifecycle::handing_over() {
+        if self.traffic.handing_over() {
             // A successor has the listening sockets: send HTTP/1.1 clients there for
             // their next request.
             session.set_keepalive(None);
@@ -1191,7 +1227,16 @@ impl ProxyHttp for Gateway {
         // client connection only if the last upstream attempt left it reusable, whatever
         // `can_reuse_downstream` says, and an answer promising keep-alive on a connection
         // then closed would have the client's next request reset.
-        if let Err(write_err) = respond_json(session, err.status, err.body(), false, &extra).await {
+        if let Err(write_err) = respond_json(
+            session,
+            &self.traffic,
+            err.status,
+            err.body(),
+            false,
+            &extra,
+        )
+        .await
+        {
             tracing::debug!(error = %write_err, "could not write the error response");
         }
         FailToProxy {

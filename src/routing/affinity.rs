@@ -41,17 +41,9 @@ use arc_swap::ArcSwap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::config::PlacementSettings;
 use crate::fleet::FleetSnapshot;
-
-/// Where the affinity-relevant fields are in a request body (byte ranges of their JSON
-/// text), found while the body is inspected; the key is computed from them only when
-/// affinity is in use.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BodySpans {
-    pub messages: Option<Range<usize>>,
-    pub prompt: Option<Range<usize>>,
-    pub user: Option<Range<usize>>,
-}
+use crate::openai::BodySpans;
 
 /// What the key was made from (the access log's `affinity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,12 +231,6 @@ pub fn key_of(
     })
 }
 
-/// A backend's identity on the hash: a digest of its configured name, so every gateway
-/// with the same config gives it the same id.
-pub fn node_id(name: &str) -> u64 {
-    digest64(&[b"vllm-edge/node\0", name.as_bytes()])
-}
-
 /// splitmix64's finalizer: spreads the bits of `key ^ node` uniformly.
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -316,9 +302,6 @@ pub fn load_bound(
 // KV cache. The plan is a pure function of the long-lived keys and the fleet, so gateways
 // that see the same keys (every gateway sees every busy prefix) make the same plan.
 
-/// A key not seen for this long is dropped from the ledger (its prefix has likely left
-/// the cache, and it no longer counts against its home's share).
-pub const LEDGER_IDLE: Duration = Duration::from_secs(60);
 /// The most keys a ledger tracks; beyond it new keys are not tracked until old ones go
 /// idle (about 100 bytes each).
 pub const LEDGER_KEYS: usize = 16_384;
@@ -383,16 +366,6 @@ impl Placement {
     }
 }
 
-/// Placement settings (`routing.affinity` in the config).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PlacementSettings {
-    /// The share of a backend's KV cache the long-lived prefixes homed on it may fill; 0
-    /// turns placement off.
-    pub kv_share: f64,
-    /// How long a key must have been in use to count as long-lived.
-    pub long_lived_after: Duration,
-}
-
 /// A gateway's ledger of affinity keys and its current placement of the long-lived ones.
 #[derive(Debug, Default)]
 pub struct Placer {
@@ -452,8 +425,9 @@ impl Placer {
                 return;
             }
             l.last_plan = Some(now);
-            l.keys
-                .retain(|_, s| now.saturating_duration_since(s.last) <= LEDGER_IDLE);
+            l.keys.retain(|_, s| {
+                now.saturating_duration_since(s.last) <= crate::config::defaults::AFFINITY_KEY_IDLE
+            });
             l.keys
                 .iter()
                 .filter(|(_, s)| {
@@ -592,6 +566,7 @@ pub fn plan(snap: &FleetSnapshot, keys: &[(String, u64, usize)], kv_share: f64) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::node_id;
 
     /// The spans of a JSON body, as `openai::inspect` finds them.
     fn spans(body: &str) -> BodySpans {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::Policy;
 use crate::engine::metrics::LoraFit;
-use crate::fleet::{fresh_since, is_fresh, Backend, BackendEntry, FleetSnapshot};
+use crate::fleet::pick::{count, PickInputs, DEFAULT_OUTPUT_TOKENS};
+use crate::fleet::{fresh_since, Backend, FleetSnapshot};
 use affinity::AffinityKey;
 
 /// Why no candidate was returned.
@@ -122,6 +123,26 @@ pub fn availability(snap: &FleetSnapshot, model: &str) -> Result<(), NoCandidate
     }
 }
 
+/// The model a request (read by [`crate::openai::inspect_request`]) is routed by and sent
+/// as under `cfg`: [`crate::openai::route_model`] with the fleet's
+/// [`FleetSnapshot::default_model`] and `cfg`'s aliases.
+pub fn route_model(
+    snap: &FleetSnapshot,
+    cfg: &crate::config::Config,
+    content_type: Option<&[u8]>,
+    body: &[u8],
+    info: &crate::openai::RoutingInfo,
+) -> Result<Option<crate::openai::Renamed>, crate::openai::ApiError> {
+    crate::openai::route_model(
+        content_type,
+        body,
+        info,
+        &cfg.model_aliases,
+        || snap.default_model(cfg.default_model.as_deref()),
+        cfg.limits.max_json_depth,
+    )
+}
+
 /// What selection knows about a request.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
@@ -191,11 +212,6 @@ pub struct Sticky {
 /// (English text runs about 4 characters per token).
 pub const BYTES_PER_TOKEN: usize = 4;
 
-/// Inter-token latency assumed for a backend never measured (then divided by its
-/// configured weight): a mid-size batch on a current GPU.
-pub const DEFAULT_ITL_S: f64 = 0.015;
-/// Output length assumed when a request gives no `max_tokens`, for its KV footprint.
-const DEFAULT_OUTPUT_TOKENS: f64 = 256.0;
 /// Prompt tokens whose prefill costs about as much as one decode step. It varies with
 /// the GPU (about 220 on an H100 running Llama-3-8B, 120 on an A100) and cannot be told
 /// apart from decode speed in vLLM's metrics; erring low sends long prompts to the
@@ -467,120 +483,6 @@ pub struct Terms {
     /// Whether the backend's scrape is fresh.
     pub fresh: bool,
     pub score: f64,
-}
-
-/// The lowest ITL among `inputs` (infinite when there are none).
-pub(crate) fn itl_floor(inputs: &[PickInputs]) -> f64 {
-    inputs.iter().map(|p| p.itl).fold(f64::INFINITY, f64::min)
-}
-
-/// A counter as a float (through `i64`, which converts in one instruction).
-fn count(n: u64) -> f64 {
-    n.min(i64::MAX as u64) as i64 as f64
-}
-
-/// What a pick reads of one backend that changes only when the snapshot does (a scrape, a
-/// health change, a reload): resolved once in [`FleetSnapshot::new`] and kept in one dense
-/// array, so that a pick among many backends reads one small record each, follows no
-/// pointer but to the live counters, and divides only by what depends on the request.
-/// Unknown values are NaN.
-#[derive(Debug, Clone)]
-pub struct PickInputs {
-    /// The backend's live counters.
-    backend: Arc<Backend>,
-    /// When the scrape behind `running`, `waiting` and `kv` started (`None`: none yet).
-    load_at: Option<Instant>,
-    running: f64,
-    /// Waiting as scraped, less the requests vLLM defers.
-    waiting: f64,
-    /// `Backend::dispatched()` and `Backend::completed()` when that scrape started.
-    dispatched_at: u64,
-    completed_at: u64,
-    /// The measured inter-token latency, or the fleet's best divided by the weight.
-    itl: f64,
-    /// `itl / (running + 1)`: a step's duration per sequence of the scraped batch. Without
-    /// a scraped batch: the fleet's default (`default_per_slot / weight`) when the ITL is
-    /// not measured either, else the whole ITL (as if measured on an idle engine).
-    itl_per_slot: f64,
-    /// The batch limit: configured, else learned.
-    cap: f64,
-    /// The recent end-to-end latency, or `itl` × an assumed output length.
-    e2e: f64,
-    /// How long each request ahead in the queue adds: `e2e / cap`, or `e2e / running`
-    /// without a cap (NaN when neither is known).
-    queue_per_ahead: f64,
-    kv: f64,
-    /// `1 / kv_capacity_tokens`, 0 when unknown.
-    inv_kv_capacity: f64,
-    /// For rendezvous ranks: the backend's `node_id` and weight.
-    node_id: u64,
-    weight: f64,
-}
-
-impl PickInputs {
-    /// `default_itl`: what a backend never measured is assumed to have at weight 1 (the
-    /// snapshot's `min_itl_s`, else [`DEFAULT_ITL_S`]).
-    ///
-    /// `default_cap`: the batch limit assumed for a backend whose limit is neither
-    /// configured nor learned yet (the largest any backend of the snapshot has, NaN when
-    /// none has one): replicas of a fleet usually run the same `--max-num-seqs`, and one
-    /// that never queued would otherwise look able to take any number of requests.
-    ///
-    /// `default_per_slot`: what a sequence adds to the step of a backend never scraped
-    /// (`default_itl` divided by the batch it was measured at plus one), so one whose
-    /// `/metrics` fails from the start is scored like the fleet's fastest replica holding
-    /// this gateway's requests, rather than like an idle engine with a full one's ITL.
-    pub fn of(
-        e: &BackendEntry,
-        default_itl: f64,
-        default_per_slot: f64,
-        default_cap: f64,
-    ) -> PickInputs {
-        let (b, st) = (&e.backend, &e.state);
-        let load = st.load.as_ref();
-        let running = load.and_then(|l| l.running).unwrap_or(f64::NAN);
-        let itl = st.itl_s.unwrap_or(default_itl / b.weight);
-        let capacity = load.and_then(|l| l.kv_capacity_tokens).unwrap_or(0);
-        let cap = b
-            .max_concurrent_requests
-            .map(|m| m as f64)
-            .or(st.learned_max_running())
-            .unwrap_or(default_cap);
-        let e2e = st.e2e_s.unwrap_or(itl * DEFAULT_OUTPUT_TOKENS);
-        PickInputs {
-            backend: b.clone(),
-            load_at: st.load_at.filter(|_| load.is_some()),
-            running,
-            // Requests vLLM defers (a LoRA adapter waiting for a slot, a KV transfer) are
-            // passed by the others: they are not a queue ahead of a new request.
-            waiting: load.map_or(0.0, |l| {
-                (l.waiting.unwrap_or(0.0) - l.waiting_deferred.unwrap_or(0.0)).max(0.0)
-            }),
-            dispatched_at: st.dispatched_at_scrape,
-            completed_at: st.completed_at_scrape,
-            itl,
-            itl_per_slot: match (running.is_nan(), st.itl_s) {
-                (false, _) => itl / (running + 1.0),
-                (true, Some(_)) => itl,
-                (true, None) => default_per_slot / b.weight,
-            },
-            cap,
-            e2e,
-            queue_per_ahead: e2e / if cap.is_nan() { running } else { cap }.max(1.0),
-            kv: load.and_then(|l| l.kv_usage).unwrap_or(f64::NAN),
-            inv_kv_capacity: if capacity > 0 {
-                1.0 / capacity as f64
-            } else {
-                0.0
-            },
-            node_id: b.node_id,
-            weight: b.weight,
-        }
-    }
-
-    fn fresh(&self, fresh_since: Option<Instant>) -> bool {
-        is_fresh(self.load_at, fresh_since)
-    }
 }
 
 /// The engine as this gateway sees it now: `(running, waiting, sequences, fresh)`, where
@@ -1016,6 +918,7 @@ mod tests {
     use super::*;
     use crate::config::BackendConfig;
     use crate::engine::metrics::EngineLoad;
+    use crate::fleet::BackendEntry;
     use crate::fleet::Fleet;
 
     const STALE: Duration = Duration::from_secs(1);
@@ -1098,7 +1001,8 @@ mod tests {
 
     #[test]
     fn the_placer_moves_long_lived_keys_off_a_home_past_its_share_of_kv() {
-        use crate::routing::affinity::{PlacementSettings, Placer};
+        use crate::config::PlacementSettings;
+        use crate::routing::affinity::Placer;
         let t0 = Instant::now();
         let mut snap = snapshot(&[true, true, true, true]);
         for i in 0..4 {
@@ -1209,7 +1113,7 @@ mod tests {
         a.replan(
             &snap,
             settings,
-            t + crate::routing::affinity::LEDGER_IDLE + Duration::from_secs(1),
+            t + crate::config::defaults::AFFINITY_KEY_IDLE + Duration::from_secs(1),
         );
         assert_eq!(
             (a.placement().long_lived, a.placement().moved_keys()),

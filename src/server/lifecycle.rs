@@ -26,15 +26,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::{ENV_ADMIN, ENV_LISTEN};
+use crate::proxy::Traffic;
 
 /// The pid of the process a successor takes over from.
 pub const ENV_UPGRADE_FROM: &str = "VLLM_EDGE_UPGRADE_FROM";
 
-static HANDING_OVER: AtomicBool = AtomicBool::new(false);
 static EXE: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// Remembers the binary's path while it is still the file this process runs from: an
@@ -43,17 +42,15 @@ pub fn remember_exe() {
     EXE.get_or_init(|| std::env::current_exe().ok());
 }
 
-/// Whether this process is handing its sockets to a successor (between `SIGQUIT` and exit).
-pub fn handing_over() -> bool {
-    HANDING_OVER.load(Ordering::Relaxed)
-}
-
 /// What a successor needs to take this process's place.
 #[derive(Debug, Clone)]
 pub struct Handover {
     pub config: PathBuf,
     pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
+    /// The data plane's: told when a successor takes the sockets (between `SIGQUIT` and
+    /// exit, this process is handing them over).
+    pub traffic: Arc<Traffic>,
 }
 
 /// Serves `SIGUSR2` (start a successor) and `SIGQUIT` (a successor takes over: note it) on a
@@ -78,7 +75,7 @@ pub fn listen_for_upgrade(handover: Handover) -> std::io::Result<()> {
                     tokio::select! {
                         Some(()) = usr2.recv() => start_successor(&handover),
                         Some(()) = quit.recv() => {
-                            HANDING_OVER.store(true, Ordering::Relaxed);
+                            handover.traffic.begin_handover();
                             tracing::info!("handing the listening sockets over to a successor; \
                                 finishing the requests in flight");
                         }
@@ -91,7 +88,7 @@ pub fn listen_for_upgrade(handover: Handover) -> std::io::Result<()> {
 }
 
 fn start_successor(h: &Handover) {
-    if handing_over() {
+    if h.traffic.handing_over() {
         tracing::warn!("an upgrade is already under way; SIGUSR2 ignored");
         return;
     }
@@ -113,12 +110,13 @@ fn start_successor(h: &Handover) {
     match spawned {
         Ok(mut child) => {
             let pid = child.id();
+            let traffic = h.traffic.clone();
             tracing::info!(successor = pid, exe = %exe.display(), "upgrade: successor started");
             // Reap it, and say so if it gave up before taking over.
             let _ = std::thread::Builder::new()
                 .name("vllm-edge-successor".into())
                 .spawn(move || match child.wait() {
-                    Ok(s) if !handing_over() => tracing::error!(
+                    Ok(s) if !traffic.handing_over() => tracing::error!(
                         successor = pid,
                         status = %s,
                         "upgrade failed: the successor exited before taking over; this process keeps serving"

@@ -29,7 +29,8 @@ use crate::admin::{AdminApp, History, HistorySampler};
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::observe::scraper::Scraper;
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, Traffic};
+use crate::routing::affinity::Placer;
 use crate::server::reload::Reloader;
 use crate::tls::CertResolver;
 use lifecycle::Handover;
@@ -132,10 +133,12 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
         lifecycle::ask_predecessor_to_hand_over();
     }
     server.bootstrap();
+    let traffic = Arc::new(Traffic::default());
     if let Err(e) = lifecycle::listen_for_upgrade(Handover {
         config: config.source.clone(),
         listeners: listeners.iter().map(|b| b.addr).collect(),
         admin: admin.addr,
+        traffic: traffic.clone(),
     }) {
         tracing::error!(error = %e, "cannot install the SIGUSR2 handler: upgrades need a restart");
     }
@@ -152,16 +155,17 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
         tracing::error!(error = %e, "cannot install the SIGHUP handler: reload needs a restart");
     }
 
+    let placer = Arc::new(Placer::default());
     let scraper = background_service(
         "scraper",
-        Scraper::new(fleet.clone(), &config).following(live.clone()),
+        Scraper::new(fleet.clone(), &config).following(live.clone(), placer.clone()),
     );
 
-    let gateway = Gateway::new(live.clone(), fleet.clone());
+    let gateway = Gateway::new(live.clone(), fleet.clone(), placer.clone(), traffic.clone());
     let drainer = background_service(
         "drain",
         Drainer {
-            active: gateway.active_requests(),
+            traffic,
             grace_period: config.grace_period,
         },
     );
@@ -211,6 +215,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
             fleet: fleet.clone(),
             ready: ready.clone(),
             history: history.clone(),
+            placer,
         },
     );
     admin_svc.add_tcp_with_settings(&admin.addr.to_string(), socket_options(&admin));
@@ -265,7 +270,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
 /// whole grace period after SIGTERM, even when idle; this waits for the in-flight requests
 /// and streams (at most the grace period), then exits the process.
 struct Drainer {
-    active: Arc<std::sync::atomic::AtomicUsize>,
+    traffic: Arc<Traffic>,
     grace_period: Duration,
 }
 
@@ -278,10 +283,10 @@ impl BackgroundService for Drainer {
             }
         }
         let started = std::time::Instant::now();
-        let left = self.active.load(Ordering::Relaxed);
+        let left = self.traffic.active_requests();
         tracing::info!(in_flight = left, grace_period = ?self.grace_period, "shutting down: waiting for requests in flight");
         // Polled: the count has no waker, and 10 ms is nothing next to a grace period.
-        while self.active.load(Ordering::Relaxed) > 0 {
+        while self.traffic.active_requests() > 0 {
             if started.elapsed() >= self.grace_period {
                 // Pingora's own grace period ends now too and stops the runtimes.
                 return;

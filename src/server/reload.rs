@@ -17,10 +17,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::HealthPolicy;
 use crate::config::{BackendConfig, Config, ConfigError};
-use crate::fleet::health;
-use crate::fleet::health::HealthPolicy;
 use crate::fleet::{Fleet, Reconfigured};
+use crate::observe::health_check;
 use crate::observe::scraper;
 use crate::tls::CertResolver;
 
@@ -146,7 +146,8 @@ impl Reloader {
                         None => Some(scraper::discover_models(&backend, timeout).await),
                     }
                 };
-                let (models, ()) = tokio::join!(models, health::check(backend.clone(), policy));
+                let (models, ()) =
+                    tokio::join!(models, health_check::check(backend.clone(), policy));
                 models
             }
         });
@@ -554,7 +555,7 @@ mod tests {
         old.stop();
         let policy = live.load().health;
         for _ in 0..policy.unhealthy_threshold {
-            health::check(before.clone(), policy).await;
+            health_check::check(before.clone(), policy).await;
         }
         assert!(!before.health.routable());
         *answer.lock().unwrap() = Some(vec![new.addr]);

@@ -212,7 +212,9 @@ async fn gateways_place_long_lived_prompts_alike_and_within_each_home_s_share_of
         let key = affinity::key_of(&b, &info.spans, None, 4096).unwrap();
         (0..names.len())
             .max_by(|&x, &y| {
-                let r = |i: usize| affinity::unweighted_rank(key.key, affinity::node_id(&names[i]));
+                let r = |i: usize| {
+                    affinity::unweighted_rank(key.key, vllm_edge::fleet::node_id(&names[i]))
+                };
                 r(x).total_cmp(&r(y))
             })
             .unwrap()

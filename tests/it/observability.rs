@@ -720,9 +720,14 @@ async fn top_shows_the_fleet_and_asks_for_the_token() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("2/2 healthy"));
 }
 
-/// Every `vllm_edge_*` name the code defines (metrics.rs is their one home).
+/// Every `vllm_edge_*` name the code defines: the counted ones in `metrics.rs`, the
+/// per-backend gauges in `admin/gauges.rs`.
 fn defined_metrics() -> BTreeSet<String> {
-    let src = include_str!("../../src/metrics.rs");
+    let src = [
+        include_str!("../../src/metrics.rs"),
+        include_str!("../../src/admin/gauges.rs"),
+    ]
+    .concat();
     let mut names = BTreeSet::new();
     for part in src.split('"').skip(1).step_by(2) {
         if part.starts_with("vllm_edge_")
@@ -775,7 +780,10 @@ fn the_readme_and_the_grafana_dashboard_name_exactly_the_defined_metrics() {
         .and_then(|s| s.split("\n## ").next())
         .expect("README has a ### Metrics section");
     let listed = mentioned(section, &defined);
-    assert_eq!(listed, defined, "README's metric list vs src/metrics.rs");
+    assert_eq!(
+        listed, defined,
+        "README's metric list vs the defined metrics"
+    );
     let grafana = include_str!("../../conf/grafana/vllm-edge.json");
     let dash: Value = serde_json::from_str(grafana).expect("the Grafana dashboard is JSON");
     assert!(dash["panels"].as_array().is_some_and(|p| p.len() >= 8));
