@@ -41,6 +41,7 @@ use arc_swap::ArcSwap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::Sticky;
 use crate::config::PlacementSettings;
 use crate::fleet::FleetSnapshot;
 use crate::openai::BodySpans;
@@ -561,6 +562,16 @@ pub fn plan(snap: &FleetSnapshot, keys: &[(String, u64, usize)], kv_share: f64) 
         .filter_map(|(i, u)| Some((snap.backends[i].backend.name.clone(), u, budget(i)?)))
         .collect();
     out
+}
+
+/// Backend `i`'s rendezvous rank for the request's key.
+pub(super) fn affinity_rank(snap: &FleetSnapshot, sticky: &Sticky, i: usize) -> f64 {
+    let p = &snap.pick_inputs[i];
+    if sticky.placed == Some(p.node_id) {
+        f64::INFINITY
+    } else {
+        preference(sticky.key.key, p.node_id, p.weight, snap.equal_weights)
+    }
 }
 
 #[cfg(test)]
