@@ -1,0 +1,160 @@
+//! A request's state across all its attempts ([`RequestCtx`]), and its id.
+
+use bytes::Bytes;
+use http::HeaderValue;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::deadline::Attempt;
+use super::Traffic;
+use crate::auth::Permit;
+use crate::cors;
+use crate::fleet::{Backend, InFlightGuard};
+use crate::openai::{ApiError, Route, RoutingInfo, UsageTail};
+use crate::routing::affinity::AffinityKey;
+use crate::routing::Reason;
+
+/// The header that carries a request's id: taken from the client when it sends a usable
+/// one, generated otherwise; forwarded to the backend (vLLM builds its own request id on
+/// it) and returned to the client.
+pub(super) const REQUEST_ID: &str = "x-request-id";
+/// A client's request id longer than this is replaced (it ends up in every log line).
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The client's `x-request-id` if it is short and plain (visible ASCII), else a new one:
+/// 32 random hex digits. Kept as a header value: it is sent upstream and back to the
+/// client, and a clone shares its bytes.
+pub(super) fn request_id(header: &pingora::http::RequestHeader) -> HeaderValue {
+    if let Some(v) = header.headers.get(REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
+        {
+            return v.clone();
+        }
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut id = [0u8; 32];
+    for d in id.iter_mut().rev() {
+        *d = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+}
+
+/// Counts one request in [`Traffic::active_requests`] while it lives.
+struct Active(Arc<Traffic>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-request state; one lives across all attempts of a request.
+pub struct RequestCtx {
+    _active: Active,
+    pub(super) started: Instant,
+    pub(super) route: Route,
+    /// The full request body: the replay source for every attempt.
+    pub(super) body: Option<Bytes>,
+    pub(super) info: Option<RoutingInfo>,
+    /// The request's prefix-affinity key, when the policy uses affinity.
+    pub(super) affinity: Option<AffinityKey>,
+    /// Backends that failed this request, not to be picked again.
+    pub(super) tried: Vec<Arc<Backend>>,
+    /// Counts the current attempt's in-flight request on its backend.
+    pub(super) in_flight: Option<InFlightGuard>,
+    /// Enforces the current attempt's deadlines.
+    pub(super) deadlines: Option<Attempt>,
+    /// The current attempt's first body byte arrived.
+    pub(super) got_body: bool,
+    /// The response being relayed is an event stream (for the mid-stream error event).
+    pub(super) sse: bool,
+    pub(super) attempts: u32,
+    pub(super) stale_retries: u32,
+    /// The error to answer with if the request fails before any response byte.
+    pub(super) error: Option<ApiError>,
+    /// The last attempt ended by one of its deadlines.
+    pub(super) timed_out: bool,
+    /// A stream was ended with an error event.
+    pub(super) stream_error_sent: bool,
+    pub(super) status: u16,
+    /// The client's API key (when keys are required): its name, and its concurrency slot.
+    pub(super) key: Option<Permit>,
+    /// Visible ASCII (see [`request_id`]).
+    pub(super) request_id: HeaderValue,
+    /// Whether, and how, its answers are marked for a web page of another origin.
+    pub(super) cors: cors::Verdict,
+    /// Why the current attempt's backend was picked, and its `vllm` score in seconds.
+    pub(super) chosen_by: Option<(Reason, Option<f64>)>,
+    /// When the first body byte of the answer arrived, since `started`.
+    pub(super) first_byte: Option<Duration>,
+    /// Body bytes relayed from the backend to the client.
+    pub(super) bytes_out: u64,
+    /// The end of a response that reports `usage`, to count its tokens.
+    pub(super) usage_tail: Option<UsageTail>,
+    /// Stream events relayed, counted only for a key with a `tpm` limit: what a stream that
+    /// reports no usage (or was cut before it) is charged.
+    pub(super) sse_events: u64,
+    /// Prompt tokens taken from the key's `tpm` balance before sending (see `Permit::reserve`).
+    pub(super) tokens_reserved: u64,
+}
+
+impl RequestCtx {
+    /// A request's state, counted in `traffic` while it lives.
+    pub(super) fn new(traffic: Arc<Traffic>) -> RequestCtx {
+        traffic.active.fetch_add(1, Ordering::Relaxed);
+        RequestCtx {
+            _active: Active(traffic),
+            started: Instant::now(),
+            route: Route::NotFound,
+            body: None,
+            info: None,
+            affinity: None,
+            tried: Vec::new(),
+            in_flight: None,
+            deadlines: None,
+            got_body: false,
+            sse: false,
+            attempts: 0,
+            stale_retries: 0,
+            error: None,
+            timed_out: false,
+            stream_error_sent: false,
+            status: 0,
+            key: None,
+            request_id: HeaderValue::from_static(""),
+            cors: cors::Verdict::Off,
+            chosen_by: None,
+            first_byte: None,
+            bytes_out: 0,
+            usage_tail: None,
+            sse_events: 0,
+            tokens_reserved: 0,
+        }
+    }
+
+    pub(super) fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+
+    pub(super) fn backend_name(&self) -> &str {
+        self.in_flight
+            .as_ref()
+            .map_or("-", |g| g.backend().name.as_str())
+    }
+}
+
+impl RequestCtx {
+    /// Whether a successor is taking the listening sockets over (answers then close).
+    pub(super) fn handing_over(&self) -> bool {
+        self._active.0.handing_over()
+    }
+
+    /// The process's traffic this request counts in.
+    pub(super) fn traffic(&self) -> &Traffic {
+        &self._active.0
+    }
+}
