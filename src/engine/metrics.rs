@@ -320,10 +320,7 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
         return Err(MetricsError::TooLarge(max_bytes));
     }
     let text = std::str::from_utf8(payload).map_err(|_| MetricsError::NotText)?;
-    let mut engines: BTreeMap<String, PerEngine> = BTreeMap::new();
-    let mut anomalies = Vec::new();
-    // The latest `vllm:lora_requests_info` series: (its time, its slots).
-    let mut lora: Option<(f64, LoraSlots)> = None;
+    let mut read = Read::default();
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim_end_matches('\r');
         let line = line.trim_start();
@@ -334,33 +331,55 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
             line: n + 1,
             reason,
         })?;
-        let v = sample.value;
-        let range = match sample.name {
-            "vllm:num_requests_running"
-            | "vllm:num_requests_waiting"
-            | "vllm:num_requests_waiting_by_reason" => Some(Range::Requests),
-            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => Some(Range::Fraction),
-            "vllm:prefix_cache_queries_total"
-            | "vllm:prefix_cache_hits_total"
-            | "vllm:num_preemptions_total"
-            | "vllm:prompt_tokens_total"
-            | "vllm:generation_tokens_total"
-            | "vllm:inter_token_latency_seconds_sum"
-            | "vllm:inter_token_latency_seconds_count"
-            | "vllm:time_to_first_token_seconds_sum"
-            | "vllm:time_to_first_token_seconds_count"
-            | "vllm:e2e_request_latency_seconds_sum"
-            | "vllm:e2e_request_latency_seconds_count" => Some(Range::Counter),
-            _ => None,
-        };
-        if let Some(range) = range.filter(|r| !r.holds(v)) {
+        if let Some(range) = range_of(sample.name).filter(|r| !r.holds(sample.value)) {
             return Err(MetricsError::Impossible {
                 line: n + 1,
                 metric: sample.name.to_string(),
-                value: v,
+                value: sample.value,
                 expected: range.expected(),
             });
         }
+        read.take(&sample, n + 1);
+    }
+    Ok(read.load())
+}
+
+/// The values a family the gateway reads can take; `None` for one it does not read.
+fn range_of(name: &str) -> Option<Range> {
+    match name {
+        "vllm:num_requests_running"
+        | "vllm:num_requests_waiting"
+        | "vllm:num_requests_waiting_by_reason" => Some(Range::Requests),
+        "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => Some(Range::Fraction),
+        "vllm:prefix_cache_queries_total"
+        | "vllm:prefix_cache_hits_total"
+        | "vllm:num_preemptions_total"
+        | "vllm:prompt_tokens_total"
+        | "vllm:generation_tokens_total"
+        | "vllm:inter_token_latency_seconds_sum"
+        | "vllm:inter_token_latency_seconds_count"
+        | "vllm:time_to_first_token_seconds_sum"
+        | "vllm:time_to_first_token_seconds_count"
+        | "vllm:e2e_request_latency_seconds_sum"
+        | "vllm:e2e_request_latency_seconds_count" => Some(Range::Counter),
+        _ => None,
+    }
+}
+
+/// What a payload's samples said so far, per engine.
+#[derive(Default)]
+struct Read {
+    engines: BTreeMap<String, PerEngine>,
+    anomalies: Vec<String>,
+    /// The latest `vllm:lora_requests_info` series: (its time, its slots).
+    lora: Option<(f64, LoraSlots)>,
+}
+
+impl Read {
+    /// Takes one sample (on line `line`) of a family the gateway reads.
+    fn take(&mut self, sample: &Sample, line: usize) {
+        let (engines, v, n) = (&mut self.engines, sample.value, line - 1);
+        let (lora, anomalies) = (&mut self.lora, &mut self.anomalies);
         let engine = sample.label("engine").unwrap_or("").to_string();
         match sample.name {
             "vllm:num_requests_running" | "vllm:num_requests_waiting" => {
@@ -413,10 +432,10 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
                     sc.count += v;
                 }
             }
-            "vllm:lora_requests_info" => match LoraSlots::of(&sample) {
+            "vllm:lora_requests_info" => match LoraSlots::of(sample) {
                 Some(slots) if v.is_finite() => {
                     if lora.as_ref().is_none_or(|(at, _)| v >= *at) {
-                        lora = Some((v, slots));
+                        *lora = Some((v, slots));
                     }
                 }
                 _ => anomalies.push(format!("{}={v} (line {})", sample.name, n + 1)),
@@ -433,60 +452,69 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<EngineLoad, MetricsErro
             _ => {}
         }
     }
-    let mut load = EngineLoad {
-        engines: engines.len().max(1),
-        lora: lora.map(|(_, slots)| slots),
-        anomalies,
-        ..EngineLoad::default()
-    };
-    let mut kv_sum = 0.0;
-    let mut kv_n = 0usize;
-    for e in engines.values() {
-        if let Some(v) = e.running {
-            add(&mut load.running, v);
-        }
-        if let Some(v) = e.waiting {
-            add(&mut load.waiting, v);
-        }
-        if let Some(v) = e.waiting_deferred {
-            add(&mut load.waiting_deferred, v);
-        }
-        if let Some(v) = e.kv_usage {
-            kv_sum += v;
-            kv_n += 1;
-        }
-        if let Some(v) = e.prefix_queries {
-            add(&mut load.prefix_queries, v);
-        }
-        if let Some(v) = e.prefix_hits {
-            add(&mut load.prefix_hits, v);
-        }
-        if let Some(v) = e.preemptions {
-            add(&mut load.preemptions, v);
-        }
-        if let Some(v) = e.tokens {
-            add(&mut load.tokens, v);
-        }
-        if let Some(t) = e.kv_capacity_tokens {
-            load.kv_capacity_tokens = Some(load.kv_capacity_tokens.unwrap_or(0) + t);
-        }
-        load.block_size = load.block_size.or(e.block_size);
-        for (slot, v) in [
-            (&mut load.itl, e.itl),
-            (&mut load.ttft, e.ttft),
-            (&mut load.e2e, e.e2e),
-        ] {
-            if let Some(v) = v {
-                let acc = slot.get_or_insert_with(SumCount::default);
-                acc.sum += v.sum;
-                acc.count += v.count;
+
+    /// The load of all engines: counts summed, KV usage averaged, capacities summed.
+    fn load(self) -> EngineLoad {
+        let Read {
+            engines,
+            anomalies,
+            lora,
+        } = self;
+        let mut load = EngineLoad {
+            engines: engines.len().max(1),
+            lora: lora.map(|(_, slots)| slots),
+            anomalies,
+            ..EngineLoad::default()
+        };
+        let mut kv_sum = 0.0;
+        let mut kv_n = 0usize;
+        for e in engines.values() {
+            if let Some(v) = e.running {
+                add(&mut load.running, v);
+            }
+            if let Some(v) = e.waiting {
+                add(&mut load.waiting, v);
+            }
+            if let Some(v) = e.waiting_deferred {
+                add(&mut load.waiting_deferred, v);
+            }
+            if let Some(v) = e.kv_usage {
+                kv_sum += v;
+                kv_n += 1;
+            }
+            if let Some(v) = e.prefix_queries {
+                add(&mut load.prefix_queries, v);
+            }
+            if let Some(v) = e.prefix_hits {
+                add(&mut load.prefix_hits, v);
+            }
+            if let Some(v) = e.preemptions {
+                add(&mut load.preemptions, v);
+            }
+            if let Some(v) = e.tokens {
+                add(&mut load.tokens, v);
+            }
+            if let Some(t) = e.kv_capacity_tokens {
+                load.kv_capacity_tokens = Some(load.kv_capacity_tokens.unwrap_or(0) + t);
+            }
+            load.block_size = load.block_size.or(e.block_size);
+            for (slot, v) in [
+                (&mut load.itl, e.itl),
+                (&mut load.ttft, e.ttft),
+                (&mut load.e2e, e.e2e),
+            ] {
+                if let Some(v) = v {
+                    let acc = slot.get_or_insert_with(SumCount::default);
+                    acc.sum += v.sum;
+                    acc.count += v.count;
+                }
             }
         }
+        if kv_n > 0 {
+            load.kv_usage = Some(kv_sum / kv_n as f64);
+        }
+        load
     }
-    if kv_n > 0 {
-        load.kv_usage = Some(kv_sum / kv_n as f64);
-    }
-    Ok(load)
 }
 
 #[cfg(test)]

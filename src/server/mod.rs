@@ -90,49 +90,14 @@ fn socket_options(bound: &Bound) -> TcpSocketOptions {
 /// `crate::server::lifecycle`).
 pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, StartError> {
     let config = Arc::new(config);
-    let wanted = config.limits.max_connections as u64 * 2 + 256;
-    match crate::proxy::conn::raise_descriptor_limit() {
-        Some(n) if n < wanted => tracing::warn!(
-            descriptors = n,
-            max_connections = config.limits.max_connections,
-            "the descriptor limit is below what limits.max_connections needs (two per \
-             proxied connection); connections may fail before the limit refuses them"
-        ),
-        _ => {}
-    }
+    check_descriptor_limit(&config);
     let listeners: Vec<Bound> = config
         .listeners
         .iter()
         .map(|l| resolve_port(l.addr))
         .collect::<Result<_, _>>()?;
     let admin = resolve_port(config.admin)?;
-
-    let mut conf = ServerConf {
-        threads: config.threads,
-        grace_period_seconds: Some(config.grace_period.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(config.graceful_shutdown_timeout.as_secs()),
-        upstream_keepalive_pool_size: config.keepalive_pool_size,
-        // A fail-safe only: our retry hooks decide, bounded by `max_attempts`.
-        max_retries: config.max_attempts as usize + 3,
-        upgrade_sock: config.upgrade_sock.to_string_lossy().into_owned(),
-        // Pingora's connector trusts these for https:// backends (else the system's roots).
-        ca_file: config
-            .upstream_ca_file
-            .as_ref()
-            .map(|p| p.to_string_lossy().into_owned()),
-        ..ServerConf::default()
-    };
-    conf.daemon = false;
-    let opt = pingora::server::configuration::Opt {
-        upgrade,
-        ..Default::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
-    if upgrade {
-        // The config is valid: ask for the sockets (bootstrap waits for them).
-        lifecycle::ask_predecessor_to_hand_over();
-    }
-    server.bootstrap();
+    let mut server = pingora_server(&config, upgrade);
     let traffic = Arc::new(Traffic::default());
     if let Err(e) = lifecycle::listen_for_upgrade(Handover {
         config: config.source.clone(),
@@ -144,7 +109,6 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
     }
 
     let fleet = Fleet::new(&config.backends);
-    let ready = Arc::new(AtomicBool::new(false));
     let live = Arc::new(ArcSwap::from(config.clone()));
     let certs: Vec<Option<Arc<CertResolver>>> = config
         .listeners
@@ -154,13 +118,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
     if let Err(e) = Reloader::new(live.clone(), fleet.clone(), certs.clone()).listen_for_sighup() {
         tracing::error!(error = %e, "cannot install the SIGHUP handler: reload needs a restart");
     }
-
     let placer = Arc::new(Placer::default());
     let scraper = background_service(
         "scraper",
         Scraper::new(fleet.clone(), &config).following(live.clone(), placer.clone()),
     );
-
     let gateway = Gateway::new(live.clone(), fleet.clone(), placer.clone(), traffic.clone());
     let drainer = background_service(
         "drain",
@@ -169,36 +131,9 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
             grace_period: config.grace_period,
         },
     );
-    let mut app = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let mut opts = pingora::apps::HttpServerOptions::default();
-    // Cleartext HTTP/2 with prior knowledge, next to HTTP/1.1 on the same port.
-    opts.h2c = true;
-    opts.h2_idle_timeout = Some(config.limits.keepalive_timeout);
-    app.server_options = Some(opts);
-    let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
-    h2.max_concurrent_streams(config.limits.h2_max_concurrent_streams)
-        .max_header_list_size(config.limits.max_header_bytes as u32);
-    app.h2_options = Some(h2);
-    let mut proxy = Service::new(
-        "vllm-edge".to_string(),
-        crate::proxy::conn::EdgeApp::new(app, live.clone()),
-    );
-    for (l, cert) in listeners.iter().zip(&certs) {
-        match cert {
-            None => proxy.add_tcp_with_settings(&l.addr.to_string(), socket_options(l)),
-            Some(resolver) => {
-                // TLS 1.2 and 1.3 only (Pingora's rustls acceptor allows no other), ALPN
-                // `h2` then `http/1.1`; the certificate comes from the resolver, which a
-                // reload updates.
-                let mut tls = TlsSettings::intermediate("", "")
-                    .expect("TLS settings without files cannot fail");
-                tls.set_cert_resolver(resolver.clone());
-                tls.enable_h2();
-                proxy.add_tls_with_settings(&l.addr.to_string(), Some(socket_options(l)), tls);
-            }
-        }
-    }
+    let proxy = data_plane(&server, gateway, &live, &listeners, &certs);
 
+    let ready = Arc::new(AtomicBool::new(false));
     let history = Arc::new(History::default());
     let sampler = background_service(
         "history",
@@ -248,6 +183,100 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
     announcer_h.add_dependency(&proxy_h);
     announcer_h.add_dependency(&admin_h);
 
+    log_start(&config);
+    server.run_forever()
+}
+
+/// Warns when the process may open fewer descriptors than `limits.max_connections`
+/// needs, after raising its soft limit as far as it may.
+fn check_descriptor_limit(config: &Config) {
+    let wanted = config.limits.max_connections as u64 * 2 + 256;
+    match crate::proxy::conn::raise_descriptor_limit() {
+        Some(n) if n < wanted => tracing::warn!(
+            descriptors = n,
+            max_connections = config.limits.max_connections,
+            "the descriptor limit is below what limits.max_connections needs (two per \
+             proxied connection); connections may fail before the limit refuses them"
+        ),
+        _ => {}
+    }
+}
+
+/// The Pingora server for `config`, bootstrapped: with `upgrade`, once it has the
+/// listening sockets of the process it takes over.
+fn pingora_server(config: &Config, upgrade: bool) -> Server {
+    let mut conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.graceful_shutdown_timeout.as_secs()),
+        upstream_keepalive_pool_size: config.keepalive_pool_size,
+        // A fail-safe only: our retry hooks decide, bounded by `max_attempts`.
+        max_retries: config.max_attempts as usize + 3,
+        upgrade_sock: config.upgrade_sock.to_string_lossy().into_owned(),
+        // Pingora's connector trusts these for https:// backends (else the system's roots).
+        ca_file: config
+            .upstream_ca_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        ..ServerConf::default()
+    };
+    conf.daemon = false;
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    if upgrade {
+        // The config is valid: ask for the sockets (bootstrap waits for them).
+        lifecycle::ask_predecessor_to_hand_over();
+    }
+    server.bootstrap();
+    server
+}
+
+/// The data-plane service: the gateway behind the client connection limits, on every
+/// listener (TLS ones with their certificate resolvers), HTTP/1.1 and HTTP/2.
+fn data_plane(
+    server: &Server,
+    gateway: Gateway,
+    live: &Arc<ArcSwap<Config>>,
+    listeners: &[Bound],
+    certs: &[Option<Arc<CertResolver>>],
+) -> Service<crate::proxy::conn::EdgeApp<pingora::proxy::HttpProxy<Gateway>>> {
+    let limits = live.load().limits;
+    let mut app = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let mut opts = pingora::apps::HttpServerOptions::default();
+    // Cleartext HTTP/2 with prior knowledge, next to HTTP/1.1 on the same port.
+    opts.h2c = true;
+    opts.h2_idle_timeout = Some(limits.keepalive_timeout);
+    app.server_options = Some(opts);
+    let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+    h2.max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32);
+    app.h2_options = Some(h2);
+    let mut proxy = Service::new(
+        "vllm-edge".to_string(),
+        crate::proxy::conn::EdgeApp::new(app, live.clone()),
+    );
+    for (l, cert) in listeners.iter().zip(certs) {
+        match cert {
+            None => proxy.add_tcp_with_settings(&l.addr.to_string(), socket_options(l)),
+            Some(resolver) => {
+                // TLS 1.2 and 1.3 only (Pingora's rustls acceptor allows no other), ALPN
+                // `h2` then `http/1.1`; the certificate comes from the resolver, which a
+                // reload updates.
+                let mut tls = TlsSettings::intermediate("", "")
+                    .expect("TLS settings without files cannot fail");
+                tls.set_cert_resolver(resolver.clone());
+                tls.enable_h2();
+                proxy.add_tls_with_settings(&l.addr.to_string(), Some(socket_options(l)), tls);
+            }
+        }
+    }
+    proxy
+}
+
+fn log_start(config: &Config) {
     tracing::info!(
         listeners = ?config.listeners,
         admin = %config.admin,
@@ -263,7 +292,6 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
              (tried again every discovery.dns_interval)"
         );
     }
-    server.run_forever()
 }
 
 /// Ends a graceful shutdown as soon as no request is left. Pingora itself sleeps the

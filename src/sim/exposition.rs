@@ -6,7 +6,8 @@
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::engine::Histogram;
+use super::engine::{EngineStats, Histogram};
+use super::scheduler::SchedulerConfig;
 use super::{Faults, Sim};
 
 struct Out<'a> {
@@ -138,6 +139,14 @@ pub fn render(sim: &Sim, faults: &Faults) -> String {
             st.kv_usage,
         );
     }
+    counters(&mut o, &st, model);
+    latencies(&mut o, &st);
+    cache_config(&mut o, cfg);
+    o.text
+}
+
+/// The engine's counters: prefix cache, preemptions, tokens, finished requests.
+fn counters(o: &mut Out, st: &EngineStats, model: &str) {
     o.value(
         "vllm:prefix_cache_queries_total",
         "counter",
@@ -189,6 +198,10 @@ pub fn render(sim: &Sim, faults: &Faults) -> String {
             let _ = writeln!(o.text, "vllm:request_success_total{{engine=\"0\",finished_reason=\"{reason}\",model_name=\"{model}\"}} {:?}", n as f64);
         }
     }
+}
+
+/// The latency histograms.
+fn latencies(o: &mut Out, st: &EngineStats) {
     o.histogram(
         "vllm:time_to_first_token_seconds",
         "Histogram of time to first token in seconds.",
@@ -209,6 +222,10 @@ pub fn render(sim: &Sim, faults: &Faults) -> String {
         "Histogram of time spent in WAITING phase for request.",
         &st.queue,
     );
+}
+
+/// The cache configuration, in the labels of `vllm:cache_config_info`.
+fn cache_config(o: &mut Out, cfg: &SchedulerConfig) {
     if o.family(
         "vllm:cache_config_info",
         "gauge",
@@ -223,5 +240,4 @@ pub fn render(sim: &Sim, faults: &Faults) -> String {
             blocks * cfg.block_size,
         );
     }
-    o.text
 }

@@ -270,26 +270,83 @@ async fn connection<H: Handler>(stream: TcpStream, handler: Arc<H>) {
                 return;
             }
         };
-        let keep = match reply {
+        let mut conn = Conn {
+            read: &mut read,
+            write: &mut write,
+            buf: &mut buf,
+            handler: &*handler,
+        };
+        match conn.send(reply, cors, head_only).await {
+            After::Keep if !close_after => {}
+            After::Keep | After::Close => return,
+            After::Reset => {
+                if let Ok(s) = read.reunite(write) {
+                    reset(s);
+                }
+                return;
+            }
+        }
+        stream = match read.reunite(write) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+    }
+}
+
+/// How writing an answer left its connection.
+enum After {
+    /// Ready for the next request.
+    Keep,
+    /// To be closed.
+    Close,
+    /// To be reset (no orderly end).
+    Reset,
+}
+
+/// A connection between two requests, split for writing an answer while watching the
+/// client.
+struct Conn<'a, H> {
+    read: &'a mut OwnedReadHalf,
+    write: &'a mut tokio::net::tcp::OwnedWriteHalf,
+    /// What the client sent past its request (a pipelined one).
+    buf: &'a mut BytesMut,
+    handler: &'a H,
+}
+
+/// A response head: status line, our server name, `framing` (a length or chunked), the
+/// CORS fields, then the reply's own.
+fn head(
+    status: u16,
+    content_type: &str,
+    framing: &str,
+    cors: &str,
+    headers: Vec<(&'static str, String)>,
+) -> BytesMut {
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nserver: vllm-edge-sim\r\ncontent-type: {content_type}\r\n{framing}\r\n{cors}",
+        reason(status)
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    BytesMut::from(head.as_bytes())
+}
+
+impl<H: Handler> Conn<'_, H> {
+    async fn send(&mut self, reply: Reply, cors: &str, head_only: bool) -> After {
+        match reply {
             Reply::Cut {
                 status,
                 content_type,
                 headers,
                 body,
             } => {
-                let mut head = format!(
-                    "HTTP/1.1 {status} {}\r\nserver: vllm-edge-sim\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
-                    reason(status),
-                    body.len()
-                );
-                for (k, v) in headers {
-                    head.push_str(&format!("{k}: {v}\r\n"));
-                }
-                head.push_str("\r\n");
-                let mut out = BytesMut::from(head.as_bytes());
+                let framing = format!("content-length: {}", body.len());
+                let mut out = head(status, content_type, &framing, "", headers);
                 out.extend_from_slice(&body[..body.len() / 2]);
-                let _ = write.write_all(&out).await;
-                return;
+                let _ = self.write.write_all(&out).await;
+                After::Close
             }
             Reply::Full {
                 status,
@@ -297,93 +354,76 @@ async fn connection<H: Handler>(stream: TcpStream, handler: Arc<H>) {
                 headers,
                 body,
             } => {
-                let mut head = format!(
-                    "HTTP/1.1 {status} {}\r\nserver: vllm-edge-sim\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
-                    reason(status),
-                    body.len()
-                );
-                head.push_str(cors);
-                for (k, v) in headers {
-                    head.push_str(&format!("{k}: {v}\r\n"));
-                }
-                head.push_str("\r\n");
-                let mut out = BytesMut::from(head.as_bytes());
+                let framing = format!("content-length: {}", body.len());
+                let mut out = head(status, content_type, &framing, cors, headers);
                 if !head_only {
                     out.extend_from_slice(&body);
                 }
-                write.write_all(&out).await.is_ok()
+                match self.write.write_all(&out).await {
+                    Ok(()) => After::Keep,
+                    Err(_) => After::Close,
+                }
             }
             Reply::Stream {
                 status,
                 content_type,
                 headers,
-                mut rx,
+                rx,
             } => {
-                let mut head = format!(
-                    "HTTP/1.1 {status} {}\r\nserver: vllm-edge-sim\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n",
-                    reason(status)
+                let out = head(
+                    status,
+                    content_type,
+                    "transfer-encoding: chunked",
+                    cors,
+                    headers,
                 );
-                head.push_str(cors);
-                for (k, v) in headers {
-                    head.push_str(&format!("{k}: {v}\r\n"));
+                if self.write.write_all(&out).await.is_err() {
+                    return After::Close;
                 }
-                head.push_str("\r\n");
-                if write.write_all(head.as_bytes()).await.is_err() {
-                    return;
+                self.stream(rx).await
+            }
+            Reply::Reset => After::Reset,
+            Reply::Stall => {
+                client_gone(self.read, self.buf).await;
+                After::Close
+            }
+        }
+    }
+
+    /// A chunked body, a chunk per item, until the sender ends it (or a fault does).
+    async fn stream(&mut self, mut rx: mpsc::Receiver<StreamItem>) -> After {
+        loop {
+            let item = tokio::select! {
+                item = rx.recv() => item,
+                _ = client_gone(self.read, self.buf) => {
+                    self.handler.on_client_gone();
+                    return After::Close;
                 }
-                loop {
-                    let item = tokio::select! {
-                        item = rx.recv() => item,
-                        _ = client_gone(&mut read, &mut buf) => {
-                            handler.on_client_gone();
-                            return;
-                        }
-                    };
-                    match item {
-                        Some(StreamItem::Data(data)) => {
-                            if data.is_empty() {
-                                continue;
-                            }
-                            let mut chunk = BytesMut::with_capacity(data.len() + 16);
-                            chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                            chunk.extend_from_slice(&data);
-                            chunk.extend_from_slice(b"\r\n");
-                            if write.write_all(&chunk).await.is_err() {
-                                return;
-                            }
-                        }
-                        Some(StreamItem::Reset) => {
-                            if let Ok(s) = read.reunite(write) {
-                                reset(s);
-                            }
-                            return;
-                        }
-                        Some(StreamItem::Hang) => {
-                            client_gone(&mut read, &mut buf).await;
-                            return;
-                        }
-                        None => break,
+            };
+            match item {
+                Some(StreamItem::Data(data)) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let mut chunk = BytesMut::with_capacity(data.len() + 16);
+                    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    chunk.extend_from_slice(&data);
+                    chunk.extend_from_slice(b"\r\n");
+                    if self.write.write_all(&chunk).await.is_err() {
+                        return After::Close;
                     }
                 }
-                write.write_all(b"0\r\n\r\n").await.is_ok()
-            }
-            Reply::Reset => {
-                if let Ok(s) = read.reunite(write) {
-                    reset(s);
+                Some(StreamItem::Reset) => return After::Reset,
+                Some(StreamItem::Hang) => {
+                    client_gone(self.read, self.buf).await;
+                    return After::Close;
                 }
-                return;
+                None => break,
             }
-            Reply::Stall => {
-                client_gone(&mut read, &mut buf).await;
-                return;
-            }
-        };
-        if !keep || close_after {
-            return;
         }
-        stream = match read.reunite(write) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        match self.write.write_all(b"0\r\n\r\n").await {
+            Ok(()) => After::Keep,
+            Err(_) => After::Close,
+        }
     }
 }

@@ -9,6 +9,7 @@ mod cli;
 mod discovery;
 mod edge;
 mod errors;
+mod house;
 mod lifecycle;
 mod observability;
 mod reload;
