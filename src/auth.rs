@@ -1,4 +1,5 @@
-//! API keys for the data plane, the admin token, and per-key limits.
+//! API keys for the data plane, the admin token, and per-key limits. Uses nothing of the
+//! crate (a leaf: the config holds its types).
 //!
 //! The keys file (`auth.api_keys_file`) holds one key per line; `#` starts a comment:
 //!
@@ -17,10 +18,11 @@
 //! Limits are counted per key and survive a reload for a key that is still listed
 //! ([`ApiKeys::adopt_counters`]).
 
+use parking_lot::Mutex;
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
@@ -151,7 +153,7 @@ impl Permit {
         let Some(tpm) = self.tokens_per_minute else {
             return Ok(());
         };
-        let mut b = lock(&self.counters.tokens);
+        let mut b = self.counters.tokens.lock();
         let balance = refill(&b, f64::from(tpm), now);
         if balance <= 0.0 {
             *b = Some((balance, now));
@@ -165,7 +167,7 @@ impl Permit {
     /// is taken, or given back (a request that failed used none).
     pub fn settle(&self, used: u64, reserved: u64, now: Instant) {
         if let Some(tpm) = self.tokens_per_minute {
-            let mut b = lock(&self.counters.tokens);
+            let mut b = self.counters.tokens.lock();
             let balance = refill(&b, f64::from(tpm), now);
             *b = Some((balance - used as f64 + reserved as f64, now));
         }
@@ -346,7 +348,7 @@ impl ApiKeys {
         };
         // Before `rpm`, which takes a request's token: a refused request costs nothing.
         if let Some(tpm) = e.limits.tokens_per_minute {
-            let balance = refill(&lock(&c.tokens), f64::from(tpm), now);
+            let balance = refill(&c.tokens.lock(), f64::from(tpm), now);
             if balance <= 0.0 {
                 return Err(out_of_tokens(&e.name, tpm, balance));
             }
@@ -366,12 +368,6 @@ impl ApiKeys {
     }
 }
 
-/// Takes one token from the key's bucket (`rpm` tokens at most, refilled at `rpm` a
-/// minute), or says how long until one is there.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A bucket holding at most `per_minute`, refilled at that rate: its content at `now`
 /// (full when never used).
 fn refill(b: &Option<(f64, Instant)>, per_minute: f64, now: Instant) -> f64 {
@@ -380,10 +376,12 @@ fn refill(b: &Option<(f64, Instant)>, per_minute: f64, now: Instant) -> f64 {
     (content + elapsed * per_minute / 60.0).min(per_minute)
 }
 
+/// Takes one token from the key's bucket (`rpm` tokens at most, refilled at `rpm` a
+/// minute), or says how long until one is there.
 fn take_token(c: &KeyCounters, rpm: u32, now: Instant) -> Result<(), Duration> {
     let cap = f64::from(rpm);
     let per_sec = cap / 60.0;
-    let mut b = lock(&c.bucket);
+    let mut b = c.bucket.lock();
     let tokens = refill(&b, cap, now);
     if tokens >= 1.0 {
         *b = Some((tokens - 1.0, now));
@@ -535,7 +533,7 @@ mod tests {
             d => panic!("{d:?}"),
         }
         // The refusal took nothing from the request budget: 1 of 100 used.
-        let left = refill(&lock(&keys.entries[0].counters.bucket), 100.0, t0);
+        let left = refill(&keys.entries[0].counters.bucket.lock(), 100.0, t0);
         assert_eq!(left, 99.0);
         let t1 = t0 + Duration::from_secs(29);
         assert!(keys.admit(Some(b"Bearer k"), t1).is_err(), "still in debt");
@@ -553,7 +551,7 @@ mod tests {
         // The balance never grows past one minute's worth.
         let later = t2 + Duration::from_secs(3600);
         assert_eq!(
-            refill(&lock(&keys.entries[0].counters.tokens), 600.0, later),
+            refill(&keys.entries[0].counters.tokens.lock(), 600.0, later),
             600.0
         );
         assert_eq!(ApiKeys::parse("k tpm=0\n").unwrap_err().0, 1);

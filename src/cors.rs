@@ -1,5 +1,7 @@
 //! Requests from web pages of other origins (`cors:` in the config).
 //!
+//! Uses nothing of the crate (a leaf: the config holds its types).
+//!
 //! vLLM's own server lets any origin call it by default. A page that called vLLM directly
 //! and now calls the gateway sends its preflight (`OPTIONS` with `Origin` and
 //! `Access-Control-Request-Method`, and never an API key) to the gateway, which answers it

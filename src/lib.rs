@@ -1,57 +1,52 @@
 //! vllm-edge: a vLLM-aware OpenAI gateway on Pingora.
 //!
+//! A request's path through the modules:
+//!
 //! ```text
-//!  client ──h1/h2c, or TLS (tls::CertResolver) with h2/http1.1 by ALPN──▶
-//!                     proxy::Gateway (Pingora ProxyHttp)
-//!                       request_filter: openai::route; auth::ApiKeys::admit (401/429)
-//!                                       → local answers (/health, /v1/models)
-//!                                       or proxy::body::read_full_body (capped, replayable)
-//!                                       → openai::inspect_request → RoutingInfo {model, stream, ...}
-//!                       upstream_peer:  selection::Selector::best(fleet.load(), request,
-//!                                       tried) → HttpPeer (pooled) + fleet::InFlightGuard
-//!                       request_body_filter: replay the full body on every attempt
-//!                       connected_to_upstream: proxy::deadline::Watchdog (first byte, chunk
-//!                                       gap, total)
-//!                       fail_to_connect / error_while_proxy: count the failure against the
-//!                                       backend (health: circuit breaker); retry on
-//!                                       another replica while nothing has reached the
-//!                                       client, within max_attempts and the retry budget
-//!                       fail_to_proxy:  OpenAI-shaped JSON error, or an SSE error event
-//!                                       for a stream that already began
-//!  background: scraper::Scraper ── /metrics (every 250 ms) and /v1/models of every
-//!              backend, parsed by engine_metrics ──▶ Fleet (ArcSwap snapshot)
-//!              health::HealthChecker ── /health of every backend (hysteresis), probes
-//!              of open circuits ──▶ Backend::health (atomics)
-//!  SIGHUP: reload::Reloader ── config file, certificates, keys ──▶ live Config
-//!          (ArcSwap) + Fleet backends + listeners' certificates
-//!  SIGUSR2: lifecycle ── starts the new binary, which takes the listening sockets over
-//!           Pingora's upgrade socket (SIGQUIT to the old process)
-//!  admin listener: admin::AdminApp (/health /ready /metrics /load-stats /dashboard),
-//!                  admin::HistorySampler (the dashboard's last 90 s)
+//!  client ──h1/h2c, or TLS (tls) with h2/http1.1 by ALPN──▶ proxy::conn (connection
+//!  limits, head deadline) ──▶ proxy::Gateway (Pingora's ProxyHttp), phase by phase:
+//!
+//!   request_filter  proxy::admission, in order: its id and route (openai::route);
+//!                   its head (malformed, over limits); a CORS preflight (cors); its key
+//!                   (auth); the gateway's own answers (health, models, version, load);
+//!                   for inference: the whole body (proxy::body, capped and replayable),
+//!                   then routing::admit (openai::inspect_request, the default model or
+//!                   an alias's written in, the affinity key) and routing::refusal (404,
+//!                   or 503 while no replica can take it)
+//!   upstream_peer   routing::Selector::best(fleet snapshot, request, tried): the
+//!                   policy's pick (routing::policy), a fleet::InFlightGuard held
+//!   body filter     the full body replayed on every attempt
+//!   deadlines       proxy::deadline (a watchdog on the descriptor) or proxy::gate (a
+//!                   stream held until its first token, timing its own reads)
+//!   failure         proxy::failure: counted against the backend (fleet::health, its
+//!                   circuit), retried on another replica while nothing reached the
+//!                   client, within max_attempts and the retry budget; else an
+//!                   OpenAI-shaped error, or an error event in a stream that began
+//!   logging         proxy::outcome: the access line, metrics, tokens charged to the key
+//!
+//!  beside it:
+//!   observe         the scraper (/metrics, models, version, parsed by engine) and the
+//!                   health checker (/health, circuit probes) ──▶ fleet (ArcSwap
+//!                   snapshot), each backend on its own clock; httpclient underneath
+//!   admin           /health /ready /metrics /load-stats /explain (routing::admit, the
+//!                   same decision as the request path) /dashboard, LoRA fan-out
+//!   server          wiring, SIGHUP reload (config, certificates, keys, DNS), SIGUSR2
+//!                   binary upgrade (the sockets handed over), graceful shutdown
 //! ```
 //!
-//! Modules, one concept each:
-//! - [`config`]: the YAML schema, precise errors, validation, every default;
-//! - [`openai`]: routes, request inspection, error bodies;
-//! - [`form`]: `multipart/form-data` bodies (the audio endpoints' uploads);
-//! - [`fleet`]: backend identity, live state snapshot, in-flight counting;
-//! - [`selection`]: replica selection policies (pure);
-//! - [`scraper`]: the background service that observes backends;
-//! - [`health`]: whether a backend takes requests (checks, circuit breaker, draining),
-//!   and the retry budget;
-//! - [`engine_metrics`]: parsing an engine's `/metrics` into load signals;
-//! - [`httpclient`]: the small HTTP client the background services use;
-//! - [`rounds`]: their periodic visits, each backend on its own clock;
-//! - [`proxy`]: the data plane;
-//! - [`admin`], [`metrics`]: the admin listener and the gateway's metrics;
-//! - [`reload`]: SIGHUP re-reads and swaps the configuration;
-//! - [`auth`]: API keys, per-key limits, secrets (admin token, backend keys);
-//! - [`tls`]: listener certificates, replaced on reload;
-//! - [`lifecycle`]: zero-downtime binary upgrade, systemd notifications;
-//! - [`server`]: wiring the Pingora server from a `Config`;
-//! - [`sim`]: the simulated vLLM server;
-//! - [`demo`]: a simulated fleet plus the gateway in one process;
-//! - [`top`]: `vllm-edge top`, the fleet live in a terminal.
+//! The layers, bottom first; a module uses only the ones below it (checked by
+//! `tests/it/house.rs`):
+//!
+//! 1. leaves: [`metrics`] (the counted metrics), [`auth`], [`tls`], [`cors`];
+//! 2. [`config`]: the file's schema, its checks, every default;
+//! 3. facts: [`httpclient`], [`engine`] (what engines report), [`openai`] (the API);
+//! 4. [`fleet`]: backends, their health, the snapshot a pick reads;
+//! 5. [`routing`]: what is decided about a request, the policies, prefix affinity;
+//! 6. [`observe`]: the background services that watch the backends;
+//! 7. [`proxy`]: the data plane;
+//! 8. [`admin`]: the admin API and dashboard;
+//! 9. [`server`]: wiring, reload, upgrade;
+//! 10. the programs: [`sim`] (a simulated vLLM server), [`cli`] (`demo`, `top`).
 
 pub mod admin;
 pub mod auth;

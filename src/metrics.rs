@@ -5,6 +5,8 @@
 //! from the fleet snapshot when `/metrics` is rendered (`admin::gauges`), so a backend
 //! removed by a reload disappears with it. Labels are bounded: models the fleet serves,
 //! configured backend names, fixed sets of kinds and reasons; never request ids or keys.
+//!
+//! Uses nothing of the crate: every layer may count into it.
 
 use prometheus::{
     register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,

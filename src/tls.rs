@@ -1,5 +1,7 @@
 //! TLS on both sides.
 //!
+//! Uses nothing of the crate (a leaf: the config holds its types).
+//!
 //! Listeners: a certificate chain and key loaded from PEM files, served through a resolver
 //! whose certificate a reload replaces without touching the listening socket or the
 //! connections already open. The protocol versions (TLS 1.2 and 1.3 only) and ALPN (`h2`,

@@ -267,7 +267,7 @@ pub fn sched_config(speed: f64) -> SchedulerConfig {
     }
 }
 
-/// ShareGPT-like lengths (research/vllm-sim-spec.md §6.1): lognormal, input median 100
+/// ShareGPT-like lengths (docs/simulator.md, workloads): lognormal, input median 100
 /// and p99 ~1000, output median 150 and p99 ~1000; 4..1024 each, at most 2048 together.
 pub fn lengths(rng: &mut impl Rng) -> (usize, usize) {
     let mut lognormal = |median: f64, p99: f64| {

@@ -2,10 +2,11 @@
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -71,7 +72,7 @@ impl History {
                 })
                 .collect(),
         };
-        let mut samples = self.samples.lock().expect("not poisoned");
+        let mut samples = self.samples.lock();
         if samples.len() == HISTORY_SAMPLES {
             samples.pop_front();
         }
@@ -79,12 +80,7 @@ impl History {
     }
 
     pub fn samples(&self) -> Vec<Sample> {
-        self.samples
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .cloned()
-            .collect()
+        self.samples.lock().iter().cloned().collect()
     }
 }
 

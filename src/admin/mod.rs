@@ -5,6 +5,9 @@
 //! everything but `/health`, `/ready` and the dashboard's page requires
 //! `Authorization: Bearer TOKEN`. The page holds no data: it asks for the token and sends
 //! it with its own `/load-stats` requests.
+//!
+//! Uses the data plane (its body reading), routing, the observers and the fleet; only the
+//! server is above it.
 
 mod explain;
 pub mod gauges;

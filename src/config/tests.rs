@@ -382,3 +382,44 @@ mod properties {
         }
     }
 }
+
+/// `conf/vllm-edge.yaml` shows every key with its default value (unless marked
+/// "example"): what it sets must be what the code does without it.
+#[test]
+fn the_reference_config_shows_the_codes_defaults() {
+    let reference = parse(include_str!("../../conf/vllm-edge.yaml")).unwrap();
+    let bare = parse("backends:\n  - url: http://127.0.0.1:8001\n").unwrap();
+    let fields = |c: &Config| {
+        format!(
+            "{:?}",
+            (
+                (&c.listeners, c.admin, c.policy, &c.default_model),
+                (&c.affinity, &c.limits, c.connect_timeout, &c.timeouts),
+                (
+                    c.pool_idle_timeout,
+                    c.max_attempts,
+                    c.retry_budget_ratio,
+                    c.retry_budget_min,
+                    c.keepalive_pool_size,
+                ),
+                (
+                    c.scrape_interval,
+                    c.scrape_timeout,
+                    c.models_interval,
+                    c.discovery_timeout,
+                    c.dns_interval,
+                    &c.health,
+                ),
+                (c.grace_period, c.graceful_shutdown_timeout, &c.upgrade_sock),
+                (c.log_format, c.access_log),
+            )
+        )
+    };
+    assert_eq!(fields(&reference), fields(&bare));
+    // Its example backend shows the defaults of the keys it leaves out.
+    let first = &reference.backends[0];
+    assert_eq!(
+        (first.weight, first.drain, first.max_concurrent_requests),
+        (defaults::BACKEND_WEIGHT, false, None)
+    );
+}

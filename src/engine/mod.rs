@@ -1,5 +1,7 @@
 //! What an engine says about itself: its `/metrics` read into load signals, its models
 //! and its version.
+//!
+//! Uses nothing of the crate: engine facts are parsed from bytes alone.
 
 pub mod metrics;
 pub mod models;

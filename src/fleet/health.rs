@@ -15,8 +15,8 @@
 //! The request path reads a few atomics ([`BackendHealth::routable`]); state changes are
 //! logged once, when they happen.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::HealthPolicy;
@@ -188,25 +188,24 @@ impl BackendHealth {
     pub fn inherit_checks(&self, other: &BackendHealth) {
         self.checks
             .store(other.checks.load(Ordering::Relaxed), Ordering::Relaxed);
-        *self.hysteresis.lock().expect("not poisoned") =
-            *other.hysteresis.lock().expect("not poisoned");
-        *self.check_error.lock().expect("not poisoned") = other.check_error();
+        *self.hysteresis.lock() = *other.hysteresis.lock();
+        *self.check_error.lock() = other.check_error();
     }
 
     pub fn check_error(&self) -> Option<String> {
-        self.check_error.lock().expect("not poisoned").clone()
+        self.check_error.lock().clone()
     }
 
     pub fn breaker_state(&self) -> BreakerState {
-        self.breaker.lock().expect("not poisoned").state
+        self.breaker.lock().state
     }
 
     pub fn breaker_opens(&self) -> u64 {
-        self.breaker.lock().expect("not poisoned").opens
+        self.breaker.lock().opens
     }
 
     pub fn last_failure(&self) -> Option<FailureKind> {
-        self.breaker.lock().expect("not poisoned").last_failure
+        self.breaker.lock().last_failure
     }
 
     /// Feeds an active check result. Returns the flip, if the hysteresis flipped. A
@@ -214,12 +213,11 @@ impl BackendHealth {
     /// down is the proof a probe would give.
     pub fn observe_check(&self, result: Result<(), String>, p: &HealthPolicy) -> Option<CheckFlip> {
         let ok = result.is_ok();
-        *self.check_error.lock().expect("not poisoned") = result.err();
-        let flipped = self.hysteresis.lock().expect("not poisoned").observe(
-            ok,
-            p.unhealthy_threshold,
-            p.healthy_threshold,
-        )?;
+        *self.check_error.lock() = result.err();
+        let flipped =
+            self.hysteresis
+                .lock()
+                .observe(ok, p.unhealthy_threshold, p.healthy_threshold)?;
         self.checks.store(
             if flipped { CHECKS_UP } else { CHECKS_DOWN },
             Ordering::Relaxed,
@@ -244,7 +242,7 @@ impl BackendHealth {
     /// the circuit.
     pub fn record_failure(&self, kind: FailureKind, threshold: u32, now: Instant) -> bool {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut b = self.breaker.lock().expect("not poisoned");
+        let mut b = self.breaker.lock();
         b.last_failure = Some(kind);
         if b.state == BreakerState::Closed && n >= threshold.max(1) {
             b.state = BreakerState::Open;
@@ -259,7 +257,7 @@ impl BackendHealth {
     /// Whether a probe is due: the circuit has been open for `open_duration`. Moves it to
     /// half-open, so only one probe runs at a time.
     pub fn begin_probe(&self, now: Instant, open_duration: Duration) -> bool {
-        let mut b = self.breaker.lock().expect("not poisoned");
+        let mut b = self.breaker.lock();
         let due = b.state == BreakerState::Open
             && b.opened_at
                 .is_none_or(|t| now.saturating_duration_since(t) >= open_duration);
@@ -274,7 +272,7 @@ impl BackendHealth {
         if ok {
             self.close();
         } else {
-            let mut b = self.breaker.lock().expect("not poisoned");
+            let mut b = self.breaker.lock();
             if b.state == BreakerState::HalfOpen {
                 b.state = BreakerState::Open;
                 b.opened_at = Some(now);
@@ -283,7 +281,7 @@ impl BackendHealth {
     }
 
     fn close(&self) {
-        let mut b = self.breaker.lock().expect("not poisoned");
+        let mut b = self.breaker.lock();
         b.state = BreakerState::Closed;
         b.opened_at = None;
         self.failures.store(0, Ordering::Relaxed);

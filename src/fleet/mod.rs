@@ -1,8 +1,11 @@
 //! The fleet: each backend's identity, its live state as last observed, and this gateway's
 //! own in-flight count per backend.
 //!
+//! Uses the config, the engine facts and the HTTP client (its kept connections); routing,
+//! the observers and the data plane build on it.
+//!
 //! Background tasks build a new immutable [`FleetSnapshot`] and swap it in through
-//! [`Fleet::store`]; the request path only [`Fleet::load`]s it (wait-free) and touches the
+//! `Fleet::store`; the request path only [`Fleet::load`]s it (wait-free) and touches the
 //! per-backend atomics through an RAII [`InFlightGuard`], so counts cannot drift.
 
 pub mod health;
@@ -70,7 +73,7 @@ pub struct Backend {
     /// The LoRA adapters this gateway sent requests for, each with the `dispatched` count
     /// of its latest: those sent since a scrape began hold a slot the scrape does not
     /// show yet. Touched only by requests for adapters.
-    adapters_sent: std::sync::Mutex<Vec<(String, u64)>>,
+    adapters_sent: parking_lot::Mutex<Vec<(String, u64)>>,
     /// Connections kept open for the background requests (scrapes, checks).
     pub kept: crate::httpclient::KeptConnections,
 }
@@ -122,7 +125,7 @@ impl Backend {
             completed: AtomicU64::new(0),
             served: AtomicU64::new(0),
             pending_prefill: AtomicU64::new(0),
-            adapters_sent: std::sync::Mutex::new(Vec::new()),
+            adapters_sent: parking_lot::Mutex::new(Vec::new()),
             kept: Default::default(),
         })
     }
@@ -131,7 +134,7 @@ impl Backend {
     /// adapter `adapter`.
     pub fn note_adapter(&self, adapter: &str) {
         let seq = self.dispatched();
-        let mut sent = self.adapters_sent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sent = self.adapters_sent.lock();
         if let Some(e) = sent.iter_mut().find(|(a, _)| a == adapter) {
             e.1 = seq;
             return;
@@ -148,7 +151,7 @@ impl Backend {
     /// Calls `f` with each adapter this gateway sent a request for after the backend's
     /// `dispatched` count was `since` (a scrape's start).
     pub fn adapters_sent_since(&self, since: u64, mut f: impl FnMut(&str)) {
-        let sent = self.adapters_sent.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = self.adapters_sent.lock();
         for (a, seq) in sent.iter() {
             if *seq > since {
                 f(a);

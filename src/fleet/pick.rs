@@ -22,7 +22,7 @@ pub(crate) fn count(n: u64) -> f64 {
 }
 
 /// What a pick reads of one backend that changes only when the snapshot does (a scrape, a
-/// health change, a reload): resolved once in [`FleetSnapshot::new`] and kept in one dense
+/// health change, a reload): resolved once in [`FleetSnapshot::new`](super::FleetSnapshot::new) and kept in one dense
 /// array, so that a pick among many backends reads one small record each, follows no
 /// pointer but to the live counters, and divides only by what depends on the request.
 /// Unknown values are NaN.

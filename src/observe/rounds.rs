@@ -24,7 +24,7 @@ const GATHER: Duration = Duration::from_millis(20);
 /// backend of the fleet whose previous job has finished and been handed over (a backend
 /// whose job is still running is skipped this time; `start` may also return `None` to
 /// skip one), and hands
-/// results to `done` in batches: when no job is left running, or [`GATHER`] (at most half
+/// results to `done` in batches: when no job is left running, or `GATHER` (at most half
 /// an interval) after the first result of a batch. Returns when `stop` turns true or its
 /// sender is gone.
 pub async fn run<T, Fut>(

@@ -13,7 +13,7 @@ use super::ApiError;
 /// prompt: the prompt fields are only measured, as raw JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingInfo {
-    /// The model named; empty when the request names none ([`route_model`]).
+    /// The model named; empty when the request names none ([`route_model`](super::route_model)).
     pub model: String,
     pub stream: bool,
     /// Bytes of JSON text in the prompt-carrying fields (`messages`, `prompt`, `input`, ...):

@@ -1,5 +1,7 @@
 //! The OpenAI API as vLLM serves it: which routes exist, what the gateway reads from a
 //! request body to route it, and the error bodies clients expect.
+//!
+//! Uses nothing of the crate but the config's types; the fleet and routing use it.
 
 pub mod error;
 pub mod form;

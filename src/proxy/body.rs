@@ -6,7 +6,7 @@
 //! So we keep the full body ourselves and turn the retry buffer on only once at most
 //! 64 KiB remain to be read: the buffer then ends up holding exactly the tail, Pingora
 //! calls `request_body_filter` once per attempt with that tail and `end_of_stream`, and the
-//! filter substitutes the full body (see ARCHITECTURE §3).
+//! filter substitutes the full body (docs/architecture.md tells why).
 //!
 //! A body without a length (HTTP/1.1 chunked, HTTP/2 without `content-length`) can only be
 //! buffered from its first byte, so it is accepted up to 64 KiB and answered 411 above.

@@ -25,13 +25,14 @@
 //! reused). When a deadline passes it duplicates whatever the number refers to *now*,
 //! and shuts the socket down only if the duplicate's cookie is the one recorded: once
 //! Pingora has closed the connection the number may belong to another socket, and that
-//! socket is left alone ([`Target`]). The watch is disarmed as soon as the attempt ends
+//! socket is left alone (`Target`). The watch is disarmed as soon as the attempt ends
 //! ([`Watchdog::finish`]), before Pingora can return the connection to its pool, so a
 //! pooled connection is never shut down by a late watchdog.
 
+use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How far Pingora's read timeout stays behind a watchdog's deadlines. Equal to them, it
@@ -259,7 +260,7 @@ impl Clock {
     }
 
     fn fire(&self, why: Expired) {
-        let target = self.target.lock().expect("not poisoned");
+        let target = self.target.lock();
         if let Some(t) = target.as_ref() {
             self.fired.store(why as u8 + 1, Ordering::Release);
             t.shut_down();
@@ -337,7 +338,7 @@ impl Watchdog {
 
     /// The attempt ended: from now on the watchdog never touches the connection.
     pub fn finish(&self) {
-        self.clock.target.lock().expect("not poisoned").take();
+        self.clock.target.lock().take();
         self.task.abort();
     }
 }

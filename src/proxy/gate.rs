@@ -78,7 +78,7 @@ impl GateConnector {
 /// than `upstream.pool_idle_timeout` (below uvicorn's keep-alive) and still open.
 #[derive(Debug, Default)]
 pub struct Idle {
-    by_addr: std::sync::Mutex<
+    by_addr: parking_lot::Mutex<
         std::collections::HashMap<std::net::SocketAddr, Vec<(TcpStream, Instant)>>,
     >,
 }
@@ -87,7 +87,7 @@ impl Idle {
     /// The newest open idle connection to `addr` younger than `max_idle`; older ones
     /// are closed.
     fn take(&self, addr: std::net::SocketAddr, max_idle: Duration) -> Option<TcpStream> {
-        let mut map = self.by_addr.lock().expect("not poisoned");
+        let mut map = self.by_addr.lock();
         let list = map.get_mut(&addr)?;
         let now = Instant::now();
         list.retain(|(_, since)| now.saturating_duration_since(*since) < max_idle);
@@ -103,7 +103,7 @@ impl Idle {
 
     /// Keeps `tcp`, idle `since`, for the next stream to `addr`, up to `max` per replica.
     fn put(&self, addr: std::net::SocketAddr, tcp: TcpStream, since: Instant, max: usize) {
-        let mut map = self.by_addr.lock().expect("not poisoned");
+        let mut map = self.by_addr.lock();
         let list = map.entry(addr).or_default();
         if list.len() < max {
             list.push((tcp, since));
@@ -325,14 +325,14 @@ impl Gate {
     /// whether body bytes follow it.
     fn judge(&mut self) {
         match self.phase {
-            Phase::Head => match memchr::memmem::find(&self.held, b"\r\n\r\n") {
-                Some(i) if is_event_stream(&self.held[..i]) => {
-                    self.phase = Phase::Hold { body_at: i + 4 };
+            Phase::Head => match event_stream_head(&self.held) {
+                Head::EventStream(body_at) => {
+                    self.phase = Phase::Hold { body_at };
                     self.judge();
                 }
-                Some(_) => self.release(),
-                None if self.held.len() > MAX_HELD_HEAD => self.release(),
-                None => {}
+                Head::Other => self.release(),
+                Head::Partial if self.held.len() > MAX_HELD_HEAD => self.release(),
+                Head::Partial => {}
             },
             Phase::Hold { body_at } if self.held.len() > body_at => self.release(),
             _ => {}
@@ -371,26 +371,40 @@ struct Deadline {
     why: Expired,
 }
 
-/// Whether a response head (without its empty line) is `200` with a `text/event-stream`
-/// body.
-fn is_event_stream(head: &[u8]) -> bool {
-    let mut lines = head.split(|&c| c == b'\n');
-    let mut status = lines.next().unwrap_or_default().split(|&c| c == b' ');
-    if !status.next().is_some_and(|v| v.starts_with(b"HTTP/1."))
-        || status.next().map(<[u8]>::trim_ascii) != Some(b"200")
-    {
-        return false;
+/// What the bytes held so far begin with.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// Not a whole response head yet.
+    Partial,
+    /// A `200` with a `text/event-stream` body, which starts at this offset.
+    EventStream(usize),
+    /// Any other answer (or bytes that are no response head): passed on as they are, for
+    /// Pingora to judge.
+    Other,
+}
+
+/// Reads a response head at the start of `held` (with `httparse`, as Pingora does).
+fn event_stream_head(held: &[u8]) -> Head {
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut fields);
+    match resp.parse(held) {
+        Ok(httparse::Status::Partial) => Head::Partial,
+        Ok(httparse::Status::Complete(body_at)) => {
+            let sse = resp.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("content-type")
+                    && h.value
+                        .get(..17)
+                        .is_some_and(|v| v.eq_ignore_ascii_case(b"text/event-stream"))
+            });
+            if resp.code == Some(200) && sse {
+                Head::EventStream(body_at)
+            } else {
+                Head::Other
+            }
+        }
+        // Too many fields for this array, or not HTTP: not ours to hold.
+        Err(_) => Head::Other,
     }
-    lines.any(|l| {
-        let Some(colon) = memchr::memchr(b':', l) else {
-            return false;
-        };
-        l[..colon].eq_ignore_ascii_case(b"content-type")
-            && l[colon + 1..]
-                .trim_ascii()
-                .get(..17)
-                .is_some_and(|v| v.eq_ignore_ascii_case(b"text/event-stream"))
-    })
 }
 
 /// Whether a write begins an HTTP/1 request: a method token, a space, a target, and
@@ -606,17 +620,24 @@ mod tests {
 
     #[test]
     fn heads_and_requests_are_told_apart() {
-        let sse = b"HTTP/1.1 200 OK\r\ndate: x\r\nContent-Type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked";
-        assert!(is_event_stream(sse));
-        assert!(!is_event_stream(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json"
-        ));
-        assert!(!is_event_stream(
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/event-stream"
-        ));
-        assert!(is_event_stream(
-            b"HTTP/1.1 200\r\ncontent-type:text/event-stream"
-        ));
+        let sse = b"HTTP/1.1 200 OK\r\ndate: x\r\nContent-Type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n5\r\n";
+        assert_eq!(event_stream_head(sse), Head::EventStream(sse.len() - 3));
+        assert_eq!(event_stream_head(&sse[..40]), Head::Partial);
+        assert_eq!(
+            event_stream_head(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n"),
+            Head::Other
+        );
+        assert_eq!(
+            event_stream_head(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/event-stream\r\n\r\n"
+            ),
+            Head::Other
+        );
+        assert_eq!(
+            event_stream_head(b"HTTP/1.1 200\r\ncontent-type:text/event-stream\r\n\r\n"),
+            Head::EventStream(48)
+        );
+        assert_eq!(event_stream_head(b"\x00garbage\r\n\r\n"), Head::Other);
         assert!(starts_request(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n"
         ));

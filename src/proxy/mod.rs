@@ -6,6 +6,19 @@
 //! (`outcome`). The gateway's own answers are OpenAI-shaped (`respond`).
 //!
 //! Uses routing, the fleet and the layers below; the admin API and the server are above.
+//!
+//! Three mechanisms here exist beside Pingora's own, on purpose:
+//! - `gate` keeps its own idle connections: a gated connection (a stream's, held until
+//!   its first token) has no descriptor Pingora's pool can check, and Pingora's pool checks
+//!   a reused connection by its descriptor's peer; without it every stream would open a
+//!   new connection.
+//! - Stream deadlines are enforced in two places: the `deadline` watchdog shuts down the
+//!   descriptor of an ungated attempt (TLS replicas, non-streaming requests), the gate
+//!   times its own reads (it has no descriptor to shut down).
+//! - `conn` follows the client's bytes before Pingora parses them (a framing state machine,
+//!   not a head parser: heads are parsed by `httparse`, in Pingora and in `httpclient`),
+//!   because Pingora offers no hook before a head is parsed: the head deadline, and the
+//!   request lines it must not escape or refuse silently.
 
 pub mod access_log;
 mod admission;

@@ -30,10 +30,11 @@
 //! The digests are SHA-256 (from `ring`), so they are the same in every process, build and
 //! version.
 
+use parking_lot::Mutex;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -381,7 +382,7 @@ impl Placer {
         if bytes == 0 {
             return;
         }
-        let mut l = self.ledger.lock().expect("not poisoned");
+        let mut l = self.ledger.lock();
         let full = l.keys.len() >= LEDGER_KEYS;
         let model = l.model_id(model);
         match l.keys.get_mut(&key) {
@@ -419,7 +420,7 @@ impl Placer {
     /// every [`PLAN_EVERY`].
     pub fn replan(&self, snap: &FleetSnapshot, settings: PlacementSettings, now: Instant) {
         let long_lived: Vec<(String, u64, usize)> = {
-            let mut l = self.ledger.lock().expect("not poisoned");
+            let mut l = self.ledger.lock();
             if l.last_plan
                 .is_some_and(|t| now.saturating_duration_since(t) < PLAN_EVERY)
             {

@@ -25,10 +25,11 @@ mod score;
 #[cfg(test)]
 mod tests;
 
+use parking_lot::RwLock;
 use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Policy;
@@ -264,12 +265,11 @@ impl Selector {
     fn cursor(&self, model: &str) -> Arc<AtomicUsize> {
         // Only models the fleet serves get here, so the map is bounded by the fleet's
         // models; the write lock is taken once per model.
-        if let Some(c) = self.cursors.read().expect("not poisoned").get(model) {
+        if let Some(c) = self.cursors.read().get(model) {
             return c.clone();
         }
         self.cursors
             .write()
-            .expect("not poisoned")
             .entry(model.to_string())
             .or_default()
             .clone()

@@ -98,7 +98,7 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 ///   become the lowest as soon as the fresh replicas' grew, and every request after that
 ///   would herd onto the replica nothing is known about.
 ///
-/// `fresh_since` is [`fresh_since`]`(now, stale_after)`, computed once per pick. Backend
+/// `fresh_since` is [`fresh_since`](crate::fleet::fresh_since)`(now, stale_after)`, computed once per pick. Backend
 /// `i` of `snap` is scored from its [`PickInputs`] and its live counters.
 pub fn vllm_score(
     snap: &FleetSnapshot,

@@ -1,6 +1,8 @@
 //! Builds and runs the Pingora server from a validated [`Config`]: the data-plane proxy
 //! service, the admin service and the background scraper, wired together.
 //!
+//! Uses every layer below it; only the programs (`cli`) are above.
+//!
 //! Listen addresses with port 0 get a free port: it is reserved by a socket that binds it
 //! with `SO_REUSEPORT` (and never listens), then Pingora binds the same concrete port. When
 //! every listener accepts connections, one JSON line is printed on stdout:
@@ -12,6 +14,7 @@ pub mod reload;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TcpSocketOptions;
 use pingora::prelude::*;
@@ -22,7 +25,7 @@ use pingora::services::listening::Service;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::{AdminApp, History, HistorySampler};
@@ -372,7 +375,7 @@ impl BackgroundService for ReadyAnnouncer {
             }
         }
         // The ports are held by Pingora's listeners now.
-        self.reservations.lock().expect("not poisoned").clear();
+        self.reservations.lock().clear();
         self.ready.store(true, Ordering::Relaxed);
         let line = serde_json::json!({
             "event": "ready",

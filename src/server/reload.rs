@@ -86,7 +86,7 @@ impl Reloader {
     }
 
     /// Reads the running config's file again and applies it (the backends as
-    /// [`Reloader::apply`] does).
+    /// `Reloader::apply` does).
     pub async fn reload(&self) -> Result<Reconfigured, ConfigError> {
         let _one = self.changing.lock().await;
         let cur = self.live.load_full();

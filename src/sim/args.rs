@@ -9,7 +9,7 @@ use super::scheduler::{PerfModel, SchedulerConfig};
 /// Hardware profiles; flags override their values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
-    /// Llama-3-8B on one H100 (the calibration of research/vllm-sim-spec.md §7.4).
+    /// Llama-3-8B on one H100 (the calibration in docs/simulator.md).
     #[value(name = "llama3-8b-h100")]
     Llama3H100,
     /// Llama-3-8B on one A100-80GB: slower steps, same KV capacity.

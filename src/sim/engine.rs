@@ -4,10 +4,11 @@
 //! was dropped (a client that left). After every step it publishes the gauges, counters
 //! and histograms that `/metrics` reports.
 
+use parking_lot::Mutex;
 use rand::SeedableRng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -166,7 +167,7 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        self.stats.lock().expect("not poisoned").clone()
+        self.stats.lock().clone()
     }
 
     pub fn set_slow_factor(&self, factor: f64) {
@@ -264,7 +265,7 @@ async fn run(
                 Command::Reset => {
                     sched = Scheduler::new(cfg.scheduler.clone());
                     live.clear();
-                    *stats.lock().expect("not poisoned") = EngineStats::new();
+                    *stats.lock() = EngineStats::new();
                 }
             }
         }
@@ -279,7 +280,7 @@ async fn run(
             live.remove(id);
         }
         if !gone.is_empty() {
-            stats.lock().expect("not poisoned").aborted += gone.len() as u64;
+            stats.lock().aborted += gone.len() as u64;
         }
         let Some(batch) = sched.schedule() else {
             // Requests wait but none can run (one larger than the whole cache): wait for
@@ -302,7 +303,7 @@ async fn run(
         tokio::time::sleep_until(clock).await;
         let outcome = sched.complete(&batch);
         let now = Instant::now();
-        let mut st = stats.lock().expect("not poisoned");
+        let mut st = stats.lock();
         st.steps += 1;
         for id in &batch.admitted {
             if let Some(l) = live.get(id) {
@@ -340,7 +341,7 @@ async fn run(
 }
 
 fn publish(sched: &Scheduler, stats: &Mutex<EngineStats>) {
-    let mut st = stats.lock().expect("not poisoned");
+    let mut st = stats.lock();
     st.running = sched.num_running();
     st.waiting = sched.num_waiting();
     if sched.config().max_loras > 0 {

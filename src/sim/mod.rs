@@ -2,6 +2,9 @@
 //! and metric names (those of a real vLLM 0.32 server, `tests/fixtures/vllm-0.32/`), a
 //! simulated engine behind them, and fault injection for resilience tests.
 //!
+//! Uses only the OpenAI surface (its form reading): a program of its own beside the
+//! gateway.
+//!
 //! - [`http`]: the HTTP/1.1 server (keep-alive, streams, reset and stall on demand);
 //! - [`scheduler`]: vLLM's V1 scheduler and step-time model, pure (virtual clock);
 //! - [`engine`]: that scheduler driven in real (scaled) time, counters and histograms;
@@ -23,12 +26,13 @@ pub use text::{count_tokens, digest, tokenize};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
@@ -123,7 +127,7 @@ async fn serve_with_restarts(
         let _ = serving.await;
         sim.engine.reset();
         sim.reset_counters();
-        let down = *sim.restart_down.lock().expect("not poisoned");
+        let down = *sim.restart_down.lock();
         tracing::info!(%addr, ?down, "sim restarting");
         tokio::time::sleep(down).await;
         listener = loop {
@@ -198,7 +202,7 @@ impl Sim {
         if self.args.models.iter().any(|m| m == model) {
             return 0;
         }
-        let mut ids = self.lora_ids.lock().expect("not poisoned");
+        let mut ids = self.lora_ids.lock();
         let at = match ids.iter().position(|n| n == model) {
             Some(i) => i,
             None => {
@@ -212,7 +216,7 @@ impl Sim {
     /// The adapter names of engine ids (see [`Sim::lora_id`]), comma-separated as vLLM
     /// writes them in `vllm:lora_requests_info`.
     pub(crate) fn lora_names(&self, ids: &[u32]) -> String {
-        let names = self.lora_ids.lock().expect("not poisoned");
+        let names = self.lora_ids.lock();
         ids.iter()
             .filter_map(|&i| names.get(i.checked_sub(1)? as usize).map(String::as_str))
             .collect::<Vec<_>>()
@@ -231,12 +235,7 @@ impl Sim {
     /// Whether `model` is served: a served name or a loaded LoRA adapter.
     fn serves(&self, model: &str) -> bool {
         self.args.models.iter().any(|m| m == model)
-            || self
-                .loras
-                .lock()
-                .expect("not poisoned")
-                .iter()
-                .any(|(n, _)| n == model)
+            || self.loras.lock().iter().any(|(n, _)| n == model)
     }
 
     /// `POST /v1/load_lora_adapter` (`load`) or `/v1/unload_lora_adapter`, with vLLM's
@@ -251,7 +250,7 @@ impl Sim {
                 Some("lora_name"),
             );
         };
-        let mut loras = self.loras.lock().expect("not poisoned");
+        let mut loras = self.loras.lock();
         let at = loras.iter().position(|(n, _)| n == name);
         let text = match (load, at) {
             (true, Some(_)) => {
@@ -288,33 +287,33 @@ impl Sim {
     }
 
     pub fn faults(&self) -> Faults {
-        self.faults.lock().expect("not poisoned").clone()
+        self.faults.lock().clone()
     }
 
     pub fn set_faults(&self, f: Faults) {
         self.engine.set_slow_factor(f.slow_factor.unwrap_or(1.0));
-        let mut frozen = self.frozen_metrics.lock().expect("not poisoned");
+        let mut frozen = self.frozen_metrics.lock();
         if f.metrics_stale && frozen.is_none() {
             *frozen = Some(exposition::render(self, &f));
         } else if !f.metrics_stale {
             *frozen = None;
         }
         drop(frozen);
-        *self.faults.lock().expect("not poisoned") = f;
+        *self.faults.lock() = f;
     }
 
     /// Stops listening now and comes back after `down` with every counter reset.
     pub fn restart(&self, down: Duration) {
-        *self.restart_down.lock().expect("not poisoned") = down;
+        *self.restart_down.lock() = down;
         self.restart.notify_one();
     }
 
     fn reset_counters(&self) {
-        *self.started.lock().expect("not poisoned") = SystemTime::now();
+        *self.started.lock() = SystemTime::now();
         self.requests.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
         self.disconnects.store(0, Ordering::Relaxed);
-        self.digests.lock().expect("not poisoned").clear();
+        self.digests.lock().clear();
     }
 
     fn model_name(&self) -> &str {
@@ -324,7 +323,6 @@ impl Sim {
     fn started_unix(&self) -> u64 {
         self.started
             .lock()
-            .expect("not poisoned")
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     }
@@ -347,8 +345,8 @@ impl Sim {
             "prefix_cache_hits": st.counters.prefix_hits,
             "generation_tokens": st.counters.generation_tokens,
             "steps": st.steps,
-            "body_digests": self.digests.lock().expect("not poisoned").iter().collect::<Vec<_>>(),
-            "forwarded_for": *self.forwarded_for.lock().expect("not poisoned"),
+            "body_digests": self.digests.lock().iter().collect::<Vec<_>>(),
+            "forwarded_for": *self.forwarded_for.lock(),
             "faults": self.faults(),
         })
     }
@@ -366,16 +364,10 @@ impl Sim {
             })
             .collect();
         // Loaded adapters, as vLLM lists them: their path as root, the base as parent.
-        data.extend(
-            self.loras
-                .lock()
-                .expect("not poisoned")
-                .iter()
-                .map(|(n, p)| {
-                    json!({"id": n, "object": "model", "created": created, "owned_by": "vllm",
+        data.extend(self.loras.lock().iter().map(|(n, p)| {
+            json!({"id": n, "object": "model", "created": created, "owned_by": "vllm",
                    "root": p, "parent": self.model_name(), "max_model_len": max_len})
-                }),
-        );
+        }));
         json!({"object": "list", "data": data}).to_string()
     }
 
@@ -389,7 +381,7 @@ impl Sim {
 
     /// The natural output length of a request: lognormal around the median.
     fn sample_output_len(&self) -> usize {
-        let mut rng = self.rng.lock().expect("not poisoned");
+        let mut rng = self.rng.lock();
         // σ so that p99 ≈ 6.7 × median (median 150, p99 1000 in the spec).
         let factor = scheduler::jitter(&mut *rng, 0.816);
         ((self.args.output_len_median as f64 * factor).round() as usize).max(1)
@@ -476,7 +468,7 @@ impl Sim {
                 body: Bytes::from_static(b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
             };
         }
-        let frozen = self.frozen_metrics.lock().expect("not poisoned").clone();
+        let frozen = self.frozen_metrics.lock().clone();
         let text = frozen.unwrap_or_else(|| exposition::render(self, &faults));
         Reply::Full {
             status: 200,

@@ -3,7 +3,7 @@
 //! KV blocks allocated per step, preemption by recompute (newest running request first)
 //! when blocks run out, head-of-line blocking in `waiting`, and prefix caching by chained
 //! block hashes with LRU eviction. [`PerfModel`] turns a step's shape into its duration
-//! (research/vllm-sim-spec.md §7.3–7.4); [`simulate`] runs a trace on a virtual clock.
+//! (docs/simulator.md); [`simulate`] runs a trace on a virtual clock.
 //!
 //! The real-time engine (`engine.rs`) drives the same [`Scheduler`] step by step.
 
@@ -390,12 +390,6 @@ impl Scheduler {
     }
     pub fn preemptions_of(&self, id: SeqId) -> u32 {
         self.seqs.get(&id).map_or(0, |s| s.preemptions)
-    }
-    pub fn waiting_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
-        self.waiting.iter().copied()
-    }
-    pub fn running_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
-        self.running.iter().copied()
     }
 
     /// The distinct LoRA adapters of the running requests.
