@@ -27,6 +27,6 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bare_pingora" and m.get("executable"):
         print(m["executable"])')
-out="benches/overhead-$(date +%F-%H%M).txt"
+out="benches/results/overhead-$(date +%F-%H%M).txt"
 BARE_PINGORA="$bare" VLLM_ROUTER="$PWD/$venv/bin/vllm-router" python3 benches/overhead.py "$@" | tee "$out"
 echo "raw output: $out" >&2

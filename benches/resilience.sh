@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The resilience figures in benches/RESULTS.md: runs the fault tests (tests/it/resilience.rs
+# The resilience figures in benches/results/HISTORY.md: runs the fault tests (tests/it/resilience.rs
 # tests/it/reload.rs and tests/it/lifecycle.rs; each drives a bounded load loop over simulated replicas on
 # loopback) N times (default 3) and prints the line of figures each test reports.
 #   N=5 benches/resilience.sh
