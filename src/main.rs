@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-/// The request path allocates and frees many small buffers (see benches/RESULTS.md).
+/// The request path allocates and frees many small buffers (see benches/results/HISTORY.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -4,7 +4,7 @@
 //!
 //! Written here rather than through `tracing`'s formatter, which spent about 6 µs of CPU per
 //! request on this line (its visitor per field, its timestamp): at 20k requests a second
-//! on one core that was a tenth of the gateway's throughput (`benches/RESULTS.md`, "What
+//! on one core that was a tenth of the gateway's throughput (`benches/results/HISTORY.md`, "What
 //! the access log costs"). The line is built in a buffer the thread keeps and written to
 //! stderr with one `write`, as `tracing`'s own lines are.
 
@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::LogFormat;
 
-/// What one access line says (README, "Access log").
+/// What one access line says (docs/observability.md, "Access log").
 #[derive(Debug, Clone)]
 pub struct Line<'a> {
     pub request_id: &'a str,

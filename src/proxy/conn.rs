@@ -670,7 +670,7 @@ impl Peek for HeadDeadline {
 /// Turns transparent huge pages off for this process. The allocator asks for them, and
 /// then the few touched bytes of each connection's buffers keep whole 2 MiB pages
 /// resident: 89 KB per idle client connection with them, 27 KB without (measured with
-/// 5,000 idle connections; see `benches/RESULTS.md`).
+/// 5,000 idle connections; see `benches/results/HISTORY.md`).
 pub fn no_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only this process.
     let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };

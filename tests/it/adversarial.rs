@@ -1501,7 +1501,7 @@ fn raise_nofile(want: u64) -> u64 {
 
 /// 10,000 idle client connections, then up to 10,000 idle open streams (one event each,
 /// then silence): the gateway keeps serving, and its resident memory stays within the
-/// bound stated in `benches/RESULTS.md`.
+/// bound stated in `benches/results/HISTORY.md`.
 ///
 /// The streams are opened over HTTP/2, `STREAMS_PER_CONN` on each connection, so that a
 /// stream costs the gateway one descriptor, its upstream connection (the deadline
@@ -1672,7 +1672,7 @@ async fn ten_thousand_idle_connections_and_streams_stay_within_the_memory_bound(
          a request served in {served_in:?}); {streams_n} idle HTTP/2 streams on {conns} connections {stream_rss} KiB \
          ({per_stream} B each, a request served in {served_streams_in:?})"
     );
-    // The bounds stated in benches/RESULTS.md for this (debug) build: 27 KB and 41-42 KB
+    // The bounds stated in benches/results/HISTORY.md for this (debug) build: 27 KB and 41-42 KB
     // measured, with margin.
     assert!(per_conn < 48 * 1024, "{per_conn} bytes per idle connection");
     assert!(per_stream < 64 * 1024, "{per_stream} bytes per idle stream");

@@ -1,6 +1,6 @@
 //! Observability: the gateway's metrics asserted as behaviour (counts that match what the
 //! clients saw), the exposition's syntax, the request id and the JSON access log, the
-//! dashboard and its history, `vllm-edge top`, and that the README and the Grafana
+//! dashboard and its history, `vllm-edge top`, and that the docs and the Grafana
 //! dashboard name exactly the metrics the code defines.
 
 use serde_json::{json, Value};
@@ -770,19 +770,19 @@ fn mentioned(text: &str, defined: &BTreeSet<String>) -> BTreeSet<String> {
 }
 
 #[test]
-fn the_readme_and_the_grafana_dashboard_name_exactly_the_defined_metrics() {
+fn the_docs_and_the_grafana_dashboard_name_exactly_the_defined_metrics() {
     let defined = defined_metrics();
     assert!(defined.len() >= 25, "{defined:?}");
-    let readme = include_str!("../../README.md");
-    let section = readme
-        .split("### Metrics")
+    let doc = include_str!("../../docs/observability.md");
+    let section = doc
+        .split("\n## Metrics")
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
-        .expect("README has a ### Metrics section");
+        .expect("docs/observability.md has a ## Metrics section");
     let listed = mentioned(section, &defined);
     assert_eq!(
         listed, defined,
-        "README's metric list vs the defined metrics"
+        "docs/observability.md's metric list vs the defined metrics"
     );
     let grafana = include_str!("../../conf/grafana/vllm-edge.json");
     let dash: Value = serde_json::from_str(grafana).expect("the Grafana dashboard is JSON");

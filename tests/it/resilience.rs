@@ -1,7 +1,7 @@
 //! Fault tests: a bounded load loop (2,000 requests, 64 at a time, half of them streams)
 //! over three simulated replicas while one of them dies, stalls, answers 503 or lies in
 //! its `/metrics`. Each prints its figures (`cargo test --test it resilience --
-//! --nocapture`); benches/RESULTS.md quotes them.
+//! --nocapture`); benches/results/HISTORY.md quotes them.
 
 use futures_util::StreamExt;
 use serde_json::Value;
