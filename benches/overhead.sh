@@ -28,5 +28,5 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bare_pingora" and m.get("executable"):
         print(m["executable"])')
 out="benches/results/overhead-$(date +%F-%H%M).txt"
-BARE_PINGORA="$bare" VLLM_ROUTER="$PWD/$venv/bin/vllm-router" python3 benches/overhead.py "$@" | tee "$out"
+VLLM_EDGE="${VLLM_EDGE:-$target_dir/release/vllm-edge}" BARE_PINGORA="$bare" VLLM_ROUTER="$PWD/$venv/bin/vllm-router" python3 benches/overhead.py "$@" | tee "$out"
 echo "raw output: $out" >&2

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Verifies the systemd units with `systemd-analyze verify` (installs systemd if absent).
 # The units name their installed paths (/usr/local/bin/vllm-edge); verify needs the
-# executables to exist, so it checks a copy pointing at the freshly built binary.
+# executables to exist, so it checks a copy pointing at the freshly built binary (the
+# argument; default: the debug build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v systemd-analyze >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
-bin="$PWD/target/debug/vllm-edge"
+bin=$(realpath -m "${1:-${CARGO_TARGET_DIR:-target}/debug/vllm-edge}")
 [ -x "$bin" ] || cargo build --locked
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT

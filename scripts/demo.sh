@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 cargo build --release --locked
-exec ./target/release/vllm-edge demo "$@"
+exec "$target_dir/release/vllm-edge" demo "$@"

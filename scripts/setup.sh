@@ -5,3 +5,5 @@ if ! command -v cmake >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq cmake >/dev/null
 fi
+# Where cargo puts what it builds: CARGO_TARGET_DIR when set, else target/.
+target_dir=${CARGO_TARGET_DIR:-target}

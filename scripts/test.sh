@@ -25,7 +25,7 @@ cargo build --locked --benches
 cargo test --locked --test it -- --ignored --test-threads=1
 
 # The systemd units (systemd-analyze verify).
-bash scripts/check-systemd.sh
+bash scripts/check-systemd.sh "$target_dir/debug/vllm-edge"
 
 # The SDK goes into a venv under target/ (reused between runs).
 venv=target/e2e-venv
@@ -33,12 +33,12 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
 fi
-"$venv/bin/python" tests/e2e/openai_sdk.py target/debug/vllm-edge
+"$venv/bin/python" tests/e2e/openai_sdk.py "$target_dir/debug/vllm-edge"
 
 # The live dashboard in headless Chromium against the demo under load (skipped, loudly,
 # only where Chromium cannot be installed).
 status=0
-bash scripts/dashboard-check.sh target/debug/vllm-edge target/dashboard.png || status=$?
+bash scripts/dashboard-check.sh "$target_dir/debug/vllm-edge" "$target_dir/dashboard.png" || status=$?
 case $status in
   0) ;;
   3) echo "test.sh: dashboard check SKIPPED: chromium cannot be installed here" >&2 ;;
