@@ -94,6 +94,9 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
         .map_err(DemoError::Sim)?;
 
     let config = Config::with_backends(args.listen, args.admin, &urls);
+    // Every port is bound before the demo says what to try.
+    let sockets = crate::server::bind(&config, false)?;
+    let (listen, admin) = (sockets.listeners()[0], sockets.admin());
     println!(
         "vllm-edge demo: {} simulated replicas of `{}` with LoRA adapters {} ({})\n\
          gateway on http://{} (admin http://{})\n\n\
@@ -112,11 +115,11 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
         args.model,
         ADAPTERS.join(", "),
         urls.join(", "),
-        args.listen,
-        args.admin,
-        listen = args.listen,
-        admin = args.admin,
+        listen,
+        admin,
+        listen = listen,
+        admin = admin,
         model = args.model,
     );
-    Ok(crate::server::run(config, false)?)
+    crate::server::run(config, sockets)
 }

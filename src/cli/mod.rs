@@ -52,7 +52,7 @@ enum Command {
 }
 
 /// The log filter: VLLM_EDGE_LOG, else RUST_LOG, else info (Pingora's own at warn); the
-/// line format from the config's `log.format`.
+/// line format from the config's `log.format`. Panics are logged as one line from here on.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VLLM_EDGE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
@@ -72,6 +72,7 @@ fn init_logging(format: LogFormat) {
             .with_current_span(false)
             .init(),
     }
+    server::guard::log_panics();
 }
 
 /// Runs the command line (`vllm-edge ...`) and says how it ended.
@@ -93,8 +94,8 @@ pub fn main() -> ExitCode {
                 }
             };
             init_logging(c.log_format);
-            match server::run(c, upgrade) {
-                Ok(never) => match never {},
+            match server::bind(&c, upgrade) {
+                Ok(sockets) => server::run(c, sockets),
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
@@ -159,10 +160,13 @@ fn run_sim(args: sim::SimArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let addr = std::net::SocketAddr::new(args.host, args.port);
         let handle = match sim::spawn(args).await {
             Ok(h) => h,
-            Err(e) => {
-                eprintln!("error: cannot listen: {e}");
+            Err(source) => {
+                let role = server::listen::Role::Sim;
+                let e = server::listen::BindError { addr, role, source };
+                eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         };

@@ -67,23 +67,21 @@ pub fn listen_for_upgrade(handover: Handover) -> std::io::Result<()> {
             signal(SignalKind::quit())?,
         )
     };
-    std::thread::Builder::new()
-        .name("vllm-edge-upgrade".into())
-        .spawn(move || {
-            rt.block_on(async {
-                loop {
-                    tokio::select! {
-                        Some(()) = usr2.recv() => start_successor(&handover),
-                        Some(()) = quit.recv() => {
-                            handover.traffic.begin_handover();
-                            tracing::info!("handing the listening sockets over to a successor; \
-                                finishing the requests in flight");
-                        }
-                        else => break,
+    crate::server::guard::thread("vllm-edge-upgrade", move || {
+        rt.block_on(async {
+            loop {
+                tokio::select! {
+                    Some(()) = usr2.recv() => start_successor(&handover),
+                    Some(()) = quit.recv() => {
+                        handover.traffic.begin_handover();
+                        tracing::info!("handing the listening sockets over to a successor; \
+                            finishing the requests in flight");
                     }
+                    else => break,
                 }
-            })
-        })?;
+            }
+        })
+    })?;
     Ok(())
 }
 

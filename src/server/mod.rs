@@ -3,20 +3,22 @@
 //!
 //! Uses every layer below it; only the programs (`cli`) are above.
 //!
-//! Listen addresses with port 0 get a free port: it is reserved by a socket that binds it
-//! with `SO_REUSEPORT` (and never listens), then Pingora binds the same concrete port. When
-//! every listener accepts connections, one JSON line is printed on stdout:
-//! `{"event":"ready","listeners":["127.0.0.1:PORT"],"admin":"127.0.0.1:PORT"}`; tests and
-//! scripts wait for that line instead of sleeping.
+//! Start-up is a transaction ([`bind`], then [`run`]): every listen address is bound first
+//! (`listen`), and a failure ends the start with the address and the reason; every service
+//! runs guarded (`guard`), so a part that dies takes the process down instead of leaving
+//! it serving nothing. When every listener accepts connections, one JSON line is printed on
+//! stdout, always: `{"event":"ready","listeners":["127.0.0.1:PORT"],"admin":"127.0.0.1:PORT",
+//! "pid":N}`; tests and scripts wait for that line instead of sleeping, and a port 0 in the
+//! config shows there as the port the system picked.
 
+pub mod guard;
 pub mod lifecycle;
+pub mod listen;
 pub mod reload;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use parking_lot::Mutex;
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::TcpSocketOptions;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
@@ -36,75 +38,67 @@ use crate::proxy::{Gateway, Traffic};
 use crate::routing::affinity::Placer;
 use crate::server::reload::Reloader;
 use crate::tls::CertResolver;
+use guard::{Guarded, Lifetime};
 use lifecycle::Handover;
+use listen::{BindError, Listening, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot reserve a port on {addr}: {source}")]
-    Reserve {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
-/// A concrete listen address, and the socket holding its port if it was picked for us.
-struct Bound {
-    addr: SocketAddr,
-    reservation: Option<socket2::Socket>,
+/// The gateway's bound sockets, before anything runs.
+pub struct Sockets {
+    listeners: Vec<Listening>,
+    admin: Listening,
+    upgrade: bool,
 }
 
-fn resolve_port(addr: SocketAddr) -> Result<Bound, StartError> {
-    if addr.port() != 0 {
-        return Ok(Bound {
-            addr,
-            reservation: None,
-        });
+impl Sockets {
+    /// The data-plane addresses, concrete (a port 0 is the port picked).
+    pub fn listeners(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.addr).collect()
     }
-    let err = |source| StartError::Reserve { addr, source };
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )
-    .map_err(err)?;
-    sock.set_reuse_port(true).map_err(err)?;
-    sock.bind(&addr.into()).map_err(err)?;
-    let local = sock
-        .local_addr()
-        .map_err(err)?
-        .as_socket()
-        .ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
-    Ok(Bound {
-        addr: local,
-        reservation: Some(sock),
+
+    pub fn admin(&self) -> SocketAddr {
+        self.admin.addr
+    }
+}
+
+/// Binds every listen address of `config`, data and admin. With `upgrade`, addresses the
+/// running gateway holds are left for it to hand over (see `listen`).
+pub fn bind(config: &Config, upgrade: bool) -> Result<Sockets, StartError> {
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| Listening::bind(l.addr, Role::Data, upgrade))
+        .collect::<Result<_, _>>()?;
+    let admin = Listening::bind(config.admin, Role::Admin, upgrade)?;
+    Ok(Sockets {
+        listeners,
+        admin,
+        upgrade,
     })
 }
 
-fn socket_options(bound: &Bound) -> TcpSocketOptions {
-    let mut opts = TcpSocketOptions::default();
-    if bound.reservation.is_some() {
-        opts.so_reuseport = Some(true);
-    }
-    opts
-}
-
-/// Runs the gateway until it is told to stop; never returns.
-/// With `upgrade`, the listening sockets are taken over from a running gateway (see
+/// Runs the gateway on its bound `sockets` until it is told to stop; never returns. With
+/// an upgrade, the listening sockets the running gateway holds are taken over (see
 /// `crate::server::lifecycle`).
-pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, StartError> {
+pub fn run(config: Config, sockets: Sockets) -> ! {
     let config = Arc::new(config);
     check_descriptor_limit(&config);
-    let listeners: Vec<Bound> = config
-        .listeners
-        .iter()
-        .map(|l| resolve_port(l.addr))
-        .collect::<Result<_, _>>()?;
-    let admin = resolve_port(config.admin)?;
+    let Sockets {
+        listeners,
+        admin,
+        upgrade,
+    } = sockets;
+    let listen_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
     let mut server = pingora_server(&config, upgrade);
     let traffic = Arc::new(Traffic::default());
     if let Err(e) = lifecycle::listen_for_upgrade(Handover {
         config: config.source.clone(),
-        listeners: listeners.iter().map(|b| b.addr).collect(),
+        listeners: listen_addrs.clone(),
         admin: admin.addr,
         traffic: traffic.clone(),
     }) {
@@ -134,7 +128,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
             grace_period: config.grace_period,
         },
     );
-    let proxy = data_plane(&server, gateway, &live, &listeners, &certs);
+    let proxy = data_plane(&server, gateway, &live, &listen_addrs, &certs);
 
     let ready = Arc::new(AtomicBool::new(false));
     let history = Arc::new(History::default());
@@ -156,37 +150,31 @@ pub fn run(config: Config, upgrade: bool) -> Result<std::convert::Infallible, St
             placer,
         },
     );
-    admin_svc.add_tcp_with_settings(&admin.addr.to_string(), socket_options(&admin));
-
+    admin_svc.add_tcp(&admin.addr.to_string());
+    let admin_addr = admin.addr;
     let announcer = background_service(
         "ready",
         ReadyAnnouncer {
-            listeners: listeners.iter().map(|b| b.addr).collect(),
+            listeners: listen_addrs.clone(),
             admin: admin.addr,
             upgrade,
             ready,
-            reservations: Mutex::new(
-                listeners
-                    .into_iter()
-                    .chain(std::iter::once(admin))
-                    .filter_map(|b| b.reservation)
-                    .collect(),
-            ),
         },
     );
 
-    let scraper_h = server.add_service(scraper);
-    let proxy_h = server.add_service(proxy);
+    let forever = Lifetime::UntilShutdown;
+    let scraper_h = server.add_service(Guarded::background(scraper, forever));
+    let proxy_h = server.add_service(Guarded::listening(proxy, listeners));
     proxy_h.add_dependency(&scraper_h);
-    let admin_h = server.add_service(admin_svc);
-    let announcer_h = server.add_service(announcer);
-    server.add_service(drainer);
-    let sampler_h = server.add_service(sampler);
+    let admin_h = server.add_service(Guarded::listening(admin_svc, vec![admin]));
+    let announcer_h = server.add_service(Guarded::background(announcer, Lifetime::Once));
+    server.add_service(Guarded::background(drainer, forever));
+    let sampler_h = server.add_service(Guarded::background(sampler, forever));
     sampler_h.add_dependency(&scraper_h);
     announcer_h.add_dependency(&proxy_h);
     announcer_h.add_dependency(&admin_h);
 
-    log_start(&config);
+    log_start(&config, &listen_addrs, admin_addr);
     server.run_forever()
 }
 
@@ -243,7 +231,7 @@ fn data_plane(
     server: &Server,
     gateway: Gateway,
     live: &Arc<ArcSwap<Config>>,
-    listeners: &[Bound],
+    listeners: &[SocketAddr],
     certs: &[Option<Arc<CertResolver>>],
 ) -> Service<crate::proxy::conn::EdgeApp<pingora::proxy::HttpProxy<Gateway>>> {
     let limits = live.load().limits;
@@ -263,7 +251,7 @@ fn data_plane(
     );
     for (l, cert) in listeners.iter().zip(certs) {
         match cert {
-            None => proxy.add_tcp_with_settings(&l.addr.to_string(), socket_options(l)),
+            None => proxy.add_tcp(&l.to_string()),
             Some(resolver) => {
                 // TLS 1.2 and 1.3 only (Pingora's rustls acceptor allows no other), ALPN
                 // `h2` then `http/1.1`; the certificate comes from the resolver, which a
@@ -272,17 +260,24 @@ fn data_plane(
                     .expect("TLS settings without files cannot fail");
                 tls.set_cert_resolver(resolver.clone());
                 tls.enable_h2();
-                proxy.add_tls_with_settings(&l.addr.to_string(), Some(socket_options(l)), tls);
+                proxy.add_tls_with_settings(&l.to_string(), None, tls);
             }
         }
     }
     proxy
 }
 
-fn log_start(config: &Config) {
+/// The start, in words: `listeners="http://127.0.0.1:8080, https://[::]:8443"`.
+fn log_start(config: &Config, listeners: &[SocketAddr], admin: SocketAddr) {
+    let urls: Vec<String> = config
+        .listeners
+        .iter()
+        .zip(listeners)
+        .map(|(l, a)| format!("{}://{a}", if l.tls.is_some() { "https" } else { "http" }))
+        .collect();
     tracing::info!(
-        listeners = ?config.listeners,
-        admin = %config.admin,
+        listeners = %urls.join(", "),
+        admin = %format!("http://{admin}"),
         backends = config.backends.len(),
         policy = %config.policy,
         "starting vllm-edge"
@@ -329,57 +324,58 @@ impl BackgroundService for Drainer {
     }
 }
 
-/// Ends a readiness probe: says it sends nothing, then waits (at most 2 s) for the
-/// gateway to close it. A probe dropped at once would still hold one of
-/// `limits.max_connections` for a moment after the ready line, when clients may already
-/// have filled the others.
-async fn closed_by_peer(mut probe: tokio::net::TcpStream) {
+/// Ends a readiness probe: says it sends nothing, then waits (at most `within`) for the
+/// gateway to close it; true if it did. The connection itself always succeeds (the socket
+/// was bound and listening before Pingora started): only a close shows that the
+/// gateway's accept loop runs. A probe dropped at once would also still hold one of
+/// `limits.max_connections` for a moment after the ready line.
+async fn closed_by_peer(mut probe: tokio::net::TcpStream, within: Duration) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = probe.shutdown().await;
     let mut buf = [0u8; 256];
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    tokio::time::timeout(within, async {
         while matches!(probe.read(&mut buf).await, Ok(n) if n > 0) {}
     })
-    .await;
+    .await
+    .is_ok()
 }
 
-/// Waits until every listener accepts connections, then says so once on stdout and in
-/// `/ready`.
+/// How long a listener may take, once its service started, to accept a first connection.
+const ACCEPTS_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits until every listener accepts connections, then says so once: on stdout (the JSON
+/// ready line), to systemd, in `/ready` and in the log. A listener that accepts nothing
+/// within [`ACCEPTS_WITHIN`] ends the process: it never says ready.
 struct ReadyAnnouncer {
     listeners: Vec<SocketAddr>,
     admin: SocketAddr,
     /// Took the sockets over from a predecessor: tell systemd this is the main process now.
     upgrade: bool,
     ready: Arc<AtomicBool>,
-    reservations: Mutex<Vec<socket2::Socket>>,
 }
 
 #[async_trait]
 impl BackgroundService for ReadyAnnouncer {
     async fn start(&self, _shutdown: ShutdownWatch) {
-        // Pingora reports its listening services ready before they bind; probe them.
-        // Bounded: 10 s in 5 ms steps.
-        for addr in self.listeners.iter().chain(std::iter::once(&self.admin)) {
-            let mut ok = false;
-            for _ in 0..2000 {
-                if let Ok(probe) = tokio::net::TcpStream::connect(addr).await {
-                    closed_by_peer(probe).await;
-                    ok = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if !ok {
-                tracing::error!(%addr, "listener did not come up");
-                return;
+        // Pingora reports its listening services ready before their accept loops run.
+        let admin = std::iter::once((self.admin, Role::Admin));
+        for (addr, role) in self.listeners.iter().map(|&a| (a, Role::Data)).chain(admin) {
+            let accepted = match tokio::net::TcpStream::connect(addr).await {
+                Ok(probe) => closed_by_peer(probe, ACCEPTS_WITHIN).await,
+                Err(_) => false,
+            };
+            if !accepted {
+                guard::fatal(&format!(
+                    "the {role} on {addr} accepts no connection {}s after start",
+                    ACCEPTS_WITHIN.as_secs()
+                ));
             }
         }
-        // The ports are held by Pingora's listeners now.
-        self.reservations.lock().clear();
         self.ready.store(true, Ordering::Relaxed);
+        let listeners: Vec<String> = self.listeners.iter().map(|a| a.to_string()).collect();
         let line = serde_json::json!({
             "event": "ready",
-            "listeners": self.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "listeners": listeners,
             "admin": self.admin.to_string(),
             "pid": std::process::id(),
         });
@@ -393,7 +389,11 @@ impl BackgroundService for ReadyAnnouncer {
         } else {
             lifecycle::notify_systemd("READY=1");
         }
-        tracing::info!(listeners = ?self.listeners, admin = %self.admin, "ready");
+        tracing::info!(
+            listeners = %listeners.join(", "),
+            admin = %self.admin,
+            "ready"
+        );
     }
 }
 
@@ -420,7 +420,7 @@ mod tests {
             })
         };
         let probe = tokio::net::TcpStream::connect(addr).await.unwrap();
-        closed_by_peer(probe).await;
+        assert!(closed_by_peer(probe, Duration::from_secs(10)).await);
         assert!(closed.load(Ordering::SeqCst), "returned before the close");
         server.await.unwrap();
     }

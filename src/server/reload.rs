@@ -304,27 +304,24 @@ impl Reloader {
             let _guard = rt.enter();
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?
         };
-        std::thread::Builder::new()
-            .name("vllm-edge-reload".into())
-            .spawn(move || {
-                rt.block_on(async {
-                    let every = self.live.load().dns_interval;
-                    let mut dns =
-                        tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                    dns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    loop {
-                        tokio::select! {
-                            hup_got = hup.recv() => match hup_got {
-                                Some(()) => self.reload_and_log().await,
-                                None => break,
-                            },
-                            _ = dns.tick() => {
-                                self.refresh_addresses().await;
-                            }
+        crate::server::guard::thread("vllm-edge-reload", move || {
+            rt.block_on(async {
+                let every = self.live.load().dns_interval;
+                let mut dns = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                dns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        hup_got = hup.recv() => match hup_got {
+                            Some(()) => self.reload_and_log().await,
+                            None => break,
+                        },
+                        _ = dns.tick() => {
+                            self.refresh_addresses().await;
                         }
                     }
-                })
-            })?;
+                }
+            })
+        })?;
         Ok(())
     }
 }

@@ -16,5 +16,6 @@ mod reload;
 mod resilience;
 mod selection;
 mod sim;
+mod startup;
 mod streams;
 mod support;
