@@ -193,16 +193,22 @@ impl Drop for Permit {
 }
 
 impl ApiKeys {
-    pub fn load(path: &Path) -> Result<ApiKeys, String> {
+    /// Reads a keys file; every mistake in it, each as `FILE:LINE: message`.
+    pub fn load(path: &Path) -> Result<ApiKeys, Vec<String>> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        Self::parse(&text).map_err(|(line, msg)| format!("{}:{line}: {msg}", path.display()))
+            .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+        Self::parse(&text).map_err(|all| {
+            all.into_iter()
+                .map(|(line, msg)| format!("{}:{line}: {msg}", path.display()))
+                .collect()
+        })
     }
 
-    /// Parses a keys file; an error carries its 1-based line.
-    pub fn parse(text: &str) -> Result<ApiKeys, (usize, String)> {
+    /// Parses a keys file; every mistake, each with its 1-based line.
+    pub fn parse(text: &str) -> Result<ApiKeys, Vec<(usize, String)>> {
         let mut entries: Vec<KeyEntry> = Vec::new();
         let mut lines_of: Vec<usize> = Vec::new();
+        let mut found = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line_no = i + 1;
             let line = match raw.find(" #").or_else(|| raw.find("\t#")) {
@@ -213,64 +219,27 @@ impl ApiKeys {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let mut limits = KeyLimits::default();
-            let mut words = Vec::new();
-            for w in line.split_whitespace() {
-                let num = |v: &str, what: &str| {
-                    v.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                        (
-                            line_no,
-                            format!("`{what}` must be a whole number above 0, not `{v}`"),
-                        )
-                    })
-                };
-                if let Some(v) = w.strip_prefix("max_concurrent=") {
-                    limits.max_concurrent = Some(num(v, "max_concurrent")?);
-                } else if let Some(v) = w.strip_prefix("rpm=") {
-                    limits.requests_per_minute = Some(num(v, "rpm")?);
-                } else if let Some(v) = w.strip_prefix("tpm=") {
-                    limits.tokens_per_minute = Some(num(v, "tpm")?);
-                } else {
-                    words.push(w);
-                }
-            }
-            let (name, key) = match words[..] {
-                [key] => (None, key),
-                [name, key] => (Some(name), key),
-                _ => {
-                    return Err((
-                        line_no,
-                        format!(
-                            "expected `[NAME] KEY [max_concurrent=N] [rpm=N] [tpm=N]`, found {} \
-                             words besides the limits",
-                            words.len()
-                        ),
-                    ))
+            let (name, digest, limits) = match parse_key_line(line) {
+                Ok(parsed) => parsed,
+                Err(m) => {
+                    found.push((line_no, m));
+                    continue;
                 }
             };
-            let digest = match key.strip_prefix("sha256:") {
-                Some(hex) => parse_hex_digest(hex).ok_or_else(|| {
-                    (
-                        line_no,
-                        "`sha256:` must be followed by the 64 hex digits of the key's SHA-256 \
-                         (e.g. `printf %s KEY | sha256sum`)"
-                            .to_string(),
-                    )
-                })?,
-                None => sha256(key.as_bytes()),
-            };
-            let name = name.map_or_else(|| format!("key:{}", short_hash(&digest)), str::to_string);
+            let name = name.unwrap_or_else(|| format!("key:{}", short_hash(&digest)));
             if let Some(j) = entries.iter().position(|e| e.digest == digest) {
-                return Err((
+                found.push((
                     line_no,
                     format!("the same key is already on line {}", lines_of[j]),
                 ));
+                continue;
             }
             if let Some(j) = entries.iter().position(|e| *e.name == *name) {
-                return Err((
+                found.push((
                     line_no,
                     format!("the name `{name}` is already used on line {}", lines_of[j]),
                 ));
+                continue;
             }
             entries.push(KeyEntry {
                 name: name.into(),
@@ -280,11 +249,14 @@ impl ApiKeys {
             });
             lines_of.push(line_no);
         }
+        if !found.is_empty() {
+            return Err(found);
+        }
         if entries.is_empty() {
-            return Err((
+            return Err(vec![(
                 1,
                 "the file lists no key, so every request would be refused".into(),
-            ));
+            )]);
         }
         Ok(ApiKeys { entries })
     }
@@ -392,6 +364,70 @@ fn take_token(c: &KeyCounters, rpm: u32, now: Instant) -> Result<(), Duration> {
     }
 }
 
+/// The limits a keys-file line may set.
+const LIMITS: [&str; 3] = ["max_concurrent", "rpm", "tpm"];
+
+/// One keys-file line: `[NAME] KEY [max_concurrent=N] [rpm=N] [tpm=N]`.
+fn parse_key_line(line: &str) -> Result<(Option<String>, Digest, KeyLimits), String> {
+    let mut limits = KeyLimits::default();
+    let mut words = Vec::new();
+    for w in line.split_whitespace() {
+        // A limit's name, or `name=digits`: a limit (perhaps misspelt). A key may hold `=`
+        // (base64), but not in that shape.
+        let limit = w.split_once('=').filter(|(n, v)| {
+            LIMITS.contains(n)
+                || (!n.is_empty()
+                    && n.bytes().all(|c| c.is_ascii_lowercase() || c == b'_')
+                    && !v.is_empty()
+                    && v.bytes()
+                        .all(|c| c.is_ascii_digit() || c == b'-' || c == b'.'))
+        });
+        let Some((name, v)) = limit else {
+            words.push(w);
+            continue;
+        };
+        let n = v
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("`{name}` must be a whole number above 0, not `{v}`"))?;
+        match name {
+            "max_concurrent" => limits.max_concurrent = Some(n),
+            "rpm" => limits.requests_per_minute = Some(n),
+            "tpm" => limits.tokens_per_minute = Some(n),
+            other => {
+                let hint = crate::spelling::nearest(other, &LIMITS)
+                    .map(|n| format!(" (did you mean `{n}`?)"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "unknown limit `{other}`{hint}; the limits are max_concurrent=N, rpm=N \
+                     (requests per minute) and tpm=N (tokens per minute)"
+                ));
+            }
+        }
+    }
+    let (name, key) = match words[..] {
+        [key] => (None, key),
+        [name, key] => (Some(name.to_string()), key),
+        _ => {
+            return Err(format!(
+                "expected `[NAME] KEY [max_concurrent=N] [rpm=N] [tpm=N]`, found {} words \
+                 besides the limits",
+                words.len()
+            ))
+        }
+    };
+    let digest = match key.strip_prefix("sha256:") {
+        Some(hex) => parse_hex_digest(hex).ok_or_else(|| {
+            "`sha256:` must be followed by the 64 hex digits of the key's SHA-256 \
+             (e.g. `printf %s KEY | sha256sum`)"
+                .to_string()
+        })?,
+        None => sha256(key.as_bytes()),
+    };
+    Ok((name, digest, limits))
+}
+
 fn parse_hex_digest(hex: &str) -> Option<Digest> {
     if hex.len() != 64 || !hex.is_ascii() {
         return None;
@@ -453,7 +489,7 @@ mod tests {
 
     #[test]
     fn bad_lines_name_their_line() {
-        let err = |t: &str| ApiKeys::parse(t).unwrap_err();
+        let err = |t: &str| ApiKeys::parse(t).unwrap_err().remove(0);
         assert_eq!(err("a\nb c d\n").0, 2);
         assert!(err("a\nb c d\n").1.contains("found 3 words"));
         assert_eq!(err("k rpm=0\n").0, 1);
@@ -464,6 +500,18 @@ mod tests {
         assert!(dup.1.contains("line 1"), "{}", dup.1);
         assert!(err("a k1\na k2\n").1.contains("`a`"));
         assert!(err("# nothing\n").1.contains("no key"));
+        let typo = err("y sk-y rmp=5\n");
+        assert!(
+            typo.1
+                .starts_with("unknown limit `rmp` (did you mean `rpm`?)"),
+            "{}",
+            typo.1
+        );
+        // A key may end in `=` (base64) and is no limit.
+        assert!(ApiKeys::parse("a c2stYQ==\n").is_ok());
+        // Every mistake, not only the first.
+        let all = ApiKeys::parse("a b c\nk rpm=0\nok-key\nz tmp=3\n").unwrap_err();
+        assert_eq!(all.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2, 4]);
     }
 
     #[test]
@@ -554,7 +602,7 @@ mod tests {
             refill(&keys.entries[0].counters.tokens.lock(), 600.0, later),
             600.0
         );
-        assert_eq!(ApiKeys::parse("k tpm=0\n").unwrap_err().0, 1);
+        assert_eq!(ApiKeys::parse("k tpm=0\n").unwrap_err()[0].0, 1);
     }
 
     #[test]

@@ -37,7 +37,7 @@
 //! The layers, bottom first; a module uses only the ones below it (checked by
 //! `tests/it/house.rs`):
 //!
-//! 1. leaves: [`metrics`] (the counted metrics), [`auth`], [`tls`], [`cors`];
+//! 1. leaves: [`spelling`], [`metrics`] (the counted metrics), [`auth`], [`tls`], [`cors`];
 //! 2. [`config`]: the file's schema, its checks, every default;
 //! 3. facts: [`httpclient`], [`engine`] (what engines report), [`openai`] (the API);
 //! 4. [`fleet`]: backends, their health, the snapshot a pick reads;
@@ -63,4 +63,5 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod sim;
+pub mod spelling;
 pub mod tls;

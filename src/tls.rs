@@ -36,24 +36,45 @@ impl fmt::Debug for LoadedCert {
     }
 }
 
+/// Which of a listener's TLS files a problem is with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPart {
+    Cert,
+    Key,
+    /// Both read, but they do not belong together.
+    Pair,
+}
+
+/// What is wrong with a listener's TLS files; the message names the file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct TlsFileError {
+    pub part: TlsPart,
+    pub message: String,
+}
+
 impl TlsFiles {
-    /// Reads and checks both files. The message names the file and what is wrong with it.
-    pub fn load(&self) -> Result<LoadedCert, String> {
-        let certs = read_certs(&self.cert)?;
-        let key = read_key(&self.key)?;
+    /// Reads and checks both files. The error says which, and what is wrong with it.
+    pub fn load(&self) -> Result<LoadedCert, TlsFileError> {
+        let at = |part| move |message| TlsFileError { part, message };
+        let certs = read_certs(&self.cert).map_err(at(TlsPart::Cert))?;
+        let key = read_key(&self.key).map_err(at(TlsPart::Key))?;
         let provider = rustls::crypto::ring::default_provider();
         let signing = provider
             .key_provider
             .load_private_key(key)
-            .map_err(|e| format!("{}: unusable private key: {e}", self.key.display()))?;
+            .map_err(|e| format!("{}: unusable private key: {e}", self.key.display()))
+            .map_err(at(TlsPart::Key))?;
         let ck = CertifiedKey::new(certs, signing);
-        ck.keys_match().map_err(|e| {
-            format!(
-                "{} and {} do not belong together: {e}",
-                self.cert.display(),
-                self.key.display()
-            )
-        })?;
+        ck.keys_match()
+            .map_err(|e| {
+                format!(
+                    "{} and {} do not belong together: {e}",
+                    self.cert.display(),
+                    self.key.display()
+                )
+            })
+            .map_err(at(TlsPart::Pair))?;
         Ok(LoadedCert(Arc::new(ck)))
     }
 }

@@ -88,10 +88,7 @@ pub fn main() -> ExitCode {
         Command::Run { config, upgrade } => {
             let c = match Config::load_with_env(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(e) => return config_error(&e),
             };
             init_logging(c.log_format);
             match server::bind(&c, upgrade) {
@@ -120,31 +117,53 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// `vllm-edge check`: the file's mistakes, or what it configures.
+/// `vllm-edge check`: the file's mistakes (all of them), or what it configures and what
+/// looks unintended in it.
 fn check(config: &std::path::Path) -> ExitCode {
     match Config::load_with_env(config) {
         Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
+            let waiting = c.unresolved.len();
+            let backends = c.backends.len() + waiting;
             println!(
-                "{}: ok ({} listener(s), {} backend(s), policy {})",
+                "{}: ok ({} listener{}, {} backend{}{}, policy {})",
                 config.display(),
                 c.listeners.len(),
-                c.backends.len(),
+                plural(c.listeners.len()),
+                backends,
+                plural(backends),
+                match waiting {
+                    0 => String::new(),
+                    n => format!(", {n} of them waiting for their host name to resolve"),
+                },
                 c.policy
             );
-            for g in c.without_addresses() {
-                println!(
-                    "note: `{}` has no address yet; backend `{}` joins when it has",
-                    g.resolve.as_deref().unwrap_or(&g.name),
-                    g.name
-                );
-            }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
+        Err(e) => config_error(&e),
     }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// Prints every mistake of a configuration, one `error:` line each; exit status 2.
+fn config_error(e: &crate::config::ConfigError) -> ExitCode {
+    let problems = e.problems();
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    if problems.len() > 1 {
+        eprintln!("error: {} mistakes in the configuration", problems.len());
+    }
+    ExitCode::from(2)
 }
 
 /// `vllm-edge sim`: one simulated vLLM server, until Ctrl-C.

@@ -61,7 +61,9 @@ pub(super) struct FileLog {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileListener {
-    pub(super) address: ListenAddr,
+    /// Required: `parse` says so by name when it is missing.
+    #[serde(default)]
+    pub(super) address: Option<ListenAddr>,
     /// Terminate TLS here with this certificate chain and key (PEM files).
     #[serde(default)]
     pub(super) tls: Option<FileTls>,
@@ -70,14 +72,17 @@ pub(super) struct FileListener {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileTls {
-    pub(super) cert: String,
-    pub(super) key: String,
+    #[serde(default)]
+    pub(super) cert: Option<String>,
+    #[serde(default)]
+    pub(super) key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileAdmin {
-    pub(super) address: ListenAddr,
+    #[serde(default)]
+    pub(super) address: Option<ListenAddr>,
     /// A file holding the token the admin API requires (`Authorization: Bearer`).
     #[serde(default)]
     pub(super) token_file: Option<String>,
@@ -94,7 +99,9 @@ pub(super) struct FileAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileBackend {
-    pub(super) url: BackendUrl,
+    /// Required: `parse` says so by name when it is missing.
+    #[serde(default)]
+    pub(super) url: Option<BackendUrl>,
     #[serde(default)]
     pub(super) name: Option<String>,
     /// Models this backend serves. When set, discovery through `/v1/models` is skipped.
@@ -274,11 +281,28 @@ impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse::<SocketAddr>().map(ListenAddr).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "`{s}` is not an IP:PORT address (e.g. 127.0.0.1:8080 or [::]:8080)"
-            ))
+            let message = match port_out_of_range(&s) {
+                Some(p) => {
+                    format!("`{s}`: the port {p} is out of range: {PORTS}, or 0 for any free port")
+                }
+                None => {
+                    format!("`{s}` is not an IP:PORT address (e.g. 127.0.0.1:8080 or [::]:8080)")
+                }
+            };
+            serde::de::Error::custom(message)
         })
     }
+}
+
+/// What a port may be.
+const PORTS: &str = "a port is a number from 1 to 65535";
+
+/// The port of `host:port` when it is a number a port cannot be.
+fn port_out_of_range(s: &str) -> Option<&str> {
+    let (host, port) = s.rsplit_once(':')?;
+    let numeric = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    (numeric && port.parse::<u16>().is_err() && !host.is_empty() && !host.ends_with(':'))
+        .then_some(port)
 }
 
 /// The address a host name's backend uses: its first IPv4 address if it has one, else its
@@ -299,6 +323,8 @@ pub fn preferred_address(addrs: &[SocketAddr]) -> Option<SocketAddr> {
 pub(super) struct BackendUrl {
     pub(super) url: String,
     pub(super) port: u16,
+    /// Whether the URL wrote its port (else the scheme's: 80 or 443).
+    pub(super) port_given: bool,
     /// Every address of the host, without repeats (never empty), or why there is none.
     pub(super) addrs: Result<Vec<SocketAddr>, String>,
     /// `host:port` when the host is a name, not an address.
@@ -330,11 +356,14 @@ pub(super) fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
             "`{s}`: give only scheme, host and port (vLLM serves at the root; no path)"
         ));
     }
-    let with_port = if hostport
+    if let Some(p) = port_out_of_range(hostport) {
+        return Err(format!("`{s}`: the port {p} is out of range: {PORTS}"));
+    }
+    let port_given = hostport
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !hostport.ends_with(']')
-    {
+        && !hostport.ends_with(']');
+    let with_port = if port_given {
         hostport.to_string()
     } else {
         format!("{hostport}:{default_port}")
@@ -343,6 +372,11 @@ pub(super) fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse().ok())
         .unwrap_or(default_port);
+    if port == 0 {
+        return Err(format!(
+            "`{s}`: port 0 is not a port a server listens on ({PORTS})"
+        ));
+    }
     let host = with_port
         .rsplit_once(':')
         .map_or(with_port.as_str(), |(h, _)| h)
@@ -377,6 +411,7 @@ pub(super) fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
     Ok(BackendUrl {
         url: format!("{scheme}://{hostport}"),
         port,
+        port_given,
         addrs,
         name: is_name.then(|| with_port.clone()),
         tls_host: (scheme == "https").then_some(host),

@@ -130,6 +130,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Write one access-log line per request (target `access`).
     pub access_log: bool,
+    /// What is legal but probably not meant (a backend URL without a port, a host name
+    /// that does not resolve yet), each located like an error: `check` prints them, `run`
+    /// and a reload log them.
+    pub warnings: Vec<String>,
 }
 
 /// Thresholds, from the `health` section of the config.

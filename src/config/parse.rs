@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::error::{locate_key, strip_key_prefix, strip_location};
+use super::error::{locate_key, plain_words, strip_key_prefix, strip_location, syntax_words};
 use super::file::*;
 use super::{
     affinity, client_limits, defaults, BackendConfig, Config, ConfigError, HealthPolicy, Listener,
@@ -16,14 +16,15 @@ use super::{
 };
 use crate::auth::{ApiKeys, Secret};
 use crate::cors::Cors;
-use crate::tls::{client_config, BackendTls, TlsFiles};
+use crate::tls::{client_config, BackendTls, TlsFiles, TlsPart};
 
 /// What every section's check needs: where the file is (for the line of a key), and the
-/// directory its paths are relative to.
+/// directory its paths are relative to; and what it found to warn about.
 pub(super) struct Check<'a> {
     text: &'a str,
     shown: String,
-    base: &'a Path,
+    base: PathBuf,
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Check<'_> {
@@ -39,9 +40,64 @@ impl Check<'_> {
         }
     }
 
-    /// A path the file names, relative to the file's directory.
+    /// Something legal but probably not meant: said by `check` and logged at start.
+    fn warn(&self, key: &str, message: impl Into<String>) {
+        self.warnings
+            .borrow_mut()
+            .push(self.invalid(key, message).to_string());
+    }
+
+    /// A path the file names, relative to the file's directory, made absolute (messages
+    /// show where it was looked for).
     fn resolve(&self, p: &str) -> PathBuf {
-        self.base.join(p)
+        let joined = self.base.join(p);
+        std::path::absolute(&joined).unwrap_or(joined)
+    }
+}
+
+/// The mistakes found so far, and the keys they are about: a later check of a key whose
+/// value was already refused (or a part of it) says nothing more.
+struct Found {
+    errors: Vec<ConfigError>,
+    refused: Vec<String>,
+}
+
+impl Found {
+    fn take<T>(&mut self, r: Result<T, ConfigError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.add(e);
+                None
+            }
+        }
+    }
+
+    /// A value the schema refused: later checks of its key (or a part of it) say nothing.
+    fn refuse(&mut self, e: ConfigError) {
+        self.refused.extend(e.key().map(str::to_string));
+        self.errors.push(e);
+    }
+
+    fn add(&mut self, e: ConfigError) {
+        let errors = match e {
+            ConfigError::Several(all) => all,
+            e => vec![e],
+        };
+        for e in errors {
+            let covered = e.key().is_some_and(|k| {
+                self.refused
+                    .iter()
+                    .any(|r| k.starts_with(r.as_str()) || r.starts_with(k))
+            });
+            if !covered {
+                self.errors.push(e);
+            }
+        }
+    }
+
+    fn into_error(self) -> ConfigError {
+        ConfigError::all(self.errors)
     }
 }
 
@@ -51,38 +107,60 @@ fn dur(d: Option<HumanDuration>, default: Duration) -> Duration {
 }
 
 impl Config {
-    /// Parses and validates `text`; `path` is only used in messages.
+    /// Parses and validates `text`; `path` is only used in messages and to find the files
+    /// the config names. Every mistake is reported, not only the first.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let file = read(text, path)?;
         let c = Check {
             text,
             shown: path.display().to_string(),
-            base: path.parent().unwrap_or(Path::new(".")),
+            base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            warnings: Default::default(),
         };
-        let listeners = listeners(&c, file.listeners)?;
-        let (admin, admin_token) = admin(&c, file.admin)?;
-        separate_addresses(&c, &listeners, admin)?;
-        let api_keys = match file.auth.api_keys_file {
-            None => None,
-            Some(f) => Some(Arc::new(
-                ApiKeys::load(&c.resolve(&f)).map_err(|m| c.invalid("auth.api_keys_file", m))?,
-            )),
+        let (file, mut found) = read(&c)?;
+        let Some(file) = file else {
+            return Err(found.into_error());
         };
-        let cors = match file.cors.allowed_origins.as_slice() {
-            [] => None,
-            list => Some(
-                Cors::new(list)
-                    .map_err(|(i, m)| c.invalid(&format!("cors.allowed_origins[{i}]"), m))?,
-            ),
-        };
+        let listeners = found.take(listeners(&c, file.listeners));
+        let admin = found.take(admin(&c, file.admin));
+        if let (Some(l), Some((a, _))) = (&listeners, &admin) {
+            found.take(separate_addresses(&c, l, *a));
+        }
+        let api_keys = found.take(api_keys(&c, &file.auth));
+        let cors = found.take(cors(&c, &file.cors));
         let upstream_ca_file = file.upstream.ca_file.as_deref().map(|p| c.resolve(p));
-        let fleet = backends(&c, file.backends, upstream_ca_file.as_deref())?;
-        let routing = routing(&c, &file.routing)?;
-        let upstream = upstream(&c, &file.upstream)?;
-        let health = health(&c, &file.health)?;
-        let (connect_timeout, timeouts) = timeouts(&c, &file.timeouts)?;
-        let discovery = discovery(&c, &file.discovery)?;
-        let server = server(&c, &file.server)?;
+        let fleet = found.take(backends(&c, file.backends, upstream_ca_file.as_deref()));
+        let routing = found.take(routing(&c, &file.routing));
+        let upstream = found.take(upstream(&c, &file.upstream));
+        let health = found.take(health(&c, &file.health));
+        let timeouts = found.take(timeouts(&c, &file.timeouts));
+        let discovery = found.take(discovery(&c, &file.discovery));
+        let server = found.take(server(&c, &file.server));
+        let affinity = found.take(affinity(&file.routing.affinity, &|k, m| c.invalid(k, m)));
+        let limits = found.take(client_limits(&file.limits, &|k, m| c.invalid(k, m)));
+        let (
+            Some(listeners),
+            Some((admin, admin_token)),
+            Some(api_keys),
+            Some(cors),
+            Some(fleet),
+            Some(routing),
+            Some(upstream),
+            Some(health),
+            Some((connect_timeout, timeouts)),
+            Some(discovery),
+            Some(server),
+            Some(affinity),
+            Some(limits),
+        ) = (
+            listeners, admin, api_keys, cors, fleet, routing, upstream, health, timeouts,
+            discovery, server, affinity, limits,
+        )
+        else {
+            return Err(found.into_error());
+        };
+        if !found.errors.is_empty() {
+            return Err(found.into_error());
+        }
         Ok(Config {
             source: path.to_path_buf(),
             listeners,
@@ -96,8 +174,8 @@ impl Config {
             policy: routing.policy,
             default_model: routing.default_model,
             model_aliases: routing.model_aliases,
-            affinity: affinity(&file.routing.affinity, &|k, m| c.invalid(k, m))?,
-            limits: client_limits(&file.limits, &|k, m| c.invalid(k, m))?,
+            affinity,
+            limits,
             connect_timeout,
             timeouts,
             pool_idle_timeout: upstream.pool_idle_timeout,
@@ -118,33 +196,122 @@ impl Config {
             upgrade_sock: server.upgrade_sock,
             log_format: file.log.format.unwrap_or_default(),
             access_log: file.log.access.unwrap_or(true),
+            warnings: c.warnings.into_inner(),
         })
     }
 }
 
-/// The file's schema, read by serde: a mistyped value or an unknown key is an error at
-/// its exact line and column.
-fn read(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
-    // An empty file is an empty mapping, which then fails validation with a clear key.
-    let text = if text.trim().is_empty() { "{}" } else { text };
-    let de = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let inner = e.into_inner();
-        let (line, column) = inner.location().map_or((1, 1), |l| (l.line(), l.column()));
-        let message = strip_key_prefix(&strip_location(&inner.to_string()), &key);
-        ConfigError::Invalid {
-            path: path.display().to_string(),
+/// The file's schema, read by serde. A value serde refuses is reported and then taken out
+/// of the way (made empty, or its key removed) so that the rest of the file is read too:
+/// every mistyped value and unknown key is reported, not only the first. Text that is not
+/// YAML is one error (no parser can say what follows a broken line).
+fn read(c: &Check) -> Result<(Option<FileConfig>, Found), ConfigError> {
+    let syntax = |e: serde_yaml::Error| {
+        let (line, column, message) = syntax_words(c.text, &e);
+        ConfigError::Syntax {
+            path: c.shown.clone(),
             line,
             column,
-            key: if key == "." {
-                "(top level)".into()
-            } else {
-                key
-            },
             message,
         }
-    })
+    };
+    let mut value: serde_yaml::Value = serde_yaml::from_str(c.text).map_err(syntax)?;
+    if value.is_null() {
+        // Empty, or only comments: an empty mapping, which then fails with a clear key.
+        value = serde_yaml::Value::Mapping(Default::default());
+    }
+    let mut found = Found {
+        errors: Vec::new(),
+        refused: Vec::new(),
+    };
+    let mut tries: Vec<(String, u8)> = Vec::new();
+    // Bounded: each round reports or repairs one value, at most twice each.
+    for _ in 0..200 {
+        let e = match serde_path_to_error::deserialize::<_, FileConfig>(value.clone()) {
+            Ok(file) => return Ok((Some(file), found)),
+            Err(e) => e,
+        };
+        let segments: Vec<serde_path_to_error::Segment> = e.path().iter().cloned().collect();
+        let key = e.path().to_string();
+        let message = plain_words(&strip_key_prefix(
+            &strip_location(&e.inner().to_string()),
+            &key,
+        ));
+        if segments.is_empty() || key == "." {
+            found.errors.push(ConfigError::Syntax {
+                path: c.shown.clone(),
+                line: 1,
+                column: 1,
+                message: format!(
+                    "{message}: the file holds sections of `key: value` lines (listeners, \
+                     backends, routing, ...)"
+                ),
+            });
+            return Ok((None, found));
+        }
+        let round = match tries.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                tries.push((key.clone(), 1));
+                found.refuse(c.invalid(&key, message.clone()));
+                1
+            }
+        };
+        let unknown_key = message.starts_with("unknown key");
+        if round > 2 || !repair(&mut value, &segments, round == 1 && !unknown_key) {
+            return Ok((None, found));
+        }
+    }
+    Ok((None, found))
+}
+
+/// Takes the value at `path` out of serde's way: `empty` makes it null (an optional value
+/// left out); else its key is removed (a defaulted value left out), or a list item made an
+/// empty mapping (so the items after it keep their indices). False if there is no such value.
+fn repair(
+    root: &mut serde_yaml::Value,
+    path: &[serde_path_to_error::Segment],
+    empty: bool,
+) -> bool {
+    use serde_path_to_error::Segment;
+    use serde_yaml::Value;
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = root;
+    for seg in parents {
+        let next = match (seg, node) {
+            (Segment::Seq { index }, Value::Sequence(items)) => items.get_mut(*index),
+            (Segment::Map { key }, Value::Mapping(m)) => m.get_mut(key.as_str()),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Segment::Seq { index }, Value::Sequence(items)) => match items.get_mut(*index) {
+            Some(item) if empty => *item = Value::Null,
+            Some(item) => *item = Value::Mapping(Default::default()),
+            None => return false,
+        },
+        (Segment::Map { key }, Value::Mapping(m)) => {
+            if empty {
+                match m.get_mut(key.as_str()) {
+                    Some(v) => *v = Value::Null,
+                    None => return false,
+                }
+            } else if m.remove(key.as_str()).is_none() {
+                return false;
+            }
+        }
+        _ => return false,
+    }
+    true
 }
 
 /// `listeners:`, each with its certificate loaded and checked when it terminates TLS.
@@ -156,27 +323,61 @@ fn listeners(c: &Check, file: Option<Vec<FileListener>>) -> Result<Vec<Listener>
     if file.is_empty() {
         return Err(c.invalid("listeners", "at least one listener is required"));
     }
+    let mut found = Vec::new();
     let mut listeners = Vec::with_capacity(file.len());
     for (i, l) in file.into_iter().enumerate() {
+        let Some(address) = l.address else {
+            found.push(c.invalid(
+                &format!("listeners[{i}]"),
+                "the key `address` is required (e.g. `address: 0.0.0.0:8080`)",
+            ));
+            continue;
+        };
         let tls = match l.tls {
             None => None,
-            Some(t) => {
-                let files = TlsFiles {
-                    cert: c.resolve(&t.cert),
-                    key: c.resolve(&t.key),
-                };
-                let cert = files
-                    .load()
-                    .map_err(|m| c.invalid(&format!("listeners[{i}].tls"), m))?;
-                Some(ListenerTls { files, cert })
-            }
+            Some(t) => match listener_tls(c, i, t) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    found.push(e);
+                    continue;
+                }
+            },
         };
         listeners.push(Listener {
-            addr: l.address.0,
+            addr: address.0,
             tls,
         });
     }
-    Ok(listeners)
+    match found.is_empty() {
+        true => Ok(listeners),
+        false => Err(ConfigError::all(found)),
+    }
+}
+
+/// `listeners[i].tls`: both files named, read and belonging together; a message names the
+/// key of the file at fault and where it was looked for.
+fn listener_tls(c: &Check, i: usize, t: FileTls) -> Result<ListenerTls, ConfigError> {
+    let key = |k: &str| format!("listeners[{i}].tls.{k}");
+    let (Some(cert), Some(key_file)) = (&t.cert, &t.key) else {
+        let missing = if t.cert.is_none() { "cert" } else { "key" };
+        return Err(c.invalid(
+            &format!("listeners[{i}].tls"),
+            format!("the key `{missing}` is required: TLS needs a certificate chain (`cert`) and its private key (`key`), PEM files"),
+        ));
+    };
+    let files = TlsFiles {
+        cert: c.resolve(cert),
+        key: c.resolve(key_file),
+    };
+    let cert = files.load().map_err(|e| {
+        let at = match e.part {
+            TlsPart::Cert => key("cert"),
+            TlsPart::Key => key("key"),
+            TlsPart::Pair => format!("listeners[{i}].tls"),
+        };
+        c.invalid(&at, e.message)
+    })?;
+    Ok(ListenerTls { files, cert })
 }
 
 /// `admin:`: its address, and the token it requires if a file gives one.
@@ -187,13 +388,45 @@ fn admin(c: &Check, file: Option<FileAdmin>) -> Result<(SocketAddr, Option<Secre
             .expect("default admin address");
         return Ok((addr, None));
     };
+    let Some(address) = a.address else {
+        return Err(c.invalid(
+            "admin",
+            "the key `address` is required (e.g. `address: 127.0.0.1:9090`)",
+        ));
+    };
     let token = match a.token_file {
         None => None,
         Some(f) => {
             Some(Secret::read(&c.resolve(&f)).map_err(|m| c.invalid("admin.token_file", m))?)
         }
     };
-    Ok((a.address.0, token))
+    Ok((address.0, token))
+}
+
+/// `auth:`: the API keys file, read and checked (every mistake in it, by line).
+fn api_keys(c: &Check, auth: &FileAuth) -> Result<Option<Arc<ApiKeys>>, ConfigError> {
+    match &auth.api_keys_file {
+        None => Ok(None),
+        Some(f) => ApiKeys::load(&c.resolve(f))
+            .map(|k| Some(Arc::new(k)))
+            .map_err(|all| {
+                ConfigError::all(
+                    all.into_iter()
+                        .map(|m| c.invalid("auth.api_keys_file", m))
+                        .collect(),
+                )
+            }),
+    }
+}
+
+/// `cors:`.
+fn cors(c: &Check, cors: &FileCors) -> Result<Option<Cors>, ConfigError> {
+    match cors.allowed_origins.as_slice() {
+        [] => Ok(None),
+        list => Cors::new(list)
+            .map(Some)
+            .map_err(|(i, m)| c.invalid(&format!("cors.allowed_origins[{i}]"), m)),
+    }
 }
 
 /// No address listened on twice, and the admin API on an address of its own.
@@ -203,21 +436,25 @@ fn separate_addresses(
     admin: SocketAddr,
 ) -> Result<(), ConfigError> {
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
+    let mut found = Vec::new();
     for (i, l) in addrs.iter().enumerate() {
         if l.port() != 0 && addrs[..i].contains(l) {
-            return Err(c.invalid(
+            found.push(c.invalid(
                 &format!("listeners[{i}].address"),
                 format!("{l} is listed twice"),
             ));
         }
         if l.port() != 0 && *l == admin {
-            return Err(c.invalid(
+            found.push(c.invalid(
                 "admin.address",
                 format!("{l} is also a data-plane listener; the admin API must be separate"),
             ));
         }
     }
-    Ok(())
+    match found.is_empty() {
+        true => Ok(()),
+        false => Err(ConfigError::all(found)),
+    }
 }
 
 /// The backends a config makes (see [`Config::backends`], `groups`, `unresolved`).
@@ -241,9 +478,12 @@ fn backends(
             "at least one backend is required (e.g. `- url: http://127.0.0.1:8000`)",
         ));
     }
+    let mut found = Vec::new();
     if let Some(p) = ca_file {
         // Checked even with no https:// backend yet: a reload may add one.
-        client_config(Some(p), true).map_err(|m| c.invalid("upstream.ca_file", m))?;
+        if let Err(m) = client_config(Some(p), true) {
+            found.push(c.invalid("upstream.ca_file", m));
+        }
     }
     let mut tls = TlsClients {
         ca_file,
@@ -257,47 +497,57 @@ fn backends(
     // The backends of `addresses: all` entries: after the others, as a refresh lists them.
     let mut grouped: Vec<BackendConfig> = Vec::new();
     for (i, b) in file.into_iter().enumerate() {
-        let addrs = match &b.url.addrs {
-            Ok(a) => a.clone(),
-            Err(_) => Vec::new(),
+        let Some(url) = &b.url else {
+            found.push(c.invalid(
+                &format!("backends[{i}]"),
+                "the key `url` is required (e.g. `url: http://127.0.0.1:8000`)",
+            ));
+            continue;
         };
+        let addrs = url.addrs.clone().unwrap_or_default();
         let addresses = b.addresses;
-        let entry = backend(c, i, b, &mut tls)?;
-        if out
-            .backends
-            .iter()
-            .chain(&out.unresolved)
-            .any(|o| o.name == entry.name)
-        {
-            return Err(c.invalid(
+        let entry = match backend(c, i, b, &mut tls) {
+            Ok(entry) => entry,
+            Err(e) => {
+                found.push(e);
+                continue;
+            }
+        };
+        let twice = |c: &Check| {
+            c.invalid(
                 &format!("backends[{i}]"),
                 format!(
                     "backend `{}` is listed twice (give each a distinct url or name)",
                     entry.name
                 ),
-            ));
+            )
+        };
+        if out
+            .backends
+            .iter()
+            .chain(&out.unresolved)
+            .chain(&out.groups)
+            .any(|o| o.name == entry.name)
+        {
+            found.push(twice(c));
+            continue;
         }
         match addresses {
             Addresses::First if addrs.is_empty() => out.unresolved.push(entry),
             Addresses::First => out.backends.push(entry),
-            Addresses::All if entry.resolve.is_none() => {
-                return Err(c.invalid(
-                    &format!("backends[{i}].addresses"),
-                    "`all` is for a URL whose host is a name with several addresses; \
-                     this one is an address",
-                ))
-            }
+            Addresses::All if entry.resolve.is_none() => found.push(c.invalid(
+                &format!("backends[{i}].addresses"),
+                "`all` is for a URL whose host is a name with several addresses; \
+                 this one is an address",
+            )),
             Addresses::All => {
-                if out.groups.iter().any(|g| g.name == entry.name) {
-                    return Err(c.invalid(
-                        &format!("backends[{i}]"),
-                        format!("backend `{}` is listed twice", entry.name),
-                    ));
-                }
                 grouped.extend(addrs.iter().map(|&a| entry.at(a)));
                 out.groups.push(entry);
             }
         }
+    }
+    if !found.is_empty() {
+        return Err(ConfigError::all(found));
     }
     out.backends.append(&mut grouped);
     Ok(out)
@@ -332,17 +582,40 @@ fn backend(
     tls_clients: &mut TlsClients,
 ) -> Result<BackendConfig, ConfigError> {
     let key = |k: &str| format!("backends[{i}].{k}");
-    let addr = match &b.url.addrs {
+    let Some(url) = b.url else {
+        return Err(c.invalid(&format!("backends[{i}]"), "the key `url` is required"));
+    };
+    let mut found = Vec::new();
+    let addr = match &url.addrs {
         Ok(a) => preferred_address(a).expect("never empty"),
-        Err(_) if b.url.name.is_some() => SocketAddr::from(([0, 0, 0, 0], b.url.port)),
+        Err(m) if url.name.is_some() => {
+            c.warn(
+                &key("url"),
+                format!(
+                    "{m}: the gateway starts without this backend and adds it when the name \
+                     resolves (tried again every discovery.dns_interval)"
+                ),
+            );
+            SocketAddr::from(([0, 0, 0, 0], url.port))
+        }
         Err(m) => return Err(c.invalid(&key("url"), m.clone())),
     };
+    if !url.port_given && url.tls_host.is_none() {
+        c.warn(
+            &key("url"),
+            format!(
+                "`{}` names no port, so port 80 is used; vLLM listens on 8000 unless told \
+                 otherwise (write the port, even 80, to say which)",
+                url.url
+            ),
+        );
+    }
     let name = b
         .name
-        .or_else(|| b.url.name.clone())
+        .or_else(|| url.name.clone())
         .unwrap_or_else(|| addr.to_string());
     if name.is_empty() || !name.bytes().all(|ch| ch.is_ascii_graphic() || ch == b' ') {
-        return Err(c.invalid(
+        found.push(c.invalid(
             &key("name"),
             format!(
                 "`{name}` cannot be a backend name: it is sent in the x-vllm-edge-backend \
@@ -353,7 +626,7 @@ fn backend(
     }
     if let Some(models) = &b.models {
         if models.is_empty() || models.iter().any(|m| m.is_empty()) {
-            return Err(c.invalid(
+            found.push(c.invalid(
                 &key("models"),
                 "list at least one non-empty model name, or omit the key to discover models \
                  from /v1/models",
@@ -362,41 +635,55 @@ fn backend(
     }
     let weight = b.weight.unwrap_or(defaults::BACKEND_WEIGHT);
     if !(weight.is_finite() && weight > 0.0) {
-        return Err(c.invalid(
+        found.push(c.invalid(
             &key("weight"),
             format!("must be a positive number, got {weight}"),
         ));
     }
     if b.max_concurrent_requests == Some(0) {
-        return Err(c.invalid(&key("max_concurrent_requests"), "must be at least 1"));
+        found.push(c.invalid(&key("max_concurrent_requests"), "must be at least 1"));
     }
     let api_key = match &b.api_key_file {
         None => None,
-        Some(f) => {
-            Some(Secret::read(&c.resolve(f)).map_err(|m| c.invalid(&key("api_key_file"), m))?)
-        }
+        Some(f) => match Secret::read(&c.resolve(f)) {
+            Ok(s) => Some(s),
+            Err(m) => {
+                found.push(c.invalid(&key("api_key_file"), m));
+                None
+            }
+        },
     };
-    let tls = match &b.url.tls_host {
+    let tls = match &url.tls_host {
         None if b.tls_verify.is_some() => {
-            return Err(c.invalid(&key("tls_verify"), "only https:// backends speak TLS"))
+            found.push(c.invalid(&key("tls_verify"), "only https:// backends speak TLS"));
+            None
         }
         None => None,
         Some(host) => {
             let verify = b.tls_verify.unwrap_or(true);
-            Some(BackendTls {
-                sni: host.clone(),
-                verify,
-                client: tls_clients.get(c, verify)?,
-            })
+            match tls_clients.get(c, verify) {
+                Ok(client) => Some(BackendTls {
+                    sni: host.clone(),
+                    verify,
+                    client,
+                }),
+                Err(e) => {
+                    found.push(e);
+                    None
+                }
+            }
         }
     };
+    if !found.is_empty() {
+        return Err(ConfigError::all(found));
+    }
     Ok(BackendConfig {
         tls,
         api_key,
         name,
-        url: b.url.url,
+        url: url.url,
         addr,
-        resolve: b.url.name,
+        resolve: url.name,
         group: None,
         static_models: b.models,
         weight,
@@ -416,20 +703,23 @@ fn routing(c: &Check, r: &FileRouting) -> Result<Routing, ConfigError> {
     // Model names are written into request bodies and forms as they are.
     let model_name = |m: &str| !m.is_empty() && !m.chars().any(char::is_control);
     const NOT_A_NAME: &str = "must be a model name: not empty, no control characters";
+    let mut found = Vec::new();
     if r.default_model.as_deref().is_some_and(|m| !model_name(m)) {
-        return Err(c.invalid("routing.default_model", NOT_A_NAME));
+        found.push(c.invalid("routing.default_model", NOT_A_NAME));
     }
     for (alias, target) in &r.model_aliases {
         let key = format!("routing.model_aliases.{alias}");
         if !model_name(alias) || !model_name(target) {
-            return Err(c.invalid(&key, NOT_A_NAME));
-        }
-        if r.model_aliases.contains_key(target) {
-            return Err(c.invalid(
+            found.push(c.invalid(&key, NOT_A_NAME));
+        } else if r.model_aliases.contains_key(target) {
+            found.push(c.invalid(
                 &key,
                 format!("`{target}` is an alias itself; name the model it stands for"),
             ));
         }
+    }
+    if !found.is_empty() {
+        return Err(ConfigError::all(found));
     }
     Ok(Routing {
         policy: r.policy.unwrap_or(defaults::POLICY),
@@ -448,19 +738,23 @@ struct Upstream {
 }
 
 fn upstream(c: &Check, u: &FileUpstream) -> Result<Upstream, ConfigError> {
+    let mut found = Vec::new();
     let max_attempts = u.max_attempts.unwrap_or(defaults::MAX_ATTEMPTS);
     if !(1..=10).contains(&max_attempts) {
-        return Err(c.invalid(
+        found.push(c.invalid(
             "upstream.max_attempts",
             format!("must be between 1 and 10, got {max_attempts}"),
         ));
     }
     let retry_budget_ratio = u.retry_budget.unwrap_or(defaults::RETRY_BUDGET_RATIO);
     if !(0.0..=1.0).contains(&retry_budget_ratio) {
-        return Err(c.invalid(
+        found.push(c.invalid(
             "upstream.retry_budget",
             format!("must be a fraction between 0 and 1, got {retry_budget_ratio}"),
         ));
+    }
+    if !found.is_empty() {
+        return Err(ConfigError::all(found));
     }
     Ok(Upstream {
         pool_idle_timeout: dur(u.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
@@ -484,28 +778,32 @@ fn health(c: &Check, h: &FileHealth) -> Result<HealthPolicy, ConfigError> {
         failure_threshold: h.failure_threshold.unwrap_or(defaults::FAILURE_THRESHOLD),
         open_duration: dur(h.open_duration, defaults::OPEN_DURATION),
     };
+    let mut found = above_zero(c, &[("health.timeout", health.timeout)]);
     for (key, v) in [
         ("health.unhealthy_threshold", health.unhealthy_threshold),
         ("health.healthy_threshold", health.healthy_threshold),
         ("health.failure_threshold", health.failure_threshold),
     ] {
         if v == 0 {
-            return Err(c.invalid(key, "must be at least 1"));
+            found.push(c.invalid(key, "must be at least 1"));
         }
     }
     if health.interval < Duration::from_millis(10) {
-        return Err(c.invalid("health.interval", "must be at least 10ms"));
+        found.push(c.invalid("health.interval", "must be at least 10ms"));
     }
-    above_zero(c, &[("health.timeout", health.timeout)])?;
-    Ok(health)
+    match found.is_empty() {
+        true => Ok(health),
+        false => Err(ConfigError::all(found)),
+    }
 }
 
 /// A zero timeout fails every attempt: every request, check or scrape.
-fn above_zero(c: &Check, values: &[(&str, Duration)]) -> Result<(), ConfigError> {
-    match values.iter().find(|(_, v)| v.is_zero()) {
-        Some((key, _)) => Err(c.invalid(key, "must be above zero")),
-        None => Ok(()),
-    }
+fn above_zero(c: &Check, values: &[(&str, Duration)]) -> Vec<ConfigError> {
+    values
+        .iter()
+        .filter(|(_, v)| v.is_zero())
+        .map(|(key, _)| c.invalid(key, "must be above zero"))
+        .collect()
 }
 
 /// `timeouts:`: the connect timeout, and the deadlines of an attempt.
@@ -520,7 +818,7 @@ fn timeouts(c: &Check, t: &FileTimeouts) -> Result<(Duration, Timeouts), ConfigE
         ),
         non_stream_total: dur(t.non_stream_total, defaults::NON_STREAM_TOTAL_TIMEOUT),
     };
-    above_zero(
+    let found = above_zero(
         c,
         &[
             ("timeouts.connect", connect),
@@ -532,8 +830,11 @@ fn timeouts(c: &Check, t: &FileTimeouts) -> Result<(Duration, Timeouts), ConfigE
             ),
             ("timeouts.non_stream_total", timeouts.non_stream_total),
         ],
-    )?;
-    Ok((connect, timeouts))
+    );
+    match found.is_empty() {
+        true => Ok((connect, timeouts)),
+        false => Err(ConfigError::all(found)),
+    }
 }
 
 /// `discovery:`.
@@ -553,23 +854,26 @@ fn discovery(c: &Check, d: &FileDiscovery) -> Result<Discovery, ConfigError> {
         timeout: dur(d.timeout, defaults::DISCOVERY_TIMEOUT),
         dns_interval: dur(d.dns_interval, defaults::DNS_INTERVAL),
     };
-    above_zero(
+    let mut found = above_zero(
         c,
         &[
             ("discovery.scrape_timeout", out.scrape_timeout),
             ("discovery.timeout", out.timeout),
         ],
-    )?;
+    );
     for (key, v) in [
         ("discovery.scrape_interval", out.scrape_interval),
         ("discovery.models_interval", out.models_interval),
         ("discovery.dns_interval", out.dns_interval),
     ] {
         if v < Duration::from_millis(10) {
-            return Err(c.invalid(key, "must be at least 10ms"));
+            found.push(c.invalid(key, "must be at least 10ms"));
         }
     }
-    Ok(out)
+    match found.is_empty() {
+        true => Ok(out),
+        false => Err(ConfigError::all(found)),
+    }
 }
 
 /// `server:`.

@@ -38,7 +38,10 @@ fn unknown_key_names_file_line_and_key() {
     let e = parse(&text).unwrap_err().to_string();
     assert!(e.starts_with("test.yaml:7:"), "{e}");
     assert!(e.contains("backends[1]"), "{e}");
-    assert!(e.contains("unknown field `urll`"), "{e}");
+    assert!(
+        e.contains("unknown key `urll` (did you mean `url`?)"),
+        "{e}"
+    );
 }
 
 #[test]

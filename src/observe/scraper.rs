@@ -209,8 +209,12 @@ async fn observe(
         }
         None => Ok(load),
     });
+    let was_failing = state.scrape_error.is_some();
     match load {
         Ok(load) => {
+            if was_failing {
+                tracing::info!(backend = %backend.name, "its /metrics can be used again");
+            }
             if !load.anomalies.is_empty() {
                 tracing::debug!(backend = %backend.name, anomalies = ?load.anomalies, "dropped metric values");
             }
@@ -228,6 +232,15 @@ async fn observe(
                 .with_label_values(&[&backend.name])
                 .inc();
             // The last load is kept but ages: once stale it is no longer used.
+            if !was_failing {
+                tracing::warn!(
+                    backend = %backend.name,
+                    error = %e,
+                    "its /metrics cannot be used; once its last good scrape is stale, the \
+                     vllm policy counts it by this gateway's requests in flight there, as \
+                     half again busier"
+                );
+            }
             state.scrape_error = Some(format!("GET /metrics: {e}"));
         }
     }

@@ -282,13 +282,8 @@ fn log_start(config: &Config, listeners: &[SocketAddr], admin: SocketAddr) {
         policy = %config.policy,
         "starting vllm-edge"
     );
-    for g in config.without_addresses() {
-        tracing::warn!(
-            backend = %g.name,
-            host = g.resolve.as_deref().unwrap_or(""),
-            "its host name has no address yet; it joins the fleet when the name resolves \
-             (tried again every discovery.dns_interval)"
-        );
+    for w in &config.warnings {
+        tracing::warn!("{w}");
     }
 }
 

@@ -87,11 +87,15 @@ impl Reloader {
 
     /// Reads the running config's file again and applies it (the backends as
     /// `Reloader::apply` does).
-    pub async fn reload(&self) -> Result<Reconfigured, ConfigError> {
+    pub async fn reload(&self) -> Result<Reloaded, ConfigError> {
         let _one = self.changing.lock().await;
         let cur = self.live.load_full();
         let mut new = Config::load_with_env(&cur.source)?;
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
         let kept = keep_restart_only(&cur, &mut new);
+        let settings = applied_settings(&cur, &new);
         let unanswered = keep_unanswered_names(&cur, &mut new);
         if !unanswered.is_empty() {
             tracing::warn!(backends = ?unanswered, "these host names did not resolve now; their backends stay at the addresses they had");
@@ -114,8 +118,13 @@ impl Reloader {
                 r.replace(&tls.cert);
             }
         }
+        let reread = read_again(&new);
         self.live.store(Arc::new(new));
-        Ok(report)
+        Ok(Reloaded {
+            backends: report,
+            settings,
+            reread,
+        })
     }
 
     /// Publishes `backends` as the fleet: those new (or changed) are checked and their
@@ -277,19 +286,16 @@ impl Reloader {
                 crate::metrics::CONFIG_RELOADS
                     .with_label_values(&["ok"])
                     .inc();
-                tracing::info!(
-                    added = ?r.added,
-                    removed = ?r.removed,
-                    changed = ?r.changed,
-                    drain_changed = ?r.drain_changed,
-                    "configuration reloaded"
-                );
+                tracing::info!(changes = %r, "configuration reloaded");
             }
             Err(e) => {
                 crate::metrics::CONFIG_RELOADS
                     .with_label_values(&["error"])
                     .inc();
-                tracing::error!(error = %e, "configuration not reloaded; the running one is kept");
+                // One line per mistake, each whole.
+                for p in e.problems() {
+                    tracing::error!(error = %p, "configuration not reloaded; the running one is kept");
+                }
             }
         }
     }
@@ -324,6 +330,111 @@ impl Reloader {
         })?;
         Ok(())
     }
+}
+
+/// What a reload did, said in one line: `routing.policy: round-robin → vllm; backend
+/// added: gpu3; read again: 3 API keys, 1 certificate`.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    pub backends: Reconfigured,
+    /// Settings applied at once that differ, as `key` or `key: old → new`.
+    pub settings: Vec<String>,
+    /// The files read again (they may have changed on disk).
+    pub reread: Vec<String>,
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = &self.backends;
+        let mut parts: Vec<String> = self.settings.clone();
+        for (what, names) in [
+            ("added", &b.added),
+            ("removed", &b.removed),
+            ("changed", &b.changed),
+            ("drain changed", &b.drain_changed),
+        ] {
+            if !names.is_empty() {
+                let s = if names.len() == 1 { "" } else { "s" };
+                parts.push(format!("backend{s} {what}: {}", names.join(", ")));
+            }
+        }
+        if parts.is_empty() {
+            parts.push("no setting changed".into());
+        }
+        if !self.reread.is_empty() {
+            parts.push(format!("read again: {}", self.reread.join(", ")));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// The settings a reload applies at once that `new` changes.
+fn applied_settings(cur: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if cur.policy != new.policy {
+        out.push(format!("routing.policy: {} → {}", cur.policy, new.policy));
+    }
+    if cur.max_attempts != new.max_attempts {
+        out.push(format!(
+            "upstream.max_attempts: {} → {}",
+            cur.max_attempts, new.max_attempts
+        ));
+    }
+    if cur.health.failure_threshold != new.health.failure_threshold {
+        out.push(format!(
+            "health.failure_threshold: {} → {}",
+            cur.health.failure_threshold, new.health.failure_threshold
+        ));
+    }
+    for (differs, key) in [
+        (cur.limits != new.limits, "limits"),
+        (
+            cur.timeouts != new.timeouts || cur.connect_timeout != new.connect_timeout,
+            "timeouts",
+        ),
+        (
+            cur.retry_budget_ratio != new.retry_budget_ratio
+                || cur.retry_budget_min != new.retry_budget_min,
+            "upstream.retry_budget",
+        ),
+        (
+            cur.default_model != new.default_model,
+            "routing.default_model",
+        ),
+        (
+            cur.model_aliases != new.model_aliases,
+            "routing.model_aliases",
+        ),
+        (cur.affinity != new.affinity, "routing.affinity"),
+        (cur.cors != new.cors, "cors"),
+        (cur.access_log != new.access_log, "log.access"),
+    ] {
+        if differs {
+            out.push(key.to_string());
+        }
+    }
+    out
+}
+
+/// The files a reload read again: keys, tokens, certificates.
+fn read_again(new: &Config) -> Vec<String> {
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let mut out = Vec::new();
+    if let Some(keys) = &new.api_keys {
+        out.push(count(keys.len(), "API key"));
+    }
+    if new.admin_token.is_some() {
+        out.push("the admin token".into());
+    }
+    let backend_keys = new.backends.iter().filter(|b| b.api_key.is_some()).count();
+    if backend_keys > 0 {
+        out.push(count(backend_keys, "backend key"));
+    }
+    let certs = new.listeners.iter().filter(|l| l.tls.is_some()).count();
+    if certs > 0 {
+        out.push(count(certs, "certificate"));
+    }
+    out
 }
 
 /// Where a backend at `cur` goes when its name resolves to `addrs`: nowhere while `cur` is
@@ -450,6 +561,36 @@ mod tests {
         assert_eq!(new.health.interval, cur.health.interval);
         assert_eq!(new.policy, crate::config::Policy::RoundRobin, "applied");
         assert_eq!(new.health.failure_threshold, 9, "applied");
+    }
+
+    #[test]
+    fn a_reload_says_which_settings_changed_and_what_it_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keys.txt"), "a sk-a\nb sk-b\n").unwrap();
+        let at = dir.path().join("g.yaml");
+        let parse = |t: &str| Config::parse(t, &at).unwrap();
+        let cur =
+            parse("backends:\n  - url: http://127.0.0.1:1\nrouting:\n  policy: round-robin\n");
+        let new = parse(
+            "backends:\n  - url: http://127.0.0.1:1\nrouting:\n  policy: vllm\nauth:\n  api_keys_file: keys.txt\nlimits:\n  max_connections: 10\n",
+        );
+        let r = Reloaded {
+            backends: Reconfigured {
+                added: vec!["gpu3".into()],
+                ..Default::default()
+            },
+            settings: applied_settings(&cur, &new),
+            reread: read_again(&new),
+        };
+        assert_eq!(
+            r.to_string(),
+            "routing.policy: round-robin → vllm; limits; backend added: gpu3; read again: 2 API keys"
+        );
+        let same = Reloaded {
+            reread: read_again(&cur),
+            ..Default::default()
+        };
+        assert_eq!(same.to_string(), "no setting changed");
     }
 
     #[test]
@@ -699,7 +840,7 @@ mod tests {
         with_file.source = file;
         live.store(Arc::new(with_file));
         let report = r.reload().await.unwrap();
-        assert!(report.removed.is_empty(), "{report:?}");
+        assert!(report.backends.removed.is_empty(), "{report:?}");
         let after = fleet.load();
         assert!(
             Arc::ptr_eq(&after.backends[1].backend, &joined.backend),

@@ -1422,6 +1422,15 @@ async fn lying_replicas_are_scraped_as_errors_and_their_answers_bounded() {
             .unwrap();
         assert_eq!(b["scrape_fresh"], false, "{name}: {b}");
         assert_eq!(b["running"], Value::Null, "{name}: {b}");
+        // ...and the log says so, once (not at every scrape).
+        let said = gw
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains("its /metrics cannot be used") && l.contains(&format!("backend={name} "))
+            })
+            .count();
+        assert_eq!(said, 1, "{name}:\n{}", gw.log_unusual());
     }
     // ...and the backends are still used, scored from local accounting.
     for _ in 0..8 {

@@ -752,11 +752,13 @@ async fn check_names_the_file_and_key_of_bad_tls_and_auth_settings() {
     write("cert.pem", &leaf.cert);
     write("other.key", &other.key);
     write("bad-keys.txt", "a b c d\n");
+    let missing_pem = format!("{}: cannot read", dir.path().join("missing.pem").display());
     let cases = [
         (
             "listeners:\n  - address: 127.0.0.1:0\n    tls:\n      cert: missing.pem\n      key: other.key\n",
-            "listeners[0].tls",
-            "missing.pem: cannot read",
+            "listeners[0].tls.cert",
+            // The key, and where the file was looked for.
+            missing_pem.as_str(),
         ),
         (
             "listeners:\n  - address: 127.0.0.1:0\n    tls:\n      cert: cert.pem\n      key: other.key\n",

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules of `src/`, bottom first: each may use the ones before it only.
 const LAYERS: &[&str] = &[
     // Leaves: names and types anything may use.
+    "spelling",
     "metrics",
     "auth",
     "tls",
