@@ -68,13 +68,17 @@ impl ServeHttp for AdminApp {
                     .headers
                     .get(http::header::AUTHORIZATION)
                     .and_then(|v| auth::bearer(v.as_bytes()));
-                if !presented.is_some_and(|p| token.matches(p)) {
-                    let mut r = reply(
-                        401,
-                        "application/json",
-                        b"{\"error\":\"the admin API needs its token: Authorization: Bearer TOKEN\"}"
-                            .to_vec(),
-                    );
+                let refused: Option<&[u8]> = match presented {
+                    None => Some(
+                        b"{\"error\":\"no admin token was sent; the admin API needs it as `Authorization: Bearer TOKEN` (the token is in the file admin.token_file names)\"}",
+                    ),
+                    Some(p) if !token.matches(p) => Some(
+                        b"{\"error\":\"the admin token sent is not the one in admin.token_file\"}",
+                    ),
+                    Some(_) => None,
+                };
+                if let Some(body) = refused {
+                    let mut r = reply(401, "application/json", body.to_vec());
                     r.headers_mut().insert(
                         http::header::WWW_AUTHENTICATE,
                         http::HeaderValue::from_static("Bearer"),

@@ -76,6 +76,10 @@ pub struct RequestCtx {
     pub(super) stale_retries: u32,
     /// The error to answer with if the request fails before any response byte.
     pub(super) error: Option<ApiError>,
+    /// Why the gateway answered this request with an error of its own (for the access
+    /// line), and the name of the key it was refused for when the key is known (a limit).
+    pub(super) refused: Option<String>,
+    pub(super) refused_key: Option<String>,
     /// The last attempt ended by one of its deadlines.
     pub(super) timed_out: bool,
     /// A stream was ended with an error event.
@@ -121,6 +125,8 @@ impl RequestCtx {
             attempts: 0,
             stale_retries: 0,
             error: None,
+            refused: None,
+            refused_key: None,
             timed_out: false,
             stream_error_sent: false,
             status: 0,

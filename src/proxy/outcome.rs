@@ -20,7 +20,8 @@ impl Gateway {
         if cfg.access_log && crate::proxy::access_log::enabled() {
             let header = session.req_header();
             let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
-            let error = e.map(|e| e.to_string());
+            // Pingora's error, else why the gateway refused the request itself.
+            let error = e.map(|e| e.to_string()).or_else(|| ctx.refused.clone());
             let line = crate::proxy::access_log::Line {
                 request_id: ctx.request_id(),
                 client: session
@@ -37,7 +38,12 @@ impl Gateway {
                     .chosen_by
                     .and_then(|(_, s)| s)
                     .map(|s| (s * 1e5).round() / 100.0),
-                key: ctx.key.as_ref().map_or("-", |k| &*k.key),
+                key: ctx
+                    .key
+                    .as_ref()
+                    .map(|k| &*k.key)
+                    .or(ctx.refused_key.as_deref())
+                    .unwrap_or("-"),
                 status: ctx.status,
                 attempts: ctx.attempts,
                 ttfb_ms: ctx.first_byte.map(ms),

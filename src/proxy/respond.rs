@@ -80,6 +80,7 @@ pub(super) async fn respond_key_limited(
     retry_after: u64,
 ) -> Result<bool> {
     crate::metrics::KEY_LIMITED.with_label_values(&[key]).inc();
+    ctx.refused_key = Some(key.to_string());
     let err = ApiError::rate_limited(message);
     let after = retry_after.to_string();
     respond_error_with(session, ctx, &err, &[("retry-after", &after)]).await
@@ -93,6 +94,7 @@ pub(super) async fn respond_error_with(
     headers: &[(&'static str, &str)],
 ) -> Result<bool> {
     ctx.status = err.status;
+    ctx.refused = Some(err.message.clone());
     let allow = match ctx.route {
         Route::MethodNotAllowed(allow) => Some(allow),
         _ => None,

@@ -352,6 +352,12 @@ async fn api_keys_are_required_checked_and_never_forwarded_or_logged() {
         .unwrap()
         .contains("Bearer"));
 
+    // The access line says which: no key, or a key that is not valid.
+    let line = eventually_line(&gw, "status=401").await;
+    assert!(
+        line.contains("key=\"-\"") && line.contains("error=\"No API key was provided"),
+        "{line}"
+    );
     for wrong in [
         "Bearer sk-alice-secreT",
         "Bearer sk-alice",
@@ -362,6 +368,17 @@ async fn api_keys_are_required_checked_and_never_forwarded_or_logged() {
         assert_eq!(status, 401, "{wrong}");
         assert_eq!(body["error"]["message"], "The API key is not valid.");
     }
+    let invalid = || {
+        gw.log()
+            .lines()
+            .filter(|l| l.contains("status=401") && l.contains("error=\"The API key is not valid."))
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async { invalid() >= 4 }).await,
+        "{}",
+        gw.log_unusual()
+    );
     // The hash in the file is not itself a key.
     let h = format!("Bearer sha256:{}", sha256_hex("sk-bot-secret"));
     assert_eq!(post(Some(&h)).await.unwrap().status(), 401);
@@ -480,6 +497,13 @@ async fn per_key_limits_answer_429_with_retry_after() {
     let (status, body) = error_of(r).await;
     assert_eq!(status, 429);
     assert_eq!(body["error"]["type"], "RateLimitError");
+    // Its access line names the key and the reason.
+    let line = eventually_line(&gw, "status=429").await;
+    assert!(
+        line.contains("key=\"limited\"")
+            && line.contains("error=\"This key is limited to 2 requests per minute"),
+        "{line}"
+    );
     // Another key is not affected.
     assert_eq!(post("sk-free", 1).await.unwrap().status(), 200);
 
@@ -728,8 +752,17 @@ async fn admin_api_is_separate_and_token_protected() {
         r.send()
     };
     for path in ["/metrics", "/load-stats"] {
-        assert_eq!(get(path, None).await.unwrap().status(), 401, "{path}");
-        assert_eq!(get(path, Some("admin-secreT")).await.unwrap().status(), 401);
+        let missing = get(path, None).await.unwrap();
+        assert_eq!(missing.status(), 401, "{path}");
+        let missing = missing.text().await.unwrap();
+        assert!(missing.contains("no admin token was sent"), "{missing}");
+        let wrong = get(path, Some("admin-secreT")).await.unwrap();
+        assert_eq!(wrong.status(), 401);
+        let wrong = wrong.text().await.unwrap();
+        assert!(
+            wrong.contains("is not the one in admin.token_file"),
+            "{wrong}"
+        );
         let r = get(path, Some("admin-secret")).await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
@@ -988,4 +1021,20 @@ async fn cors_preflights_are_answered_and_answers_marked_for_allowed_origins_onl
         .await
         .unwrap();
     assert_eq!(values(&r, "access-control-allow-origin"), ["*"]);
+}
+
+/// The first access line of `gw` holding `needle`, once it is written (within 10 s).
+async fn eventually_line(gw: &Gateway, needle: &str) -> String {
+    let find = || {
+        gw.log()
+            .lines()
+            .find(|l| l.contains(" access: ") && l.contains(needle))
+            .map(str::to_string)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async { find().is_some() }).await,
+        "no access line with {needle}:\n{}",
+        gw.log_unusual()
+    );
+    find().unwrap()
 }
