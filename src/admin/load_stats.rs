@@ -40,8 +40,9 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
     let answered = metrics::sums_by(&metrics::REQUESTS, "backend");
     let failed = metrics::sums_by(&metrics::UPSTREAM_ERRORS, "backend");
     let by_class = metrics::sums_by(&metrics::REQUESTS, "status_class");
-    let (mut running, mut waiting, mut in_flight, mut kv_sum, mut kv_n, mut healthy) =
-        (0.0, 0.0, 0usize, 0.0, 0usize, 0usize);
+    let (mut running, mut waiting, mut in_flight, mut kv_sum, mut kv_n) =
+        (0.0, 0.0, 0usize, 0.0, 0usize);
+    let (mut healthy, mut routable, mut draining) = (0usize, 0usize, 0usize);
     let backends: Vec<serde_json::Value> = snap
         .backends
         .iter()
@@ -52,9 +53,11 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
             let fresh = st.fresh_load(crate::fleet::fresh_since(now, stale_after));
             let load = st.load.as_ref();
             let h = &b.health;
-            if h.routable() {
-                healthy += 1;
-            }
+            // Healthy: its checks pass (a draining replica is healthy, only not sent
+            // new requests); routable: in rotation now.
+            healthy += usize::from(h.checks_up());
+            routable += usize::from(h.routable());
+            draining += usize::from(h.is_draining());
             if let Some(l) = fresh {
                 running += l.running.unwrap_or(0.0);
                 waiting += l.waiting.unwrap_or(0.0);
@@ -142,6 +145,8 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
         "fleet": {
             "backends": snap.backends.len(),
             "healthy": healthy,
+            "routable": routable,
+            "draining": draining,
             "models": snap.healthy_models(),
             // What a request that names no model is for now, or why there is none.
             "default_model": match snap.default_model(config.default_model.as_deref()) {

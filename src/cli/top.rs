@@ -144,15 +144,12 @@ impl View {
     }
 }
 
-fn sparkline(values: &VecDeque<f64>, width: usize) -> String {
-    let shown: Vec<f64> = values
+/// The last `width` values as a sparkline, on a scale whose top is `top` (the same for
+/// every backend, so 4 and 8 running do not both show full).
+fn sparkline(values: &VecDeque<f64>, width: usize, top: f64) -> String {
+    values
         .iter()
         .skip(values.len().saturating_sub(width))
-        .copied()
-        .collect();
-    let top = shown.iter().copied().fold(0.0f64, f64::max);
-    shown
-        .iter()
         .map(|&v| {
             if top <= 0.0 {
                 SPARK[0]
@@ -163,15 +160,17 @@ fn sparkline(values: &VecDeque<f64>, width: usize) -> String {
         .collect()
 }
 
+/// `width` columns: a bar of KV-cache usage and its percentage.
 fn kv_bar(kv: Option<f64>, width: usize) -> String {
+    let bar = width.saturating_sub(5);
     match kv {
-        None => format!("{:<width$} {:>5}", "", "-"),
+        None => format!("{:<bar$} {:>4}", "", "-"),
         Some(k) => {
-            let filled = ((k.clamp(0.0, 1.0)) * width as f64).round() as usize;
+            let filled = ((k.clamp(0.0, 1.0)) * bar as f64).round() as usize;
             format!(
-                "{}{} {:>4.0}%",
+                "{}{} {:>3.0}%",
                 "█".repeat(filled),
-                "░".repeat(width - filled),
+                "░".repeat(bar - filled),
                 k * 100.0
             )
         }
@@ -195,7 +194,169 @@ fn cut(s: &str, n: usize) -> String {
     }
 }
 
-/// One screen, `width` columns wide. `color` adds ANSI colors for the states.
+/// A column of the backend table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Col {
+    Backend,
+    State,
+    Run,
+    Wait,
+    InFlight,
+    Kv,
+    Rate,
+    Errors,
+    Ttft,
+    Itl,
+    Score,
+    Spark,
+}
+
+impl Col {
+    /// Every column, left to right.
+    const ALL: [Col; 12] = [
+        Col::Backend,
+        Col::State,
+        Col::Run,
+        Col::Wait,
+        Col::InFlight,
+        Col::Kv,
+        Col::Rate,
+        Col::Errors,
+        Col::Ttft,
+        Col::Itl,
+        Col::Score,
+        Col::Spark,
+    ];
+    /// The order columns are given up in when the terminal is narrow (the first first).
+    const DROPPED_FIRST: [Col; 8] = [
+        Col::Spark,
+        Col::Score,
+        Col::Itl,
+        Col::Errors,
+        Col::Ttft,
+        Col::Rate,
+        Col::Kv,
+        Col::InFlight,
+    ];
+
+    fn title(self) -> &'static str {
+        match self {
+            Col::Backend => "BACKEND",
+            Col::State => "STATE",
+            Col::Run => "RUN",
+            Col::Wait => "WAIT",
+            Col::InFlight => "INFL",
+            Col::Kv => "KV CACHE",
+            Col::Rate => "REQ/S",
+            Col::Errors => "ERR",
+            Col::Ttft => "TTFT",
+            Col::Itl => "ITL",
+            Col::Score => "SCORE",
+            Col::Spark => "RUN+WAIT",
+        }
+    }
+
+    /// Its width (the sparkline's is at least this).
+    fn width(self) -> usize {
+        match self {
+            Col::Backend => 18,
+            Col::State => 13,
+            Col::Run | Col::Wait | Col::InFlight | Col::Errors => 5,
+            Col::Kv => 11,
+            Col::Rate | Col::Ttft | Col::Itl | Col::Score => 7,
+            Col::Spark => 8,
+        }
+    }
+
+    fn left_aligned(self) -> bool {
+        matches!(self, Col::Backend | Col::State | Col::Kv | Col::Spark)
+    }
+}
+
+/// The columns that fit in `width`, and the sparkline's width if it is one of them.
+fn layout(width: usize) -> (Vec<Col>, usize) {
+    let mut cols = Col::ALL.to_vec();
+    let used = |cols: &[Col]| cols.iter().map(|c| c.width() + 1).sum::<usize>() - 1;
+    for drop in Col::DROPPED_FIRST {
+        if used(&cols) <= width {
+            break;
+        }
+        cols.retain(|&c| c != drop);
+    }
+    let spark = if cols.contains(&Col::Spark) {
+        (width + Col::Spark.width())
+            .saturating_sub(used(&cols))
+            .clamp(Col::Spark.width(), SPARK_SAMPLES)
+    } else {
+        0
+    };
+    (cols, spark)
+}
+
+/// `cells` (one per column of `cols`) as one line, each padded to its column; the state
+/// cell painted after padding, so colors never shift the columns.
+fn row(
+    cols: &[Col],
+    cells: &[String],
+    spark: usize,
+    paint_state: &dyn Fn(String) -> String,
+) -> String {
+    let mut line = String::new();
+    for (i, (&c, text)) in cols.iter().zip(cells).enumerate() {
+        if i > 0 {
+            line.push(' ');
+        }
+        let w = if c == Col::Spark { spark } else { c.width() };
+        let text = cut(text, w);
+        let padded = if c.left_aligned() {
+            format!("{text:<w$}")
+        } else {
+            format!("{text:>w$}")
+        };
+        line.push_str(&if c == Col::State {
+            paint_state(padded)
+        } else {
+            padded
+        });
+    }
+    line.trim_end().to_string()
+}
+
+/// The header's parts (` · ` apart) packed into lines of at most `width` columns: a narrow
+/// terminal gets every part, on more lines, rather than a header cut short.
+fn header_lines(parts: &[String], width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for p in parts {
+        match lines.last_mut() {
+            Some(l) if l.chars().count() + 3 + p.chars().count() <= width => {
+                l.push_str(" · ");
+                l.push_str(p);
+            }
+            _ => lines.push(cut(p, width)),
+        }
+    }
+    lines
+}
+
+/// A backend's state, in words, and its color.
+fn state_of(b: &Value) -> (String, &'static str) {
+    if b["draining"].as_bool() == Some(true) {
+        ("draining".to_string(), "33")
+    } else if b["healthy"].as_bool() != Some(true) {
+        ("down".to_string(), "31")
+    } else if b["circuit"].as_str() != Some("closed") {
+        (
+            format!("circuit {}", b["circuit"].as_str().unwrap_or("?")),
+            "33",
+        )
+    } else if b["scrape_fresh"].as_bool() != Some(true) {
+        ("stale metrics".to_string(), "33")
+    } else {
+        ("up".to_string(), "32")
+    }
+}
+
+/// One screen, `width` columns wide: no line is longer. `color` adds ANSI colors.
 pub fn render(stats: &Value, view: &View, source: &str, width: usize, color: bool) -> String {
     let paint = |s: String, code: &str| {
         if color {
@@ -207,76 +368,70 @@ pub fn render(stats: &Value, view: &View, source: &str, width: usize, color: boo
     let f = &stats["fleet"];
     let mut out = String::new();
     let rate = |r: Option<f64>, d: usize| r.map_or("-".to_string(), |r| format!("{r:.d$}"));
-    let header = format!(
-            "vllm-edge top · {source} · {} · {}/{} healthy · {} req/s · {} 5xx/s · in flight {} · run {} · wait {} · KV {}",
-            stats["policy"].as_str().unwrap_or("?"),
-            f["healthy"].as_u64().unwrap_or(0),
-            f["backends"].as_u64().unwrap_or(0),
-            rate(view.rps, 1),
-            rate(view.eps, 2),
-            f["in_flight"].as_u64().unwrap_or(0),
-            opt(&f["running"], 0, ""),
-            opt(&f["waiting"], 0, ""),
-            f["kv_usage_mean"].as_f64().map_or("-".into(), |k| format!("{:.1}%", k * 100.0)),
-        );
-    out.push_str(&paint(cut(&header, width), "1"));
-    out.push('\n');
-    const NAME: usize = 18;
-    let fixed = NAME + 1 + 13 + 3 * 6 + 17 + 7 + 6 + 8 + 8 + 8 + 1;
-    let spark_w = width.saturating_sub(fixed).clamp(8, SPARK_SAMPLES);
-    out.push_str(&paint(
+    let healthy = f["healthy"].as_u64().unwrap_or(0);
+    let routable = f["routable"].as_u64().unwrap_or(healthy);
+    let mut health = format!("{healthy}/{} healthy", f["backends"].as_u64().unwrap_or(0));
+    if routable < healthy {
+        health.push_str(&format!(" ({routable} in rotation)"));
+    }
+    let parts = [
+        format!("vllm-edge top · {source}"),
+        stats["policy"].as_str().unwrap_or("?").to_string(),
+        health,
+        format!("{} req/s", rate(view.rps, 1)),
+        format!("{} 5xx/s", rate(view.eps, 2)),
+        format!("in flight {}", f["in_flight"].as_u64().unwrap_or(0)),
+        format!("run {}", opt(&f["running"], 0, "")),
+        format!("wait {}", opt(&f["waiting"], 0, "")),
         format!(
-            "{:<NAME$} {:<13}{:>6}{:>6}{:>6} {:<16}{:>7}{:>6}{:>8}{:>8}{:>8} {}",
-            "BACKEND",
-            "STATE",
-            "RUN",
-            "WAIT",
-            "INFL",
-            "KV CACHE",
-            "REQ/S",
-            "ERR",
-            "TTFT",
-            "ITL",
-            "SCORE",
-            "RUN+WAIT"
+            "KV {}",
+            f["kv_usage_mean"]
+                .as_f64()
+                .map_or("-".into(), |k| format!("{:.1}%", k * 100.0))
         ),
-        "7",
-    ));
+    ];
+    for l in header_lines(&parts, width) {
+        out.push_str(&paint(l, "1"));
+        out.push('\n');
+    }
+    let (cols, spark_w) = layout(width);
+    let titles: Vec<String> = cols.iter().map(|c| c.title().to_string()).collect();
+    out.push_str(&paint(row(&cols, &titles, spark_w, &|s| s), "7"));
     out.push('\n');
-    for b in stats["backends"].as_array().into_iter().flatten() {
+    let backends: Vec<&Value> = stats["backends"].as_array().into_iter().flatten().collect();
+    // One scale for every sparkline: the fleet's busiest moment on screen.
+    let spark_top = backends
+        .iter()
+        .filter_map(|b| view.load.get(b["name"].as_str().unwrap_or("")))
+        .flat_map(|h| h.iter().skip(h.len().saturating_sub(spark_w)))
+        .copied()
+        .fold(0.0f64, f64::max);
+    let empty = VecDeque::new();
+    for b in backends {
         let name = b["name"].as_str().unwrap_or("?");
-        let (state, code) = if b["draining"].as_bool() == Some(true) {
-            ("draining".to_string(), "33")
-        } else if b["healthy"].as_bool() != Some(true) {
-            ("down".to_string(), "31")
-        } else if b["circuit"].as_str() != Some("closed") {
-            (
-                format!("circuit {}", b["circuit"].as_str().unwrap_or("?")),
-                "33",
-            )
-        } else if b["scrape_fresh"].as_bool() != Some(true) {
-            ("stale metrics".to_string(), "33")
-        } else {
-            ("up".to_string(), "32")
-        };
-        let empty = VecDeque::new();
-        out.push_str(&format!(
-            "{:<NAME$} {}{:>6}{:>6}{:>6} {:<16}{:>7}{:>6}{:>8}{:>8}{:>8} {}\n",
-            cut(name, NAME),
-            paint(format!("{:<13}", cut(&state, 13)), code),
-            opt(&b["running"], 0, ""),
-            opt(&b["waiting"], 0, ""),
-            b["in_flight"].as_u64().unwrap_or(0),
-            kv_bar(b["kv_usage"].as_f64(), 10),
-            view.backend_rps
-                .get(name)
-                .map_or("-".into(), |r| format!("{r:.1}")),
-            b["upstream_errors_total"].as_u64().unwrap_or(0),
-            opt(&b["ttft_ms"], 0, "ms"),
-            opt(&b["itl_ms"], 1, "ms"),
-            opt(&b["score_ms"], 0, "ms"),
-            sparkline(view.load.get(name).unwrap_or(&empty), spark_w),
-        ));
+        let (state, code) = state_of(b);
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| match c {
+                Col::Backend => name.to_string(),
+                Col::State => state.clone(),
+                Col::Run => opt(&b["running"], 0, ""),
+                Col::Wait => opt(&b["waiting"], 0, ""),
+                Col::InFlight => b["in_flight"].as_u64().unwrap_or(0).to_string(),
+                Col::Kv => kv_bar(b["kv_usage"].as_f64(), Col::Kv.width()),
+                Col::Rate => view
+                    .backend_rps
+                    .get(name)
+                    .map_or("-".into(), |r| format!("{r:.1}")),
+                Col::Errors => b["upstream_errors_total"].as_u64().unwrap_or(0).to_string(),
+                Col::Ttft => opt(&b["ttft_ms"], 0, "ms"),
+                Col::Itl => opt(&b["itl_ms"], 1, "ms"),
+                Col::Score => opt(&b["score_ms"], 0, "ms"),
+                Col::Spark => sparkline(view.load.get(name).unwrap_or(&empty), spark_w, spark_top),
+            })
+            .collect();
+        out.push_str(&row(&cols, &cells, spark_w, &|s| paint(s, code)));
+        out.push('\n');
         let problem = [
             &b["health_error"],
             &b["last_scrape_error"],
@@ -294,12 +449,16 @@ pub fn render(stats: &Value, view: &View, source: &str, width: usize, color: boo
     }
     // Entries whose host name has no address yet: no backend, nothing sent there.
     for a in stats["awaiting_address"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:<NAME$} {} {}\n",
-            cut(a["name"].as_str().unwrap_or("?"), NAME),
-            paint(format!("{:<13}", "no address"), "33"),
-            a["host"].as_str().unwrap_or(""),
-        ));
+        let name = cut(a["name"].as_str().unwrap_or("?"), Col::Backend.width());
+        let host = a["host"].as_str().unwrap_or("");
+        let line = format!("{name:<18} {:<13} {host}", "no address");
+        let line = cut(&line, width);
+        // Painted after the cut: the state's columns are the same on every line.
+        let (head, rest) =
+            line.split_at(line.char_indices().nth(19).map_or(line.len(), |(i, _)| i));
+        let (state, tail) =
+            rest.split_at(rest.char_indices().nth(13).map_or(rest.len(), |(i, _)| i));
+        out.push_str(&format!("{head}{}{tail}\n", paint(state.to_string(), "33")));
     }
     out
 }
@@ -401,6 +560,30 @@ impl Drop for RawKeys {
     }
 }
 
+/// `top` into a pipe or a file: a frame per refresh, a blank line between, until Ctrl-C.
+async fn plain_frames(
+    first: Value,
+    view: &mut View,
+    addr: SocketAddr,
+    token: Option<&Secret>,
+    source: &str,
+    period: Duration,
+    started: Instant,
+) -> Result<(), TopError> {
+    let mut stats = first;
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    loop {
+        println!("{}", render(&stats, view, source, width(), false));
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        stats = fetch(addr, token, false).await?;
+        view.update(&stats, started.elapsed().as_secs_f64());
+    }
+}
+
 pub fn run(args: TopArgs) -> Result<(), TopError> {
     let (addr, token) = target(&args)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -417,10 +600,23 @@ pub fn run(args: TopArgs) -> Result<(), TopError> {
             view.seed(h);
         }
         view.update(&first, started.elapsed().as_secs_f64());
+        // Not a terminal (a pipe, a file): plain frames, no escape codes.
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
         if args.once {
-            let color = std::io::IsTerminal::is_terminal(&std::io::stdout());
-            print!("{}", render(&first, &view, &source, width(), color));
+            print!("{}", render(&first, &view, &source, width(), tty));
             return Ok(());
+        }
+        if !tty {
+            return plain_frames(
+                first,
+                &mut view,
+                addr,
+                token.as_ref(),
+                &source,
+                period,
+                started,
+            )
+            .await;
         }
         let _raw = RawKeys::enable();
         let (quit_tx, mut quit_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -501,7 +697,7 @@ mod tests {
         );
         let gpu0 = lines.iter().find(|l| l.starts_with("gpu-0")).expect(&text);
         assert!(gpu0.contains(" up "), "{gpu0}");
-        assert!(gpu0.contains("█████░░░░░"), "KV bar at 50%: {gpu0}");
+        assert!(gpu0.contains("███░░░  50%"), "KV bar at 50%: {gpu0}");
         assert!(gpu0.contains("10.0"), "backend rate: {gpu0}");
         assert!(gpu0.ends_with("▅█"), "sparkline 4 then 8: {gpu0}");
         let gpu1 = lines.iter().find(|l| l.starts_with("gpu-1")).expect(&text);
@@ -515,10 +711,52 @@ mod tests {
             text.contains("└ GET /health: connect: Connection refused"),
             "{text}"
         );
-        assert!(
-            lines.iter().all(|l| l.chars().count() <= 140 + 40),
-            "{text}"
-        );
+        assert!(lines.iter().all(|l| l.chars().count() <= 140), "{text}");
+    }
+
+    #[test]
+    fn at_80_columns_no_line_wraps_and_the_header_is_whole() {
+        let mut view = View::default();
+        view.update(&stats(100, 100, 4.0), 0.0);
+        view.update(&stats(120, 120, 8.0), 2.0);
+        for width in [80, 60, 100, 200] {
+            let text = render(&stats(120, 120, 8.0), &view, "127.0.0.1:9090", width, false);
+            for l in text.lines() {
+                assert!(l.chars().count() <= width, "{width}: {l:?}\n{text}");
+            }
+            // Every part of the header, on as many lines as it takes.
+            for part in [
+                "vllm",
+                "1/2 healthy",
+                "10.0 req/s",
+                "5xx/s",
+                "in flight 3",
+                "KV 25.0%",
+            ] {
+                assert!(text.contains(part), "{width}: {part}\n{text}");
+            }
+            // The table's title and rows line up: STATE starts at the same column.
+            let title = text
+                .lines()
+                .find(|l| l.starts_with("BACKEND"))
+                .expect(&text);
+            let gpu0 = text.lines().find(|l| l.starts_with("gpu-0")).expect(&text);
+            assert_eq!(title.find("STATE"), gpu0.find("up"), "{text}");
+            assert!(!text.contains('\x1b'), "no escape codes without color");
+        }
+    }
+
+    #[test]
+    fn a_draining_replica_is_healthy_but_out_of_rotation() {
+        let mut s = stats(1, 1, 1.0);
+        s["fleet"]["healthy"] = json!(2);
+        s["fleet"]["routable"] = json!(1);
+        s["backends"][1]["healthy"] = json!(true);
+        s["backends"][1]["draining"] = json!(true);
+        let text = render(&s, &View::default(), "x", 120, false);
+        assert!(text.contains("2/2 healthy (1 in rotation)"), "{text}");
+        let gpu1 = text.lines().find(|l| l.starts_with("gpu-1")).expect(&text);
+        assert!(gpu1.contains("draining"), "{gpu1}");
     }
 
     #[test]
@@ -536,6 +774,8 @@ mod tests {
         ]);
         assert_eq!(view.rps, Some(7.5), "15 requests over the 2 s window");
         assert_eq!(view.load["gpu-0"], [1.0, 4.0, 8.0]);
-        assert_eq!(sparkline(&view.load["gpu-0"], 8), "▂▅█");
+        assert_eq!(sparkline(&view.load["gpu-0"], 8, 8.0), "▂▅█");
+        // One scale: a backend at half the fleet's top shows half, not full.
+        assert_eq!(sparkline(&VecDeque::from([4.0]), 8, 8.0), "▅");
     }
 }

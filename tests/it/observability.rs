@@ -720,6 +720,65 @@ async fn top_shows_the_fleet_and_asks_for_the_token() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("2/2 healthy"));
 }
 
+#[tokio::test]
+async fn top_once_at_80_columns_wraps_nothing_and_counts_a_draining_replica_healthy() {
+    let (a, b) = (sim(&["m"]).await, sim(&["m"]).await);
+    let gw = Gateway::builder(&[&a])
+        .backend_with(&b.url(), "drain: true")
+        .start()
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get_json(gw.admin_url("/load-stats")).await["fleet"]["healthy"] == 2
+        })
+        .await,
+        "{}",
+        gw.log_unusual()
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
+        .args(["top", "--once", "--admin"])
+        .arg(gw.admin.to_string())
+        .env("COLUMNS", "80")
+        .env_remove("VLLM_EDGE_ADMIN")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in screen.lines() {
+        assert!(
+            l.chars().count() <= 80,
+            "{} columns: {l:?}\n{screen}",
+            l.chars().count()
+        );
+    }
+    assert!(!screen.contains('\x1b'), "{screen}");
+    // The whole header, wrapped rather than cut.
+    assert!(!screen.contains('…'), "{screen}");
+    for part in [
+        "vllm-edge top",
+        "vllm",
+        "2/2 healthy (1 in rotation)",
+        "req/s",
+        "in flight",
+        "KV",
+    ] {
+        assert!(screen.contains(part), "{part}:\n{screen}");
+    }
+    for (s, state) in [(&a, "up"), (&b, "draining")] {
+        let line = screen
+            .lines()
+            .find(|l| l.starts_with(&name_of(s)))
+            .unwrap_or_else(|| panic!("{} missing:\n{screen}", name_of(s)));
+        assert!(line.contains(state), "{line}");
+    }
+}
+
 /// Every `vllm_edge_*` name the code defines: the counted ones in `metrics.rs`, the
 /// per-backend gauges in `admin/gauges.rs`.
 fn defined_metrics() -> BTreeSet<String> {
