@@ -110,5 +110,22 @@ if int(body.group(1)) != want or len(cards) != want:
 idle = [n for n, l in cards if float(l) <= 0]
 if idle:
     sys.exit(f"dashboard-check: no load shown for {idle}")
+# The fleet charts: drawn over the history the gateway kept (a dozen seconds or more),
+# each with something to show under this load.
+charts = dict((t, (int(n), float(top))) for t, n, top in re.findall(
+    r'data-chart="([^"]+)".*?<svg[^>]*data-points="(\d+)"[^>]*data-top="([^"]+)"', dom, re.S))
+print("dashboard-check: fleet charts: " + ", ".join(f"{t} ({n} points, max {top:.3g})" for t, (n, top) in charts.items()))
+for t in ["requests/s", "TTFT, streams", "engine queues", "errors/s"]:
+    if t not in charts:
+        sys.exit(f"dashboard-check: no `{t}` chart")
+    if charts[t][0] < 12:
+        sys.exit(f"dashboard-check: `{t}` has {charts[t][0]} points, not the history")
+for t in ["requests/s", "TTFT, streams", "engine queues"]:
+    if charts[t][1] <= 1e-6:
+        sys.exit(f"dashboard-check: `{t}` shows nothing under load")
+# Each card's sparklines span their width: drawn over the samples there are.
+sparks = [int(n) for n in re.findall(r'<div class="spark">.*?data-points="(\d+)"', dom, re.S)]
+if len(sparks) != want or min(sparks) < 12:
+    sys.exit(f"dashboard-check: card sparklines over {sparks} samples")
 EOF
 echo "dashboard-check: ok; screenshot in $shot"

@@ -214,3 +214,32 @@ pub fn sums_by(counter: &IntCounterVec, label: &str) -> std::collections::HashMa
     }
     out
 }
+
+/// The cumulative buckets `(upper bound, count)` of the series of `histogram` whose
+/// `label` is `value`, summed over its other labels, the last bound +∞.
+pub fn histogram_buckets(histogram: &HistogramVec, label: &str, value: &str) -> Vec<(f64, u64)> {
+    use prometheus::core::Collector;
+    let mut out: Vec<(f64, u64)> = Vec::new();
+    let mut total = 0u64;
+    for family in histogram.collect() {
+        for m in family.get_metric() {
+            if !m
+                .get_label()
+                .iter()
+                .any(|l| l.name() == label && l.value() == value)
+            {
+                continue;
+            }
+            let h = m.get_histogram();
+            total += h.get_sample_count();
+            for (i, b) in h.get_bucket().iter().enumerate() {
+                match out.get_mut(i) {
+                    Some(slot) => slot.1 += b.cumulative_count(),
+                    None => out.push((b.upper_bound(), b.cumulative_count())),
+                }
+            }
+        }
+    }
+    out.push((f64::INFINITY, total));
+    out
+}

@@ -158,6 +158,7 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
             "waiting": waiting,
             "in_flight": in_flight,
             "kv_usage_mean": if kv_n > 0 { Some(kv_sum / kv_n as f64) } else { None },
+            "upstream_errors_total": failed.values().sum::<u64>(),
         },
         "backends": backends,
         // Entries whose host name has no address yet: nothing is sent to them.

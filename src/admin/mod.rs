@@ -118,6 +118,12 @@ impl ServeHttp for AdminApp {
             "/load-stats" => {
                 let mut v = load_stats(&self.config.load(), &self.fleet.load(), Instant::now());
                 v["affinity_placement"] = placement_stats(&self.placer.placement());
+                // The history's newest second of the fleet, without its backends (the
+                // dashboard's fleet charts grow by it).
+                if let Some(mut latest) = self.history.latest() {
+                    latest.backends.clear();
+                    v["sample"] = serde_json::to_value(latest).unwrap_or_default();
+                }
                 let query = session.req_header().uri.query().unwrap_or("");
                 if query.split('&').any(|p| p == "history=1") {
                     v["history"] = serde_json::to_value(self.history.samples()).unwrap_or_default();
