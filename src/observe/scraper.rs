@@ -187,7 +187,7 @@ async fn observe(
         match models {
             Ok(cards) => {
                 if state.set_models(cards) {
-                    tracing::info!(backend = %backend.name, models = ?state.models, "models discovered");
+                    tracing::info!(backend = %backend.name, models = %state.models.join(", "), "models discovered");
                 }
                 state.models_error = None;
             }

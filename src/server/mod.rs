@@ -305,7 +305,11 @@ impl BackgroundService for Drainer {
         }
         let started = std::time::Instant::now();
         let left = self.traffic.active_requests();
-        tracing::info!(in_flight = left, grace_period = ?self.grace_period, "shutting down: waiting for requests in flight");
+        tracing::info!(
+            in_flight = left,
+            grace_period_s = self.grace_period.as_secs_f64(),
+            "shutting down: waiting for requests in flight"
+        );
         // Polled: the count has no waker, and 10 ms is nothing next to a grace period.
         while self.traffic.active_requests() > 0 {
             if started.elapsed() >= self.grace_period {
@@ -314,7 +318,10 @@ impl BackgroundService for Drainer {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tracing::info!(after = ?started.elapsed(), "no request in flight: exiting");
+        tracing::info!(
+            after_ms = started.elapsed().as_millis() as u64,
+            "no request in flight: exiting"
+        );
         std::process::exit(0);
     }
 }

@@ -98,7 +98,7 @@ impl Reloader {
         let settings = applied_settings(&cur, &new);
         let unanswered = keep_unanswered_names(&cur, &mut new);
         if !unanswered.is_empty() {
-            tracing::warn!(backends = ?unanswered, "these host names did not resolve now; their backends stay at the addresses they had");
+            tracing::warn!(backends = %unanswered.join(", "), "these host names did not resolve now; their backends stay at the addresses they had");
         }
         if let (Some(old), Some(keys)) = (&cur.api_keys, new.api_keys.as_mut()) {
             Arc::get_mut(keys)
@@ -106,7 +106,7 @@ impl Reloader {
                 .adopt_counters(old);
         }
         if !kept.is_empty() {
-            tracing::warn!(keys = ?kept, "these settings changed but need a restart; the running values are kept");
+            tracing::warn!(keys = %kept.join(", "), "these settings changed but need a restart; the running values are kept");
         }
         let report = self
             .apply(&new.backends, new.health, new.discovery_timeout)
@@ -269,7 +269,17 @@ impl Reloader {
         if out.is_empty() {
             return out;
         }
-        tracing::warn!(moved = ?out.moved, added = ?out.added, removed = ?out.removed, "backend host names resolve elsewhere now");
+        let moved: Vec<String> = out
+            .moved
+            .iter()
+            .map(|(name, from, to)| format!("{name}: {from} → {to}"))
+            .collect();
+        tracing::warn!(
+            moved = %moved.join(", "),
+            added = %out.added.join(", "),
+            removed = %out.removed.join(", "),
+            "backend host names resolve elsewhere now"
+        );
         self.apply(&backends, cur.health, cur.discovery_timeout)
             .await;
         let mut next = (*cur).clone();
