@@ -17,9 +17,15 @@ struct Refused {
 }
 
 async fn refused(args: &[&str], dir: &std::path::Path) -> Refused {
+    refused_with(args, dir, &[]).await
+}
+
+/// [`refused`] with more environment variables.
+async fn refused_with(args: &[&str], dir: &std::path::Path, env: &[(&str, &str)]) -> Refused {
     let child = Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
         .args(args)
         .current_dir(dir)
+        .envs(env.iter().copied())
         .env_remove("VLLM_EDGE_LISTEN")
         .env_remove("VLLM_EDGE_ADMIN")
         .stdin(Stdio::null())
@@ -146,27 +152,19 @@ async fn a_successor_that_cannot_listen_leaves_the_running_gateway_serving() {
     )
     .unwrap();
     let pid = gw.pid().unwrap().to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_vllm-edge"))
-        .args(["run", "--upgrade", "-c"])
-        .arg(&conf)
-        .env("VLLM_EDGE_UPGRADE_FROM", &pid)
-        .env_remove("VLLM_EDGE_LISTEN")
-        .env_remove("VLLM_EDGE_ADMIN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
-        .await
-        .expect("the successor still runs after 20 s")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let conf = conf.to_string_lossy().into_owned();
+    let out = refused_with(
+        &["run", "--upgrade", "-c", &conf],
+        &gw.path("."),
+        &[("VLLM_EDGE_UPGRADE_FROM", &pid)],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(
-        stderr.contains("cannot listen on 192.0.2.1:0 (the listener)"),
-        "{stderr}"
+        out.stderr
+            .contains("cannot listen on 192.0.2.1:0 (the listener)"),
+        "{}",
+        out.stderr
     );
     // The running gateway was never asked, and serves as before.
     let r = http1()
