@@ -65,3 +65,4 @@ pub mod server;
 pub mod sim;
 pub mod spelling;
 pub mod tls;
+pub mod tokenize;

@@ -3,5 +3,6 @@
 //!
 //! Uses nothing of the crate: engine facts are parsed from bytes alone.
 
+pub mod kv_events;
 pub mod metrics;
 pub mod models;

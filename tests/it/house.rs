@@ -17,6 +17,8 @@ const LAYERS: &[&str] = &[
     "auth",
     "tls",
     "cors",
+    // A model's own tokenization (the config loads it, routing and the simulator use it).
+    "tokenize",
     // The configuration, the one home of every default.
     "config",
     // Facts: the gateway's HTTP client, what engines say, the OpenAI surface.
