@@ -286,6 +286,7 @@ impl Gateway {
             prompt_tokens: prompt,
             max_tokens: Some(output as u64),
             affinity: None,
+            cached: None,
         };
         self.selector
             .best(EdgePolicy::Vllm, &self.snap, &req, &[], Instant::now())

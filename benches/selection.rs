@@ -75,6 +75,7 @@ fn pick(c: &mut Criterion) {
         prompt_tokens: 800,
         max_tokens: Some(256),
         affinity: None,
+        cached: None,
     };
     let mut group = c.benchmark_group("pick");
     for n in [4usize, 64, 1024] {

@@ -22,7 +22,10 @@ pub fn explain(
     now: Instant,
 ) -> serde_json::Value {
     let info = &routed.info;
-    let req = routing::Request::of(info, routed.affinity, cfg, placer);
+    let tokens = routed.tokens.as_deref();
+    let cached = tokens.map(|t| routing::prefix::cached_prefix(snap, t));
+    let req = routing::Request::of(info, routed.affinity, cfg, placer)
+        .with_cached(tokens, cached.as_ref());
     let stale_after = cfg.stale_after();
     let scorer = routing::Scorer::new(snap, &req, crate::fleet::fresh_since(now, stale_after));
     // Scratch selectors: the live one's round-robin cursors must not move. (So
@@ -36,6 +39,8 @@ pub fn explain(
         "model_alias": routed.alias,
         "stream": info.stream,
         "prompt_tokens_estimate": req.prompt_tokens,
+        // Counted by the model's own tokenizer (`routing.tokenizers`), or estimated.
+        "prompt_tokens_counted": tokens.is_some(),
         "max_tokens": info.max_tokens,
         "affinity_key": sticky.map(|s| json!({
             "source": s.key.source.as_str(),
@@ -65,6 +70,10 @@ pub fn explain(
                 LoraFit::Full => Some("no slot free"),
             },
             "sequences": (t.sequences * 100.0).round() / 100.0,
+            // What its engine holds of the prompt, and where that number comes from: its
+            // KV events (exact), or the approximate affinity (its home likely holds the
+            // reusable prefix), or nothing known.
+            "cached_prefix": prefix_json(e, i, cached.as_ref(), sticky, choice.as_ref().ok()),
             "in_flight": e.backend.in_flight(),
         })
     };
@@ -107,4 +116,33 @@ pub fn explain(
         "candidates": candidates,
         "excluded": excluded,
     })
+}
+
+/// What backend `e` (index `i`) holds of the request's prompt, and where the number
+/// comes from: `kv_events` (its engine's events, exact), `approximate` (the affinity
+/// home, which likely holds the reusable prefix), or `none`.
+fn prefix_json(
+    e: &crate::fleet::BackendEntry,
+    i: usize,
+    cached: Option<&routing::prefix::CachedPrefix>,
+    sticky: Option<&routing::Sticky>,
+    choice: Option<&routing::Choice>,
+) -> serde_json::Value {
+    let index = e
+        .backend
+        .kv_events
+        .as_ref()
+        .map(|_| e.backend.prefix.coverage().0.as_str());
+    if let Some(tokens) = cached.and_then(|c| c.get(i)) {
+        return json!({"tokens": tokens, "source": "kv_events", "index": index});
+    }
+    let home = choice.is_some_and(|c| c.index == i && c.reason == routing::Reason::AffinityHome);
+    match sticky.filter(|_| home) {
+        Some(s) => json!({
+            "tokens": s.key.reusable_bytes / routing::BYTES_PER_TOKEN,
+            "source": "approximate",
+            "index": index,
+        }),
+        None => json!({"tokens": null, "source": "none", "index": index}),
+    }
 }

@@ -36,6 +36,7 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
         prompt_tokens: 500,
         max_tokens: Some(256),
         affinity: None,
+        cached: None,
     };
     let answered = metrics::sums_by(&metrics::REQUESTS, "backend");
     let failed = metrics::sums_by(&metrics::UPSTREAM_ERRORS, "backend");
@@ -122,6 +123,10 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
                 "e2e_ms": ms(st.e2e_s),
                 "preemptions_total": load.and_then(|l| l.preemptions),
                 "prefix_cache_hit_rate": hit_rate,
+                // Its engine's KV events (null when not configured): how far its index
+                // can be trusted (`exact`; `rebuilding` or `unknown`: routing uses the
+                // approximate affinity for it), what it holds, what was lost.
+                "kv_events": b.kv_events.as_ref().map(|k| kv_events_json(b, k)),
                 "engines": load.map(|l| l.engines),
                 "scrape_fresh": fresh.is_some(),
                 "scrape_age_ms": st.load_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
@@ -166,5 +171,39 @@ pub fn load_stats(config: &Config, snap: &FleetSnapshot, now: Instant) -> serde_
             .without_addresses()
             .map(|g| json!({"name": g.name, "host": g.resolve, "models": g.static_models}))
             .collect::<Vec<_>>(),
+    })
+}
+
+/// A backend's KV-event subscription and index, for `/load-stats`.
+fn kv_events_json(b: &crate::fleet::Backend, k: &crate::config::KvEvents) -> serde_json::Value {
+    let v = b.prefix.view();
+    let silent = b.completed().saturating_sub(b.prefix.heard_at());
+    let routing_on = match v.coverage {
+        crate::fleet::prefix::Coverage::Exact if silent <= routing::prefix::SILENT_AFTER => {
+            "kv_events"
+        }
+        _ => "approximate",
+    };
+    serde_json::json!({
+        "endpoint": k.endpoint,
+        "replay": k.replay,
+        "index": v.coverage.as_str(),
+        "rebuild_blocks_left": match v.coverage {
+            crate::fleet::prefix::Coverage::Rebuilding { until } => Some(until),
+            _ => None,
+        },
+        "routing_on": routing_on,
+        "requests_since_last_event": silent,
+        "block_size": v.block_size,
+        "blocks": v.blocks,
+        "last_sequence": v.last_seq,
+        "batches_total": v.stats.batches,
+        "blocks_stored_total": v.stats.stored,
+        "blocks_removed_total": v.stats.removed,
+        "gaps_total": v.stats.gaps,
+        "gaps_replayed_total": v.stats.replayed,
+        "restarts_total": v.stats.restarts,
+        "orphan_blocks_total": v.stats.orphans,
+        "malformed_total": v.stats.malformed,
     })
 }

@@ -194,6 +194,9 @@ fn run_sim(args: sim::SimArgs) -> ExitCode {
             serde_json::json!({"event": "ready", "listen": handle.addr.to_string()})
         );
         tracing::info!(addr = %handle.addr, "simulated vLLM server ready");
+        if let Some(kv) = &handle.sim.kv_events {
+            tracing::info!(endpoint = %kv.endpoint, replay = %kv.replay, "publishing KV events");
+        }
         match tokio::signal::ctrl_c().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -126,6 +126,13 @@ pub(super) struct FileBackend {
     /// (`all`: a Kubernetes headless Service, one address per replica).
     #[serde(default)]
     pub(super) addresses: Addresses,
+    /// `tcp://HOST:PORT`: the engine's KV-event publisher (`--kv-events-config`'s
+    /// `endpoint`), for exact prefix routing.
+    #[serde(default)]
+    pub(super) kv_events: Option<String>,
+    /// `tcp://HOST:PORT`: its replay socket (`replay_endpoint`), to recover lost events.
+    #[serde(default)]
+    pub(super) kv_events_replay: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -147,6 +154,9 @@ pub(super) struct FileRouting {
     pub(super) model_aliases: BTreeMap<String, String>,
     #[serde(default)]
     pub(super) affinity: FileAffinity,
+    /// Model → its directory as vLLM loads it (`tokenizer.json`, the chat template).
+    #[serde(default)]
+    pub(super) tokenizers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -106,6 +106,9 @@ pub struct Config {
     /// model requests for it are routed to and sent as.
     pub model_aliases: BTreeMap<String, String>,
     pub affinity: Affinity,
+    /// Model → its tokenizer (`routing.tokenizers`): requests for it are tokenized as the
+    /// engine will, for exact prefix routing on KV events.
+    pub tokenizers: BTreeMap<String, Arc<crate::tokenize::Tokenizer>>,
     pub limits: ClientLimits,
     pub connect_timeout: Duration,
     pub timeouts: Timeouts,
@@ -438,6 +441,30 @@ pub struct BackendConfig {
     pub api_key: Option<Secret>,
     /// For `https://` backends.
     pub tls: Option<BackendTls>,
+    /// Its engine's KV events, for exact prefix routing.
+    pub kv_events: Option<KvEvents>,
+}
+
+/// Where an engine publishes its KV events (`backends[].kv_events`, `kv_events_replay`):
+/// ZMQ endpoints, `tcp://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvEvents {
+    pub endpoint: String,
+    pub replay: Option<String>,
+}
+
+impl KvEvents {
+    /// The same ports at another host (a member of an `addresses: all` group).
+    fn at(&self, host: &str) -> KvEvents {
+        let moved = |e: &str| match e.rsplit_once(':') {
+            Some((_, port)) => format!("tcp://{host}:{port}"),
+            None => e.to_string(),
+        };
+        KvEvents {
+            endpoint: moved(&self.endpoint),
+            replay: self.replay.as_deref().map(moved),
+        }
+    }
 }
 
 impl BackendConfig {
@@ -457,6 +484,7 @@ impl BackendConfig {
             drain: false,
             api_key: None,
             tls: None,
+            kv_events: None,
         }
     }
 
@@ -467,6 +495,11 @@ impl BackendConfig {
             name: format!("{group}@{}", addr.ip()),
             addr,
             group: Some(group.to_string()),
+            // Each replica behind the name publishes its own events.
+            kv_events: self.kv_events.as_ref().map(|k| match addr.ip() {
+                std::net::IpAddr::V6(ip) => k.at(&format!("[{ip}]")),
+                ip => k.at(&ip.to_string()),
+            }),
             ..self.clone()
         }
     }

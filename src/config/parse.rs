@@ -174,6 +174,7 @@ impl Config {
             policy: routing.policy,
             default_model: routing.default_model,
             model_aliases: routing.model_aliases,
+            tokenizers: routing.tokenizers,
             affinity,
             limits,
             connect_timeout,
@@ -674,10 +675,31 @@ fn backend(
             }
         }
     };
+    let kv_events = match (&b.kv_events, &b.kv_events_replay) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            found.push(c.invalid(
+                &key("kv_events_replay"),
+                "a replay socket needs its publisher: set `kv_events` too",
+            ));
+            None
+        }
+        (Some(e), replay) => {
+            let endpoint = zmq_endpoint(e).map_err(|m| found.push(c.invalid(&key("kv_events"), m)));
+            let replay = replay.as_deref().map(|r| {
+                zmq_endpoint(r).map_err(|m| found.push(c.invalid(&key("kv_events_replay"), m)))
+            });
+            match (endpoint, replay.transpose()) {
+                (Ok(endpoint), Ok(replay)) => Some(super::KvEvents { endpoint, replay }),
+                _ => None,
+            }
+        }
+    };
     if !found.is_empty() {
         return Err(ConfigError::all(found));
     }
     Ok(BackendConfig {
+        kv_events,
         tls,
         api_key,
         name,
@@ -692,11 +714,37 @@ fn backend(
     })
 }
 
-/// `routing:` but its affinity: the policy, the default model and the aliases.
+/// A ZMQ endpoint the gateway connects to: `tcp://HOST:PORT`.
+fn zmq_endpoint(s: &str) -> Result<String, String> {
+    let example = "e.g. tcp://10.0.0.5:5557, the host of the engine and the port of its \
+                   --kv-events-config endpoint";
+    let Some(hostport) = s.strip_prefix("tcp://") else {
+        return Err(format!("`{s}` must be tcp://HOST:PORT ({example})"));
+    };
+    let port = hostport
+        .rsplit_once(':')
+        .map(|(h, p)| (h, p.parse::<u16>()));
+    match port {
+        Some((host, Ok(p))) if p > 0 && !host.is_empty() && !host.contains(['*', '/']) => {
+            Ok(s.to_string())
+        }
+        Some((host, _)) if host.contains('*') => Err(format!(
+            "`{s}` is where the engine binds; give the address the gateway connects to \
+             ({example})"
+        )),
+        _ => Err(format!(
+            "`{s}` must be tcp://HOST:PORT with a port 1–65535 ({example})"
+        )),
+    }
+}
+
+/// `routing:` but its affinity: the policy, the default model, the aliases and the
+/// tokenizers.
 struct Routing {
     policy: Policy,
     default_model: Option<String>,
     model_aliases: std::collections::BTreeMap<String, String>,
+    tokenizers: std::collections::BTreeMap<String, Arc<crate::tokenize::Tokenizer>>,
 }
 
 fn routing(c: &Check, r: &FileRouting) -> Result<Routing, ConfigError> {
@@ -718,6 +766,23 @@ fn routing(c: &Check, r: &FileRouting) -> Result<Routing, ConfigError> {
             ));
         }
     }
+    let mut tokenizers = std::collections::BTreeMap::new();
+    for (model, dir) in &r.tokenizers {
+        let key = format!("routing.tokenizers.{model}");
+        if !model_name(model) {
+            found.push(c.invalid(&key, NOT_A_NAME));
+            continue;
+        }
+        match crate::tokenize::Tokenizer::load(&c.resolve(dir)) {
+            Ok(t) => {
+                tokenizers.insert(model.clone(), Arc::new(t));
+            }
+            Err(m) => found.push(c.invalid(
+                &key,
+                format!("{m} (give the model's directory as vLLM loads it)"),
+            )),
+        }
+    }
     if !found.is_empty() {
         return Err(ConfigError::all(found));
     }
@@ -725,6 +790,7 @@ fn routing(c: &Check, r: &FileRouting) -> Result<Routing, ConfigError> {
         policy: r.policy.unwrap_or(defaults::POLICY),
         default_model: r.default_model.clone(),
         model_aliases: r.model_aliases.clone(),
+        tokenizers,
     })
 }
 

@@ -9,7 +9,8 @@
 //! - `AllBlocksCleared {}`: the cache was reset.
 //!
 //! A replay (the publisher's ROUTER socket) answers `["", sequence]` with the buffered
-//! messages from that sequence on, as `["", sequence, payload]`, then `["", -1, ""]`.
+//! messages from that sequence on, as `["", topic, sequence, payload]`, then
+//! `["", "", -1, ""]` (vLLM 0.32; later versions leave the topic out).
 //!
 //! Block hashes are integers (64-bit with `--prefix-caching-hash-algo sha256_cbor`) or
 //! bytes (other algorithms); both are folded to a `u64` here. Fields this gateway does

@@ -10,6 +10,7 @@
 
 pub mod health;
 pub mod pick;
+pub mod prefix;
 
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
@@ -76,6 +77,10 @@ pub struct Backend {
     adapters_sent: parking_lot::Mutex<Vec<(String, u64)>>,
     /// Connections kept open for the background requests (scrapes, checks).
     pub kept: crate::httpclient::KeptConnections,
+    /// Where its engine publishes KV events, if it does.
+    pub kv_events: Option<crate::config::KvEvents>,
+    /// What its engine holds in its prefix cache, from those events.
+    pub prefix: prefix::PrefixIndex,
 }
 
 /// A backend's identity for prefix affinity: a digest of its configured name, so every
@@ -127,6 +132,8 @@ impl Backend {
             pending_prefill: AtomicU64::new(0),
             adapters_sent: parking_lot::Mutex::new(Vec::new()),
             kept: Default::default(),
+            kv_events: cfg.kv_events.clone(),
+            prefix: Default::default(),
         })
     }
 
@@ -169,6 +176,7 @@ impl Backend {
             && self.max_concurrent_requests == cfg.max_concurrent_requests
             && self.api_key == cfg.api_key
             && self.tls == cfg.tls
+            && self.kv_events == cfg.kv_events
     }
 
     /// Requests this gateway has sent to the backend that have not finished.

@@ -247,6 +247,7 @@ impl Gateway {
                 .record(&routed.info.model, k.key, k.reusable_bytes, Instant::now());
         }
         ctx.affinity = routed.affinity;
+        ctx.tokens = routed.tokens;
         ctx.body = Some(routed.body);
         ctx.info = Some(routed.info);
         self.budget.record_request(Instant::now());

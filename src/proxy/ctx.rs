@@ -62,6 +62,8 @@ pub struct RequestCtx {
     pub(super) info: Option<RoutingInfo>,
     /// The request's prefix-affinity key, when the policy uses affinity.
     pub(super) affinity: Option<AffinityKey>,
+    /// Its token ids, when its model has a tokenizer (exact prefix routing).
+    pub(super) tokens: Option<std::sync::Arc<crate::routing::prefix::PromptTokens>>,
     /// Backends that failed this request, not to be picked again.
     pub(super) tried: Vec<Arc<Backend>>,
     /// Counts the current attempt's in-flight request on its backend.
@@ -117,6 +119,7 @@ impl RequestCtx {
             body: None,
             info: None,
             affinity: None,
+            tokens: None,
             tried: Vec::new(),
             in_flight: None,
             deadlines: None,

@@ -178,7 +178,10 @@ impl ProxyHttp for Gateway {
             .filter(|(_, e)| ctx.tried.iter().any(|t| Arc::ptr_eq(t, &e.backend)))
             .map(|(i, _)| i)
             .collect();
-        let request = routing::Request::of(info, ctx.affinity, &cfg, &self.placer);
+        let tokens = ctx.tokens.as_deref();
+        let cached = tokens.map(|t| routing::prefix::cached_prefix(&snap, t));
+        let request = routing::Request::of(info, ctx.affinity, &cfg, &self.placer)
+            .with_cached(tokens, cached.as_ref());
         let chosen = match self
             .selector
             .best(cfg.policy, &snap, &request, &tried, Instant::now())

@@ -23,6 +23,9 @@ pub struct Routed {
     pub defaulted: bool,
     /// Its prefix-affinity key, when the config uses affinity.
     pub affinity: Option<AffinityKey>,
+    /// Its token ids, when the model has a tokenizer (`routing.tokenizers`): exact prefix
+    /// routing on KV events.
+    pub tokens: Option<std::sync::Arc<super::prefix::PromptTokens>>,
 }
 
 impl Routed {
@@ -50,12 +53,14 @@ pub fn admit(
         Some(r) => (Bytes::from(r.body), r.info, r.alias, r.defaulted),
     };
     let affinity = affinity::request_key(cfg, headers, &body, &info);
+    let tokens = super::prefix::prompt_tokens(cfg, snap, &body, &info).map(std::sync::Arc::new);
     Ok(Routed {
         body,
         info,
         alias,
         defaulted,
         affinity,
+        tokens,
     })
 }
 

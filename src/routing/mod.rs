@@ -20,6 +20,7 @@
 mod admit;
 pub mod affinity;
 mod policy;
+pub mod prefix;
 mod request;
 mod score;
 #[cfg(test)]
@@ -71,6 +72,9 @@ pub enum Reason {
     /// The affinity home was over the load bound: the next backend in the key's order
     /// that is not.
     AffinitySpill,
+    /// `vllm` on KV events: the lowest estimate, its engine holding part of the prompt
+    /// in its prefix cache.
+    CachedPrefix,
 }
 
 impl Reason {
@@ -85,6 +89,7 @@ impl Reason {
             Reason::OpenCircuitFallback => "open_circuit_fallback",
             Reason::AffinityHome => "affinity_home",
             Reason::AffinitySpill => "affinity_spill",
+            Reason::CachedPrefix => "cached_prefix",
         }
     }
 }
@@ -97,6 +102,8 @@ pub struct Choice {
     pub reason: Reason,
     /// The `vllm` policy's estimate for it, in seconds.
     pub score_s: Option<f64>,
+    /// When it was picked on its engine's KV events: the prompt tokens cached there.
+    pub cached_tokens: Option<u32>,
 }
 
 /// Whether backend `i` may be picked. Strictly: checks pass, not draining, circuit
@@ -233,6 +240,8 @@ impl Selector {
             Reason::OpenCircuitFallback
         } else if eligible.len() == 1 {
             Reason::OnlyCandidate
+        } else if pick.cached.is_some_and(|c| c > 0) {
+            Reason::CachedPrefix
         } else if let Some(home) = pick.home {
             if home {
                 Reason::AffinityHome
@@ -259,6 +268,7 @@ impl Selector {
             index: pick.index,
             reason,
             score_s: pick.score,
+            cached_tokens: pick.cached,
         })
     }
 

@@ -13,6 +13,25 @@ pub struct Request<'a> {
     /// The request's prefix-affinity key, when the policy uses affinity and the request
     /// has one.
     pub affinity: Option<Sticky>,
+    /// The prompt tokens each backend's engine holds, where its KV events say so
+    /// exactly ([`super::prefix::cached_prefix`]).
+    pub cached: Option<&'a super::prefix::CachedPrefix>,
+}
+
+impl<'a> Request<'a> {
+    /// With the request's exact token count and, per backend, what its engine has
+    /// cached of them.
+    pub fn with_cached(
+        mut self,
+        tokens: Option<&super::prefix::PromptTokens>,
+        cached: Option<&'a super::prefix::CachedPrefix>,
+    ) -> Request<'a> {
+        if let Some(t) = tokens {
+            self.prompt_tokens = t.ids.len();
+        }
+        self.cached = cached;
+        self
+    }
 }
 
 impl<'a> Request<'a> {
@@ -37,6 +56,7 @@ impl<'a> Request<'a> {
                     load_factor: cfg.affinity.load_factor,
                     placed: placer.moved(key.key),
                 }),
+            cached: None,
         }
     }
 
@@ -48,6 +68,7 @@ impl<'a> Request<'a> {
     /// kept fewer turns home than three, which each saw a third of the traffic).
     pub fn prefill_tokens(&self, choice: &Choice) -> usize {
         let reused = match (&self.affinity, choice.reason) {
+            _ if choice.cached_tokens.is_some() => choice.cached_tokens.unwrap_or(0) as usize,
             (Some(s), Reason::AffinityHome) => s.key.reusable_bytes / BYTES_PER_TOKEN,
             _ => 0,
         };

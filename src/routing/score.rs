@@ -38,7 +38,9 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 /// queue   = ahead × e2e / cap                   waiting for departures
 /// k       = kv_usage + (prompt + max_tokens) / kv_capacity,  at most 0.99
 /// pending = prompt tokens of this gateway's streams there still without a first byte
-/// prefill = itl × (pending + prompt) / 150
+/// cached  = prompt tokens its engine holds in its prefix cache, known from its KV
+///           events (0 without them)
+/// prefill = itl × (pending + prompt − cached) / 150
 /// lora    = for a request naming a LoRA adapter (vllm:lora_requests_info): 0 where the
 ///           adapter holds a slot, e2e / cap (one request ahead; 0 without a cap) where
 ///           it would take a free one, e2e where every slot is held by others
@@ -123,6 +125,9 @@ pub struct Scorer<'a> {
     lora_fit: Option<&'a [LoraFit]>,
     /// The request's model (its adapter, with `lora_fit`).
     model: &'a str,
+    /// Per backend, the prompt tokens its engine has cached, known from its KV events:
+    /// only the rest is prefilled there.
+    cached: Option<&'a super::prefix::CachedPrefix>,
 }
 
 impl<'a> Scorer<'a> {
@@ -135,6 +140,7 @@ impl<'a> Scorer<'a> {
             own: prompt + req.max_tokens.map_or(DEFAULT_OUTPUT_TOKENS, |m| m as f64),
             lora_fit: snap.lora_fit(req.model),
             model: req.model,
+            cached: req.cached,
         }
     }
 
@@ -190,7 +196,11 @@ impl<'a> Scorer<'a> {
         };
         // Our prompt's prefill waits behind the prefill already queued there by this
         // gateway.
-        let prefill_tokens = count(b.pending_prefill()) + self.prompt;
+        let own = match self.cached.and_then(|c| c.get(i)) {
+            Some(cached) if cached > 0 => (self.prompt - f64::from(cached)).max(1.0),
+            _ => self.prompt,
+        };
+        let prefill_tokens = count(b.pending_prefill()) + own;
         let prefill = itl * prefill_tokens * (1.0 / PREFILL_TOKENS_PER_STEP);
 
         // A LoRA adapter that has no slot there waits until one of the batch's adapters

@@ -17,6 +17,7 @@ fn req() -> Request<'static> {
         prompt_tokens: 200,
         max_tokens: Some(100),
         affinity: None,
+        cached: None,
     }
 }
 
@@ -277,6 +278,7 @@ fn a_request_sent_home_adds_only_its_uncached_prompt_to_the_pending_prefill() {
         index: 0,
         reason,
         score_s: None,
+        cached_tokens: None,
     };
     assert_eq!(shared.prefill_tokens(&choice(Reason::AffinityHome)), 60);
     assert_eq!(shared.prefill_tokens(&choice(Reason::AffinitySpill)), 1260);

@@ -120,6 +120,12 @@ pub fn run(config: Config, sockets: Sockets) -> ! {
         "scraper",
         Scraper::new(fleet.clone(), &config).following(live.clone(), placer.clone()),
     );
+    let kv_events = background_service(
+        "kv-events",
+        crate::observe::kv_events::KvEventsService {
+            fleet: fleet.clone(),
+        },
+    );
     let gateway = Gateway::new(live.clone(), fleet.clone(), placer.clone(), traffic.clone());
     let drainer = background_service(
         "drain",
@@ -169,6 +175,7 @@ pub fn run(config: Config, sockets: Sockets) -> ! {
     let admin_h = server.add_service(Guarded::listening(admin_svc, vec![admin]));
     let announcer_h = server.add_service(Guarded::background(announcer, Lifetime::Once));
     server.add_service(Guarded::background(drainer, forever));
+    server.add_service(Guarded::background(kv_events, forever));
     let sampler_h = server.add_service(Guarded::background(sampler, forever));
     sampler_h.add_dependency(&scraper_h);
     announcer_h.add_dependency(&proxy_h);

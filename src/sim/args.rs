@@ -107,6 +107,19 @@ pub struct SimArgs {
     /// Require `Authorization: Bearer KEY` on /v1 routes, as `vllm serve --api-key` does.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Publish KV-cache events on a ZMQ PUB socket at this port of `--host` (0: any free
+    /// one, logged), as vLLM's `--kv-events-config` does; the replay socket is at
+    /// `--kv-events-replay-port`.
+    #[arg(long)]
+    pub kv_events_port: Option<u16>,
+    /// The KV-event replay (ROUTER) socket's port (0 or absent: any free one).
+    #[arg(long, default_value_t = 0)]
+    pub kv_events_replay_port: u16,
+    /// Tokenize with this model directory's tokenizer and chat template (as vLLM loads
+    /// them), instead of the built-in word tokenizer: token ids then equal a real
+    /// engine's, which exact prefix routing needs.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 fn parse_lora_module(s: &str) -> Result<(String, String), String> {
@@ -192,6 +205,7 @@ impl SimArgs {
             },
             time_scale: self.time_scale.unwrap_or(scale).max(0.0),
             seed: self.seed,
+            kv_events: None,
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct EngineConfig {
     /// Every modelled duration is multiplied by this: 0.01 runs 100× faster.
     pub time_scale: f64,
     pub seed: u64,
+    /// Where the prefix cache's changes go, when KV events are published.
+    pub kv_events: Option<super::kv_publish::KvSink>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -220,7 +222,14 @@ async fn run(
     stats: Arc<Mutex<EngineStats>>,
     slow_factor: Arc<AtomicU64>,
 ) {
-    let mut sched = Scheduler::new(cfg.scheduler.clone());
+    let new_scheduler = || {
+        let mut s = Scheduler::new(cfg.scheduler.clone());
+        if cfg.kv_events.is_some() {
+            s.record_cache_events();
+        }
+        s
+    };
+    let mut sched = new_scheduler();
     let mut live: HashMap<SeqId, Live> = HashMap::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut clock = tokio::time::Instant::now();
@@ -263,7 +272,10 @@ async fn run(
                     );
                 }
                 Command::Reset => {
-                    sched = Scheduler::new(cfg.scheduler.clone());
+                    sched = new_scheduler();
+                    if let Some(k) = &cfg.kv_events {
+                        let _ = k.tx.send(super::kv_publish::Publish::Restart);
+                    }
                     live.clear();
                     *stats.lock() = EngineStats::new();
                 }
@@ -302,6 +314,12 @@ async fn run(
         clock += Duration::from_secs_f64(step.max(0.0) / 1000.0);
         tokio::time::sleep_until(clock).await;
         let outcome = sched.complete(&batch);
+        if let Some(k) = &cfg.kv_events {
+            let changes = sched.take_cache_events();
+            if !changes.is_empty() {
+                let _ = k.tx.send(super::kv_publish::Publish::Changes(changes));
+            }
+        }
         let now = Instant::now();
         let mut st = stats.lock();
         st.steps += 1;

@@ -260,9 +260,18 @@ impl Sim {
                 }
             },
         };
+        // With the model's own tokenizer, the engine's token ids (a shape it cannot
+        // reproduce falls back to the word tokenizer).
+        let own = self.tokenizer.as_ref().and_then(|t| {
+            let p = match kind {
+                Kind::Chat => crate::tokenize::Prompt::Chat(&v["messages"]),
+                _ => crate::tokenize::Prompt::Completion(&v["prompt"]),
+            };
+            t.tokens(p).ok()
+        });
         Ok(Job {
             model: self.named_or_first(v["model"].as_str()),
-            prompt_ids: tokenize(&prompt),
+            prompt_ids: own.unwrap_or_else(|| tokenize(&prompt)),
             max_tokens: v["max_completion_tokens"]
                 .as_u64()
                 .or(v["max_tokens"].as_u64())

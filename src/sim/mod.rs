@@ -16,6 +16,7 @@ pub mod engine;
 pub mod exposition;
 mod generate;
 pub mod http;
+pub mod kv_publish;
 pub mod scheduler;
 mod text;
 
@@ -64,7 +65,11 @@ pub struct Sim {
     loras: Mutex<Vec<(String, String)>>,
     /// The engine's id of each adapter name ever requested (`lora_int_id` = index + 1),
     /// kept when it is unloaded so ids stay stable.
-    lora_ids: Mutex<Vec<String>>,
+    lora_ids: Arc<Mutex<Vec<String>>>,
+    /// `--tokenizer`: the model's own tokenization.
+    tokenizer: Option<crate::tokenize::Tokenizer>,
+    /// The KV-event publisher (`--kv-events-port`).
+    pub kv_events: Option<kv_publish::Publisher>,
 }
 
 /// A running simulated server.
@@ -94,7 +99,21 @@ impl Drop for SimHandle {
 pub async fn spawn(args: SimArgs) -> std::io::Result<SimHandle> {
     let listener = tokio::net::TcpListener::bind((args.host, args.port)).await?;
     let addr = listener.local_addr()?;
-    let sim = Arc::new(Sim::new(args));
+    let lora_ids = Arc::new(Mutex::new(Vec::new()));
+    let kv = match args.kv_events_port {
+        None => None,
+        Some(port) => Some(
+            kv_publish::start(
+                args.host,
+                port,
+                args.kv_events_replay_port,
+                args.engine_config().scheduler.block_size,
+                lora_ids.clone(),
+            )
+            .await?,
+        ),
+    };
+    let sim = Arc::new(Sim::build(args, kv, lora_ids).map_err(std::io::Error::other)?);
     let (tx, rx) = watch::channel(false);
     tokio::spawn(serve_with_restarts(listener, addr, sim.clone(), rx));
     Ok(SimHandle {
@@ -168,16 +187,33 @@ pub(super) fn now_micros() -> u128 {
 impl Sim {
     /// Builds the server state and starts its engine (needs a tokio runtime).
     pub fn new(args: SimArgs) -> Sim {
+        Sim::build(args, None, Default::default()).expect("no tokenizer to load")
+    }
+
+    /// [`Sim::new`] with a KV-event publisher and its adapter names, loading
+    /// `--tokenizer`.
+    fn build(
+        args: SimArgs,
+        kv: Option<(kv_publish::KvSink, kv_publish::Publisher)>,
+        lora_ids: Arc<Mutex<Vec<String>>>,
+    ) -> Result<Sim, String> {
         let loras = args.lora_modules.clone();
         use rand::SeedableRng;
-        let engine = Engine::start(args.engine_config());
+        let tokenizer = match &args.tokenizer {
+            Some(dir) => Some(crate::tokenize::Tokenizer::load(dir)?),
+            None => None,
+        };
+        let mut engine_config = args.engine_config();
+        let (sink, kv_events) = kv.unzip();
+        engine_config.kv_events = sink;
+        let engine = Engine::start(engine_config);
         let mut faults = args.faults.clone().unwrap_or_default();
         if args.fail_status.is_some() {
             faults.http_error = args.fail_status;
         }
         faults.metrics_legacy |= args.legacy_metrics;
         engine.set_slow_factor(faults.slow_factor.unwrap_or(1.0));
-        Sim {
+        Ok(Sim {
             rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed)),
             args,
             engine,
@@ -193,8 +229,10 @@ impl Sim {
             restart: tokio::sync::Notify::new(),
             restart_down: Mutex::new(Duration::ZERO),
             loras: Mutex::new(loras),
-            lora_ids: Mutex::new(Vec::new()),
-        }
+            lora_ids,
+            tokenizer,
+            kv_events,
+        })
     }
 
     /// The engine's adapter id of `model`: 0 for a served name, else the LoRA adapter's.
@@ -306,6 +344,35 @@ impl Sim {
     pub fn restart(&self, down: Duration) {
         *self.restart_down.lock() = down;
         self.restart.notify_one();
+    }
+
+    /// `POST /sim/kv-events {"drop": N, "lose": N}`: the next N batches are published
+    /// nowhere but kept for replay (`drop`), or neither (`lose`).
+    fn kv_loss(&self, body: &[u8]) -> Reply {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Loss {
+            #[serde(default)]
+            drop: u64,
+            #[serde(default)]
+            lose: u64,
+        }
+        let Some(p) = &self.kv_events else {
+            return vllm_error(
+                404,
+                "NotFound",
+                "KV events are off (--kv-events-port)",
+                None,
+            );
+        };
+        match serde_json::from_slice::<Loss>(body) {
+            Ok(l) => {
+                p.loss.drop.store(l.drop, Ordering::Relaxed);
+                p.loss.lose.store(l.lose, Ordering::Relaxed);
+                Reply::json(200, "{}")
+            }
+            Err(e) => vllm_error(400, "BadRequestError", &e.to_string(), Some("body")),
+        }
     }
 
     fn reset_counters(&self) {
@@ -547,6 +614,7 @@ impl http::Handler for Sim {
                 }
                 Err(e) => vllm_error(400, "BadRequestError", &e.to_string(), Some("body")),
             },
+            ("POST", "/sim/kv-events") => self.kv_loss(&req.body),
             ("POST", "/sim/restart") => {
                 let body: &[u8] = if req.body.is_empty() {
                     b"{}"

@@ -207,6 +207,24 @@ struct BlockPool {
     tail: u32,
     num_free: usize,
     cached: HashMap<u64, u32>,
+    /// The prefix cache's changes since they were last taken, when they are recorded
+    /// (the KV events the simulator publishes).
+    log: Option<Vec<CacheEvent>>,
+}
+
+/// A change of the prefix cache, as vLLM reports it in its KV events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheEvent {
+    /// A full block newly cached: its hash, its parent's (`None` for a prompt's first
+    /// block), its tokens and the adapter it was computed with.
+    Stored {
+        hash: u64,
+        parent: Option<u64>,
+        tokens: Vec<u32>,
+        lora: u32,
+    },
+    /// A cached block evicted.
+    Removed(u64),
 }
 
 impl BlockPool {
@@ -221,6 +239,7 @@ impl BlockPool {
             tail: NONE,
             num_free: 0,
             cached: HashMap::new(),
+            log: None,
         };
         for b in 0..blocks as u32 {
             pool.push_back(b);
@@ -288,6 +307,9 @@ impl BlockPool {
         if let Some(h) = self.hash[b as usize].take() {
             if self.cached.get(&h) == Some(&b) {
                 self.cached.remove(&h);
+                if let Some(log) = &mut self.log {
+                    log.push(CacheEvent::Removed(h));
+                }
             }
         }
         self.ref_cnt[b as usize] = 1;
@@ -367,6 +389,18 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
+    }
+    /// Records the prefix cache's changes from now on ([`Scheduler::take_cache_events`]).
+    pub fn record_cache_events(&mut self) {
+        self.pool.log.get_or_insert_with(Vec::new);
+    }
+    /// The prefix cache's changes since the last call, in order.
+    pub fn take_cache_events(&mut self) -> Vec<CacheEvent> {
+        self.pool
+            .log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
     pub fn num_running(&self) -> usize {
         self.running.len()
@@ -663,6 +697,14 @@ impl Scheduler {
                     if self.pool.hash[b as usize].is_none() && !self.pool.cached.contains_key(&h) {
                         self.pool.hash[b as usize] = Some(h);
                         self.pool.cached.insert(h, b);
+                        if let Some(log) = &mut self.pool.log {
+                            log.push(CacheEvent::Stored {
+                                hash: h,
+                                parent: (k > 0).then_some(parent),
+                                tokens: seq.tokens[k * bs..(k + 1) * bs].to_vec(),
+                                lora: seq.lora,
+                            });
+                        }
                     }
                 }
             }

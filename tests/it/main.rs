@@ -10,6 +10,7 @@ mod discovery;
 mod edge;
 mod errors;
 mod house;
+mod kv_events;
 mod lifecycle;
 mod observability;
 mod reload;

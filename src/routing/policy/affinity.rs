@@ -93,6 +93,7 @@ pub(super) fn pick(cx: &Cx, eligible: &[usize]) -> Option<Pick> {
         index,
         score: None,
         home: Some(home),
+        cached: None,
     })
 }
 

@@ -34,6 +34,8 @@ pub(super) struct Pick {
     pub score: Option<f64>,
     /// For a pick by prefix affinity: whether it is the key's home.
     pub home: Option<bool>,
+    /// For a pick on KV events: the prompt tokens cached there.
+    pub cached: Option<u32>,
 }
 
 impl Pick {
@@ -42,6 +44,7 @@ impl Pick {
             index,
             score: None,
             home: None,
+            cached: None,
         }
     }
 }

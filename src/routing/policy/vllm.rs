@@ -1,5 +1,7 @@
 //! `vllm` (the default): the lowest estimate of the time to the request's first token
-//! ([`crate::routing::vllm_score`]); for a request with a prefix-affinity key, its home
+//! ([`crate::routing::vllm_score`]). When every candidate's prefix cache is known from
+//! its KV events, each estimate counts only the prefill its engine still has to do, and
+//! the lowest wins. Otherwise, for a request with a prefix-affinity key, its home
 //! instead when that is cheap: its estimate within the load factor of the lowest, plus
 //! the prefill its prefix cache likely saves.
 
@@ -84,7 +86,26 @@ fn keyed<'a>(cx: &Cx<'a>) -> Option<&'a Sticky> {
         .filter(|a| a.key.reusable_bytes > 0)
 }
 
+/// Whether the pick is made on KV events: every candidate's engine cache is known
+/// exactly. (Where one is not, the approximate affinity decides for all, as it would
+/// without events: a replica whose events stopped or gapped is never judged on a guess
+/// set against others' facts.)
+fn exact<'a>(cx: &Cx<'a>, eligible: &[usize]) -> Option<&'a crate::routing::prefix::CachedPrefix> {
+    cx.req.cached.filter(|c| c.covers(eligible))
+}
+
 pub(super) fn pick(cx: &Cx, eligible: &[usize]) -> Option<Pick> {
+    if let Some(cached) = exact(cx, eligible) {
+        // Each estimate counts only the prefill its engine still has to do.
+        let scorer = Scorer::new(cx.snap, cx.req, cx.fresh);
+        let (index, score) = lowest(eligible, |i| scorer.score(cx.snap, i))?;
+        return Some(Pick {
+            index,
+            score: Some(score),
+            home: None,
+            cached: cached.get(index),
+        });
+    }
     if let Some(sticky) = keyed(cx) {
         let (index, score, _, home) = keyed_vllm(cx.snap, cx.req, sticky, cx.fresh, || {
             eligible.iter().copied()
@@ -93,6 +114,7 @@ pub(super) fn pick(cx: &Cx, eligible: &[usize]) -> Option<Pick> {
             index,
             score: Some(score),
             home: Some(home),
+            cached: None,
         });
     }
     let scorer = Scorer::new(cx.snap, cx.req, cx.fresh);
@@ -101,12 +123,17 @@ pub(super) fn pick(cx: &Cx, eligible: &[usize]) -> Option<Pick> {
         index,
         score: Some(score),
         home: None,
+        cached: None,
     })
 }
 
 /// By estimate, lowest first; for a keyed request, its pick first.
 pub(super) fn order(cx: &Cx, eligible: &mut [usize]) {
     let scorer = Scorer::new(cx.snap, cx.req, cx.fresh);
+    if exact(cx, eligible).is_some() {
+        by_key(eligible, |i| scorer.score(cx.snap, i));
+        return;
+    }
     let rest = match keyed(cx).and_then(|_| pick(cx, eligible)) {
         Some(first) => {
             super::put_first(eligible, first.index);
