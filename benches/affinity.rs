@@ -28,11 +28,11 @@
 mod common;
 
 use common::{
-    engine_loads, pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS, MAX_NUM_SEQS,
+    ask, client, engine_loads, pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS,
+    MAX_NUM_SEQS,
 };
-use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
 use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
 use vllm_edge::sim::{self, SimHandle};
@@ -136,61 +136,6 @@ impl Outcome {
             .collect();
         pct(&mut v, q)
     }
-}
-
-/// One streamed chat request: its TTFT, the reply's text and the backend that served it.
-async fn ask(
-    client: &reqwest::Client,
-    url: &str,
-    messages: &[Value],
-    max_tokens: usize,
-) -> Option<(f64, String, String)> {
-    let body = json!({"model": "m", "stream": true, "ignore_eos": true,
-                      "max_tokens": max_tokens, "messages": messages});
-    let sent = Instant::now();
-    let resp = client.post(url).json(&body).send().await.ok()?;
-    if !resp.status().is_success() {
-        return None;
-    }
-    let backend = resp
-        .headers()
-        .get("x-vllm-edge-backend")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    let (mut ttft, mut reply, mut done) = (None, String::new(), false);
-    let mut pending = String::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        pending.push_str(&String::from_utf8_lossy(&chunk.ok()?));
-        while let Some(end) = pending.find("\n\n") {
-            let event: String = pending.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                done = true;
-                continue;
-            }
-            let v: Value = serde_json::from_str(data).ok()?;
-            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
-                if !piece.is_empty() && ttft.is_none() {
-                    ttft = Some(sent.elapsed().as_secs_f64());
-                }
-                reply.push_str(piece);
-            }
-        }
-    }
-    done.then_some((ttft?, reply, backend))
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .http1_only()
-        .pool_max_idle_per_host(1024)
-        .timeout(Duration::from_secs(600))
-        .build()
-        .unwrap()
 }
 
 /// Multi-turn chat: conversations arrive at `rate` per second for `seconds`; turn `t` of

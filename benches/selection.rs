@@ -1,6 +1,9 @@
 //! Micro-benchmarks of the request path's decisions: one pick among 4, 64 and 1024
 //! backends for each policy (and with a prefix-affinity key), reading a chat body's
-//! routing fields and its affinity key, and parsing a real vLLM `/metrics` payload.
+//! routing fields and its affinity key, parsing a real vLLM `/metrics` payload, and exact
+//! prefix routing's request side (a chat of 1k, 8k and 32k tokens rendered with its chat
+//! template and tokenized with the fixture tokenizer, cut into block keys and looked up
+//! in an index holding all of it).
 //!
 //! Run: `cargo bench --bench selection`.
 
@@ -202,9 +205,57 @@ fn parse_metrics(c: &mut Criterion) {
     });
 }
 
+/// Exact prefix routing's cost per request: tokenizing (chat template, then the
+/// tokenizer), then the block keys and the index lookup, for prompts of 1k, 8k and 32k
+/// tokens.
+fn prefix_tokens(c: &mut Criterion) {
+    use vllm_edge::engine::kv_events::{Event, Stored};
+    use vllm_edge::fleet::prefix::{block_keys, PrefixIndex};
+    use vllm_edge::tokenize::{Prompt, Tokenizer};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-tokenizer");
+    let tok = Tokenizer::load(std::path::Path::new(dir)).unwrap();
+    let sentence = "The licensee may convey verbatim copies of the program's source code as \
+                    received, in any medium, provided that each copy carries a notice. ";
+    let per_sentence = tok.encode(sentence, false).unwrap().len();
+    let mut group = c.benchmark_group("exact prefix, per request");
+    for tokens in [1_000usize, 8_000, 32_000] {
+        let messages = serde_json::json!([
+            {"role": "system", "content": sentence.repeat(tokens / per_sentence)},
+            {"role": "user", "content": "Which section covers this?"}]);
+        let ids = tok.tokens(Prompt::Chat(&messages)).unwrap();
+        let index = PrefixIndex::default();
+        let hashes: Vec<u64> = (0..(ids.len() / 16) as u64).collect();
+        index.apply(
+            0,
+            0.0,
+            &[Event::BlockStored(Stored {
+                block_hashes: hashes.clone(),
+                parent_block_hash: None,
+                token_ids: ids[..hashes.len() * 16].to_vec(),
+                block_size: 16,
+                lora_name: None,
+                medium: None,
+                extra_keys: None,
+                group_idx: None,
+                kv_cache_spec_kind: None,
+            })],
+        );
+        group.bench_with_input(
+            BenchmarkId::new("tokenize chat", ids.len()),
+            &messages,
+            |b, m| b.iter(|| tok.tokens(Prompt::Chat(black_box(m))).unwrap()),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("block keys + lookup", ids.len()),
+            &ids,
+            |b, ids| b.iter(|| index.cached_blocks(&block_keys(black_box(ids), 16, None, None))),
+        );
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = pick, read_body, placement, parse_metrics
+    targets = pick, read_body, placement, parse_metrics, prefix_tokens
 }
 criterion_main!(benches);

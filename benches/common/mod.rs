@@ -4,11 +4,13 @@
 
 #![allow(dead_code)]
 
+use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
@@ -73,6 +75,17 @@ pub struct Router {
 }
 
 pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
+    start_router_with(name, backends, &[], "").await
+}
+
+/// [`start_router`], for vllm-edge with more YAML: `backend_extra[i]` under backend `i`
+/// (indented lines, e.g. its `kv_events`), `routing_extra` under `routing:`.
+pub async fn start_router_with(
+    name: &str,
+    backends: &[String],
+    backend_extra: &[String],
+    routing_extra: &str,
+) -> Option<Router> {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -91,6 +104,7 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
         // "vllm-edge vllm+cap": the operator told the gateway vLLM's --max-num-seqs;
         // "+noaffinity": prefix affinity off; "+noplacement": affinity without placing
         // long-lived prefixes against their homes' KV caches.
+        let policy = policy.strip_suffix("+kv").unwrap_or(policy);
         let (policy, affinity) = match (
             policy.strip_suffix("+noaffinity"),
             policy.strip_suffix("+noplacement"),
@@ -104,13 +118,16 @@ pub async fn start_router(name: &str, backends: &[String]) -> Option<Router> {
             None => (policy, String::new()),
         };
         let mut yaml = format!(
-            "listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:0\nrouting:\n  policy: {policy}\n{affinity}server:\n  threads: 1\n  grace_period: 0s\nbackends:\n"
+            "listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:0\nrouting:\n  policy: {policy}\n{affinity}{routing_extra}server:\n  threads: 1\n  grace_period: 0s\nbackends:\n"
         );
         // Named as the replicas name themselves: a backend's name is its identity for
         // prefix affinity, so every run and every gateway splits keys the same way (by
         // default the name is host:port, and the ports change from run to run).
         for (i, b) in backends.iter().enumerate() {
             yaml.push_str(&format!("  - name: r{i}\n    url: {b}\n{cap}"));
+            if let Some(extra) = backend_extra.get(i) {
+                yaml.push_str(extra);
+            }
         }
         let conf = dir.path().join("gw.yaml");
         std::fs::write(&conf, yaml).unwrap();
@@ -316,4 +333,59 @@ pub fn arrivals(rate: f64, seconds: f64, seed: u64) -> Vec<(f64, usize, usize)> 
         out.push((t, p, o));
     }
     out
+}
+
+/// One streamed chat request: its TTFT, the reply's text and the backend that served it.
+pub async fn ask(
+    client: &reqwest::Client,
+    url: &str,
+    messages: &[Value],
+    max_tokens: usize,
+) -> Option<(f64, String, String)> {
+    let body = json!({"model": "m", "stream": true, "ignore_eos": true,
+                      "max_tokens": max_tokens, "messages": messages});
+    let sent = Instant::now();
+    let resp = client.post(url).json(&body).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let backend = resp
+        .headers()
+        .get("x-vllm-edge-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let (mut ttft, mut reply, mut done) = (None, String::new(), false);
+    let mut pending = String::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        pending.push_str(&String::from_utf8_lossy(&chunk.ok()?));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).ok()?;
+            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+                if !piece.is_empty() && ttft.is_none() {
+                    ttft = Some(sent.elapsed().as_secs_f64());
+                }
+                reply.push_str(piece);
+            }
+        }
+    }
+    done.then_some((ttft?, reply, backend))
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap()
 }

@@ -224,10 +224,12 @@ impl AdminApp {
         // default model or alias's model written in, the same affinity key.
         let snap = self.fleet.load();
         let headers = &session.req_header().headers;
-        let routed = match routing::admit(&cfg, &snap, headers, body.into()) {
+        let mut routed = match routing::admit(&cfg, &snap, headers, body.into()) {
             Ok(r) => r,
             Err(e) => return reply(e.status, "application/json", e.body().to_vec()),
         };
+        routed.tokens =
+            routing::prefix::tokens_of(self.config.load_full(), snap.clone(), &routed).await;
         let v = explain(&cfg, &snap, &self.placer, &routed, Instant::now());
         reply(
             200,

@@ -41,10 +41,42 @@ pub enum DemoError {
     Start(#[from] crate::server::StartError),
 }
 
+/// The small tokenizer the tests use (`tests/fixtures/tiny-tokenizer`), carried in the
+/// binary so the demo's replicas publish KV events the gateway can route on without a
+/// model download.
+const TINY_TOKENIZER: [(&str, &[u8]); 3] = [
+    (
+        "tokenizer.json",
+        include_bytes!("../../tests/fixtures/tiny-tokenizer/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../tests/fixtures/tiny-tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "chat_template.jinja",
+        include_bytes!("../../tests/fixtures/tiny-tokenizer/chat_template.jinja"),
+    ),
+];
+
+/// Writes the tiny tokenizer into a directory of its own under the temporary directory.
+fn tiny_tokenizer() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("vllm-edge-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for (name, bytes) in TINY_TOKENIZER {
+        std::fs::write(dir.join(name), bytes)?;
+    }
+    Ok(dir)
+}
+
 pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
     if !(1..=64).contains(&args.replicas) {
         return Err(DemoError::Replicas);
     }
+    // The replicas publish vLLM's KV events and tokenize as the gateway does: exact
+    // prefix routing is on.
+    let tokenizer = tiny_tokenizer().map_err(DemoError::Sim)?;
+    let sim_tokenizer = tokenizer.clone();
     // The replicas get their own runtime on a background thread; Pingora owns the main one.
     let (tx, rx) = std::sync::mpsc::channel();
     let replicas = args.replicas;
@@ -75,6 +107,8 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
                         .map(|n| (n.to_string(), format!("/adapters/{n}")))
                         .collect();
                     a.max_loras = 1;
+                    a.kv_events_port = Some(0);
+                    a.tokenizer = Some(sim_tokenizer.clone());
                     match sim::spawn(a).await {
                         Ok(h) => handles.push(h),
                         Err(e) => {
@@ -83,22 +117,42 @@ pub fn run(args: DemoArgs) -> Result<std::convert::Infallible, DemoError> {
                         }
                     }
                 }
-                let _ = tx.send(Ok(handles.iter().map(|h| h.url()).collect::<Vec<_>>()));
+                let fleet: Vec<(String, Option<crate::config::KvEvents>)> = handles
+                    .iter()
+                    .map(|h| {
+                        let kv = h.sim.kv_events.as_ref().map(|p| crate::config::KvEvents {
+                            endpoint: format!("tcp://{}", p.endpoint),
+                            replay: Some(format!("tcp://{}", p.replay)),
+                        });
+                        (h.url(), kv)
+                    })
+                    .collect();
+                let _ = tx.send(Ok(fleet));
                 std::future::pending::<()>().await;
             });
         })
         .map_err(DemoError::Sim)?;
-    let urls = rx
+    let fleet = rx
         .recv()
         .map_err(|_| DemoError::Sim(std::io::Error::other("sim thread exited")))?
         .map_err(DemoError::Sim)?;
+    let urls: Vec<String> = fleet.iter().map(|(u, _)| u.clone()).collect();
 
-    let config = Config::with_backends(args.listen, args.admin, &urls);
+    let mut config = Config::with_backends(args.listen, args.admin, &urls);
+    for (b, (_, kv)) in config.backends.iter_mut().zip(fleet) {
+        b.kv_events = kv;
+    }
+    let tok = crate::tokenize::Tokenizer::load(&tokenizer)
+        .map_err(|e| DemoError::Sim(std::io::Error::other(e)))?;
+    config
+        .tokenizers
+        .insert(args.model.clone(), std::sync::Arc::new(tok));
     // Every port is bound before the demo says what to try.
     let sockets = crate::server::bind(&config, false)?;
     let (listen, admin) = (sockets.listeners()[0], sockets.admin());
     println!(
-        "vllm-edge demo: {} simulated replicas of `{}` with LoRA adapters {} ({})\n\
+        "vllm-edge demo: {} simulated replicas of `{}` with LoRA adapters {} ({}), publishing \
+         their KV-cache events (exact prefix routing)\n\
          gateway on http://{} (admin http://{})\n\n\
          Try:\n\
          \x20 curl -s http://{listen}/v1/models\n\

@@ -426,3 +426,69 @@ fn the_reference_config_shows_the_codes_defaults() {
         (defaults::BACKEND_WEIGHT, false, None)
     );
 }
+
+#[test]
+fn kv_events_and_tokenizers_are_read_and_bad_ones_located() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-tokenizer");
+    let text = MINIMAL
+        .replace(
+            "  - url: http://127.0.0.1:8001\n",
+            "  - url: http://127.0.0.1:8001\n    kv_events: tcp://127.0.0.1:5557\n    \
+             kv_events_replay: tcp://127.0.0.1:5558\n",
+        )
+        .replace(
+            "  policy: round-robin\n",
+            &format!("  policy: vllm\n  tokenizers:\n    tiny: {dir}\n"),
+        );
+    let c = parse(&text).unwrap();
+    assert_eq!(
+        c.backends[0].kv_events,
+        Some(KvEvents {
+            endpoint: "tcp://127.0.0.1:5557".into(),
+            replay: Some("tcp://127.0.0.1:5558".into()),
+        })
+    );
+    assert_eq!(c.backends[1].kv_events, None);
+    assert!(c.tokenizers["tiny"].has_chat_template());
+
+    let bad = text
+        .replace("tcp://127.0.0.1:5557", "tcp://*:5557")
+        .replace("tcp://127.0.0.1:5558", "127.0.0.1:5558")
+        .replace(dir, "/nonexistent/model");
+    let e = parse(&bad).unwrap_err().to_string();
+    assert!(e.contains("backends[0].kv_events"), "{e}");
+    assert!(e.contains("where the engine binds"), "{e}");
+    assert!(e.contains("backends[0].kv_events_replay"), "{e}");
+    assert!(e.contains("must be tcp://HOST:PORT"), "{e}");
+    assert!(e.contains("routing.tokenizers.tiny"), "{e}");
+    assert!(e.contains("/nonexistent/model/tokenizer.json"), "{e}");
+    let orphan = MINIMAL.replace(
+        "  - url: http://127.0.0.1:8001\n",
+        "  - url: http://127.0.0.1:8001\n    kv_events_replay: tcp://127.0.0.1:5558\n",
+    );
+    let e = parse(&orphan).unwrap_err().to_string();
+    assert!(e.contains("set `kv_events` too"), "{e}");
+}
+
+#[test]
+fn a_kv_events_group_member_reads_its_own_address() {
+    let group = BackendConfig {
+        kv_events: Some(KvEvents {
+            endpoint: "tcp://vllm.ns.svc:5557".into(),
+            replay: Some("tcp://vllm.ns.svc:5558".into()),
+        }),
+        ..BackendConfig::new(
+            "vllm",
+            "http://vllm.ns.svc:8000",
+            "10.0.0.1:8000".parse().unwrap(),
+        )
+    };
+    let member = group.at("10.0.0.7:8000".parse().unwrap());
+    assert_eq!(
+        member.kv_events,
+        Some(KvEvents {
+            endpoint: "tcp://10.0.0.7:5557".into(),
+            replay: Some("tcp://10.0.0.7:5558".into()),
+        })
+    );
+}

@@ -151,6 +151,9 @@ struct Inner {
     /// Each key held, with how many engine blocks hold it.
     keys: HashMap<BlockKey, u32>,
     last_seq: Option<u64>,
+    /// The engine's timestamp of the last message applied: a message with a smaller or
+    /// equal sequence number and a later time comes from an engine that started again.
+    last_ts: Option<f64>,
     stats: IndexStats,
 }
 
@@ -163,6 +166,7 @@ impl Default for Inner {
             by_engine: HashMap::new(),
             keys: HashMap::new(),
             last_seq: None,
+            last_ts: None,
             stats: IndexStats::default(),
         }
     }
@@ -224,15 +228,23 @@ impl PrefixIndex {
         }
     }
 
-    /// What message `seq` means, given the last one applied.
-    pub fn check_sequence(&self, seq: u64) -> Sequence {
+    /// What message `seq`, published at the engine's time `ts`, means, given the last
+    /// one applied. A number already seen is a duplicate (a replay overlapping the live
+    /// stream) unless it was published later than the last one applied: then the engine
+    /// started again and counts from 0 anew.
+    pub fn check_sequence(&self, seq: u64, ts: f64) -> Sequence {
         let g = self.inner.read();
         match g.last_seq {
             None if seq == 0 => Sequence::Next,
             None => Sequence::Gap { from: 0, to: seq },
             Some(last) if seq == last.wrapping_add(1) => Sequence::Next,
-            Some(_) if seq == 0 => Sequence::Restart,
-            Some(last) if seq <= last => Sequence::Seen,
+            Some(last) if seq <= last => {
+                if g.last_ts.is_some_and(|t| ts > t) {
+                    Sequence::Restart
+                } else {
+                    Sequence::Seen
+                }
+            }
             Some(last) => Sequence::Gap {
                 from: last + 1,
                 to: seq,
@@ -256,6 +268,7 @@ impl PrefixIndex {
         g.clear();
         g.coverage = Coverage::Exact;
         g.last_seq = None;
+        g.last_ts = None;
         g.stats.restarts += 1;
     }
 
@@ -286,14 +299,15 @@ impl PrefixIndex {
         }
     }
 
-    /// Applies message `seq`'s events (after [`PrefixIndex::check_sequence`] said
-    /// [`Sequence::Next`], or in a replay).
-    pub fn apply(&self, seq: u64, events: &[Event]) {
+    /// Applies message `seq`'s events, published at `ts` (after
+    /// [`PrefixIndex::check_sequence`] said [`Sequence::Next`]).
+    pub fn apply(&self, seq: u64, ts: f64, events: &[Event]) {
         let mut g = self.inner.write();
         if g.coverage == Coverage::Unknown && g.last_seq.is_none() && seq == 0 {
             g.coverage = Coverage::Exact;
         }
         g.last_seq = Some(seq);
+        g.last_ts = Some(ts);
         g.stats.batches += 1;
         for e in events {
             match e {
@@ -469,8 +483,8 @@ mod tests {
             _ => panic!(),
         };
         for m in &messages[..2] {
-            assert_eq!(index.check_sequence(m.seq), Sequence::Next);
-            index.apply(m.seq, &m.batch.events);
+            assert_eq!(index.check_sequence(m.seq, m.batch.ts), Sequence::Next);
+            index.apply(m.seq, m.batch.ts, &m.batch.events);
         }
         assert_eq!(index.coverage(), (Coverage::Exact, Some(128)));
         let keys = block_keys(&first, 128, None, None);
@@ -488,8 +502,8 @@ mod tests {
             0
         );
         for m in &messages[2..] {
-            assert_eq!(index.check_sequence(m.seq), Sequence::Next);
-            index.apply(m.seq, &m.batch.events);
+            assert_eq!(index.check_sequence(m.seq, m.batch.ts), Sequence::Next);
+            index.apply(m.seq, m.batch.ts, &m.batch.events);
         }
         assert_eq!(index.cached_blocks(&keys), 0, "evicted by the overflow");
         let v = index.view();
@@ -501,18 +515,30 @@ mod tests {
     fn a_continuation_chains_on_its_parent_and_removal_breaks_the_run() {
         let index = PrefixIndex::default();
         let tokens: Vec<u32> = (0..64).collect();
-        index.apply(0, &[stored(&[10, 11], None, tokens[..32].to_vec(), 16)]);
-        index.apply(1, &[stored(&[12, 13], Some(11), tokens[32..].to_vec(), 16)]);
+        index.apply(
+            0,
+            0.0,
+            &[stored(&[10, 11], None, tokens[..32].to_vec(), 16)],
+        );
+        index.apply(
+            1,
+            1.0,
+            &[stored(&[12, 13], Some(11), tokens[32..].to_vec(), 16)],
+        );
         let keys = block_keys(&tokens, 16, None, None);
         assert_eq!(index.cached_blocks(&keys), 4);
-        index.apply(2, &[removed(&[11])]);
+        index.apply(2, 2.0, &[removed(&[11])]);
         assert_eq!(
             index.cached_blocks(&keys),
             1,
             "the run from the start stops at a hole"
         );
         // A continuation of a parent never seen is not indexed (no guessing).
-        index.apply(3, &[stored(&[20], Some(99), tokens[..16].to_vec(), 16)]);
+        index.apply(
+            3,
+            3.0,
+            &[stored(&[20], Some(99), tokens[..16].to_vec(), 16)],
+        );
         assert_eq!(index.view().stats.orphans, 1);
     }
 
@@ -528,7 +554,7 @@ mod tests {
                 Some(vec![Extra::Text("sql".into())]),
             ]);
         }
-        index.apply(0, &[e]);
+        index.apply(0, 0.0, &[e]);
         assert_eq!(
             index.cached_blocks(&block_keys(&tokens, 16, Some("sql"), None)),
             2
@@ -543,34 +569,44 @@ mod tests {
     #[test]
     fn sequence_gaps_restarts_and_duplicates() {
         let index = PrefixIndex::default();
-        assert_eq!(index.check_sequence(5), Sequence::Gap { from: 0, to: 5 });
-        index.apply(0, &[]);
+        assert_eq!(
+            index.check_sequence(5, 5.0),
+            Sequence::Gap { from: 0, to: 5 }
+        );
+        index.apply(0, 0.0, &[]);
         assert_eq!(index.coverage().0, Coverage::Exact);
-        assert_eq!(index.check_sequence(1), Sequence::Next);
-        index.apply(1, &[stored(&[1], None, vec![7; 16], 16)]);
-        assert_eq!(index.check_sequence(1), Sequence::Seen);
-        assert_eq!(index.check_sequence(4), Sequence::Gap { from: 2, to: 4 });
-        assert_eq!(index.check_sequence(0), Sequence::Restart);
+        assert_eq!(index.check_sequence(1, 1.0), Sequence::Next);
+        index.apply(1, 1.0, &[stored(&[1], None, vec![7; 16], 16)]);
+        assert_eq!(index.check_sequence(1, 1.0), Sequence::Seen);
+        assert_eq!(
+            index.check_sequence(4, 4.0),
+            Sequence::Gap { from: 2, to: 4 }
+        );
+        // A duplicate of 0 (published then), and a new 0 (published later).
+        assert_eq!(index.check_sequence(0, 0.0), Sequence::Seen);
+        assert_eq!(index.check_sequence(0, 9.0), Sequence::Restart);
+        // A restarted engine first heard at 3: a restart, then the gap from 0.
+        assert_eq!(index.check_sequence(1, 9.0), Sequence::Restart);
         index.restarted();
         assert_eq!(
             index.cached_blocks(&block_keys(&[7; 16], 16, None, None)),
             0
         );
-        assert_eq!(index.check_sequence(0), Sequence::Next);
+        assert_eq!(index.check_sequence(0, 0.0), Sequence::Next);
     }
 
     #[test]
     fn an_unrecoverable_gap_rebuilds_over_a_cache_turnover() {
         let index = PrefixIndex::default();
         index.set_capacity(4);
-        index.apply(0, &[stored(&[1], None, vec![1; 16], 16)]);
+        index.apply(0, 0.0, &[stored(&[1], None, vec![1; 16], 16)]);
         index.gap_unrecoverable(Some(9));
         assert_eq!(index.coverage().0, Coverage::Rebuilding { until: 4 });
         assert_eq!(index.view().blocks, 0);
-        assert_eq!(index.check_sequence(10), Sequence::Next);
-        index.apply(10, &[stored(&[2, 3, 4], None, vec![2; 48], 16)]);
+        assert_eq!(index.check_sequence(10, 10.0), Sequence::Next);
+        index.apply(10, 10.0, &[stored(&[2, 3, 4], None, vec![2; 48], 16)]);
         assert_eq!(index.coverage().0, Coverage::Rebuilding { until: 1 });
-        index.apply(11, &[stored(&[5], None, vec![3; 16], 16)]);
+        index.apply(11, 11.0, &[stored(&[5], None, vec![3; 16], 16)]);
         assert_eq!(index.coverage().0, Coverage::Exact);
     }
 
@@ -578,7 +614,7 @@ mod tests {
     fn more_blocks_than_the_engine_holds_means_lost_removals() {
         let index = PrefixIndex::default();
         index.set_capacity(2);
-        index.apply(0, &[stored(&[1, 2, 3], None, vec![1; 48], 16)]);
+        index.apply(0, 0.0, &[stored(&[1, 2, 3], None, vec![1; 48], 16)]);
         assert!(matches!(index.coverage().0, Coverage::Rebuilding { .. }));
         assert_eq!(index.view().blocks, 0);
     }
@@ -595,7 +631,7 @@ mod tests {
             s.group_idx = Some(1);
         }
         let short = stored(&[3, 4], None, vec![1; 16], 16);
-        index.apply(0, &[cpu, swa, short, Event::AllBlocksCleared {}]);
+        index.apply(0, 0.0, &[cpu, swa, short, Event::AllBlocksCleared {}]);
         let v = index.view();
         assert_eq!((v.blocks, v.stats.malformed), (0, 1));
     }

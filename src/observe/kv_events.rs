@@ -135,59 +135,64 @@ pub async fn follow(backend: Weak<Backend>, endpoints: KvEvents) {
 pub async fn on_message(backend: &Backend, endpoints: &KvEvents, frames: Vec<Bytes>) {
     let index = &backend.prefix;
     index.heard(backend.completed());
-    let seq = match frames.get(1).map(|f| kv_events::sequence(f)) {
-        Some(Ok(seq)) => seq,
-        _ => {
-            index.malformed(None);
+    let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_ref()).collect();
+    let m = match kv_events::decode(&refs) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(backend = %backend.name, error = %e, "a KV-event message that is not a batch");
+            // A readable sequence number still moves the stream on.
+            index.malformed(refs.get(1).and_then(|f| kv_events::sequence(f).ok()));
             return;
         }
     };
-    match index.check_sequence(seq) {
-        Sequence::Seen => return,
+    let mut check = index.check_sequence(m.seq, m.batch.ts);
+    if check == Sequence::Restart {
+        tracing::info!(backend = %backend.name, "the engine's KV events started again: its cache is empty");
+        index.restarted();
+        check = index.check_sequence(m.seq, m.batch.ts);
+    }
+    match check {
+        Sequence::Seen | Sequence::Restart => return,
         Sequence::Next => {}
-        Sequence::Restart => {
-            tracing::info!(backend = %backend.name, "the engine's KV events started again at 0: its cache is empty");
-            index.restarted();
-        }
         Sequence::Gap { from, to } => {
-            let replayed = match &endpoints.replay {
-                Some(replay) => self::replay(replay, from).await,
-                None => Err("no kv_events_replay socket".to_string()),
-            };
-            match replayed {
-                Ok(messages) if messages.first().is_some_and(|m| m.seq == from) => {
-                    for m in messages.iter().filter(|m| m.seq < to) {
-                        if index.check_sequence(m.seq) == Sequence::Next {
-                            index.apply(m.seq, &m.batch.events);
-                        }
-                    }
-                    index.gap_replayed();
-                }
-                other => {
-                    let why = match other {
-                        Ok(m) => format!(
-                            "the replay buffer starts at {}",
-                            m.first().map_or("nothing".into(), |m| m.seq.to_string())
-                        ),
-                        Err(e) => e,
-                    };
-                    tracing::warn!(backend = %backend.name, missed_from = from, missed_to = to,
-                        reason = %why, "KV events were lost; its prefix cache is rebuilt from \
-                        new events (approximate affinity for it meanwhile)");
-                    index.gap_unrecoverable(seq.checked_sub(1));
-                }
-            }
-            if index.check_sequence(seq) != Sequence::Next {
+            fill_gap(backend, endpoints, from, to).await;
+            if index.check_sequence(m.seq, m.batch.ts) != Sequence::Next {
                 return;
             }
         }
     }
-    let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_ref()).collect();
-    match kv_events::decode(&refs) {
-        Ok(m) => index.apply(m.seq, &m.batch.events),
-        Err(e) => {
-            tracing::debug!(backend = %backend.name, error = %e, "a KV-event message that is not a batch");
-            index.malformed(Some(seq));
+    index.apply(m.seq, m.batch.ts, &m.batch.events);
+}
+
+/// Asks the replay socket for messages `from..to` and applies them; when that cannot be
+/// done, the index starts again and rebuilds, continuing after `to - 1`.
+async fn fill_gap(backend: &Backend, endpoints: &KvEvents, from: u64, to: u64) {
+    let index = &backend.prefix;
+    let replayed = match &endpoints.replay {
+        Some(replay) => self::replay(replay, from).await,
+        None => Err("no kv_events_replay socket".to_string()),
+    };
+    match replayed {
+        Ok(messages) if messages.first().is_some_and(|m| m.seq == from) => {
+            for m in messages.iter().filter(|m| m.seq < to) {
+                if index.check_sequence(m.seq, m.batch.ts) == Sequence::Next {
+                    index.apply(m.seq, m.batch.ts, &m.batch.events);
+                }
+            }
+            index.gap_replayed();
+        }
+        other => {
+            let why = match other {
+                Ok(m) => format!(
+                    "the replay buffer starts at {}",
+                    m.first().map_or("nothing".into(), |m| m.seq.to_string())
+                ),
+                Err(e) => e,
+            };
+            tracing::warn!(backend = %backend.name, missed_from = from, missed_to = to,
+                reason = %why, "KV events were lost; its prefix cache is rebuilt from \
+                new events (approximate affinity for it meanwhile)");
+            index.gap_unrecoverable(to.checked_sub(1));
         }
     }
 }
@@ -201,8 +206,8 @@ fn catch_up(backend: &Backend, history: Vec<Message>) {
         Some(_) => {}
     }
     for m in &history {
-        if index.check_sequence(m.seq) == Sequence::Next {
-            index.apply(m.seq, &m.batch.events);
+        if index.check_sequence(m.seq, m.batch.ts) == Sequence::Next {
+            index.apply(m.seq, m.batch.ts, &m.batch.events);
         }
     }
 }

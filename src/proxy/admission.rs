@@ -216,7 +216,7 @@ impl Gateway {
             Err(BodyError::ClientGone(e)) => return Err(e),
         };
         let snap = self.fleet.load();
-        let routed = match routing::admit(&cfg, &snap, &session.req_header().headers, body) {
+        let mut routed = match routing::admit(&cfg, &snap, &session.req_header().headers, body) {
             Ok(r) => r,
             Err(err) => {
                 if err == ApiError::too_deep(cfg.limits.max_json_depth) {
@@ -230,6 +230,8 @@ impl Gateway {
         if let Some(err) = routing::refusal(&cfg, &snap, &routed.info.model, routed.asked()) {
             return self.refuse(session, ctx, &err).await;
         }
+        routed.tokens =
+            routing::prefix::tokens_of(self.config.load_full(), snap.clone(), &routed).await;
         if let Some(k) = ctx.key.as_ref().filter(|k| k.counts_tokens()) {
             let prompt = (routed.info.prompt_bytes / routing::BYTES_PER_TOKEN) as u64;
             if let Err(Denied::Limited {

@@ -53,14 +53,14 @@ pub fn admit(
         Some(r) => (Bytes::from(r.body), r.info, r.alias, r.defaulted),
     };
     let affinity = affinity::request_key(cfg, headers, &body, &info);
-    let tokens = super::prefix::prompt_tokens(cfg, snap, &body, &info).map(std::sync::Arc::new);
     Ok(Routed {
         body,
         info,
         alias,
         defaulted,
         affinity,
-        tokens,
+        // Counted next, off the async worker when long (`prefix::tokens_of`).
+        tokens: None,
     })
 }
 

@@ -25,6 +25,32 @@ use crate::tokenize::Prompt;
 /// then routed by approximate affinity until it next does (a safe mistake).
 pub const SILENT_AFTER: u64 = 256;
 
+/// Bodies above this are tokenized on tokio's blocking pool ([`tokens_of`]): the
+/// tokenizer takes about half a microsecond per token (`benches/RESULTS.md`), 2 ms for a
+/// 16 KiB prompt, which must not stall the other connections of the worker thread.
+pub const INLINE_TOKENIZE_BYTES: usize = 16 * 1024;
+
+/// [`prompt_tokens`] of a routed request, on the blocking pool when its body is longer
+/// than [`INLINE_TOKENIZE_BYTES`]; `None` at once for a model without a tokenizer.
+pub async fn tokens_of(
+    cfg: std::sync::Arc<Config>,
+    snap: std::sync::Arc<FleetSnapshot>,
+    routed: &super::Routed,
+) -> Option<std::sync::Arc<PromptTokens>> {
+    if !cfg.tokenizers.contains_key(&routed.info.model) {
+        return None;
+    }
+    if routed.body.len() <= INLINE_TOKENIZE_BYTES {
+        return prompt_tokens(&cfg, &snap, &routed.body, &routed.info).map(std::sync::Arc::new);
+    }
+    let (body, info) = (routed.body.clone(), routed.info.clone());
+    tokio::task::spawn_blocking(move || prompt_tokens(&cfg, &snap, &body, &info))
+        .await
+        .ok()
+        .flatten()
+        .map(std::sync::Arc::new)
+}
+
 /// A request's token ids and what else vLLM keys its blocks by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptTokens {
@@ -83,6 +109,13 @@ pub struct CachedPrefix {
 }
 
 impl CachedPrefix {
+    /// From each backend's number (by snapshot index).
+    pub fn new(per_backend: impl IntoIterator<Item = Option<u32>>) -> CachedPrefix {
+        CachedPrefix {
+            per_backend: per_backend.into_iter().collect(),
+        }
+    }
+
     /// Backend `i`'s cached prompt tokens; `None` where its index is not exact.
     pub fn get(&self, i: usize) -> Option<u32> {
         self.per_backend.get(i).copied().flatten()

@@ -1103,3 +1103,60 @@ mod properties {
         }
     }
 }
+
+/// On KV events the prompt goes where it is cached, even to the last replica of its key's
+/// order; with one candidate not known exactly, the pick is the approximate one, whatever
+/// the others' events say.
+#[test]
+fn a_pick_on_kv_events_needs_every_candidate_known_else_it_is_the_approximate_one() {
+    use super::prefix::CachedPrefix;
+    let now = Instant::now();
+    let sel = Selector::new(STALE);
+    let mut snap = snapshot(&[true, true, true, true]);
+    for i in 0..4 {
+        snap = scraped(snap, i, 2.0, 0.0, 0.1, 0.02, now);
+    }
+    let key = 0x5eed;
+    let order = rank_order(&snap, key);
+    let base = Request {
+        prompt_tokens: 4000,
+        ..keyed(key, 8000)
+    };
+    let approx = sel.best(Policy::Vllm, &snap, &base, &[], now).unwrap();
+    assert_eq!(
+        (approx.index, approx.reason),
+        (order[0], Reason::AffinityHome)
+    );
+    let far = order[3];
+    let mut all = vec![Some(0); 4];
+    all[far] = Some(3968);
+    let exact = CachedPrefix::new(all.clone());
+    let on_events = Request {
+        cached: Some(&exact),
+        ..base
+    };
+    let c = sel.best(Policy::Vllm, &snap, &on_events, &[], now).unwrap();
+    assert_eq!(
+        (c.index, c.reason, c.cached_tokens),
+        (far, Reason::CachedPrefix, Some(3968))
+    );
+    assert_eq!(
+        on_events.prefill_tokens(&c),
+        32,
+        "only the uncached rest is pending"
+    );
+    for unknown in 0..4 {
+        let mut some = all.clone();
+        some[unknown] = None;
+        let partial = CachedPrefix::new(some);
+        let req = Request {
+            cached: Some(&partial),
+            ..base
+        };
+        let c = sel.best(Policy::Vllm, &snap, &req, &[], now).unwrap();
+        assert_eq!(
+            (c.index, c.reason, c.cached_tokens),
+            (approx.index, approx.reason, None)
+        );
+    }
+}

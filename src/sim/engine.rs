@@ -135,6 +135,8 @@ enum Command {
     Submit(Submission),
     /// Forget every request and counter, as a restarted server would.
     Reset,
+    /// How many tokens of a prompt the prefix cache holds now (an oracle's question).
+    Probe(Vec<u32>, tokio::sync::oneshot::Sender<usize>),
 }
 
 pub struct Engine {
@@ -180,6 +182,14 @@ impl Engine {
     /// Drops all requests and zeroes every counter.
     pub fn reset(&self) {
         let _ = self.commands.send(Command::Reset);
+    }
+
+    /// How many tokens of `prompt` (base model) its prefix cache holds now: what a router
+    /// that knew every engine's cache exactly would know (the benchmarks' oracle).
+    pub async fn cached_tokens(&self, prompt: Vec<u32>) -> usize {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.commands.send(Command::Probe(prompt, tx));
+        rx.await.unwrap_or(0)
     }
 
     /// Queues a request. Its tokens arrive on the returned channel; dropping the receiver
@@ -270,6 +280,9 @@ async fn run(
                             last_token: None,
                         },
                     );
+                }
+                Command::Probe(prompt, answer) => {
+                    let _ = answer.send(sched.cached_prefix(&prompt, 0));
                 }
                 Command::Reset => {
                     sched = new_scheduler();

@@ -532,6 +532,23 @@ impl Scheduler {
         self.counters.preemptions += 1;
     }
 
+    /// Prompt tokens of `prompt` (run with adapter `lora`) that the prefix cache holds
+    /// now, as an admission would find them: what an oracle router knows.
+    pub fn cached_prefix(&self, prompt: &[u32], lora: u32) -> usize {
+        let bs = self.cfg.block_size;
+        let mut parent = u64::from(lora);
+        let mut n = 0;
+        for block in prompt[..prompt.len().saturating_sub(1)].chunks_exact(bs) {
+            let h = block_hash(parent, block);
+            if !self.pool.cached.contains_key(&h) {
+                break;
+            }
+            n += bs;
+            parent = h;
+        }
+        n
+    }
+
     /// Blocks of `id`'s leading full blocks found in the prefix cache, capped so that at
     /// least the last token is computed (it produces the logits).
     fn lookup(&self, id: SeqId) -> Vec<u32> {
