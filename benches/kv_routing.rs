@@ -30,7 +30,8 @@
 //! Run: `benches/kv-routing.sh`. Environment: `KV_SECONDS` (arrival window, default 40),
 //! `KV_LOAD`, `KV_TENANTS`, `KV_WARMUP` (default 10), `KV_SEED` (default 42), `KV_ROUTERS`
 //! (semicolon-separated labels), `KV_INSTANCES` (comma-separated, default `1,3`),
-//! `VLLM_ROUTER` (its binary; skipped when missing).
+//! `VLLM_ROUTER` (its binary; skipped when missing), `RQ_BASELINE` (another vllm-edge
+//! binary, the `baseline + KV events` router).
 
 mod common;
 
@@ -327,6 +328,8 @@ async fn main() {
         ("vllm, no affinity", "vllm-edge vllm+noaffinity"),
         ("vllm + approximate affinity", "vllm-edge vllm"),
         ("vllm + KV events", "vllm-edge vllm+kv"),
+        // Another build's KV-event routing, for a before/after in one run ($RQ_BASELINE).
+        ("baseline + KV events", "baseline vllm+kv"),
         ("oracle", "oracle"),
         ("vllm-router cache_aware", "vllm-router cache_aware"),
     ];

@@ -1,7 +1,8 @@
 //! `vllm` (the default): the lowest estimate of the time to the request's first token
 //! ([`crate::routing::vllm_score`]). When every candidate's prefix cache is known from
 //! its KV events, each estimate counts only the prefill its engine still has to do, and
-//! the lowest wins. Otherwise, for a request with a prefix-affinity key, its home
+//! among those within the load factor of the lowest, the one holding the most of the
+//! prompt wins. Otherwise, for a request with a prefix-affinity key, its home
 //! instead when that is cheap: its estimate within the load factor of the lowest, plus
 //! the prefill its prefix cache likely saves.
 
@@ -94,17 +95,52 @@ fn exact<'a>(cx: &Cx<'a>, eligible: &[usize]) -> Option<&'a crate::routing::pref
     cx.req.cached.filter(|c| c.covers(eligible))
 }
 
+/// The pick on KV events: among the backends whose estimate (each counting only the
+/// prefill its engine still has to do) is within the load factor of the lowest, the one
+/// holding the most of the prompt; on equal holdings, the first in the key's rendezvous
+/// order (without a key: the lowest estimate). The holdings come from the engines'
+/// events, which every gateway sees alike, and the order is fixed: gateways that differ
+/// only in their own load accounting still agree inside the band.
+fn on_events(
+    cx: &Cx,
+    eligible: &[usize],
+    cached: &crate::routing::prefix::CachedPrefix,
+) -> Option<Pick> {
+    let scorer = Scorer::new(cx.snap, cx.req, cx.fresh);
+    let scores: SmallVec<[(usize, f64); 64]> = eligible
+        .iter()
+        .map(|&i| (i, scorer.score(cx.snap, i)))
+        .collect();
+    let low = scores.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    let sticky = cx.req.affinity.as_ref();
+    let band = low * sticky.map_or(1.0, |s| s.load_factor);
+    let tiebreak = |i: usize, s: f64| match sticky {
+        Some(st) => affinity_rank(cx.snap, st, i),
+        None => -s,
+    };
+    let mut best: Option<(u32, f64, usize, f64)> = None;
+    for &(i, s) in &scores {
+        if s > band {
+            continue;
+        }
+        let held = cached.get(i).unwrap_or(0);
+        let t = tiebreak(i, s);
+        if best.is_none_or(|(h, bt, _, _)| held > h || (held == h && t > bt)) {
+            best = Some((held, t, i, s));
+        }
+    }
+    let (held, _, index, score) = best?;
+    Some(Pick {
+        index,
+        score: Some(score),
+        home: None,
+        cached: Some(held),
+    })
+}
+
 pub(super) fn pick(cx: &Cx, eligible: &[usize]) -> Option<Pick> {
     if let Some(cached) = exact(cx, eligible) {
-        // Each estimate counts only the prefill its engine still has to do.
-        let scorer = Scorer::new(cx.snap, cx.req, cx.fresh);
-        let (index, score) = lowest(eligible, |i| scorer.score(cx.snap, i))?;
-        return Some(Pick {
-            index,
-            score: Some(score),
-            home: None,
-            cached: cached.get(index),
-        });
+        return on_events(cx, eligible, cached);
     }
     if let Some(sticky) = keyed(cx) {
         let (index, score, _, home) = keyed_vllm(cx.snap, cx.req, sticky, cx.fresh, || {
@@ -130,8 +166,13 @@ pub(super) fn pick(cx: &Cx, eligible: &[usize]) -> Option<Pick> {
 /// By estimate, lowest first; for a keyed request, its pick first.
 pub(super) fn order(cx: &Cx, eligible: &mut [usize]) {
     let scorer = Scorer::new(cx.snap, cx.req, cx.fresh);
-    if exact(cx, eligible).is_some() {
+    if let Some(cached) = exact(cx, eligible) {
+        // The pick first, then by estimate.
+        let first = on_events(cx, eligible, cached);
         by_key(eligible, |i| scorer.score(cx.snap, i));
+        if let Some(first) = first {
+            super::put_first(eligible, first.index);
+        }
         return;
     }
     let rest = match keyed(cx).and_then(|_| pick(cx, eligible)) {
