@@ -240,8 +240,16 @@ fn prefix_tokens(c: &mut Criterion) {
                 kv_cache_spec_kind: None,
             })],
         );
+        // The first time a system prompt is seen (its whole text tokenized), then again
+        // (its ids remembered: only the template's short pieces are tokenized).
+        let text = tok.render_chat(&messages).unwrap();
         group.bench_with_input(
-            BenchmarkId::new("tokenize chat", ids.len()),
+            BenchmarkId::new("tokenize chat, first time", ids.len()),
+            &text,
+            |b, t| b.iter(|| tok.encode(black_box(t), false).unwrap()),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("tokenize chat, prompt seen before", ids.len()),
             &messages,
             |b, m| b.iter(|| tok.tokens(Prompt::Chat(black_box(m))).unwrap()),
         );

@@ -16,6 +16,16 @@ use std::path::{Path, PathBuf};
 /// Template instructions one rendering may spend (minijinja's fuel): far above any real
 /// chat template over a long conversation, and a bound on a template that loops.
 const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Pieces of chat text (between special tokens) at least this long are remembered with
+/// their token ids: a system prompt repeats across requests, and tokenizing costs about
+/// half a microsecond per token.
+const CACHED_PIECE_BYTES: usize = 256;
+/// Pieces remembered at most (then forgotten all at once): with 8 KiB system prompts,
+/// about 100 MiB of ids at the very most, usually far less.
+const CACHED_PIECES: usize = 4096;
+
+/// Token ids of chat pieces, by (digest, length) of their text.
+type PieceCache = std::collections::HashMap<(u64, usize), std::sync::Arc<[u32]>>;
 
 /// One model's tokenizer and chat template.
 pub struct Tokenizer {
@@ -25,6 +35,12 @@ pub struct Tokenizer {
     chat: Option<minijinja::Environment<'static>>,
     /// `bos_token`, `eos_token`, `unk_token`, `pad_token` as the template sees them.
     specials: Vec<(&'static str, String)>,
+    /// The special tokens, to cut chat text into pieces that tokenize independently;
+    /// `None` when the tokenizer has added tokens this cannot reproduce (stripping
+    /// whitespace around them, matched after normalization, not special).
+    pieces: Option<Pieces>,
+    /// Token ids of long pieces seen before, by a digest of their text.
+    cache: parking_lot::Mutex<PieceCache>,
     /// Where it was loaded from (messages).
     pub dir: PathBuf,
 }
@@ -79,10 +95,13 @@ impl Tokenizer {
             .into_iter()
             .filter_map(|k| special(&config, k).map(|v| (k, v)))
             .collect();
+        let pieces = Pieces::of(&tokenizer);
         Ok(Tokenizer {
             tokenizer,
             chat,
             specials,
+            pieces,
+            cache: Default::default(),
             dir: dir.to_path_buf(),
         })
     }
@@ -98,7 +117,7 @@ impl Tokenizer {
         match prompt {
             Prompt::Chat(messages) => {
                 let text = self.render_chat(messages)?;
-                self.encode(&text, false)
+                self.encode_chat(&text)
             }
             Prompt::Completion(Value::String(s)) => self.encode(s, true),
             Prompt::Completion(Value::Array(ids)) => ids
@@ -121,6 +140,53 @@ impl Tokenizer {
             .map_err(|e| format!("tokenizer: {e}"))
     }
 
+    /// Rendered chat text as token ids, as [`Tokenizer::encode`] without special tokens
+    /// gives them: the tokenizer splits text at its special tokens first and tokenizes
+    /// the pieces between them independently, so each piece's ids can be remembered (a
+    /// system prompt is one piece, repeated across requests).
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, String> {
+        let Some(pieces) = &self.pieces else {
+            return self.encode(text, false);
+        };
+        let mut out = Vec::with_capacity(text.len() / 3);
+        let mut at = 0;
+        for m in pieces.finder.find_iter(text) {
+            self.piece(&text[at..m.start()], &mut out)?;
+            out.push(pieces.ids[m.pattern().as_usize()]);
+            at = m.end();
+        }
+        self.piece(&text[at..], &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the ids of `text`, a piece without special tokens.
+    fn piece(&self, text: &str, out: &mut Vec<u32>) -> Result<(), String> {
+        if text.len() < CACHED_PIECE_BYTES {
+            if !text.is_empty() {
+                out.extend(self.encode(text, false)?);
+            }
+            return Ok(());
+        }
+        use std::hash::{BuildHasher, Hasher};
+        static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        let mut h = KEYS.get_or_init(Default::default).build_hasher();
+        h.write(text.as_bytes());
+        let key = (h.finish(), text.len());
+        if let Some(ids) = self.cache.lock().get(&key) {
+            out.extend_from_slice(ids);
+            return Ok(());
+        }
+        let ids: std::sync::Arc<[u32]> = self.encode(text, false)?.into();
+        out.extend_from_slice(&ids);
+        let mut cache = self.cache.lock();
+        if cache.len() >= CACHED_PIECES {
+            cache.clear();
+        }
+        cache.insert(key, ids);
+        Ok(())
+    }
+
     /// The chat `messages` rendered by the template, with the generation prompt.
     pub fn render_chat(&self, messages: &Value) -> Result<String, String> {
         let env = self.chat.as_ref().ok_or("the model has no chat template")?;
@@ -135,6 +201,37 @@ impl Tokenizer {
         template
             .render(minijinja::value::Serde(&ctx))
             .map_err(|e| format!("chat template: {e}"))
+    }
+}
+
+/// A tokenizer's special tokens, found in text leftmost-longest as the tokenizer finds
+/// them.
+struct Pieces {
+    finder: aho_corasick::AhoCorasick,
+    /// The id of each pattern of `finder`.
+    ids: Vec<u32>,
+}
+
+impl Pieces {
+    /// `None` unless every added token is a plain special token (no whitespace
+    /// stripping, not single-word, matched before normalization): then the text between
+    /// them tokenizes independently.
+    fn of(tokenizer: &tokenizers::Tokenizer) -> Option<Pieces> {
+        let added = tokenizer.get_added_tokens_decoder();
+        if added.is_empty()
+            || added
+                .values()
+                .any(|t| !t.special || t.lstrip || t.rstrip || t.single_word || t.normalized)
+        {
+            return None;
+        }
+        let (ids, contents): (Vec<u32>, Vec<String>) =
+            added.into_iter().map(|(id, t)| (id, t.content)).unzip();
+        let finder = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(&contents)
+            .ok()?;
+        Some(Pieces { finder, ids })
     }
 }
 
@@ -233,6 +330,27 @@ mod tests {
             let want: Vec<u32> = serde_json::from_value(case["tokens"].clone()).unwrap();
             assert_eq!(tok.tokens(prompt).unwrap(), want, "{req}");
         }
+    }
+
+    /// Chat text cut at the special tokens, its long pieces remembered, tokenizes exactly
+    /// as the whole text does, the second time from the cache.
+    #[test]
+    fn pieces_between_special_tokens_tokenize_as_the_whole() {
+        let tok = fixture();
+        assert!(tok.pieces.is_some());
+        let long = "The licensee may convey verbatim copies. ".repeat(20);
+        for text in [
+            format!("<s><|system|>\n{long}<|end|>\n<|user|>\n hi <|end|>\n<|assistant|>\n"),
+            format!("{long}<|user|><|user|>  trailing {long}"),
+            "no special tokens at all".to_string(),
+            "<|end|>".to_string(),
+            String::new(),
+        ] {
+            let whole = tok.encode(&text, false).unwrap();
+            assert_eq!(tok.encode_chat(&text).unwrap(), whole, "{text}");
+            assert_eq!(tok.encode_chat(&text).unwrap(), whole, "cached: {text}");
+        }
+        assert!(!tok.cache.lock().is_empty());
     }
 
     #[test]

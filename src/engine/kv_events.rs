@@ -238,13 +238,13 @@ pub fn encode_batch(batch: &Batch) -> Vec<u8> {
     out
 }
 
+/// The recorded real batches (`tests/fixtures/vllm-0.32/kv-events/`), for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
     use serde_json::Value;
 
     /// Each recorded message of a real vLLM 0.32: its frames and msgspec's decoding.
-    pub(crate) fn recorded(name: &str) -> Vec<(Vec<Vec<u8>>, Value)> {
+    pub fn recorded(name: &str) -> Vec<(Vec<Vec<u8>>, Value)> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/vllm-0.32/kv-events")
             .join(name);
@@ -270,6 +270,13 @@ mod tests {
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::fixtures::recorded;
 
     fn refs(frames: &[Vec<u8>]) -> Vec<&[u8]> {
         frames.iter().map(Vec::as_slice).collect()

@@ -454,26 +454,10 @@ mod tests {
     /// their tokens, the salted copy only with its salt, and the overflow evicts them.
     #[test]
     fn real_events_index_by_tokens_salt_and_eviction() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let index = PrefixIndex::default();
-        let lines =
-            std::fs::read_to_string(dir.join("vllm-0.32/kv-events/overflow-salt.jsonl")).unwrap();
-        let messages: Vec<_> = lines
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                let frames: Vec<Vec<u8>> = v["frames"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|f| {
-                        let s = f.as_str().unwrap();
-                        (0..s.len())
-                            .step_by(2)
-                            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-                            .collect()
-                    })
-                    .collect();
+        let messages: Vec<_> = crate::engine::kv_events::fixtures::recorded("overflow-salt.jsonl")
+            .into_iter()
+            .map(|(frames, _)| {
                 let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
                 decode(&refs).unwrap()
             })
