@@ -233,7 +233,13 @@ impl Gateway {
         routed.tokens =
             routing::prefix::tokens_of(self.config.load_full(), snap.clone(), &routed).await;
         if let Some(k) = ctx.key.as_ref().filter(|k| k.counts_tokens()) {
-            let prompt = (routed.info.prompt_bytes / routing::BYTES_PER_TOKEN) as u64;
+            // Counted when the model has a tokenizer, else estimated from its bytes.
+            let prompt = routed
+                .tokens
+                .as_ref()
+                .map_or(routed.info.prompt_bytes / routing::BYTES_PER_TOKEN, |t| {
+                    t.ids.len()
+                }) as u64;
             if let Err(Denied::Limited {
                 key,
                 message,

@@ -19,22 +19,6 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
-    /// With the request's exact token count and, per backend, what its engine has
-    /// cached of them.
-    pub fn with_cached(
-        mut self,
-        tokens: Option<&super::prefix::PromptTokens>,
-        cached: Option<&'a super::prefix::CachedPrefix>,
-    ) -> Request<'a> {
-        if let Some(t) = tokens {
-            self.prompt_tokens = t.ids.len();
-        }
-        self.cached = cached;
-        self
-    }
-}
-
-impl<'a> Request<'a> {
     /// What selection knows of an inspected request under `cfg`. Its affinity `key`
     /// counts only while the policy uses affinity (a reload may have changed the policy
     /// since the key was made), held to the configured load factor and to where the
@@ -58,6 +42,20 @@ impl<'a> Request<'a> {
                 }),
             cached: None,
         }
+    }
+
+    /// With the request's exact token count and, per backend, what its engine has
+    /// cached of them.
+    pub fn with_cached(
+        mut self,
+        tokens: Option<&super::prefix::PromptTokens>,
+        cached: Option<&'a super::prefix::CachedPrefix>,
+    ) -> Request<'a> {
+        if let Some(t) = tokens {
+            self.prompt_tokens = t.ids.len();
+        }
+        self.cached = cached;
+        self
     }
 
     /// Prompt tokens the chosen backend will likely have to prefill for this request:
