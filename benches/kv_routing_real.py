@@ -75,7 +75,9 @@ try:
     for s in servers:
         if not wait_up(s["url"] + "/health"):
             sys.exit(f"vLLM at {s['url']} did not start; see {tempfile.gettempdir()}/kv-real-vllm*.log")
-    license_words = open("/usr/share/common-licenses/GPL-3").read().split()
+    # Prose from the repository's own docs: nothing outside the repository is read.
+    import glob
+    license_words = " ".join(open(f).read() for f in sorted(glob.glob(os.path.join(ROOT, "docs/*.md")))).split()
     def system(t):
         rnd = random.Random(t)
         i = rnd.randrange(len(license_words) - 800)
