@@ -28,13 +28,12 @@
 mod common;
 
 use common::{
-    ask, client, engine_loads, pct, replica, start_router, wait_idle, BUDGET, KV_TOKENS,
-    MAX_NUM_SEQS,
+    ask, capacity_no_cache, client, engine_loads, pct, replica, start_router, text, wait_idle,
+    KV_TOKENS, MAX_NUM_SEQS,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::time::{Duration, Instant};
-use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
 use vllm_edge::sim::{self, SimHandle};
 
 const REPLICAS: usize = 4;
@@ -47,50 +46,6 @@ const GROUPS: usize = 64;
 const SYSTEM_WORDS: usize = 1200;
 const SHARED_QUESTION_WORDS: usize = 60;
 const SHARED_OUTPUT: usize = 80;
-
-/// Three-letter words: with the space, 4 bytes per (simulated) token, the density of
-/// English text that the gateway assumes when it estimates tokens from bytes.
-const WORDS: [&str; 12] = [
-    "ant", "bee", "cat", "dog", "elk", "fox", "gnu", "hen", "owl", "pig", "rat", "yak",
-];
-
-/// `n` words, distinct for each `tag` (its first word), so unrelated texts share no prefix.
-fn text(tag: &str, n: usize, salt: usize) -> String {
-    let mut s = format!("{tag} ");
-    for k in 1..n {
-        s.push_str(WORDS[(k * 7 + salt * 13 + k / 5) % WORDS.len()]);
-        s.push(' ');
-    }
-    s
-}
-
-fn sched_config() -> SchedulerConfig {
-    SchedulerConfig {
-        max_num_seqs: MAX_NUM_SEQS,
-        max_num_batched_tokens: BUDGET,
-        block_size: 16,
-        kv_tokens: KV_TOKENS,
-        enable_prefix_caching: false,
-        max_model_len: MAX_MODEL_LEN,
-        perf: PerfModel::LLAMA3_8B_A100,
-        speed_factor: 1.0,
-        max_loras: 0,
-    }
-}
-
-/// Requests per second one replica completes, saturated, with prompts of `prompt` tokens
-/// and `output` tokens out, and no prefix cache (the virtual clock of the scheduler).
-fn capacity(prompt: usize, output: usize) -> f64 {
-    let trace: Vec<TraceRequest> = (0..2000u32)
-        .map(|i| TraceRequest {
-            arrival_s: 0.0,
-            prompt: (0..prompt as u32).map(|t| t ^ (i << 13)).collect(),
-            output_tokens: output,
-        })
-        .collect();
-    let r = simulate(sched_config(), &trace, 1);
-    trace.len() as f64 / r.duration_s
-}
 
 async fn fleet() -> Vec<SimHandle> {
     let mut sims = Vec::new();
@@ -284,9 +239,16 @@ async fn main() {
 
     // Load as a fraction of what the fleet completes without any prefix cache.
     let chat_prompt = 15 + (TURNS / 2) * (QUESTION_WORDS + CHAT_OUTPUT) + QUESTION_WORDS;
-    let chat_rate = load * REPLICAS as f64 * capacity(chat_prompt, CHAT_OUTPUT) / TURNS as f64;
-    let shared_rate =
-        load * REPLICAS as f64 * capacity(SYSTEM_WORDS + SHARED_QUESTION_WORDS, SHARED_OUTPUT);
+    let chat_rate =
+        load * REPLICAS as f64 * capacity_no_cache(chat_prompt, CHAT_OUTPUT, MAX_MODEL_LEN)
+            / TURNS as f64;
+    let shared_rate = load
+        * REPLICAS as f64
+        * capacity_no_cache(
+            SYSTEM_WORDS + SHARED_QUESTION_WORDS,
+            SHARED_OUTPUT,
+            MAX_MODEL_LEN,
+        );
     println!(
         "Fleet: {REPLICAS} equal simulated replicas (A100 profile, {MAX_NUM_SEQS} sequences, \
          {KV_TOKENS} KV tokens, prefix caching on); {seconds} s of arrivals per run at {:.0}% \

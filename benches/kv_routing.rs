@@ -36,15 +36,14 @@
 mod common;
 
 use common::{
-    ask, client, engine_loads, pct, replica, start_router_with, wait_idle, BUDGET, KV_TOKENS,
-    MAX_NUM_SEQS,
+    ask, capacity_no_cache, client, engine_loads, pct, replica, start_router_with, text, wait_idle,
+    KV_TOKENS, MAX_NUM_SEQS,
 };
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vllm_edge::sim::scheduler::{simulate, PerfModel, SchedulerConfig, TraceRequest};
 use vllm_edge::sim::{self, SimHandle};
 use vllm_edge::tokenize::{Prompt, Tokenizer};
 
@@ -58,46 +57,11 @@ const OUTPUT: usize = 40;
 /// Tokens one request over the batch limit costs the oracle (a queue place).
 const ORACLE_QUEUE_PLACE: usize = 2000;
 
-const WORDS: [&str; 12] = [
-    "ant", "bee", "cat", "dog", "elk", "fox", "gnu", "hen", "owl", "pig", "rat", "yak",
-];
-
-fn text(tag: &str, n: usize, salt: usize) -> String {
-    let mut s = format!("{tag} ");
-    for k in 1..n {
-        s.push_str(WORDS[(k * 7 + salt * 13 + k / 5) % WORDS.len()]);
-        s.push(' ');
-    }
-    s
-}
-
 fn tokenizer_dir() -> String {
     format!(
         "{}/tests/fixtures/tiny-tokenizer",
         env!("CARGO_MANIFEST_DIR")
     )
-}
-
-fn capacity(prompt: usize, output: usize) -> f64 {
-    let cfg = SchedulerConfig {
-        max_num_seqs: MAX_NUM_SEQS,
-        max_num_batched_tokens: BUDGET,
-        block_size: 16,
-        kv_tokens: KV_TOKENS,
-        enable_prefix_caching: false,
-        max_model_len: MAX_MODEL_LEN,
-        perf: PerfModel::LLAMA3_8B_A100,
-        speed_factor: 1.0,
-        max_loras: 0,
-    };
-    let trace: Vec<TraceRequest> = (0..2000u32)
-        .map(|i| TraceRequest {
-            arrival_s: 0.0,
-            prompt: (0..prompt as u32).map(|t| t ^ (i << 13)).collect(),
-            output_tokens: output,
-        })
-        .collect();
-    trace.len() as f64 / simulate(cfg, &trace, 1).duration_s
 }
 
 async fn fleet() -> Vec<SimHandle> {
@@ -349,7 +313,8 @@ async fn main() {
     let per_word = tok.encode(&text("tenant0", 1000, 0), false).unwrap().len() as f64 / 1000.0;
     let prompt = ((SYSTEM_WORDS + (TURNS / 2) * (QUESTION_WORDS + OUTPUT) + QUESTION_WORDS) as f64
         * per_word) as usize;
-    let rate = load * REPLICAS as f64 * capacity(prompt, OUTPUT) / TURNS as f64;
+    let rate =
+        load * REPLICAS as f64 * capacity_no_cache(prompt, OUTPUT, MAX_MODEL_LEN) / TURNS as f64;
     println!(
         "Fleet: {REPLICAS} simulated replicas (A100 profile, {MAX_NUM_SEQS} sequences, \
          {KV_TOKENS} KV tokens each, prefix caching on, KV events published); {tenants} \

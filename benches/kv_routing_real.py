@@ -3,8 +3,8 @@ vLLM, about 6 GB). Run through benches/kv-routing-real.sh.
 
 Two servers (one core each) serve the tiny model with the project's tokenizer, prefix
 caching and KV events, each with a small KV cache (KR_KV_BYTES, default 12M: 96 blocks of
-128 tokens). Tenants' system prompts (about 1,000 tokens each, KR_TENANTS of them,
-default 20) overflow one server's cache and nearly fill both. The same seeded schedule
+128 tokens). Tenants' system prompts (450 words of the repository's docs, about 1,350
+tokens each, KR_TENANTS of them, default 20) overflow one server's cache and fill both. The same seeded schedule
 of single-turn requests (a tenant's system prompt and a fresh question) is sent through
 the gateway, concurrency KR_CONCURRENCY (default 4), once per configuration:
 
@@ -80,8 +80,8 @@ try:
     license_words = " ".join(open(f).read() for f in sorted(glob.glob(os.path.join(ROOT, "docs/*.md")))).split()
     def system(t):
         rnd = random.Random(t)
-        i = rnd.randrange(len(license_words) - 800)
-        return f"Tenant {t}. " + " ".join(license_words[i:i + 800])
+        i = rnd.randrange(len(license_words) - 450)
+        return f"Tenant {t}. " + " ".join(license_words[i:i + 450])
     systems = [system(t) for t in range(TENANTS)]
     rnd = random.Random(SEED)
     schedule = [(rnd.randrange(TENANTS), f"Question {i}: which section is about {rnd.random():.4f}?")

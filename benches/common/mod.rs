@@ -389,3 +389,48 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+// -----------------------------------------------------------------------------------------
+// Prefix workloads (affinity, kv_routing)
+// -----------------------------------------------------------------------------------------
+
+/// Three-letter words: with the space, 4 bytes per (simulated) token, the density of
+/// English text that the gateway assumes when it estimates tokens from bytes.
+pub const WORDS: [&str; 12] = [
+    "ant", "bee", "cat", "dog", "elk", "fox", "gnu", "hen", "owl", "pig", "rat", "yak",
+];
+
+/// `n` words, distinct for each `tag` (its first word), so unrelated texts share no prefix.
+pub fn text(tag: &str, n: usize, salt: usize) -> String {
+    let mut s = format!("{tag} ");
+    for k in 1..n {
+        s.push_str(WORDS[(k * 7 + salt * 13 + k / 5) % WORDS.len()]);
+        s.push(' ');
+    }
+    s
+}
+
+/// Requests per second one replica (A100 profile, the benches' batch limits) completes,
+/// saturated, with prompts of `prompt` tokens and `output` tokens out, and no prefix
+/// cache (the scheduler's virtual clock).
+pub fn capacity_no_cache(prompt: usize, output: usize, max_model_len: usize) -> f64 {
+    let cfg = SchedulerConfig {
+        max_num_seqs: MAX_NUM_SEQS,
+        max_num_batched_tokens: BUDGET,
+        block_size: 16,
+        kv_tokens: KV_TOKENS,
+        enable_prefix_caching: false,
+        max_model_len,
+        perf: PerfModel::LLAMA3_8B_A100,
+        speed_factor: 1.0,
+        max_loras: 0,
+    };
+    let trace: Vec<TraceRequest> = (0..2000u32)
+        .map(|i| TraceRequest {
+            arrival_s: 0.0,
+            prompt: (0..prompt as u32).map(|t| t ^ (i << 13)).collect(),
+            output_tokens: output,
+        })
+        .collect();
+    trace.len() as f64 / simulate(cfg, &trace, 1).duration_s
+}
