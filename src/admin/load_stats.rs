@@ -194,6 +194,9 @@ fn kv_events_json(b: &crate::fleet::Backend, k: &crate::config::KvEvents) -> ser
         },
         "routing_on": routing_on,
         "requests_since_last_event": silent,
+        // The server's process start time (else version) as last scraped: a new one
+        // empties the index.
+        "engine_identity": b.prefix.identity(),
         "block_size": v.block_size,
         "blocks": v.blocks,
         "last_sequence": v.last_seq,

@@ -44,6 +44,9 @@ pub struct EngineLoad {
     pub lora: Option<LoraSlots>,
     /// Distinct `engine` label values seen (1 when there is no such label).
     pub engines: usize,
+    /// When the server process started (`process_start_time_seconds`, Unix seconds): a
+    /// new value is a restarted server.
+    pub started_at: Option<f64>,
     /// Series that could not be read and were left out (a LoRA series without
     /// `max_lora`), for the logs.
     pub anomalies: Vec<String>,
@@ -373,6 +376,7 @@ struct Read {
     anomalies: Vec<String>,
     /// The latest `vllm:lora_requests_info` series: (its time, its slots).
     lora: Option<(f64, LoraSlots)>,
+    started_at: Option<f64>,
 }
 
 impl Read {
@@ -380,6 +384,10 @@ impl Read {
     fn take(&mut self, sample: &Sample, line: usize) {
         let (engines, v, n) = (&mut self.engines, sample.value, line - 1);
         let (lora, anomalies) = (&mut self.lora, &mut self.anomalies);
+        if sample.name == "process_start_time_seconds" && v.is_finite() {
+            self.started_at = Some(v);
+            return;
+        }
         let engine = sample.label("engine").unwrap_or("").to_string();
         match sample.name {
             "vllm:num_requests_running" | "vllm:num_requests_waiting" => {
@@ -459,10 +467,12 @@ impl Read {
             engines,
             anomalies,
             lora,
+            started_at,
         } = self;
         let mut load = EngineLoad {
             engines: engines.len().max(1),
             lora: lora.map(|(_, slots)| slots),
+            started_at,
             anomalies,
             ..EngineLoad::default()
         };
@@ -519,6 +529,15 @@ impl Read {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_process_start_time_is_read() {
+        let payload = include_bytes!("../../tests/fixtures/vllm-0.32/metrics-idle.txt");
+        assert_eq!(
+            parse(payload, 8 << 20).unwrap().started_at,
+            Some(1.79532323827e9)
+        );
+    }
+
     use super::*;
 
     const MAX: usize = 8 << 20;

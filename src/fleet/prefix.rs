@@ -154,6 +154,10 @@ struct Inner {
     /// The engine's timestamp of the last message applied: a message with a smaller or
     /// equal sequence number and a later time comes from an engine that started again.
     last_ts: Option<f64>,
+    /// The engine's identity as last scraped (its version, its process start time), and
+    /// the restarts counted when it was seen.
+    identity: Option<(String, u64)>,
+    restarts_at_identity: u64,
     stats: IndexStats,
 }
 
@@ -167,6 +171,8 @@ impl Default for Inner {
             keys: HashMap::new(),
             last_seq: None,
             last_ts: None,
+            identity: None,
+            restarts_at_identity: 0,
             stats: IndexStats::default(),
         }
     }
@@ -193,6 +199,15 @@ impl PrefixIndex {
     /// The backend's finished requests when the engine was last heard from.
     pub fn heard_at(&self) -> u64 {
         self.heard_at.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The engine's identity as last seen ([`PrefixIndex::engine_identity`]).
+    pub fn identity(&self) -> Option<String> {
+        self.inner
+            .read()
+            .identity
+            .as_ref()
+            .map(|(id, _)| id.clone())
     }
 
     /// Its coverage and block size: what a lookup needs to know first.
@@ -250,6 +265,33 @@ impl PrefixIndex {
                 to: seq,
             },
         }
+    }
+
+    /// The engine's identity as its server reports it: its process start time
+    /// (`process_start_time_seconds` in `/metrics`), else its `/version`. A new one is a
+    /// restarted server, whose cache is empty: the index starts again, unless its events
+    /// already told (a restart seen since the last identity), so what it published since
+    /// is kept. Returns whether it started again.
+    pub fn engine_identity(&self, version: Option<&str>, started_at: Option<f64>) -> bool {
+        let id = match (started_at, version) {
+            (Some(t), _) => format!("started {t}"),
+            (None, Some(v)) => format!("version {v}"),
+            (None, None) => return false,
+        };
+        let mut g = self.inner.write();
+        let changed = g.identity.as_ref().is_some_and(|(old, _)| *old != id);
+        let told = g.stats.restarts > g.restarts_at_identity;
+        let restart = changed && !told;
+        if restart {
+            g.clear();
+            g.coverage = Coverage::Exact;
+            g.last_seq = None;
+            g.last_ts = None;
+            g.stats.restarts += 1;
+        }
+        g.restarts_at_identity = g.stats.restarts;
+        g.identity = Some((id, g.stats.restarts));
+        restart
     }
 
     /// The engine has published nothing yet (its replay buffer is empty): nothing is
@@ -577,6 +619,33 @@ mod tests {
             0
         );
         assert_eq!(index.check_sequence(0, 0.0), Sequence::Next);
+    }
+
+    #[test]
+    fn a_new_server_identity_empties_the_index_unless_its_events_told_first() {
+        let index = PrefixIndex::default();
+        assert!(!index.engine_identity(None, None), "nothing to compare");
+        assert!(!index.engine_identity(Some("0.32.0"), Some(100.0)));
+        index.apply(0, 0.0, &[stored(&[1], None, vec![1; 16], 16)]);
+        assert!(
+            !index.engine_identity(Some("0.32.0"), Some(100.0)),
+            "the same server"
+        );
+        // Restarted while idle: no event says so, its start time does.
+        assert!(index.engine_identity(Some("0.32.0"), Some(200.0)));
+        assert_eq!(index.view().blocks, 0);
+        assert_eq!(index.coverage().0, Coverage::Exact);
+        // Restarted, and its first events arrived before the scrape: they stay.
+        index.apply(0, 1.0, &[stored(&[2], None, vec![2; 16], 16)]);
+        index.apply(1, 2.0, &[]);
+        assert_eq!(index.check_sequence(0, 9.0), Sequence::Restart);
+        index.restarted();
+        index.apply(0, 9.0, &[stored(&[3], None, vec![3; 16], 16)]);
+        assert!(!index.engine_identity(Some("0.33.0"), Some(300.0)));
+        assert_eq!(index.view().blocks, 1);
+        // An upgrade's new version, read after its start time: the same server still.
+        assert!(!index.engine_identity(Some("0.34.0"), Some(300.0)));
+        assert_eq!(index.view().blocks, 1);
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //!   there is no replay socket, or it no longer has `from`, or it does not answer in
 //!   [`REPLAY_TIMEOUT`], the index starts again and rebuilds
 //!   ([`crate::fleet::prefix::Coverage::Rebuilding`]).
-//! - **Restarts**: a sequence back at 0 is an engine that started again with an empty
-//!   cache.
+//! - **Restarts**: a sequence number seen before, published later than the last one
+//!   applied, is an engine that started again with an empty cache; so is a new server
+//!   version or process start time in its scrapes (an engine restarted while idle
+//!   publishes nothing to tell).
 //! - **Reconnection**: the SUB socket reconnects by itself, with backoff (zeromq's own),
 //!   and subscribes again; whatever was published meanwhile shows up as a gap.
 //! - The request path never waits for any of this: it reads the index under a read lock
@@ -60,10 +62,16 @@ impl BackgroundService for KvEventsService {
                 let Some(endpoints) = &e.backend.kv_events else {
                     continue;
                 };
-                // The index is bounded by what the engine can hold.
+                // The index is bounded by what the engine can hold; a server that started
+                // again (a new version or start time) holds nothing.
                 if let Some(load) = &e.state.load {
                     if let (Some(tokens), Some(bs)) = (load.kv_capacity_tokens, load.block_size) {
                         e.backend.prefix.set_capacity((tokens / bs.max(1)) as usize);
+                    }
+                    let version = e.state.version.as_deref();
+                    if e.backend.prefix.engine_identity(version, load.started_at) {
+                        tracing::info!(backend = %e.backend.name, "the engine's server started again \
+                            (version or start time): its cache is empty");
                     }
                 }
                 let id = Arc::as_ptr(&e.backend) as usize;

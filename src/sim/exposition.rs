@@ -79,7 +79,7 @@ pub fn render(sim: &Sim, faults: &Faults) -> String {
         let _ = writeln!(
             o.text,
             "process_start_time_seconds {:?}",
-            sim.started_unix() as f64
+            sim.started_unix_f64()
         );
     }
     o.value(

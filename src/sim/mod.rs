@@ -387,6 +387,15 @@ impl Sim {
         &self.args.models[0]
     }
 
+    /// When it (last) started, in Unix seconds with their fraction, as a process's
+    /// `process_start_time_seconds` says.
+    pub(super) fn started_unix_f64(&self) -> f64 {
+        self.started
+            .lock()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| (d.as_secs_f64() * 100.0).round() / 100.0)
+    }
+
     fn started_unix(&self) -> u64 {
         self.started
             .lock()

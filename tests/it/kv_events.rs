@@ -301,3 +301,36 @@ async fn a_gateway_that_joins_late_replays_the_history() {
         "{ex}"
     );
 }
+
+/// An engine restarted while idle publishes nothing that says so; its server's new
+/// process start time (scraped) does.
+#[tokio::test]
+async fn an_engine_restarted_while_idle_is_known_by_its_start_time() {
+    let sims = engines(1).await;
+    let gw = gateway(&sims).await;
+    let s = &sims[0];
+    chat_at(&s.url(), &prompt(0)).await;
+    let before = indexed(&gw, s, 1).await;
+    assert!(before["blocks"].as_u64().unwrap() > 0, "{before}");
+    let name = name_of(s);
+    // The gateway has seen the server's start time before it restarts.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            index_of(&gw, &name).await["engine_identity"].is_string()
+        })
+        .await
+    );
+    s.sim.restart(Duration::from_millis(300));
+    let ok = eventually(Duration::from_secs(10), || async {
+        index_of(&gw, &name).await["restarts_total"] == 1
+    })
+    .await;
+    let after = index_of(&gw, &name).await;
+    assert!(ok, "{after}");
+    assert_eq!(
+        (after["blocks"].as_u64(), after["index"].as_str()),
+        (Some(0), Some("exact")),
+        "{after}"
+    );
+    assert!(gw.log().contains("server started again"), "{}", gw.log());
+}
