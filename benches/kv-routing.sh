@@ -7,10 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-venv=target/bench-venv
-if [ ! -x "$venv/bin/vllm-router" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "vllm-router==0.1.17"
-fi
-export VLLM_ROUTER="$PWD/$venv/bin/vllm-router"
+. benches/vllm-router.sh
 cargo bench --locked --bench kv_routing

@@ -14,11 +14,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   pkgs=$(printf '%s\n' "${missing[@]}" | sed 's/^taskset$/util-linux/' | tr '\n' ' ')
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $pkgs >/dev/null
 fi
-venv=target/bench-venv
-if [ ! -x "$venv/bin/vllm-router" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "vllm-router==0.1.17"
-fi
+. benches/vllm-router.sh
 cargo build --release --locked
 # Pingora alone, the floor of our framework (benches/bare_pingora.rs).
 bare=$(cargo bench --locked --no-run --bench bare_pingora --message-format=json 2>/dev/null |
@@ -28,5 +24,5 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bare_pingora" and m.get("executable"):
         print(m["executable"])')
 out="benches/results/overhead-$(date +%F-%H%M).txt"
-VLLM_EDGE="${VLLM_EDGE:-$target_dir/release/vllm-edge}" BARE_PINGORA="$bare" VLLM_ROUTER="$PWD/$venv/bin/vllm-router" python3 benches/overhead.py "$@" | tee "$out"
+VLLM_EDGE="${VLLM_EDGE:-$target_dir/release/vllm-edge}" BARE_PINGORA="$bare" VLLM_ROUTER="$VLLM_ROUTER" python3 benches/overhead.py "$@" | tee "$out"
 echo "raw output: $out" >&2

@@ -10,10 +10,6 @@ if ! command -v nginx >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nginx >/dev/null
 fi
-venv=target/bench-venv
-if [ ! -x "$venv/bin/vllm-router" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "vllm-router==0.1.17"
-fi
-export NGINX="$(command -v nginx)" VLLM_ROUTER="$PWD/$venv/bin/vllm-router"
+. benches/vllm-router.sh
+export NGINX="$(command -v nginx)"
 cargo bench --locked --bench routing_quality

@@ -47,14 +47,20 @@ fn rank_order(snap: &FleetSnapshot, key: u64) -> Vec<usize> {
     order
 }
 
-#[test]
-fn a_placed_key_goes_first_to_its_placement_then_in_rendezvous_order() {
-    let now = Instant::now();
-    let sel = Selector::new(STALE);
+/// Four healthy replicas, each scraped at `now` with the same load and speed.
+fn four_equal(now: Instant) -> FleetSnapshot {
     let mut snap = snapshot(&[true, true, true, true]);
     for i in 0..4 {
         snap = scraped(snap, i, 2.0, 0.0, 0.1, 0.02, now);
     }
+    snap
+}
+
+#[test]
+fn a_placed_key_goes_first_to_its_placement_then_in_rendezvous_order() {
+    let now = Instant::now();
+    let sel = Selector::new(STALE);
+    let snap = four_equal(now);
     let key = 0x5eed;
     let order = rank_order(&snap, key);
     let mut req = keyed(key, 8000);
@@ -1112,10 +1118,7 @@ fn a_pick_on_kv_events_needs_every_candidate_known_else_it_is_the_approximate_on
     use super::prefix::CachedPrefix;
     let now = Instant::now();
     let sel = Selector::new(STALE);
-    let mut snap = snapshot(&[true, true, true, true]);
-    for i in 0..4 {
-        snap = scraped(snap, i, 2.0, 0.0, 0.1, 0.02, now);
-    }
+    let snap = four_equal(now);
     let key = 0x5eed;
     let order = rank_order(&snap, key);
     let base = Request {

@@ -105,6 +105,16 @@ async fn indexed(gw: &Gateway, s: &SimHandle, batches: u64) -> Value {
     last
 }
 
+/// One engine behind a gateway, its index holding tenant 0's prompt.
+async fn one_warmed_engine() -> (Vec<SimHandle>, Gateway) {
+    let sims = engines(1).await;
+    let gw = gateway(&sims).await;
+    chat_at(&sims[0].url(), &prompt(0)).await;
+    let before = indexed(&gw, &sims[0], 1).await;
+    assert!(before["blocks"].as_u64().unwrap() > 0, "{before}");
+    (sims, gw)
+}
+
 fn backend_of(resp: &reqwest::Response) -> String {
     resp.headers()["x-vllm-edge-backend"]
         .to_str()
@@ -222,12 +232,8 @@ async fn a_dropped_batch_is_replayed_and_a_lost_one_falls_back_until_rebuilt() {
 
 #[tokio::test]
 async fn a_restarted_engine_starts_with_an_empty_index() {
-    let sims = engines(1).await;
-    let gw = gateway(&sims).await;
+    let (sims, gw) = one_warmed_engine().await;
     let s = &sims[0];
-    chat_at(&s.url(), &prompt(0)).await;
-    let before = indexed(&gw, s, 1).await;
-    assert!(before["blocks"].as_u64().unwrap() > 0, "{before}");
     s.sim.restart(Duration::from_millis(300));
     let health = || async {
         http1()
@@ -306,12 +312,8 @@ async fn a_gateway_that_joins_late_replays_the_history() {
 /// process start time (scraped) does.
 #[tokio::test]
 async fn an_engine_restarted_while_idle_is_known_by_its_start_time() {
-    let sims = engines(1).await;
-    let gw = gateway(&sims).await;
+    let (sims, gw) = one_warmed_engine().await;
     let s = &sims[0];
-    chat_at(&s.url(), &prompt(0)).await;
-    let before = indexed(&gw, s, 1).await;
-    assert!(before["blocks"].as_u64().unwrap() > 0, "{before}");
     let name = name_of(s);
     // The gateway has seen the server's start time before it restarts.
     assert!(
