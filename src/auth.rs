@@ -4,12 +4,18 @@
 //! The keys file (`auth.api_keys_file`) holds one key per line; `#` starts a comment:
 //!
 //! ```text
-//! # [NAME] KEY-or-sha256:HEX [max_concurrent=N] [rpm=N] [tpm=N]
+//! # [NAME] KEY-or-sha256:HEX [max_concurrent=N] [rpm=N] [tpm=N] [weight=N] [priority=P]
 //! sk-team-a-0f3c9e                          # a key, named by its short hash
 //! search-bot sk-search-77d1 rpm=600         # a named key, 600 requests a minute
 //! team-b sk-team-b-41aa tpm=200000          # 200,000 tokens a minute
-//! batch sha256:9f86d081884c7d65...0f00a08   # only the key's SHA-256: the file holds no secret
+//! batch sha256:9f86d081884c7d65...0f00a08 priority=low   # only the key's SHA-256
+//! chat sk-chat-5e21 weight=4 priority=high  # 4 shares of a full fleet, served first
 //! ```
+//!
+//! `weight` and `priority` say how a key's requests wait when the whole fleet is full
+//! (`crate::flow`): each key gets a share of the fleet in proportion to its weight
+//! (default 1), and a higher priority class (`high`, `normal` by default, `low`) is
+//! served before a lower one.
 //!
 //! A presented key is hashed (SHA-256) and compared with every entry's hash in constant time,
 //! so neither the comparison nor the position of a match leaks through timing. Logs and
@@ -83,6 +89,40 @@ pub fn bearer(value: &[u8]) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// A request's class when the fleet is full: higher classes are served first
+/// (`crate::flow`). Ordered from the highest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    /// `high`, `normal` or `low` (any case).
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// 0 for the highest class.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeyLimits {
     pub max_concurrent: Option<u32>,
@@ -91,6 +131,10 @@ pub struct KeyLimits {
     /// balance is positive, reserves its prompt's estimate once its body is read, and is
     /// settled to what it used when it ends (see [`Permit::reserve`], [`Permit::settle`]).
     pub tokens_per_minute: Option<u32>,
+    /// Its share of a full fleet against other keys' (default 1).
+    pub weight: Option<u32>,
+    /// Its class when the fleet is full (default normal).
+    pub priority: Priority,
 }
 
 /// What a key has used; shared across reloads while the key stays listed.
@@ -138,6 +182,10 @@ pub struct Permit {
     pub key: Arc<str>,
     counters: Arc<KeyCounters>,
     tokens_per_minute: Option<u32>,
+    /// The key's share of a full fleet (`weight=`, at least 1).
+    pub weight: u32,
+    /// The key's class when the fleet is full (`priority=`).
+    pub priority: Priority,
 }
 
 impl Permit {
@@ -317,6 +365,8 @@ impl ApiKeys {
             key: e.name.clone(),
             counters: c.clone(),
             tokens_per_minute: e.limits.tokens_per_minute,
+            weight: e.limits.weight.unwrap_or(1),
+            priority: e.limits.priority,
         };
         // Before `rpm`, which takes a request's token: a refused request costs nothing.
         if let Some(tpm) = e.limits.tokens_per_minute {
@@ -364,10 +414,14 @@ fn take_token(c: &KeyCounters, rpm: u32, now: Instant) -> Result<(), Duration> {
     }
 }
 
-/// The limits a keys-file line may set.
-const LIMITS: [&str; 3] = ["max_concurrent", "rpm", "tpm"];
+/// The settings a keys-file line may hold.
+const LIMITS: [&str; 5] = ["max_concurrent", "rpm", "tpm", "weight", "priority"];
 
-/// One keys-file line: `[NAME] KEY [max_concurrent=N] [rpm=N] [tpm=N]`.
+/// The largest `weight=`: shares are computed in fixed point (`crate::flow`).
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// One keys-file line: `[NAME] KEY [max_concurrent=N] [rpm=N] [tpm=N] [weight=N]
+/// [priority=high|normal|low]`.
 fn parse_key_line(line: &str) -> Result<(Option<String>, Digest, KeyLimits), String> {
     let mut limits = KeyLimits::default();
     let mut words = Vec::new();
@@ -386,6 +440,11 @@ fn parse_key_line(line: &str) -> Result<(Option<String>, Digest, KeyLimits), Str
             words.push(w);
             continue;
         };
+        if name == "priority" {
+            limits.priority = Priority::parse(v)
+                .ok_or_else(|| format!("`priority` must be high, normal or low, not `{v}`"))?;
+            continue;
+        }
         let n = v
             .parse::<u32>()
             .ok()
@@ -395,13 +454,18 @@ fn parse_key_line(line: &str) -> Result<(Option<String>, Digest, KeyLimits), Str
             "max_concurrent" => limits.max_concurrent = Some(n),
             "rpm" => limits.requests_per_minute = Some(n),
             "tpm" => limits.tokens_per_minute = Some(n),
+            "weight" if n > MAX_WEIGHT => {
+                return Err(format!("`weight` must be at most {MAX_WEIGHT}, not {n}"))
+            }
+            "weight" => limits.weight = Some(n),
             other => {
                 let hint = crate::spelling::nearest(other, &LIMITS)
                     .map(|n| format!(" (did you mean `{n}`?)"))
                     .unwrap_or_default();
                 return Err(format!(
-                    "unknown limit `{other}`{hint}; the limits are max_concurrent=N, rpm=N \
-                     (requests per minute) and tpm=N (tokens per minute)"
+                    "unknown limit `{other}`{hint}; the settings are max_concurrent=N, rpm=N \
+                     (requests per minute), tpm=N (tokens per minute), weight=N and \
+                     priority=high|normal|low"
                 ));
             }
         }
@@ -411,8 +475,8 @@ fn parse_key_line(line: &str) -> Result<(Option<String>, Digest, KeyLimits), Str
         [name, key] => (Some(name.to_string()), key),
         _ => {
             return Err(format!(
-                "expected `[NAME] KEY [max_concurrent=N] [rpm=N] [tpm=N]`, found {} words \
-                 besides the limits",
+                "expected `[NAME] KEY [max_concurrent=N] [rpm=N] [tpm=N] [weight=N] \
+                 [priority=P]`, found {} words besides the settings",
                 words.len()
             ))
         }
@@ -512,6 +576,26 @@ mod tests {
         // Every mistake, not only the first.
         let all = ApiKeys::parse("a b c\nk rpm=0\nok-key\nz tmp=3\n").unwrap_err();
         assert_eq!(all.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2, 4]);
+    }
+
+    #[test]
+    fn weight_and_priority_are_read_and_checked() {
+        let keys = ApiKeys::parse(
+            "chat sk-c weight=4 priority=high\nbulk sk-b priority=LOW rpm=9\nplain sk-p\n",
+        )
+        .unwrap();
+        let now = Instant::now();
+        let p = keys.admit(Some(b"Bearer sk-c"), now).unwrap();
+        assert_eq!((p.weight, p.priority), (4, Priority::High));
+        let p = keys.admit(Some(b"Bearer sk-b"), now).unwrap();
+        assert_eq!((p.weight, p.priority), (1, Priority::Low));
+        let p = keys.admit(Some(b"Bearer sk-p"), now).unwrap();
+        assert_eq!((p.weight, p.priority), (1, Priority::Normal));
+        let err = |t: &str| ApiKeys::parse(t).unwrap_err().remove(0).1;
+        assert!(err("k sk priority=urgent\n").contains("high, normal or low"));
+        assert!(err("k sk weight=0\n").contains("above 0"));
+        assert!(err("k sk weight=1001\n").contains("at most 1000"));
+        assert!(err("k sk wieght=2\n").contains("did you mean `weight`"));
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!                   for inference: the whole body (proxy::body, capped and replayable),
 //!                   then routing::admit (openai::inspect_request, the default model or
 //!                   an alias's written in, the affinity key) and routing::refusal (404,
-//!                   or 503 while no replica can take it)
+//!                   or 503 while no replica can take it); then, while every replica of
+//!                   its model is full, a wait in flow::FlowControl (a fair queue)
 //!   upstream_peer   routing::Selector::best(fleet snapshot, request, tried): the
 //!                   policy's pick (routing::policy), a fleet::InFlightGuard held
 //!   body filter     the full body replayed on every attempt
@@ -43,10 +44,11 @@
 //! 4. [`fleet`]: backends, their health, the snapshot a pick reads;
 //! 5. [`routing`]: what is decided about a request, the policies, prefix affinity;
 //! 6. [`observe`]: the background services that watch the backends;
-//! 7. [`proxy`]: the data plane;
-//! 8. [`admin`]: the admin API and dashboard;
-//! 9. [`server`]: wiring, reload, upgrade;
-//! 10. the programs: [`sim`] (a simulated vLLM server), [`cli`] (`demo`, `top`).
+//! 7. [`flow`]: flow control, the queues requests wait in while the fleet is full;
+//! 8. [`proxy`]: the data plane;
+//! 9. [`admin`]: the admin API and dashboard;
+//! 10. [`server`]: wiring, reload, upgrade;
+//! 11. the programs: [`sim`] (a simulated vLLM server), [`cli`] (`demo`, `top`).
 
 pub mod admin;
 pub mod auth;
@@ -55,6 +57,7 @@ pub mod config;
 pub mod cors;
 pub mod engine;
 pub mod fleet;
+pub mod flow;
 pub mod httpclient;
 pub mod metrics;
 pub mod observe;

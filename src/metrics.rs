@@ -4,7 +4,9 @@
 //! per-backend gauges (health, circuit, in-flight, what the engine reported) are read
 //! from the fleet snapshot when `/metrics` is rendered (`admin::gauges`), so a backend
 //! removed by a reload disappears with it. Labels are bounded: models the fleet serves,
-//! configured backend names, fixed sets of kinds and reasons; never request ids or keys.
+//! configured backend names, fixed sets of kinds and reasons; never request ids or keys
+//! (the queue gauge, rendered by `admin::gauges`, names keys by their names from the keys
+//! file, never the keys themselves).
 //!
 //! Uses nothing of the crate: every layer may count into it.
 
@@ -98,6 +100,28 @@ pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "Failed attempts at a backend, by backend and kind (connect, timeout, reset, 5xx before \
          the answer; mid_stream once part of it reached the client).",
         &["backend", "kind"]
+    )
+    .expect("metric registers once")
+});
+
+pub static QUEUE_WAIT: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "vllm_edge_queue_wait_seconds",
+        "Time requests let go from the gateway's queue had waited there for a free slot \
+         (flow control), by model and priority class.",
+        &["model", "priority"],
+        LATENCY_BUCKETS.to_vec()
+    )
+    .expect("metric registers once")
+});
+
+pub static QUEUE_SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "vllm_edge_queue_shed_total",
+        "Requests flow control answered without a replica, by model and reason (queue_full, \
+         max_wait and displaced: 503; key_share: 429; shutdown: 503; client_gone: the client \
+         left while queued).",
+        &["model", "reason"]
     )
     .expect("metric registers once")
 });

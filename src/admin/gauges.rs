@@ -7,6 +7,29 @@ use std::time::Instant;
 use crate::fleet::health::BreakerState;
 use crate::fleet::{fresh_since, FleetSnapshot};
 
+/// The queue gauge, read from flow control at render time: a flow that emptied
+/// disappears.
+fn queue_registry(flow: &crate::flow::FlowControl) -> Registry {
+    let registry = Registry::new();
+    let g = GaugeVec::new(
+        Opts::new(
+            "vllm_edge_queue_requests",
+            "Requests waiting in the gateway's queue for a free slot (flow control), by \
+             model, priority class and key name (`-` without auth).",
+        ),
+        &["model", "priority", "key"],
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("each name once");
+    for (model, class, key, n) in flow.lengths() {
+        g.with_label_values(&[&model, class.as_str(), &key])
+            .set(n as f64);
+    }
+    registry
+}
+
 /// The per-backend gauges, read from the fleet snapshot at render time.
 fn fleet_registry(snap: &FleetSnapshot, fresh_after: Option<Instant>, now: Instant) -> Registry {
     let registry = Registry::new();
@@ -128,11 +151,16 @@ fn fleet_registry(snap: &FleetSnapshot, fresh_after: Option<Instant>, now: Insta
 }
 
 /// The text exposition of every metric: the registered ones and the fleet's state.
-pub fn render(snap: &FleetSnapshot, stale_after: std::time::Duration) -> Vec<u8> {
+pub fn render(
+    snap: &FleetSnapshot,
+    stale_after: std::time::Duration,
+    flow: &crate::flow::FlowControl,
+) -> Vec<u8> {
     use prometheus::Encoder;
     let now = Instant::now();
     let mut families = prometheus::gather();
     families.extend(fleet_registry(snap, fresh_since(now, stale_after), now).gather());
+    families.extend(queue_registry(flow).gather());
     families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out = Vec::new();
     let encoder = prometheus::TextEncoder::new();

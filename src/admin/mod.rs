@@ -45,6 +45,8 @@ pub struct AdminApp {
     pub history: Arc<History>,
     /// The data plane's placement of long-lived affinity keys.
     pub placer: Arc<crate::routing::affinity::Placer>,
+    /// The data plane's queues (flow control).
+    pub flow: Arc<crate::flow::FlowControl>,
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -113,11 +115,16 @@ impl ServeHttp for AdminApp {
             "/metrics" => reply(
                 200,
                 "text/plain; version=0.0.4",
-                gauges::render(&self.fleet.load(), self.config.load().stale_after()),
+                gauges::render(
+                    &self.fleet.load(),
+                    self.config.load().stale_after(),
+                    &self.flow,
+                ),
             ),
             "/load-stats" => {
                 let mut v = load_stats(&self.config.load(), &self.fleet.load(), Instant::now());
                 v["affinity_placement"] = placement_stats(&self.placer.placement());
+                v["queue"] = self.flow.stats();
                 // The history's newest second of the fleet, without its backends (the
                 // dashboard's fleet charts grow by it).
                 if let Some(mut latest) = self.history.latest() {

@@ -356,6 +356,29 @@ fn state_of(b: &Value) -> (String, &'static str) {
     }
 }
 
+/// The gateway's queue (flow control) for the header: `queued 12 (high 0, normal 10, low
+/// 2) · shed 3`, or `queued 0` while nothing waits; `None` from a gateway without one.
+fn queue_part(q: &Value) -> Option<String> {
+    let total = q["queued"].as_u64()?;
+    let models = q["models"].as_object();
+    let sum = |f: &dyn Fn(&Value) -> u64| -> u64 { models.map_or(0, |m| m.values().map(f).sum()) };
+    let shed = sum(&|m| m["shed"].as_u64().unwrap_or(0));
+    let mut out = format!("queued {total}");
+    if total > 0 {
+        let class = |c: &str| sum(&|m| m["by_priority"][c].as_u64().unwrap_or(0));
+        out.push_str(&format!(
+            " (high {}, normal {}, low {})",
+            class("high"),
+            class("normal"),
+            class("low")
+        ));
+    }
+    if shed > 0 {
+        out.push_str(&format!(" · shed {shed}"));
+    }
+    Some(out)
+}
+
 /// One screen, `width` columns wide: no line is longer. `color` adds ANSI colors.
 pub fn render(stats: &Value, view: &View, source: &str, width: usize, color: bool) -> String {
     let paint = |s: String, code: &str| {
@@ -374,7 +397,7 @@ pub fn render(stats: &Value, view: &View, source: &str, width: usize, color: boo
     if routable < healthy {
         health.push_str(&format!(" ({routable} in rotation)"));
     }
-    let parts = [
+    let mut parts = vec![
         format!("vllm-edge top · {source}"),
         stats["policy"].as_str().unwrap_or("?").to_string(),
         health,
@@ -390,6 +413,9 @@ pub fn render(stats: &Value, view: &View, source: &str, width: usize, color: boo
                 .map_or("-".into(), |k| format!("{:.1}%", k * 100.0))
         ),
     ];
+    if let Some(q) = queue_part(&stats["queue"]) {
+        parts.push(q);
+    }
     for l in header_lines(&parts, width) {
         out.push_str(&paint(l, "1"));
         out.push('\n');
@@ -744,6 +770,21 @@ mod tests {
             assert_eq!(title.find("STATE"), gpu0.find("up"), "{text}");
             assert!(!text.contains('\x1b'), "no escape codes without color");
         }
+    }
+
+    #[test]
+    fn the_header_shows_the_queue_by_class() {
+        let mut s = stats(1, 1, 1.0);
+        s["queue"] = json!({"queued": 12, "models": {"m": {"shed": 3,
+            "by_priority": {"high": 0, "normal": 10, "low": 2}}}});
+        let text = render(&s, &View::default(), "x", 200, false);
+        assert!(
+            text.contains("queued 12 (high 0, normal 10, low 2) · shed 3"),
+            "{text}"
+        );
+        s["queue"] = json!({"queued": 0, "models": {}});
+        let text = render(&s, &View::default(), "x", 200, false);
+        assert!(text.contains("queued 0"), "{text}");
     }
 
     #[test]

@@ -68,6 +68,16 @@ pub const FAILURE_THRESHOLD: u32 = 3;
 pub const OPEN_DURATION: Duration = Duration::from_secs(5);
 /// Below uvicorn's 5 s keep-alive, or pooled connections are closed under us.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Flow control is on: it does nothing until every replica of a model is full, and then
+/// it is what keeps one flooding key from taking the whole fleet.
+pub const FLOW_ENABLED: bool = true;
+/// Requests waiting at the gateway for one model. Each holds a client connection and its
+/// body (a few KiB); a queue longer than this waits longer than any client will.
+pub const FLOW_MAX_QUEUED: usize = 1024;
+/// The longest a request waits at the gateway for a free slot, per class, before it is
+/// answered 503 (or 429 when its key sends more than its share): well inside the
+/// first-token timeouts clients use (the openai SDK's is 600 s, users' far less).
+pub const FLOW_MAX_WAIT: Duration = Duration::from_secs(30);
 /// The vLLM-aware policy: the point of this gateway.
 pub const POLICY: Policy = Policy::Vllm;
 /// A backend's relative speed when the config gives none.

@@ -38,6 +38,8 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) cors: FileCors,
     #[serde(default)]
+    pub(super) flow_control: FileFlow,
+    #[serde(default)]
     pub(super) log: FileLog,
 }
 
@@ -47,6 +49,29 @@ pub(super) struct FileCors {
     /// Origins whose pages may call the gateway (`*` for any); none: CORS is off.
     #[serde(default)]
     pub(super) allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileFlow {
+    #[serde(default)]
+    pub(super) enabled: Option<bool>,
+    #[serde(default)]
+    pub(super) max_queued: Option<usize>,
+    #[serde(default)]
+    pub(super) max_wait: FileClassWait,
+}
+
+/// A duration per priority class.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileClassWait {
+    #[serde(default)]
+    pub(super) high: Option<HumanDuration>,
+    #[serde(default)]
+    pub(super) normal: Option<HumanDuration>,
+    #[serde(default)]
+    pub(super) low: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +182,9 @@ pub(super) struct FileRouting {
     /// Model → its directory as vLLM loads it (`tokenizer.json`, the chat template).
     #[serde(default)]
     pub(super) tokenizers: BTreeMap<String, String>,
+    /// The engines' `--scheduling-policy`.
+    #[serde(default)]
+    pub(super) scheduling_policy: Option<super::SchedulingPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]

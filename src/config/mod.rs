@@ -106,6 +106,11 @@ pub struct Config {
     /// model requests for it are routed to and sent as.
     pub model_aliases: BTreeMap<String, String>,
     pub affinity: Affinity,
+    /// How requests wait at the gateway when every replica is full (`flow_control:`).
+    pub flow: FlowLimits,
+    /// The engines run `--scheduling-policy priority` (`routing.scheduling_policy`):
+    /// each request carries its class in vLLM's `priority` field.
+    pub engine_priority: bool,
     /// Model → its tokenizer (`routing.tokenizers`): requests for it are tokenized as the
     /// engine will, for exact prefix routing on KV events.
     pub tokenizers: BTreeMap<String, Arc<crate::tokenize::Tokenizer>>,
@@ -137,6 +142,83 @@ pub struct Config {
     /// that does not resolve yet), each located like an error: `check` prints them, `run`
     /// and a reload log them.
     pub warnings: Vec<String>,
+}
+
+/// What vLLM's scheduler does with waiting requests (`--scheduling-policy`, as
+/// `routing.scheduling_policy` tells the gateway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingPolicy {
+    /// First come, first served (vLLM's default): requests carry no priority.
+    #[default]
+    Fcfs,
+    /// By each request's `priority` field, which the gateway sets from its class.
+    Priority,
+}
+
+/// Flow control (`flow_control:` in the file; see `crate::flow`): the gateway's queue per
+/// model, used only while every replica that could take a request is full.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlowLimits {
+    /// Off: requests go to the engines' own queues, first come first served.
+    pub enabled: bool,
+    /// Requests waiting for one model, at most.
+    pub max_queued: usize,
+    /// The longest a request of each class waits (indexed by `Priority::index`).
+    pub max_wait: [Duration; 3],
+}
+
+impl Default for FlowLimits {
+    fn default() -> Self {
+        FlowLimits {
+            enabled: defaults::FLOW_ENABLED,
+            max_queued: defaults::FLOW_MAX_QUEUED,
+            max_wait: [defaults::FLOW_MAX_WAIT; 3],
+        }
+    }
+}
+
+impl FlowLimits {
+    pub fn max_wait(&self, class: crate::auth::Priority) -> Duration {
+        self.max_wait[class.index()]
+    }
+}
+
+fn flow(
+    f: &file::FileFlow,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<FlowLimits, ConfigError> {
+    let d = FlowLimits::default();
+    let w = &f.max_wait;
+    let wait = |v: Option<HumanDuration>, d: Duration| v.map_or(d, |v| v.0);
+    let out = FlowLimits {
+        enabled: f.enabled.unwrap_or(d.enabled),
+        max_queued: f.max_queued.unwrap_or(d.max_queued),
+        max_wait: [
+            wait(w.high, d.max_wait[0]),
+            wait(w.normal, d.max_wait[1]),
+            wait(w.low, d.max_wait[2]),
+        ],
+    };
+    let mut found = Vec::new();
+    if out.max_queued == 0 {
+        found.push(invalid(
+            "flow_control.max_queued",
+            "must be at least 1 (to queue nothing, set flow_control.enabled: false)".into(),
+        ));
+    }
+    for (class, wait) in ["high", "normal", "low"].iter().zip(out.max_wait) {
+        if wait < Duration::from_millis(1) {
+            found.push(invalid(
+                &format!("flow_control.max_wait.{class}"),
+                "must be at least 1ms".into(),
+            ));
+        }
+    }
+    match found.is_empty() {
+        true => Ok(out),
+        false => Err(ConfigError::all(found)),
+    }
 }
 
 /// Thresholds, from the `health` section of the config.

@@ -11,8 +11,8 @@ use std::time::Duration;
 use super::error::{locate_key, plain_words, strip_key_prefix, strip_location, syntax_words};
 use super::file::*;
 use super::{
-    affinity, client_limits, defaults, BackendConfig, Config, ConfigError, HealthPolicy, Listener,
-    ListenerTls, Policy, Timeouts,
+    affinity, client_limits, defaults, flow, BackendConfig, Config, ConfigError, HealthPolicy,
+    Listener, ListenerTls, Policy, Timeouts,
 };
 use crate::auth::{ApiKeys, Secret};
 use crate::cors::Cors;
@@ -137,6 +137,7 @@ impl Config {
         let server = found.take(server(&c, &file.server));
         let affinity = found.take(affinity(&file.routing.affinity, &|k, m| c.invalid(k, m)));
         let limits = found.take(client_limits(&file.limits, &|k, m| c.invalid(k, m)));
+        let flow = found.take(flow(&file.flow_control, &|k, m| c.invalid(k, m)));
         let (
             Some(listeners),
             Some((admin, admin_token)),
@@ -151,9 +152,10 @@ impl Config {
             Some(server),
             Some(affinity),
             Some(limits),
+            Some(flow),
         ) = (
             listeners, admin, api_keys, cors, fleet, routing, upstream, health, timeouts,
-            discovery, server, affinity, limits,
+            discovery, server, affinity, limits, flow,
         )
         else {
             return Err(found.into_error());
@@ -175,6 +177,9 @@ impl Config {
             default_model: routing.default_model,
             model_aliases: routing.model_aliases,
             tokenizers: routing.tokenizers,
+            engine_priority: file.routing.scheduling_policy
+                == Some(super::SchedulingPolicy::Priority),
+            flow,
             affinity,
             limits,
             connect_timeout,

@@ -415,6 +415,7 @@ fn the_reference_config_shows_the_codes_defaults() {
                 ),
                 (c.grace_period, c.graceful_shutdown_timeout, &c.upgrade_sock),
                 (c.log_format, c.access_log),
+                (&c.flow, c.engine_priority),
             )
         )
     };

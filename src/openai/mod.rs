@@ -17,7 +17,7 @@ pub use inspect::{
     inspect, inspect_form, inspect_request, json_depth_exceeds, BodySpans, RoutingInfo,
 };
 pub use models::models_body;
-pub use rewrite::{route_model, with_model, Renamed};
+pub use rewrite::{route_model, with_model, with_priority, Renamed};
 pub use usage::{Usage, UsageTail};
 
 /// What the gateway does with a (method, path).

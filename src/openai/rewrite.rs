@@ -2,7 +2,6 @@
 //! default model for a request that names none, the model an alias stands for. The body
 //! is rewritten to name it.
 
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{inspect_request, ApiError, RoutingInfo};
@@ -83,27 +82,78 @@ pub fn with_model(
 /// A JSON object `body` with its `model` member's value replaced by `model`, or the member
 /// put first when there is none; `None` if `body` is not an object.
 fn json_with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let value = serde_json::to_string(model).expect("a string serializes");
+    json_with_member(body, "model", |_| Some(value))
+}
+
+/// A chat or completion request (`body`, a JSON object) carrying vLLM's `priority`
+/// field: `priority`, or the client's own when that is larger (lower in vLLM's order:
+/// a client may lower its request, never raise it); `None` when `body` is not a JSON
+/// object, or already says so.
+pub fn with_priority(body: &[u8], priority: i64) -> Option<Vec<u8>> {
+    json_with_member(body, "priority", |given| match given {
+        Some(raw) => match raw.trim().parse::<i64>() {
+            Ok(p) if p >= priority => None,
+            _ => Some(priority.to_string()),
+        },
+        None => Some(priority.to_string()),
+    })
+}
+
+/// A JSON object `body` with its top-level member `name` set to the JSON text `value`
+/// returns for the member's raw text (`None` when absent), or put first when there is
+/// none; `None` if `body` is not an object, or `value` leaves it as it is.
+fn json_with_member(
+    body: &[u8],
+    name: &str,
+    value: impl FnOnce(Option<&str>) -> Option<String>,
+) -> Option<Vec<u8>> {
     let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
     if body[open] != b'{' {
         return None;
     }
-    let value = serde_json::to_string(model).expect("a string serializes");
-    #[derive(Deserialize)]
-    struct ModelOnly<'a> {
-        #[serde(borrow, default, deserialize_with = "present")]
-        model: Option<&'a RawValue>,
-    }
-    /// The member's raw text, `null` included (an `Option` alone reads it as absent).
-    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-        <&RawValue>::deserialize(d).map(Some)
-    }
     // The other members are skipped as `inspect` skips them (strings not checked for
     // UTF-8: vLLM answers for what it cannot decode).
-    let found: ModelOnly = serde_json::from_slice(body).ok()?;
-    let (at, replaced, member) = match found.model {
+    struct Member<'a>(Option<&'a RawValue>);
+    struct Seek<'n>(&'n str);
+    impl<'de, 'n> serde::de::DeserializeSeed<'de> for Seek<'n> {
+        type Value = Member<'de>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Member<'de>, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de, 'n> serde::de::Visitor<'de> for Seek<'n> {
+        type Value = Member<'de>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Member<'de>, A::Error> {
+            let mut found = None;
+            while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                if k == self.0 {
+                    if found.is_some() {
+                        return Err(serde::de::Error::duplicate_field("member"));
+                    }
+                    found = Some(m.next_value::<&'de RawValue>()?);
+                } else {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(Member(found))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = serde::de::DeserializeSeed::deserialize(Seek(name), &mut de).ok()?;
+    de.end().ok()?;
+    let raw = found.0;
+    let text = value(raw.map(|r| r.get()))?;
+    let (at, replaced, member) = match raw {
         Some(raw) => {
             let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
-            (start, raw.get().len(), value)
+            (start, raw.get().len(), text)
         }
         None => {
             let empty = body[open + 1..]
@@ -111,7 +161,8 @@ fn json_with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
                 .find(|b| !b.is_ascii_whitespace())
                 .is_some_and(|&b| b == b'}');
             let sep = if empty { "" } else { "," };
-            (open + 1, 0, format!("\"model\":{value}{sep}"))
+            let key = serde_json::to_string(name).expect("a string serializes");
+            (open + 1, 0, format!("{key}:{text}{sep}"))
         }
     };
     let mut out = Vec::with_capacity(body.len() + member.len());
@@ -119,4 +170,34 @@ fn json_with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
     out.extend_from_slice(member.as_bytes());
     out.extend_from_slice(body.get(at + replaced..)?);
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_is_set_and_a_client_may_only_lower_it() {
+        let set =
+            |b: &str, p| with_priority(b.as_bytes(), p).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            set(r#"{"model":"m","messages":[]}"#, 10).as_deref(),
+            Some(r#"{"priority":10,"model":"m","messages":[]}"#)
+        );
+        assert_eq!(set("{}", -10).as_deref(), Some(r#"{"priority":-10}"#));
+        // The client's own priority is kept when it is lower (a larger number)...
+        assert_eq!(set(r#"{"priority": 20, "model":"m"}"#, 0), None);
+        // ...and replaced when it would raise the request.
+        assert_eq!(
+            set(r#"{"priority": -50, "model":"m"}"#, 0).as_deref(),
+            Some(r#"{"priority": 0, "model":"m"}"#)
+        );
+        assert_eq!(
+            set(r#"{"priority":"x"}"#, 0).as_deref(),
+            Some(r#"{"priority":0}"#)
+        );
+        // Not an object, or a member twice: left to the engine to refuse.
+        assert_eq!(set("[1]", 0), None);
+        assert_eq!(set(r#"{"priority":1,"priority":2}"#, 0), None);
+    }
 }

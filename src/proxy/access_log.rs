@@ -31,6 +31,8 @@ pub struct Line<'a> {
     pub key: &'a str,
     pub status: u16,
     pub attempts: u32,
+    /// Time waited in the gateway's queue (flow control), when it waited there.
+    pub queued_ms: Option<f64>,
     pub ttfb_ms: Option<f64>,
     pub duration_ms: f64,
     pub bytes_in: usize,
@@ -87,7 +89,7 @@ fn format_line(out: &mut String, l: &Line, format: LogFormat, now: SystemTime) {
         Some(ip) => Value::Quoted(ip),
         None => Value::Str("-"),
     };
-    let fields: [(&str, Option<Value>); 20] = [
+    let fields: [(&str, Option<Value>); 21] = [
         ("request_id", Some(Value::Str(l.request_id))),
         ("client", Some(client)),
         ("method", Some(Value::Token(l.method))),
@@ -100,6 +102,7 @@ fn format_line(out: &mut String, l: &Line, format: LogFormat, now: SystemTime) {
         ("key", Some(Value::Str(l.key))),
         ("status", Some(Value::Bare(&l.status))),
         ("attempts", Some(Value::Bare(&l.attempts))),
+        ("queued_ms", l.queued_ms.map(Value::F64)),
         ("ttfb_ms", l.ttfb_ms.map(Value::F64)),
         ("duration_ms", Some(Value::F64(l.duration_ms))),
         ("bytes_in", Some(Value::Bare(&l.bytes_in))),
@@ -231,6 +234,7 @@ mod tests {
             key: "-",
             status: 200,
             attempts: 1,
+            queued_ms: None,
             ttfb_ms: Some(19.85),
             duration_ms: 110.0,
             bytes_in: 138,

@@ -16,8 +16,9 @@ use super::respond::{
     respond_key_limited, BEARER_CHALLENGE,
 };
 use super::Gateway;
-use crate::auth::Denied;
+use crate::auth::{Denied, Priority};
 use crate::cors;
+use crate::flow;
 use crate::openai::{self, ApiError, Route};
 use crate::routing;
 
@@ -254,12 +255,92 @@ impl Gateway {
             self.placer
                 .record(&routed.info.model, k.key, k.reusable_bytes, Instant::now());
         }
+        let class = match self.class_of(session, ctx) {
+            Ok(c) => c,
+            Err(err) => return respond_error(session, ctx, &err).await,
+        };
+        let mut body = routed.body;
+        if cfg.engine_priority {
+            if let Some(b) = openai::with_priority(&body, crate::flow::engine_priority(class)) {
+                body = Bytes::from(b);
+            }
+        }
         ctx.affinity = routed.affinity;
         ctx.tokens = routed.tokens;
-        ctx.body = Some(routed.body);
+        ctx.body = Some(body);
+        ctx.class = class;
+        let model = routed.info.model.clone();
         ctx.info = Some(routed.info);
+        if self.wait_turn(session, ctx, &model).await? {
+            return Ok(true);
+        }
         self.budget.record_request(Instant::now());
         Ok(false)
+    }
+
+    /// The request's class when the fleet is full: its key's, lowered by the
+    /// `x-vllm-edge-priority` header.
+    fn class_of(&self, session: &Session, ctx: &RequestCtx) -> Result<Priority, ApiError> {
+        let key_class = ctx.key.as_ref().map_or(Priority::Normal, |k| k.priority);
+        let header = session.req_header().headers.get(flow::PRIORITY_HEADER);
+        flow::class_of(key_class, header.map(|v| v.as_bytes()))
+            .map_err(|m| ApiError::bad_request(m, None))
+    }
+
+    /// Waits in the model's queue while every replica of it is full (`flow`); answers the
+    /// request when flow control refuses it.
+    async fn wait_turn(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        model: &str,
+    ) -> Result<Answered> {
+        let asker = match &ctx.key {
+            Some(k) => flow::Asker {
+                key: k.key.clone(),
+                weight: k.weight,
+                class: ctx.class,
+                keyed: true,
+            },
+            None => flow::Asker::anonymous(ctx.class),
+        };
+        let downstream = session.as_downstream_mut();
+        let gone = async {
+            // The body is read: this returns only when the client closes (or resets its
+            // HTTP/2 stream); bytes of a pipelined next request are kept for later.
+            if downstream.read_body_or_idle(true).await.is_ok() {
+                std::future::pending::<()>().await;
+            }
+        };
+        match self.flow.wait_turn(model, &asker, gone).await {
+            Ok(admitted) => {
+                ctx.queued = admitted.queued;
+                ctx.grant = admitted.grant;
+                Ok(false)
+            }
+            Err(r) => {
+                ctx.queued = Some(r.waited);
+                if r.why == flow::Shed::ClientGone {
+                    ctx.refused = Some("the client left while its request was queued".into());
+                    return Error::e_explain(
+                        ErrorType::ConnectionClosed,
+                        "the client left while its request was queued",
+                    );
+                }
+                let err = match r.status {
+                    429 => ApiError::rate_limited(r.message),
+                    s => ApiError::new(s, "ServiceUnavailableError", r.message),
+                };
+                if r.status == 429 {
+                    ctx.refused_key = Some(asker.key.to_string());
+                }
+                if r.why == flow::Shed::Shutdown {
+                    session.set_keepalive(None);
+                }
+                let after = r.retry_after.to_string();
+                respond_error_with(session, ctx, &err, &[("retry-after", &after)]).await
+            }
+        }
     }
 
     /// Answers `err`; a 503 (nothing can serve the request now) says when to retry.

@@ -106,6 +106,12 @@ pub struct RequestCtx {
     pub(super) sse_events: u64,
     /// Prompt tokens taken from the key's `tpm` balance before sending (see `Permit::reserve`).
     pub(super) tokens_reserved: u64,
+    /// Its class when the fleet is full (`flow`).
+    pub(super) class: crate::auth::Priority,
+    /// How long it waited in the gateway's queue, when it did.
+    pub(super) queued: Option<Duration>,
+    /// The slot the queue let it go to, held until it is in flight at a replica.
+    pub(super) grant: Option<crate::flow::Grant>,
 }
 
 impl RequestCtx {
@@ -142,6 +148,9 @@ impl RequestCtx {
             usage_tail: None,
             sse_events: 0,
             tokens_reserved: 0,
+            class: crate::auth::Priority::Normal,
+            queued: None,
+            grant: None,
         }
     }
 

@@ -67,6 +67,8 @@ pub struct Gateway {
     gate: Arc<gate::GateConnector>,
     /// This gateway's ledger of affinity keys and its placement of the long-lived ones.
     placer: Arc<affinity::Placer>,
+    /// The queues requests wait in while every replica of their model is full.
+    flow: Arc<crate::flow::FlowControl>,
 }
 
 /// The connection-pool group of gated connections (`HttpPeer::group_key`): a stream's
@@ -105,8 +107,10 @@ impl Gateway {
         fleet: Arc<Fleet>,
         placer: Arc<affinity::Placer>,
         traffic: Arc<Traffic>,
+        flow: Arc<crate::flow::FlowControl>,
     ) -> Gateway {
         Gateway {
+            flow,
             placer,
             traffic,
             selector: Selector::new(config.load().stale_after()),
@@ -217,6 +221,9 @@ impl ProxyHttp for Gateway {
             0
         };
         ctx.in_flight = Some(backend.begin_request_with_prefill(prefill));
+        // Counted in flight there now: the slot the queue reserved for it is no longer
+        // needed.
+        ctx.grant = None;
         if snap.lora_fit(&info.model).is_some() {
             backend.note_adapter(&info.model);
         }
@@ -501,6 +508,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        self.record(session, e, ctx)
+        self.record(session, e, ctx);
+        // Its slot is free: the next queued request for the model may take it.
+        ctx.in_flight = None;
+        ctx.grant = None;
+        if let Some(info) = &ctx.info {
+            self.flow.released(&info.model);
+        }
     }
 }

@@ -46,6 +46,7 @@ impl Gateway {
                     .unwrap_or("-"),
                 status: ctx.status,
                 attempts: ctx.attempts,
+                queued_ms: ctx.queued.map(ms),
                 ttfb_ms: ctx.first_byte.map(ms),
                 duration_ms: ms(duration),
                 bytes_in: ctx.body.as_ref().map_or(0, |b| b.len()),

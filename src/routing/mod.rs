@@ -37,7 +37,7 @@ use crate::config::Policy;
 use crate::fleet::{fresh_since, FleetSnapshot};
 pub use admit::{admit, refusal, route_model, Routed};
 pub use request::{Request, Sticky, BYTES_PER_TOKEN};
-pub use score::{vllm_score, Scorer, Terms};
+pub use score::{free_slots, vllm_score, Scorer, Terms};
 
 /// Why no candidate was returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +127,43 @@ pub fn availability(snap: &FleetSnapshot, model: &str) -> Result<(), NoCandidate
         Ok(())
     } else {
         Err(NoCandidate::Unavailable)
+    }
+}
+
+/// What the replicas of a model can take now ([`room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// No batch limit is known (none configured, no engine queued yet), or every replica
+    /// is out of rotation but picked anyway: nothing to wait for.
+    Unbounded,
+    /// Requests the replicas in rotation can start now, summed over them: 0 when every
+    /// one's batch is full.
+    Slots(usize),
+}
+
+/// The room for requests for `model` on its replicas in rotation ([`free_slots`]).
+/// Unbounded when one of them has no known batch limit, or none is strictly routable
+/// (the open-circuit fallback: requests are not held for a fleet that is failing).
+pub fn room(snap: &FleetSnapshot, model: &str, fresh_since: Option<Instant>) -> Room {
+    let Some(serving) = snap.serving(model) else {
+        return Room::Unbounded;
+    };
+    let mut slots = 0.0;
+    let mut any = false;
+    for &i in serving.iter() {
+        if !routable(snap, i, true) {
+            continue;
+        }
+        any = true;
+        match free_slots(snap, i, fresh_since) {
+            Some(n) => slots += n.floor(),
+            None => return Room::Unbounded,
+        }
+    }
+    if any {
+        Room::Slots(slots as usize)
+    } else {
+        Room::Unbounded
     }
 }
 

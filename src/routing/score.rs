@@ -291,6 +291,21 @@ pub struct Terms {
     pub score: f64,
 }
 
+/// The batch slots backend `i` has free now: its batch limit (configured, learned, or
+/// the fleet's) less its sequences as [`Scorer::terms`] counts them, at least this
+/// gateway's own requests there; `None` when no batch limit is known anywhere in the
+/// fleet (it never queued, none is configured). Flow control holds requests at the
+/// gateway while no backend of a model has one (`crate::flow`).
+pub fn free_slots(snap: &FleetSnapshot, i: usize, fresh_since: Option<Instant>) -> Option<f64> {
+    let p = &snap.pick_inputs[i];
+    if p.cap.is_nan() {
+        return None;
+    }
+    let (_, _, in_engine, _) = engine_now(p, &p.backend, fresh_since);
+    let seqs = in_engine.max(p.backend.in_flight() as f64);
+    Some((p.cap - seqs).max(0.0))
+}
+
 /// The engine as this gateway sees it now: `(running, waiting, sequences, fresh)`, where
 /// sequences = running + waiting as scraped, plus the requests this gateway sent since the
 /// scrape began, minus those of ours that finished since. With a stale or failing scrape

@@ -33,6 +33,7 @@ use std::time::Duration;
 use crate::admin::{AdminApp, History, HistorySampler};
 use crate::config::Config;
 use crate::fleet::Fleet;
+use crate::flow::FlowControl;
 use crate::observe::scraper::Scraper;
 use crate::proxy::{Gateway, Traffic};
 use crate::routing::affinity::Placer;
@@ -126,14 +127,23 @@ pub fn run(config: Config, sockets: Sockets) -> ! {
             fleet: fleet.clone(),
         },
     );
-    let gateway = Gateway::new(live.clone(), fleet.clone(), placer.clone(), traffic.clone());
+    let flow = FlowControl::new(live.clone(), fleet.clone());
+    let gateway = Gateway::new(
+        live.clone(),
+        fleet.clone(),
+        placer.clone(),
+        traffic.clone(),
+        flow.clone(),
+    );
     let drainer = background_service(
         "drain",
         Drainer {
             traffic,
             grace_period: config.grace_period,
+            flow: flow.clone(),
         },
     );
+    let queues = background_service("flow", FlowService { flow: flow.clone() });
     let proxy = data_plane(&server, gateway, &live, &listen_addrs, &certs);
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -154,6 +164,7 @@ pub fn run(config: Config, sockets: Sockets) -> ! {
             ready: ready.clone(),
             history: history.clone(),
             placer,
+            flow,
         },
     );
     admin_svc.add_tcp(&admin.addr.to_string());
@@ -175,6 +186,7 @@ pub fn run(config: Config, sockets: Sockets) -> ! {
     let admin_h = server.add_service(Guarded::listening(admin_svc, vec![admin]));
     let announcer_h = server.add_service(Guarded::background(announcer, Lifetime::Once));
     server.add_service(Guarded::background(drainer, forever));
+    server.add_service(Guarded::background(queues, forever));
     server.add_service(Guarded::background(kv_events, forever));
     let sampler_h = server.add_service(Guarded::background(sampler, forever));
     sampler_h.add_dependency(&scraper_h);
@@ -300,6 +312,20 @@ fn log_start(config: &Config, listeners: &[SocketAddr], admin: SocketAddr) {
 struct Drainer {
     traffic: Arc<Traffic>,
     grace_period: Duration,
+    flow: Arc<FlowControl>,
+}
+
+/// Lets queued requests go when a scrape shows room (`FlowControl::run`); runs through a
+/// shutdown, whose queued requests are let go as slots free.
+struct FlowService {
+    flow: Arc<FlowControl>,
+}
+
+#[async_trait]
+impl BackgroundService for FlowService {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        self.flow.clone().run(std::future::pending()).await
+    }
 }
 
 #[async_trait]
@@ -311,6 +337,9 @@ impl BackgroundService for Drainer {
             }
         }
         let started = std::time::Instant::now();
+        // Queued requests still get slots as they free, for most of the grace period;
+        // the rest are refused in time for their clients to retry elsewhere.
+        self.flow.close(started + self.grace_period.mul_f64(0.75));
         let left = self.traffic.active_requests();
         tracing::info!(
             in_flight = left,

@@ -29,6 +29,8 @@ const LAYERS: &[&str] = &[
     "fleet",
     "routing",
     "observe",
+    // Flow control: the queues requests wait in while the fleet is full.
+    "flow",
     // The data plane, the admin API, and the server that wires them.
     "proxy",
     "admin",

@@ -9,6 +9,7 @@ mod cli;
 mod discovery;
 mod edge;
 mod errors;
+mod flow;
 mod house;
 mod kv_events;
 mod lifecycle;
