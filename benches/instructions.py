@@ -10,7 +10,9 @@ under callgrind in front of it (round-robin, background checks and scrapes slowe
 a minute so that they do not count), N keep-alive requests (a ~1 KB chat body, the one
 `benches/overhead.py` sends) sent one after another, then SIGTERM. Instructions per
 request = (total with N requests − total with none) / N. Environment: IR_REQUESTS (N,
-default 2000), IR_POLICY (default round-robin), IR_STREAM (1: streams of 16 tokens).
+default 2000), IR_POLICY (default round-robin), IR_STREAM (1: streams of 16 tokens),
+IR_CAP (the replica's max_concurrent_requests), IR_EXTRA (YAML appended to the config;
+`\n` for a line break).
 """
 
 import http.client
@@ -27,6 +29,10 @@ import time
 N = int(os.environ.get("IR_REQUESTS", "2000"))
 POLICY = os.environ.get("IR_POLICY", "round-robin")
 STREAM = os.environ.get("IR_STREAM", "0") == "1"
+# YAML appended to the gateway's config (e.g. "flow_control:\n  enabled: false\n"), and
+# the backend's batch limit (max_concurrent_requests) when set.
+EXTRA = os.environ.get("IR_EXTRA", "").replace("\\n", "\n")
+CAP = os.environ.get("IR_CAP", "")
 BODY = json.dumps({
     "model": "m",
     "messages": [
@@ -71,7 +77,7 @@ admin:
 backends:
   - url: http://127.0.0.1:{sim_port}
     models: [m]
-routing:
+{f"    max_concurrent_requests: {CAP}" + chr(10) if CAP else ""}routing:
   policy: {POLICY}
 discovery:
   scrape_interval: 60s
@@ -84,7 +90,7 @@ server:
   graceful_shutdown_timeout: 1s
 log:
   access: false
-""")
+{EXTRA}""")
     out = os.path.join(work, "callgrind.out")
     gw = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary, "run", "-c", conf],

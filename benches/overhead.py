@@ -15,10 +15,13 @@ is pinned to core 0; the load generator and the fake backends to core 1.
   router minus the direct transit.
 - Memory (vllm-edge only): resident memory idle, and with 1,000 and 10,000 open streams.
 
-Each configuration runs OH_RUNS times (default 2), interleaved; the report gives medians
-and the spread (min-max). Environment: OH_SECONDS (per wrk run, default 10), OH_RUNS,
+Each configuration runs OH_RUNS times (default 2), interleaved, every other run in reverse
+order; the report gives medians and the spread (min-max). Environment: OH_SECONDS (per wrk run, default 10), OH_RUNS,
 OH_ONLY (comma-separated configuration names), OH_MEMORY (0 to skip), OH_STREAMS_ROUNDS,
 OH_KEEP (1 keeps the temporary directory of logs),
+OH_ONLY may also name "vllm-edge POLICY cap" and "vllm-edge POLICY cap noflow" (the
+backends' batch limit configured, flow control on and off: what flow control costs a fleet
+that is not full),
 OH_BASELINE (another vllm-edge binary, e.g. an earlier commit's: adds "baseline round-robin"
 and "baseline vllm", run interleaved with the rest, for a before/after in one run).
 """
@@ -246,9 +249,14 @@ def start_router(name, backend_ports, stream_backend=False):
     urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
     if name.startswith("vllm-edge") or name.startswith("baseline"):
         policy = name.split()[1]
-        backends = "".join(f"  - url: {u}\n    models: [m]\n" for u in urls)
+        words = name.split()[2:]
+        # "... cap": the backends' batch limit configured (far above the load), so flow
+        # control counts free slots on every request; "... noflow": flow control off.
+        cap = "    max_concurrent_requests: 100000\n" if "cap" in words else ""
+        flow = "flow_control:\n  enabled: false\n" if "noflow" in words else ""
+        backends = "".join(f"  - url: {u}\n    models: [m]\n{cap}" for u in urls)
         conf = (f"listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{free_port()}\n"
-                f"backends:\n{backends}routing:\n  policy: {policy}\n"
+                f"backends:\n{backends}{flow}routing:\n  policy: {policy}\n"
                 f"server:\n  threads: 1\n  upgrade_sock: {d}/upgrade.sock\n"
                 f"timeouts:\n  stream_first_byte: 10m\n  stream_chunk_gap: 10m\n"
                 # Room for the memory phase's streams (nginx gets 30,000 connections).
@@ -466,8 +474,10 @@ def main():
                "vllm-router round_robin", "vllm-router power_of_two"]
     if BASELINE:
         configs[3:3] = ["baseline round-robin", "baseline vllm"]
-    # Only when asked for by name (OH_ONLY).
-    with_log = ["vllm-edge round-robin access-log"]
+    # Only when asked for by name (OH_ONLY): the access log on; flow control with the
+    # backends' batch limit known (it counts free slots on every request) and off.
+    with_log = ["vllm-edge round-robin access-log", "vllm-edge vllm cap", "vllm-edge vllm cap noflow",
+                "vllm-edge round-robin cap", "vllm-edge round-robin cap noflow"]
     if BASELINE:
         with_log.append("baseline round-robin access-log")
     configs[2:2] = with_log
@@ -491,7 +501,9 @@ def main():
     req = {c: [] for c in configs}
     try:
         for run in range(RUNS):
-            for c in configs:
+            # Every other run in reverse order: no configuration always runs first (the
+            # first of a round measured slower, whatever it was).
+            for c in (configs if run % 2 == 0 else configs[::-1]):
                 try:
                     p, port = start_router(c, ports)
                 except RuntimeError as e:
@@ -513,7 +525,9 @@ def main():
     st = {c: [] for c in configs}
     try:
         for run in range(RUNS):
-            for c in configs:
+            # Every other run in reverse order: no configuration always runs first (the
+            # first of a round measured slower, whatever it was).
+            for c in (configs if run % 2 == 0 else configs[::-1]):
                 try:
                     p, port = start_router(c, [port for _, port in sse], stream_backend=True)
                 except RuntimeError as e:

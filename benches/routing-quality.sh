@@ -6,10 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-if ! command -v nginx >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nginx >/dev/null
-fi
+. benches/nginx.sh
 . benches/vllm-router.sh
-export NGINX="$(command -v nginx)"
 cargo bench --locked --bench routing_quality

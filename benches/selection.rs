@@ -261,9 +261,79 @@ fn prefix_tokens(c: &mut Criterion) {
     }
 }
 
+/// Flow control's part of a request whose fleet has room: the room counted, a slot
+/// reserved, then given back once the request is in flight.
+fn flow_fast_path(c: &mut Criterion) {
+    let now = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("flow control");
+    for n in [4usize, 64] {
+        let snap = fleet(n, now);
+        let cfgs: Vec<BackendConfig> = snap
+            .backends
+            .iter()
+            .map(|e| BackendConfig {
+                static_models: Some(vec!["m".into()]),
+                max_concurrent_requests: Some(100_000),
+                ..BackendConfig::new(
+                    e.backend.name.clone(),
+                    "http://10.0.0.1:8000",
+                    e.backend.addr,
+                )
+            })
+            .collect();
+        let fleet = Fleet::new(&cfgs);
+        let entries = fleet_with_configs(&fleet, &snap);
+        fleet.replace(entries);
+        let urls: Vec<String> = (0..n)
+            .map(|i| format!("http://127.0.0.1:{}", 10_000 + i))
+            .collect();
+        let cfg = vllm_edge::config::Config::with_backends(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            &urls,
+        );
+        let live = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(cfg));
+        let flow = vllm_edge::flow::FlowControl::new(live, fleet);
+        let asker = vllm_edge::flow::Asker::anonymous(vllm_edge::flow::Priority::Normal);
+        group.bench_with_input(BenchmarkId::new("wait_turn with room", n), &n, |b, _| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let a = flow
+                        .wait_turn("m", &asker, std::future::pending())
+                        .await
+                        .unwrap();
+                    black_box(a)
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The entries of `snap` on the backends of `fleet` (same order).
+fn fleet_with_configs(fleet: &Fleet, snap: &FleetSnapshot) -> Vec<BackendEntry> {
+    fleet
+        .load()
+        .backends
+        .iter()
+        .zip(&snap.backends)
+        .map(|(e, s)| {
+            e.backend.health.observe_check(Ok(()), &Default::default());
+            BackendEntry {
+                backend: e.backend.clone(),
+                state: s.state.clone(),
+            }
+        })
+        .collect()
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = pick, read_body, placement, parse_metrics, prefix_tokens
+    targets = pick, read_body, placement, parse_metrics, prefix_tokens, flow_fast_path
 }
 criterion_main!(benches);

@@ -215,8 +215,18 @@ pub async fn start_router_with(
     // Ready when a request goes through.
     let url = format!("http://{addr}/v1/chat/completions");
     let probe = serde_json::json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]});
+    // A gateway that checks keys (the benches' keys files list `sk-anon`).
+    let key = if routing_extra.contains("api_keys_file") {
+        "Bearer sk-anon"
+    } else {
+        ""
+    };
     for _ in 0..200 {
-        if let Ok(r) = reqwest::Client::new().post(&url).json(&probe).send().await {
+        let mut req = reqwest::Client::new().post(&url).json(&probe);
+        if !key.is_empty() {
+            req = req.header("authorization", key);
+        }
+        if let Ok(r) = req.send().await {
             if r.status().is_success() {
                 return Some(Router {
                     child,
@@ -301,6 +311,11 @@ pub fn lengths(rng: &mut impl Rng) -> (usize, usize) {
 /// Requests per second one replica completes when saturated with this workload,
 /// measured on the scheduler's virtual clock.
 pub fn capacity(speed: f64) -> f64 {
+    capacity_of(sched_config(speed))
+}
+
+/// [`capacity`] of a replica scheduled by `cfg`.
+pub fn capacity_of(cfg: SchedulerConfig) -> f64 {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let trace: Vec<TraceRequest> = (0..3000)
         .map(|i| {
@@ -312,7 +327,7 @@ pub fn capacity(speed: f64) -> f64 {
             }
         })
         .collect();
-    let r = simulate(sched_config(speed), &trace, 1);
+    let r = simulate(cfg, &trace, 1);
     trace.len() as f64 / r.duration_s
 }
 

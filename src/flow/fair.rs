@@ -121,8 +121,10 @@ impl<T> FairQueue<T> {
         Ticket { id, class }
     }
 
-    /// The next request to serve: from the highest class that has one, the smallest tag
-    /// (the earlier request on a tie).
+    /// The next request to serve: from the highest class that has one, the smallest tag;
+    /// on a tie, the flow with fewer requests waiting (a key that sends little goes
+    /// before the backlog of one that floods: one slot turnover instead of two), then
+    /// the earlier request.
     pub fn pop(&mut self) -> Option<(Ticket, Arc<str>, T)> {
         for class in Priority::ALL {
             let c = &mut self.classes[class.index()];
@@ -130,9 +132,9 @@ impl<T> FairQueue<T> {
                 .flows
                 .iter()
                 .enumerate()
-                .filter_map(|(i, f)| f.items.front().map(|e| (e.tag, e.id, i)))
+                .filter_map(|(i, f)| f.items.front().map(|e| (e.tag, f.items.len(), e.id, i)))
                 .min();
-            let Some((tag, _, i)) = best else {
+            let Some((tag, _, _, i)) = best else {
                 continue;
             };
             let e = c.flows[i].items.pop_front().expect("a front was found");

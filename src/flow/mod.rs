@@ -266,9 +266,10 @@ impl FlowControl {
         q
     }
 
-    /// The room for `model` now, under the running config.
+    /// The room for `model` now, under the running config. (Shutdown changes nothing
+    /// here: past its deadline, queued requests are refused, not let go to full engines.)
     fn room(&self, model: &str, cfg: &Config) -> Room {
-        if !cfg.flow.enabled || self.closing.lock().is_some_and(|c| Instant::now() >= c) {
+        if !cfg.flow.enabled {
             return Room::Unbounded;
         }
         let fresh = fresh_since(Instant::now(), cfg.stale_after());
