@@ -95,8 +95,10 @@ pub struct Asker {
 impl Asker {
     /// A request without a key (no `auth`).
     pub fn anonymous(class: Priority) -> Asker {
+        static ANONYMOUS: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| Arc::from("-"));
         Asker {
-            key: Arc::from("-"),
+            key: ANONYMOUS.clone(),
             weight: 1,
             class,
             keyed: false,
@@ -293,8 +295,8 @@ impl FlowControl {
         let room = self.room(model, &cfg);
         let q = self.queue(model);
         let since = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        let ticket = {
+        let ticket;
+        let rx = {
             let mut st = q.state.lock();
             let free = match room {
                 Room::Unbounded => usize::MAX,
@@ -314,11 +316,13 @@ impl FlowControl {
             if st.fair.len() >= cfg.flow.max_queued {
                 self.make_room(&q.model, &mut st, asker, cfg.flow.max_queued)?;
             }
-            let t = st
+            // Only a request that waits allocates its channel.
+            let (tx, rx) = oneshot::channel();
+            ticket = st
                 .fair
                 .push(asker.class, &asker.key, asker.weight, Waiter { tx, since });
             self.queued.fetch_add(1, Ordering::Relaxed);
-            t
+            rx
         };
         let mut waiting = Waiting {
             flow: self,

@@ -269,9 +269,9 @@ impl Gateway {
         ctx.tokens = routed.tokens;
         ctx.body = Some(body);
         ctx.class = class;
-        let model = routed.info.model.clone();
+        let turn = self.wait_turn(session, ctx, &routed.info.model).await;
         ctx.info = Some(routed.info);
-        if self.wait_turn(session, ctx, &model).await? {
+        if self.take_turn(session, ctx, turn).await? {
             return Ok(true);
         }
         self.budget.record_request(Instant::now());
@@ -287,14 +287,14 @@ impl Gateway {
             .map_err(|m| ApiError::bad_request(m, None))
     }
 
-    /// Waits in the model's queue while every replica of it is full (`flow`); answers the
-    /// request when flow control refuses it.
+    /// Waits in the model's queue while every replica of it is full (`flow`), or not at
+    /// all while one has room.
     async fn wait_turn(
         &self,
         session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &RequestCtx,
         model: &str,
-    ) -> Result<Answered> {
+    ) -> Result<flow::Admitted, flow::Refusal> {
         let asker = match &ctx.key {
             Some(k) => flow::Asker {
                 key: k.key.clone(),
@@ -312,35 +312,45 @@ impl Gateway {
                 std::future::pending::<()>().await;
             }
         };
-        match self.flow.wait_turn(model, &asker, gone).await {
+        self.flow.wait_turn(model, &asker, gone).await
+    }
+
+    /// What flow control decided: the request goes on (holding its reserved slot), or
+    /// is answered (429, 503), or its client left.
+    async fn take_turn(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        turn: Result<flow::Admitted, flow::Refusal>,
+    ) -> Result<Answered> {
+        let r = match turn {
             Ok(admitted) => {
                 ctx.queued = admitted.queued;
                 ctx.grant = admitted.grant;
-                Ok(false)
+                return Ok(false);
             }
-            Err(r) => {
-                ctx.queued = Some(r.waited);
-                if r.why == flow::Shed::ClientGone {
-                    ctx.refused = Some("the client left while its request was queued".into());
-                    return Error::e_explain(
-                        ErrorType::ConnectionClosed,
-                        "the client left while its request was queued",
-                    );
-                }
-                let err = match r.status {
-                    429 => ApiError::rate_limited(r.message),
-                    s => ApiError::new(s, "ServiceUnavailableError", r.message),
-                };
-                if r.status == 429 {
-                    ctx.refused_key = Some(asker.key.to_string());
-                }
-                if r.why == flow::Shed::Shutdown {
-                    session.set_keepalive(None);
-                }
-                let after = r.retry_after.to_string();
-                respond_error_with(session, ctx, &err, &[("retry-after", &after)]).await
-            }
+            Err(r) => r,
+        };
+        ctx.queued = Some(r.waited);
+        if r.why == flow::Shed::ClientGone {
+            ctx.refused = Some("the client left while its request was queued".into());
+            return Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "the client left while its request was queued",
+            );
         }
+        let err = match r.status {
+            429 => ApiError::rate_limited(r.message),
+            s => ApiError::new(s, "ServiceUnavailableError", r.message),
+        };
+        if r.status == 429 {
+            ctx.refused_key = ctx.key.as_ref().map(|k| k.key.to_string());
+        }
+        if r.why == flow::Shed::Shutdown {
+            session.set_keepalive(None);
+        }
+        let after = r.retry_after.to_string();
+        respond_error_with(session, ctx, &err, &[("retry-after", &after)]).await
     }
 
     /// Answers `err`; a 503 (nothing can serve the request now) says when to retry.
