@@ -21,7 +21,6 @@
 mod common;
 
 use common::{pct, replica, start_router_with, wait_idle, Router};
-use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use vllm_edge::sim::scheduler::SchedulerConfig;
@@ -108,38 +107,12 @@ async fn drive(url: &str, plan: &[Planned]) -> BTreeMap<&'static str, Outcome> {
             .json(&body);
         let key = p.key;
         tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(_) => return (key, Err(0)),
-            };
-            let status = resp.status().as_u16();
-            if status != 200 {
-                return (key, Err(status));
-            }
-            let replica = resp
-                .headers()
-                .get("x-sim-replica")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?")
-                .to_string();
-            let mut ttft = None;
-            let mut done = false;
-            let mut stream = resp.bytes_stream();
-            while let Some(chunk) = stream.next().await {
-                let Ok(chunk) = chunk else {
-                    return (key, Err(0));
-                };
-                let text = String::from_utf8_lossy(&chunk);
-                if ttft.is_none() && text.contains("\"content\":\"") {
-                    ttft = Some(sent.elapsed().as_secs_f64());
-                }
-                done |= text.contains("data: [DONE]");
-            }
-            match (done, ttft) {
-                (true, Some(t)) => (key, Ok((t, sent.elapsed().as_secs_f64(), replica))),
-                _ => (key, Err(0)),
-            }
+            let r = common::stream_once(req).await;
+            let r = r.and_then(|r| match r.ttft.is_finite() {
+                true => Ok((r.ttft, r.e2e, r.replica)),
+                false => Err(0),
+            });
+            (key, r)
         }));
     }
     let mut out: BTreeMap<&'static str, Outcome> = BTreeMap::new();

@@ -25,7 +25,6 @@ use common::{
     arrivals, engine_loads, fleet_capacity, pct, replica, start_router, wait_idle, KV_TOKENS,
     MAX_NUM_SEQS, SPEEDS,
 };
-use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 use vllm_edge::sim::{self, SimHandle};
 
@@ -103,40 +102,10 @@ async fn drive(url: &str, plan: &[Planned]) -> (Outcome, f64) {
         });
         let (client, url) = (client.clone(), url.to_string());
         tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let resp = client.post(&url).json(&body).send().await.ok()?;
-            if !resp.status().is_success() {
-                return None;
-            }
-            let replica = resp
-                .headers()
-                .get("x-sim-replica")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?")
-                .to_string();
-            let mut ttft = None;
-            let mut tokens = 0u64;
-            let mut stream = resp.bytes_stream();
-            let mut done = false;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.ok()?;
-                let text = String::from_utf8_lossy(&chunk);
-                let n = text.matches("\"delta\":{\"content\":\"").count()
-                    - text.matches("\"delta\":{\"content\":\"\"").count();
-                if n > 0 && ttft.is_none() {
-                    ttft = Some(sent.elapsed().as_secs_f64());
-                }
-                tokens += n as u64;
-                done |= text.contains("data: [DONE]");
-            }
-            done.then(|| {
-                (
-                    ttft.unwrap_or(f64::NAN),
-                    sent.elapsed().as_secs_f64(),
-                    tokens,
-                    replica,
-                )
-            })
+            let r = common::stream_once(client.post(&url).json(&body))
+                .await
+                .ok()?;
+            Some((r.ttft, r.e2e, r.tokens, r.replica))
         }));
     }
     let mut out = Outcome::default();

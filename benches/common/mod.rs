@@ -449,3 +449,55 @@ pub fn capacity_no_cache(prompt: usize, output: usize, max_model_len: usize) -> 
         .collect();
     trace.len() as f64 / simulate(cfg, &trace, 1).duration_s
 }
+
+/// A streamed chat answer as the benchmark clients read it.
+pub struct Streamed {
+    /// To the first event with content (NaN when none came).
+    pub ttft: f64,
+    /// To the end of the stream.
+    pub e2e: f64,
+    /// Events with content.
+    pub tokens: u64,
+    /// `x-sim-replica` of the answer.
+    pub replica: String,
+}
+
+/// Sends `req` (a streaming request) and reads its answer to the end: `Err(status)` for
+/// an answer other than 200 (0: no answer, or a stream cut before `[DONE]`).
+pub async fn stream_once(req: reqwest::RequestBuilder) -> Result<Streamed, u16> {
+    let sent = Instant::now();
+    let resp = req.send().await.map_err(|_| 0u16)?;
+    if resp.status() != 200 {
+        return Err(resp.status().as_u16());
+    }
+    let replica = resp
+        .headers()
+        .get("x-sim-replica")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
+    let mut ttft = None;
+    let mut tokens = 0u64;
+    let mut done = false;
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| 0u16)?;
+        let text = String::from_utf8_lossy(&chunk);
+        let n = text.matches("\"delta\":{\"content\":\"").count()
+            - text.matches("\"delta\":{\"content\":\"\"").count();
+        if n > 0 && ttft.is_none() {
+            ttft = Some(sent.elapsed().as_secs_f64());
+        }
+        tokens += n as u64;
+        done |= text.contains("data: [DONE]");
+    }
+    if !done {
+        return Err(0);
+    }
+    Ok(Streamed {
+        ttft: ttft.unwrap_or(f64::NAN),
+        e2e: sent.elapsed().as_secs_f64(),
+        tokens,
+        replica,
+    })
+}
