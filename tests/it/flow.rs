@@ -312,13 +312,14 @@ async fn past_its_bounds_the_queue_answers_429_or_503_with_retry_after() {
 }
 
 #[tokio::test]
-async fn a_client_that_leaves_while_queued_reaches_no_engine() {
+async fn a_stream_waits_before_its_header_and_a_client_that_leaves_reaches_no_engine() {
     use tokio::io::AsyncWriteExt;
     let s = replica(1).await;
     let gw = gateway(&s, 1, "", "").await;
     let running = send(&gw, "run", "", 100, None);
     until_running(&s, 1).await;
-    let body = json!({"model": "m", "max_tokens": 4,
+    // A stream: it waits before its response header, as in an engine's queue.
+    let body = json!({"model": "m", "max_tokens": 4, "stream": true,
         "messages": [{"role": "user", "content": "leaving"}]})
     .to_string();
     let mut c = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -329,6 +330,12 @@ async fn a_client_that_leaves_while_queued_reaches_no_engine() {
     );
     c.write_all(req.as_bytes()).await.unwrap();
     until_queued(&gw, 1).await;
+    let mut head = [0u8; 64];
+    let read = c.try_read(&mut head);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a queued stream got bytes: {read:?}"
+    );
     drop(c);
     until_queued(&gw, 0).await;
     let d = running.await.unwrap();
