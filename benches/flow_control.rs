@@ -87,12 +87,7 @@ struct Outcome {
 /// Sends `plan` open-loop to `url`, streaming; each request with its key. Returns the
 /// outcome per key and the wall time from the first send to the last answer.
 async fn drive(url: &str, plan: &[Planned]) -> BTreeMap<&'static str, Outcome> {
-    let client = reqwest::Client::builder()
-        .http1_only()
-        .pool_max_idle_per_host(2048)
-        .timeout(Duration::from_secs(600))
-        .build()
-        .unwrap();
+    let client = common::client();
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(plan.len());
     for p in plan {

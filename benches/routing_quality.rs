@@ -86,12 +86,7 @@ struct Outcome {
 }
 
 async fn drive(url: &str, plan: &[Planned]) -> (Outcome, f64) {
-    let client = reqwest::Client::builder()
-        .http1_only()
-        .pool_max_idle_per_host(1024)
-        .timeout(Duration::from_secs(600))
-        .build()
-        .unwrap();
+    let client = common::client();
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(plan.len());
     for p in plan {

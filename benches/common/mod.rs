@@ -359,41 +359,8 @@ pub async fn ask(
 ) -> Option<(f64, String, String)> {
     let body = json!({"model": "m", "stream": true, "ignore_eos": true,
                       "max_tokens": max_tokens, "messages": messages});
-    let sent = Instant::now();
-    let resp = client.post(url).json(&body).send().await.ok()?;
-    if !resp.status().is_success() {
-        return None;
-    }
-    let backend = resp
-        .headers()
-        .get("x-vllm-edge-backend")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    let (mut ttft, mut reply, mut done) = (None, String::new(), false);
-    let mut pending = String::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        pending.push_str(&String::from_utf8_lossy(&chunk.ok()?));
-        while let Some(end) = pending.find("\n\n") {
-            let event: String = pending.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                done = true;
-                continue;
-            }
-            let v: Value = serde_json::from_str(data).ok()?;
-            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
-                if !piece.is_empty() && ttft.is_none() {
-                    ttft = Some(sent.elapsed().as_secs_f64());
-                }
-                reply.push_str(piece);
-            }
-        }
-    }
-    done.then_some((ttft?, reply, backend))
+    let r = stream_once(client.post(url).json(&body)).await.ok()?;
+    r.ttft.is_finite().then_some((r.ttft, r.reply, r.backend))
 }
 
 pub fn client() -> reqwest::Client {
@@ -456,40 +423,58 @@ pub struct Streamed {
     pub ttft: f64,
     /// To the end of the stream.
     pub e2e: f64,
-    /// Events with content.
+    /// Events with content (one token each from vLLM and the simulator).
     pub tokens: u64,
-    /// `x-sim-replica` of the answer.
+    /// The reply's text.
+    pub reply: String,
+    /// `x-sim-replica` of the answer (`?` without), and `x-vllm-edge-backend` (`-`).
     pub replica: String,
+    pub backend: String,
 }
 
-/// Sends `req` (a streaming request) and reads its answer to the end: `Err(status)` for
-/// an answer other than 200 (0: no answer, or a stream cut before `[DONE]`).
+/// Sends `req` (a streaming request) and reads its answer event by event to the end:
+/// `Err(status)` for an answer other than 200 (0: no answer, or a stream cut before
+/// `[DONE]`).
 pub async fn stream_once(req: reqwest::RequestBuilder) -> Result<Streamed, u16> {
     let sent = Instant::now();
     let resp = req.send().await.map_err(|_| 0u16)?;
     if resp.status() != 200 {
         return Err(resp.status().as_u16());
     }
-    let replica = resp
-        .headers()
-        .get("x-sim-replica")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_string();
-    let mut ttft = None;
-    let mut tokens = 0u64;
-    let mut done = false;
+    let header = |name: &str, absent: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(absent)
+            .to_string()
+    };
+    let (replica, backend) = (
+        header("x-sim-replica", "?"),
+        header("x-vllm-edge-backend", "-"),
+    );
+    let (mut ttft, mut tokens, mut reply, mut done) = (None, 0u64, String::new(), false);
+    let mut pending = String::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| 0u16)?;
-        let text = String::from_utf8_lossy(&chunk);
-        let n = text.matches("\"delta\":{\"content\":\"").count()
-            - text.matches("\"delta\":{\"content\":\"\"").count();
-        if n > 0 && ttft.is_none() {
-            ttft = Some(sent.elapsed().as_secs_f64());
+        pending.push_str(&String::from_utf8_lossy(&chunk.map_err(|_| 0u16)?));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).map_err(|_| 0u16)?;
+            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+                if !piece.is_empty() {
+                    ttft.get_or_insert_with(|| sent.elapsed().as_secs_f64());
+                    tokens += 1;
+                }
+                reply.push_str(piece);
+            }
         }
-        tokens += n as u64;
-        done |= text.contains("data: [DONE]");
     }
     if !done {
         return Err(0);
@@ -498,6 +483,8 @@ pub async fn stream_once(req: reqwest::RequestBuilder) -> Result<Streamed, u16> 
         ttft: ttft.unwrap_or(f64::NAN),
         e2e: sent.elapsed().as_secs_f64(),
         tokens,
+        reply,
         replica,
+        backend,
     })
 }
