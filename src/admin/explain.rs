@@ -59,6 +59,7 @@ pub fn explain(
                 "queue": ms(Some(t.queue)),
                 "kv_pressure": ms(Some(t.pressure)),
                 "lora_slot": ms(Some(t.lora)),
+                "slow_decode": ms(Some(t.decode)),
             },
             "scrape_fresh": t.fresh,
             // For a LoRA adapter: whether it holds a slot there, would take a free one,

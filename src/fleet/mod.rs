@@ -394,6 +394,11 @@ pub struct FleetSnapshot {
     /// The lowest inter-token latency measured on a healthy backend: what a backend not
     /// measured yet (probably idle) is assumed to have.
     pub min_itl_s: Option<f64>,
+    /// The highest inter-token latency measured on a healthy backend.
+    pub max_itl_s: Option<f64>,
+    /// The mean answer, in tokens, of the requests the healthy backends finished lately:
+    /// per backend (e2e − TTFT) / ITL + 1 from its smoothed latencies, averaged.
+    pub mean_answer_tokens: Option<f64>,
     /// Every backend has the same weight: rendezvous ranks can then be compared without
     /// their logarithm (see `routing::affinity`).
     pub equal_weights: bool,
@@ -423,15 +428,29 @@ impl FleetSnapshot {
         // Only from scrapes that still succeed: a failing or frozen backend's last
         // measurement is old, and would flatter every backend scored without one. With
         // the ITL, the batch it was measured at (unknown: an idle one).
-        let fastest = backends
-            .iter()
-            .filter(|e| e.backend.health.checks_up() && e.state.scrape_error.is_none())
+        let measured = || {
+            backends
+                .iter()
+                .filter(|e| e.backend.health.checks_up() && e.state.scrape_error.is_none())
+        };
+        let fastest = measured()
             .filter_map(|e| {
                 let running = e.state.load.as_ref().and_then(|l| l.running);
                 e.state.itl_s.map(|itl| (itl, running.unwrap_or(0.0)))
             })
             .min_by(|a, b| a.0.total_cmp(&b.0));
         let min_itl_s = fastest.map(|f| f.0);
+        let max_itl_s = measured().filter_map(|e| e.state.itl_s).reduce(f64::max);
+        let answers: Vec<f64> = measured()
+            .filter_map(|e| match (e.state.e2e_s, e.state.ttft_s, e.state.itl_s) {
+                (Some(e2e), Some(ttft), Some(itl)) if itl > 0.0 && e2e >= ttft => {
+                    Some((e2e - ttft) / itl + 1.0)
+                }
+                _ => None,
+            })
+            .collect();
+        let mean_answer_tokens =
+            (!answers.is_empty()).then(|| answers.iter().sum::<f64>() / answers.len() as f64);
         let equal_weights = backends
             .windows(2)
             .all(|w| w[0].backend.weight == w[1].backend.weight);
@@ -456,6 +475,8 @@ impl FleetSnapshot {
             backends,
             by_model,
             min_itl_s,
+            max_itl_s,
+            mean_answer_tokens,
             equal_weights,
             pick_inputs,
             itl_floor,

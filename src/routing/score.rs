@@ -20,6 +20,14 @@ const RESIDUAL_STEP: f64 = 0.5;
 pub(super) const STALE_PENALTY: f64 = 1.5;
 /// KV usage is capped here in the pressure term, which would otherwise be infinite.
 const MAX_KV_FOR_PRESSURE: f64 = 0.99;
+/// A fleet whose slowest replica's measured inter-token latency is at least this many times
+/// its fastest's has replicas that decode slowly enough for an answer's length to matter
+/// in where it goes (the `decode` term). Below it, differences come from batches of
+/// different sizes on equal hardware, which change faster than the smoothed ITL follows.
+const SLOW_ITL_RATIO: f64 = 1.5;
+/// The share of an answer's decode-time difference the `decode` term counts: the whole
+/// difference made long answers wait in the fast replicas' queues (`benches/results/HISTORY.md`).
+const DECODE_WEIGHT: f64 = 0.5;
 
 /// The `vllm` policy's score of one backend for one request: an estimate, in seconds, of
 /// the time until the request's first token, from the last scrape of the engine plus
@@ -44,7 +52,12 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 /// lora    = for a request naming a LoRA adapter (vllm:lora_requests_info): 0 where the
 ///           adapter holds a slot, e2e / cap (one request ahead; 0 without a cap) where
 ///           it would take a free one, e2e where every slot is held by others
-/// score   = 0.5 × step + max(step, prefill) + queue + step × k² / (1 − k) + lora
+/// decode  = in a fleet whose slowest ITL is ≥ 1.5 × its fastest (measured on healthy
+///           backends), for a request with max_tokens = n, where m = the fleet's mean
+///           answer in tokens ((e2e − TTFT) / itl + 1, measured):
+///             0.5 × (n − m) × (itl − fastest itl)  when n > m,   else 0;
+///           at most e2e / cap (one place in that replica's queue)
+/// score   = 0.5 × step + max(step, prefill) + queue + step × k² / (1 − k) + lora + decode
 /// ```
 ///
 /// Why each term:
@@ -93,6 +106,24 @@ const MAX_KV_FOR_PRESSURE: f64 = 0.99;
 ///   cut the TTFT p99 at 90% load from 25 s to 0.3 s). Adapters this gateway sent since
 ///   the scrape count as holding slots (`Scorer::fit_now`): a burst of new adapters
 ///   between two scrapes took the same free slot, one after the other.
+/// - `decode`: on a replica that decodes markedly slower than the fleet's fastest (an
+///   older GPU, a smaller tensor-parallel group), every token of an answer takes longer;
+///   on a fleet of replicas at speeds 1, 1 and 1/3 the longest answers set the end-to-end
+///   p99 by where they landed (`benches/flow_control.rs`, heterogeneous). An answer
+///   longer than the fleet's mean pays, on a slower replica, for its tokens beyond the
+///   mean; answers up to the mean go wherever their first token comes soonest, so the
+///   slow replica keeps its share of the work and takes the short answers. Pricing every
+///   token (no mean subtracted) sent nearly everything to the fast replicas, whose queues
+///   then made the TTFT p99 2.2 s against nginx's 1.3 s; also pricing a short answer's
+///   use of a fast slot overloaded the slow replica (TTFT p99 2.3 s against 2.0 s). Half
+///   the difference is counted: the whole made long answers wait in the fast replicas'
+///   queues more than their slower decode would have cost. And at most one place in the
+///   replica's queue: uncapped, long answers queued at the fast replicas and the TTFT p99
+///   of `benches/routing_quality.rs` at 90% load was 0.36 s against nginx's 0.19 s;
+///   capped, 0.21 s against 0.22 s. `max_tokens` is the answer's length only when the engine does not stop it earlier (an upper bound); requests
+///   without it have no term. A fleet within 1.5× has none: on equal hardware the
+///   smoothed ITL differs with the batches each replica ran lately, and pricing that per
+///   token would herd answers onto whichever replica looked fastest at the last scrape.
 /// - A stale or failing scrape falls back to this gateway's in-flight count as the batch
 ///   (`in`), each sequence costing what one cost at its last scrape (`itl / (running +
 ///   1)`, or the fleet's fastest replica's when it never had one), and multiplies the
@@ -120,6 +151,11 @@ pub struct Scorer<'a> {
     pub(super) prompt: f64,
     /// Its KV footprint: prompt plus output tokens.
     own: f64,
+    /// Its `max_tokens` less the fleet's mean answer, in tokens (0 without either, or in
+    /// a fleet of replicas of about the same speed: no `decode` term).
+    answer_over_mean: f64,
+    /// The fleet's lowest measured ITL.
+    fastest_itl: f64,
     /// When the request names a LoRA adapter, per backend: where it stands as to adapter
     /// slots ([`FleetSnapshot::lora_fit`]).
     lora_fit: Option<&'a [LoraFit]>,
@@ -134,10 +170,20 @@ impl<'a> Scorer<'a> {
     /// For `req` on the backends of `snap` (the snapshot it will score).
     pub fn new(snap: &'a FleetSnapshot, req: &Request<'a>, fresh_since: Option<Instant>) -> Self {
         let prompt = req.prompt_tokens as f64;
+        let (fastest_itl, slowest_itl) = match (snap.min_itl_s, snap.max_itl_s) {
+            (Some(lo), Some(hi)) => (lo, hi),
+            _ => (0.0, 0.0),
+        };
+        let answer_over_mean = match (req.max_tokens, snap.mean_answer_tokens) {
+            (Some(n), Some(mean)) if slowest_itl >= fastest_itl * SLOW_ITL_RATIO => count(n) - mean,
+            _ => 0.0,
+        };
         Scorer {
             fresh_since,
             prompt,
             own: prompt + req.max_tokens.map_or(DEFAULT_OUTPUT_TOKENS, |m| m as f64),
+            answer_over_mean,
+            fastest_itl,
             lora_fit: snap.lora_fit(req.model),
             model: req.model,
             cached: req.cached,
@@ -219,15 +265,27 @@ impl<'a> Scorer<'a> {
             _ => 0.0,
         };
 
+        // In a fleet of unequal speeds: a long answer pays for its tokens beyond the mean on
+        // a slower replica.
+        let n = self.answer_over_mean;
+        // At most what one place in its queue costs (when that is known): beyond, the
+        // wait for a fast replica's slot would cost the first token more than it saves.
+        let decode = if n > 0.0 {
+            (DECODE_WEIGHT * n * (itl - self.fastest_itl).max(0.0)).min(p.queue_per_ahead)
+        } else {
+            0.0
+        };
+
         // The rest of the step in progress, then the steps that carry the prefill queued
         // ahead and ours: one at least, more when that prefill outweighs a step.
-        let score = RESIDUAL_STEP * step + step.max(prefill) + queue + pressure + lora;
+        let score = RESIDUAL_STEP * step + step.max(prefill) + queue + pressure + lora + decode;
         Terms {
             step,
             prefill,
             queue,
             pressure,
             lora,
+            decode,
             lora_fit: fit,
             sequences: in_engine,
             fresh,
@@ -267,7 +325,8 @@ impl Scorer<'_> {
 }
 
 /// The parts of one [`vllm_score`], in seconds, before the stale penalty (see the
-/// formula there): `score = (0.5 × step + max(step, prefill) + queue + pressure + lora)`,
+/// formula there): `score = (0.5 × step + max(step, prefill) + queue + pressure + lora +
+/// decode)`,
 /// times 1.5 when not `fresh`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Terms {
@@ -281,6 +340,9 @@ pub struct Terms {
     pub pressure: f64,
     /// Waiting for a LoRA adapter slot, or taking a free one.
     pub lora: f64,
+    /// In a fleet of unequal speeds: a long answer's slower decode there (its tokens beyond
+    /// the fleet's mean).
+    pub decode: f64,
     /// Where the request's LoRA adapter stands there ([`LoraFit::Unknown`] for a base
     /// model, or with a stale scrape).
     pub lora_fit: LoraFit,

@@ -582,6 +582,81 @@ fn vllm_prefers_the_faster_replica_until_its_steps_grow() {
     );
 }
 
+/// `snap` with every backend's answers averaging `tokens` tokens (TTFT one ITL, e2e that
+/// plus `tokens` − 1 ITLs).
+fn answers_of(snap: FleetSnapshot, tokens: f64) -> FleetSnapshot {
+    let mut entries = snap.backends.clone();
+    for e in &mut entries {
+        let itl = e.state.itl_s.unwrap();
+        e.state.ttft_s = Some(itl);
+        e.state.e2e_s = Some(itl * tokens);
+    }
+    FleetSnapshot::new(entries)
+}
+
+#[test]
+fn in_a_fleet_of_unequal_speeds_long_answers_pay_for_a_slow_replica() {
+    let now = Instant::now();
+    // b0, b1: fast replicas, 4 running, ITL 12 ms; b2: a third of their speed, 1 running,
+    // ITL 36 ms. Answers average 200 tokens.
+    let fleet = |fast_running: f64, fast_waiting: f64| {
+        let mut snap = snapshot(&[true, true, true]);
+        for i in 0..2 {
+            snap = scraped(snap, i, fast_running, fast_waiting, 0.1, 0.012, now);
+            snap = with_cap(snap, i, 8.0);
+        }
+        answers_of(scraped(snap, 2, 1.0, 0.0, 0.02, 0.036, now), 200.0)
+    };
+    let sel = Selector::new(STALE);
+    let ask = |max_tokens: Option<u64>, snap: &FleetSnapshot| {
+        let r = Request {
+            max_tokens,
+            ..req()
+        };
+        sel.candidates(Policy::Vllm, snap, &r, &[], now).unwrap()[0]
+    };
+    let decode = |max_tokens: u64, snap: &FleetSnapshot, i: usize| {
+        let r = Request {
+            max_tokens: Some(max_tokens),
+            ..req()
+        };
+        Scorer::new(snap, &r, None).terms(snap, i).decode
+    };
+    // With room on the fast replicas, the first token comes soonest there, whatever the
+    // answer's length; answers up to the mean pay nothing anywhere.
+    let room = fleet(4.0, 0.0);
+    for n in [Some(2), Some(200), Some(1000), None] {
+        assert_eq!(ask(n, &room), 0, "{n:?}");
+    }
+    for i in 0..3 {
+        assert_eq!(decode(2, &room, i), 0.0);
+        assert_eq!(decode(200, &room, i), 0.0);
+    }
+    // Fast replicas full with 1 waiting (a queue place there costs e2e / cap = 0.3 s): a
+    // long answer still waits there rather than pay at b2 half of its 800 tokens beyond
+    // the mean × 24 ms, capped at one place in b2's queue (7.2 s / 8).
+    let full = fleet(8.0, 1.0);
+    assert_eq!(ask(None, &full), 2, "the first token comes sooner at b2");
+    assert_eq!(ask(Some(1000), &full), 0);
+    assert!((decode(1000, &full, 2) - 0.9).abs() < 1e-9);
+    assert!((decode(230, &full, 2) - 0.5 * 30.0 * 0.024).abs() < 1e-9);
+    assert_eq!(decode(1000, &full, 0), 0.0);
+    assert_eq!(
+        ask(Some(150), &full),
+        2,
+        "a short answer goes where its first token is soonest"
+    );
+    // With a queue longer than that, it goes to the slow replica.
+    assert_eq!(ask(Some(1000), &fleet(8.0, 200.0)), 2);
+    // Speeds within 1.5× (equal hardware, different batches): no term.
+    let mut equal = snapshot(&[true, true]);
+    equal = scraped(equal, 0, 6.0, 0.0, 0.1, 0.012, now);
+    equal = answers_of(scraped(equal, 1, 1.0, 0.0, 0.02, 0.016, now), 200.0);
+    for (n, i) in [(2, 0), (2, 1), (1000, 0), (1000, 1)] {
+        assert_eq!(decode(n, &equal, i), 0.0);
+    }
+}
+
 #[test]
 fn vllm_sends_a_lora_adapter_where_it_has_a_slot() {
     use crate::engine::metrics::LoraSlots;
@@ -788,9 +863,9 @@ fn vllm_sees_a_full_batch_the_scrape_missed_and_assumes_the_fleet_s_limit() {
     let now = Instant::now();
     let sel = Selector::new(STALE);
     let pick = |snap: &FleetSnapshot| sel.best(Policy::Vllm, snap, &req(), &[], now).unwrap();
-    // b0 is fast, b1 a third slower with room: both run at most 32 sequences.
+    // b0 is fast, b1 30% slower with room: both run at most 32 sequences.
     let fleet = || {
-        let snap = scraped(snapshot(&[true, true]), 1, 20.0, 0.0, 0.1, 0.016, now);
+        let snap = scraped(snapshot(&[true, true]), 1, 20.0, 0.0, 0.1, 0.013, now);
         with_cap(snap, 1, 32.0)
     };
 
