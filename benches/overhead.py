@@ -292,7 +292,7 @@ def start_router(name, backend_ports, stream_backend=False):
         servers = "".join(f"  server b{i} 127.0.0.1:{bp}\n" for i, bp in enumerate(backend_ports))
         conf = f"""global
   nbthread 1
-  maxconn 9000
+  maxconn 9500
 defaults
   mode http
   timeout connect 5s
