@@ -10,24 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-missing=()
-for tool in nginx haproxy wrk taskset; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  pkgs=$(printf '%s\n' "${missing[@]}" | sed 's/^taskset$/util-linux/' | tr '\n' ' ')
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $pkgs >/dev/null
-fi
-. benches/vllm-router.sh
-cargo build --release --locked
-# A bench target's executable, built (cargo bench --no-run) and found by name.
-bench_exe() {
-  cargo bench --locked --no-run --bench "$1" --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
-        print(m["executable"])' "$1"
-}
+. benches/proxies.sh
 bare=$(bench_exe bare_pingora)
 load=$(bench_exe stream_load)
 out="benches/results/stream-cost-$(date +%F-%H%M).txt"
