@@ -118,16 +118,6 @@ def med(values):
     return statistics.median(v) if v else None
 
 
-def cell(values, digits=1):
-    v = [x for x in values if x is not None]
-    if not v:
-        return "-"
-    m = statistics.median(v)
-    if len(v) == 1:
-        return f"{m:,.{digits}f}"
-    return f"{m:,.{digits}f} ({min(v):,.{digits}f}–{max(v):,.{digits}f})"
-
-
 def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, _HARD))
     configs = [c for c in CONFIGS if not ONLY or c in ONLY]
@@ -232,11 +222,11 @@ def report(configs, results, requests, started):
             f"{p50 - d50['low-1k']:.2f} / {p99 - d99['low-1k']:.2f}"
         util = med(get(rows, "sat-1k", "cpu_util"))
         ps1, ps10 = per_stream(rows, "low-1k"), per_stream(rows, "low-10k")
-        say(f"| {c} | {cell(get(rows, 'low-1k', 'cpu_us_per_event'), 2)} | "
-            f"{cell(get(rows, 'low-10k', 'cpu_us_per_event'), 2)} | "
-            f"{cell(get(rows, 'sat-1k', 'events_per_s'), 0)} | {cell(get(rows, 'sat-10k', 'events_per_s'), 0)} | "
+        say(f"| {c} | {oh.fmt(get(rows, 'low-1k', 'cpu_us_per_event'), 2)} | "
+            f"{oh.fmt(get(rows, 'low-10k', 'cpu_us_per_event'), 2)} | "
+            f"{oh.fmt(get(rows, 'sat-1k', 'events_per_s'), 0)} | {oh.fmt(get(rows, 'sat-10k', 'events_per_s'), 0)} | "
             f"{'-' if util is None else f'{100 * util:.0f}%'} | {added} | "
-            f"{cell(ps1, 1)} / {cell(ps10, 1)} |")
+            f"{oh.fmt(ps1, 1)} / {oh.fmt(ps10, 1)} |")
     say("")
     say("Transit (send to arrival, load side's clock) below saturation, p50 / p99 ms: " + "; ".join(
         f"{c} {med(get(results[c], 'low-1k', 'p50_ms')) or 0:.2f} / {med(get(results[c], 'low-1k', 'p99_ms')) or 0:.2f}"
@@ -253,8 +243,8 @@ def report(configs, results, requests, started):
         for c in configs:
             rs = requests[c]
             if rs:
-                say(f"| {c} | {cell([r['rps'] for r in rs], 0)} | {ratio(med([r['rps'] for r in rs]), ref)} | "
-                    f"{cell([r['cpu_s_per_1k'] * 1000 if r['cpu_s_per_1k'] else None for r in rs], 1)} |")
+                say(f"| {c} | {oh.fmt([r['rps'] for r in rs], 0)} | {ratio(med([r['rps'] for r in rs]), ref)} | "
+                    f"{oh.fmt([r['cpu_s_per_1k'] * 1000 if r['cpu_s_per_1k'] else None for r in rs], 1)} |")
     cpu_ratio = ratio(med(get(ed, "low-1k", "cpu_us_per_event")), med(get(ng, "low-1k", "cpu_us_per_event")))
     eps_ratio = ratio(med(get(ed, "sat-1k", "events_per_s")), med(get(ng, "sat-1k", "events_per_s")))
     text = "\n".join(lines)
