@@ -22,16 +22,22 @@ Per router and run:
 
 Environment: SC_QUICK=1 (one run, 3 s windows: under 10 minutes), SC_RUNS (default 3),
 SC_SECONDS (window, default 8), SC_ONLY (configurations, comma-separated), SC_REQUESTS,
-SC_RATE_1K, SC_RATE_10K, SC_RESULTS (the Markdown file whose stream-cost section is
-rewritten; default benches/RESULTS.md, empty to skip). Prints Markdown tables; the last line
+SC_RATE_1K, SC_RATE_10K, SC_PHASES (phases to run, comma-separated: low-1k, sat-1k, low-10k,
+sat-10k), SC_BASELINE (another vllm-edge binary, e.g. an earlier commit's: adds "baseline
+vllm", interleaved with the rest, for a before/after in one run), SC_SYSCALLS (0 skips the
+second window of the below-saturation phases in which `perf stat` counts the router's
+system calls and context switches per event; kept out of the CPU window, which it would
+slow), SC_RESULTS (the Markdown file whose stream-cost section is rewritten; default
+benches/RESULTS.md, empty to skip). Prints Markdown tables; the last line
 is `stream-cost: vllm-edge/nginx cpu-per-event X.XX, events/s X.XX` (medians, at 1,000
-streams).
+streams; events/s per core: relayed at saturation per second of the router's CPU).
 """
 
 import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,10 +53,13 @@ ONLY = [s for s in os.environ.get("SC_ONLY", "").split(",") if s]
 REQUESTS = os.environ.get("SC_REQUESTS", "1") != "0"
 RATE_1K = float(os.environ.get("SC_RATE_1K", "400"))
 RATE_10K = float(os.environ.get("SC_RATE_10K", "40"))
+SYSCALLS = os.environ.get("SC_SYSCALLS", "1") != "0" and shutil.which("perf") is not None
 LOAD = os.environ["STREAM_LOAD"]
 RESULTS = os.environ.get("SC_RESULTS", os.path.join(oh.ROOT, "benches/RESULTS.md"))
 EDGE_NAME = "vllm-edge vllm"
-CONFIGS = ["direct", EDGE_NAME, "bare pingora", "nginx round-robin", "haproxy roundrobin",
+if os.environ.get("SC_BASELINE"):
+    oh.BASELINE = os.environ["SC_BASELINE"]
+CONFIGS = ["direct", EDGE_NAME] + (["baseline vllm"] if oh.BASELINE else []) + ["bare pingora", "nginx round-robin", "haproxy roundrobin",
            "vllm-router round_robin"]
 # 10,000 streams, or as many as the descriptor limit lets the load side hold: it holds two
 # per stream (the client's and the backend's), and so does a router. The hard limit cannot
@@ -62,6 +71,8 @@ BIG = min(10000, (NOFILE - 500) // 2 // 1000 * 1000)
 # (phase, streams, events/s per stream)
 PHASES = [("low-1k", 1000, 10.0), ("sat-1k", 1000, RATE_1K), ("low-10k", BIG, 10000.0 / BIG),
           ("sat-10k", BIG, RATE_10K)]
+_ASKED = [s for s in os.environ.get("SC_PHASES", "").split(",") if s]
+PHASES = [p for p in PHASES if not _ASKED or p[0] in _ASKED]
 
 
 class Load:
@@ -96,21 +107,60 @@ def phase(load, name, port, pid, streams, rate):
         return out
     # Let the streams reach their rate before the window.
     time.sleep(1.0)
-    cpu0, t0 = (oh.cpu_seconds(pid) if pid else 0.0), time.monotonic()
+    (u0, s0), t0 = cpu_split(pid), time.monotonic()
     m = load.ask(op="measure", seconds=SECONDS)
-    cpu1, t1 = (oh.cpu_seconds(pid) if pid else 0.0), time.monotonic()
+    (u1, s1), t1 = cpu_split(pid), time.monotonic()
+    cpu0, cpu1 = u0 + s0, u1 + s1
     rss = oh.rss_kib(pid) if pid else None
+    counts = syscalls(load, pid) if SYSCALLS and pid and name.startswith("low") else {}
     load.ask(op="close")
     ev = m["events"]
+    out.update(counts)
     out.update({
         "events_per_s": ev / m["seconds"],
         "cpu_us_per_event": (cpu1 - cpu0) / ev * 1e6 if pid and ev else None,
         "cpu_util": (cpu1 - cpu0) / (t1 - t0) if pid else None,
+        "user_share": (u1 - u0) / (cpu1 - cpu0) if pid and cpu1 > cpu0 else None,
         "p50_ms": m["p50_us"] / 1000 if m["p50_us"] is not None else None,
         "p99_ms": m["p99_us"] / 1000 if m["p99_us"] is not None else None,
         "rss_kib": rss,
     })
     return out
+
+
+def cpu_split(pid):
+    """(user, system) CPU seconds of the process tree of `pid` (0, 0 for none)."""
+    if not pid:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for p in oh.tree(pid):
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            user, system = user + int(fields[11]), system + int(fields[12])
+        except OSError:
+            pass
+    return user / tick, system / tick
+
+
+def syscalls(load, pid):
+    """A second window with `perf stat` on the router: its system calls and context
+    switches per relayed event."""
+    perf = subprocess.Popen(["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches",
+                             "-p", ",".join(str(p) for p in oh.tree(pid)), "--", "sleep", str(SECONDS)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    m = load.ask(op="measure", seconds=SECONDS)
+    _, err = perf.communicate()
+    counts = {}
+    for line in err.splitlines():
+        f = line.split(",")
+        if len(f) > 2 and f[0].strip().isdigit():
+            counts[f[2]] = int(f[0])
+    ev = m["events"]
+    if not ev or "raw_syscalls:sys_enter" not in counts:
+        return {}
+    return {"syscalls_per_event": counts["raw_syscalls:sys_enter"] / ev,
+            "switches_per_event": counts.get("context-switches", 0) / ev}
 
 
 def med(values):
@@ -192,6 +242,12 @@ def per_stream(rows, phase_name):
     return out
 
 
+def per_cpu_second(rows):
+    """Events relayed at saturation (1,000 streams) per second of the router's CPU."""
+    return [r["sat-1k"]["events_per_s"] / r["sat-1k"]["cpu_util"] for r in rows
+            if r.get("sat-1k", {}).get("cpu_util")]
+
+
 def report(configs, results, requests, started):
     lines = []
     say = lines.append
@@ -208,24 +264,29 @@ def report(configs, results, requests, started):
         f"{SECONDS:g} s windows; medians (min–max). Router on one core, load on the other.")
     say("")
     big = f"{BIG:,}"
-    say(f"| router | CPU µs per event, 1,000 streams | same, {big} | events/s at saturation, 1,000 streams | "
-        f"same, {big} | router CPU at saturation (1,000) | added transit p50 / p99 ms (1,000) | "
+    say(f"| router | CPU µs per event, 1,000 streams | same, {big} | system calls per event, 1,000 / {big} | "
+        f"user-space share of that CPU (1,000) | "
+        f"events/s at saturation, 1,000 streams | same, {big} | router CPU at saturation (1,000) | "
+        f"events per router CPU-second at saturation (1,000) | added transit p50 / p99 ms (1,000) | "
         f"KiB per open stream, 1,000 / {big} |")
-    say("|---|---|---|---|---|---|---|---|")
+    say("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in configs:
         rows = results[c]
         if not rows:
-            say(f"| {c} | failed | | | | | | |")
+            say(f"| {c} | failed | | | | | | | | | |")
             continue
         p50, p99 = med(get(rows, "low-1k", "p50_ms")), med(get(rows, "low-1k", "p99_ms"))
-        added = "-" if c == "direct" or p50 is None or d50["low-1k"] is None else \
+        added = "-" if c == "direct" or p50 is None or d50.get("low-1k") is None else \
             f"{p50 - d50['low-1k']:.2f} / {p99 - d99['low-1k']:.2f}"
         util = med(get(rows, "sat-1k", "cpu_util"))
         ps1, ps10 = per_stream(rows, "low-1k"), per_stream(rows, "low-10k")
+        per_cpu = per_cpu_second(rows)
         say(f"| {c} | {oh.fmt(get(rows, 'low-1k', 'cpu_us_per_event'), 2)} | "
             f"{oh.fmt(get(rows, 'low-10k', 'cpu_us_per_event'), 2)} | "
+            f"{oh.fmt(get(rows, 'low-1k', 'syscalls_per_event'), 2)} / {oh.fmt(get(rows, 'low-10k', 'syscalls_per_event'), 2)} | "
+            f"{oh.fmt(get(rows, 'low-1k', 'user_share'), 0, 100)}% | "
             f"{oh.fmt(get(rows, 'sat-1k', 'events_per_s'), 0)} | {oh.fmt(get(rows, 'sat-10k', 'events_per_s'), 0)} | "
-            f"{'-' if util is None else f'{100 * util:.0f}%'} | {added} | "
+            f"{'-' if util is None else f'{100 * util:.0f}%'} | {oh.fmt(per_cpu, 0)} | {added} | "
             f"{oh.fmt(ps1, 1)} / {oh.fmt(ps10, 1)} |")
     say("")
     say("Transit (send to arrival, load side's clock) below saturation, p50 / p99 ms: " + "; ".join(
@@ -246,7 +307,10 @@ def report(configs, results, requests, started):
                 say(f"| {c} | {oh.fmt([r['rps'] for r in rs], 0)} | {ratio(med([r['rps'] for r in rs]), ref)} | "
                     f"{oh.fmt([r['cpu_s_per_1k'] * 1000 if r['cpu_s_per_1k'] else None for r in rs], 1)} |")
     cpu_ratio = ratio(med(get(ed, "low-1k", "cpu_us_per_event")), med(get(ng, "low-1k", "cpu_us_per_event")))
-    eps_ratio = ratio(med(get(ed, "sat-1k", "events_per_s")), med(get(ng, "sat-1k", "events_per_s")))
+    # Events/s per core: at saturation both the router's core and the load side's are
+    # busy (the load side alone relays about as much), so what separates the routers is
+    # how many events they relay per second of their own CPU.
+    eps_ratio = ratio(med(per_cpu_second(ed)), med(per_cpu_second(ng)))
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     if RESULTS and os.path.exists(RESULTS):

@@ -285,6 +285,35 @@ fn tail_of(body: &[u8], chunk: usize) -> UsageTail {
 }
 
 #[test]
+fn usage_is_read_from_the_end_of_a_long_stream_in_any_chunking() {
+    // Hundreds of token events (the tail is cut back as they pass), then vLLM's usage
+    // event and [DONE].
+    let event = br#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":" tok"},"logprobs":null,"finish_reason":null}]}"#;
+    let mut body = Vec::new();
+    for _ in 0..300 {
+        body.extend_from_slice(event);
+        body.extend_from_slice(b"\n\n");
+    }
+    let done = b"data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"total_tokens\":312,\"completion_tokens\":300}}\n\ndata: [DONE]\n\n";
+    let mut with_usage = body.clone();
+    with_usage.extend_from_slice(done);
+    // A usage object followed by more than the tail's worth of events is not the answer's.
+    let mut early = done.to_vec();
+    early.extend_from_slice(&body);
+    for chunk in [1, 7, 250, 251, 1023, 1024, 2049, 1 << 20] {
+        assert_eq!(
+            tail_of(&with_usage, chunk).usage(),
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 300
+            }),
+            "chunk {chunk}"
+        );
+        assert_eq!(tail_of(&early, chunk).usage(), None, "chunk {chunk}");
+    }
+}
+
+#[test]
 fn usage_is_read_from_the_end_of_real_responses_in_any_chunking() {
     let usage = |p, c| {
         Some(Usage {

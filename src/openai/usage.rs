@@ -11,13 +11,19 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
-/// How much of a response's end is kept to find its `usage`: vLLM writes it last (the
+/// How much of a response's end is searched for its `usage`: vLLM writes it last (the
 /// final stream event before `[DONE]`, or near the end of the JSON object), followed by a
 /// few hundred bytes at most.
-const USAGE_TAIL_BYTES: usize = 2048;
+const USAGE_TAIL_BYTES: usize = 1024;
 
 /// The last bytes of a response body, from which its `usage` is read at the end. Kept
 /// as the response passes, so the body is never buffered whole.
+///
+/// Chunks are appended, and the buffer is cut back to its last [`USAGE_TAIL_BYTES`] only
+/// when it would grow past twice that: a stream's ~250-byte events then cost a copy of
+/// themselves and, once per ~1 KiB of them, one move of the kept tail, instead of a move
+/// of the whole tail per event (with a thousand streams open, each tail is cold in the
+/// cache when its next event comes: that move was 2% of the gateway's CPU per event).
 #[derive(Debug, Default)]
 pub struct UsageTail {
     buf: Vec<u8>,
@@ -31,8 +37,12 @@ impl UsageTail {
                 .extend_from_slice(&chunk[chunk.len() - USAGE_TAIL_BYTES..]);
             return;
         }
-        let excess = (self.buf.len() + chunk.len()).saturating_sub(USAGE_TAIL_BYTES);
-        self.buf.drain(..excess);
+        if self.buf.len() + chunk.len() > 2 * USAGE_TAIL_BYTES {
+            self.buf.drain(..self.buf.len() - USAGE_TAIL_BYTES);
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(2 * USAGE_TAIL_BYTES);
+        }
         self.buf.extend_from_slice(chunk);
     }
 
@@ -40,7 +50,7 @@ impl UsageTail {
     /// always escaped, so generated text cannot fake the key.
     pub fn usage(&self) -> Option<Usage> {
         const KEY: &[u8] = b"\"usage\"";
-        let buf = &self.buf[..];
+        let buf = &self.buf[self.buf.len().saturating_sub(USAGE_TAIL_BYTES)..];
         let mut end = buf.len();
         while let Some(at) = buf[..end].windows(KEY.len()).rposition(|w| w == KEY) {
             end = at;

@@ -109,7 +109,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
             metrics::LIMIT_REFUSALS
                 .with_label_values(&["max_connections"])
                 .inc();
-            refuse(stream).await;
+            // Boxed: its read buffer would otherwise sit in every connection's future.
+            Box::pin(refuse(stream)).await;
             return None;
         };
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));

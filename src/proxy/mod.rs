@@ -239,7 +239,8 @@ impl ProxyHttp for Gateway {
                 p
             }
         };
-        if info.stream && backend.tls.is_none() {
+        let gated = info.stream && backend.tls.is_none();
+        if gated {
             // Its response header is held until the first token (`gate`), so a replica
             // whose engine hangs before it is retried elsewhere.
             peer.options.custom_l4 = Some(self.gate.clone());
@@ -248,10 +249,12 @@ impl ProxyHttp for Gateway {
         let o = &mut peer.options;
         o.connection_timeout = Some(cfg.connect_timeout);
         o.total_connection_timeout = Some(cfg.connect_timeout);
-        // Pingora's timeout applies to every read alike: for a stream only a backstop
-        // behind the attempt's watchdog; otherwise it enforces the nearer of the
-        // first-byte and total deadlines (see `deadline`).
-        o.read_timeout = Some(self.limits(info.stream).longest_read());
+        // Pingora's timeout applies to every read alike: for a stream over TLS only a
+        // backstop behind the attempt's watchdog; otherwise it enforces the nearer of the
+        // first-byte and total deadlines (see `deadline`). A gated stream's reads are the
+        // gate's, which times each of them itself: a second timer per read (Pingora
+        // arms one for every event relayed) would be pure cost.
+        o.read_timeout = (!gated).then(|| self.limits(info.stream).longest_read());
         o.write_timeout = Some(cfg.connect_timeout.max(Duration::from_secs(10)));
         o.idle_timeout = Some(cfg.pool_idle_timeout);
         // The gateway never switches protocols: a client's `Upgrade` is not forwarded

@@ -19,7 +19,9 @@ pub mod reload;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
 use pingora::prelude::*;
+use pingora::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::{background_service, BackgroundService};
@@ -269,8 +271,12 @@ fn data_plane(
         crate::proxy::conn::EdgeApp::new(app, live.clone()),
     );
     for (l, cert) in listeners.iter().zip(certs) {
+        let endpoint = ListenerConfig::tcp(l.to_string()).l4_buffer(L4BufferSettings::new(
+            CLIENT_READ_BUFFER,
+            DEFAULT_L4_WRITE_BUFFER_SIZE,
+        ));
         match cert {
-            None => proxy.add_tcp(&l.to_string()),
+            None => proxy.add_listener(endpoint),
             Some(resolver) => {
                 // TLS 1.2 and 1.3 only (Pingora's rustls acceptor allows no other), ALPN
                 // `h2` then `http/1.1`; the certificate comes from the resolver, which a
@@ -279,7 +285,7 @@ fn data_plane(
                     .expect("TLS settings without files cannot fail");
                 tls.set_cert_resolver(resolver.clone());
                 tls.enable_h2();
-                proxy.add_tls_with_settings(&l.to_string(), None, tls);
+                proxy.add_listener(endpoint.tls(tls));
             }
         }
     }
@@ -377,6 +383,13 @@ async fn closed_by_peer(mut probe: tokio::net::TcpStream, within: Duration) -> b
     .await
     .is_ok()
 }
+
+/// The read buffer of a client connection. Pingora's default (64 KiB) is zero-filled
+/// when a connection is accepted and stays resident for as long as the connection is
+/// open, a stream's whole answer; a chat request's head and body are a few KiB, and a
+/// TLS record is at most 16 KiB (reads larger than the buffer bypass it). Measured in
+/// `benches/stream-cost.sh` (memory per open stream).
+const CLIENT_READ_BUFFER: usize = 16 * 1024;
 
 /// How long a listener may take, once its service started, to accept a first connection.
 const ACCEPTS_WITHIN: Duration = Duration::from_secs(10);
