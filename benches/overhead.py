@@ -254,9 +254,18 @@ def start_router(name, backend_ports, stream_backend=False):
         # control counts free slots on every request; "... noflow": flow control off.
         cap = "    max_concurrent_requests: 100000\n" if "cap" in words else ""
         flow = "flow_control:\n  enabled: false\n" if "noflow" in words else ""
+        # "... keys": one API key with all three limits (far above the load), so every
+        # request is counted; "... keys shared": counted in the Redis at OH_REDIS_URL.
+        auth = ""
+        if "keys" in words:
+            open(os.path.join(d, "keys.txt"), "w").write(
+                f"bench {BENCH_KEY} max_concurrent=1000000 rpm=1000000000 tpm=2000000000\n")
+            auth = f"auth:\n  api_keys_file: {d}/keys.txt\n"
+            if "shared" in words:
+                auth += f"  shared:\n    redis: {os.environ['OH_REDIS_URL']}\n"
         backends = "".join(f"  - url: {u}\n    models: [m]\n{cap}" for u in urls)
         conf = (f"listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{free_port()}\n"
-                f"backends:\n{backends}{flow}routing:\n  policy: {policy}\n"
+                f"backends:\n{backends}{flow}{auth}routing:\n  policy: {policy}\n"
                 f"server:\n  threads: 1\n  upgrade_sock: {d}/upgrade.sock\n"
                 f"timeouts:\n  stream_first_byte: 10m\n  stream_chunk_gap: 10m\n"
                 # Room for the memory phase's streams (nginx gets 30,000 connections).
@@ -322,8 +331,9 @@ backend be
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
                 body = CHAT_BODY.encode() if not stream_backend else json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+                key = b"authorization: Bearer %s\r\n" % BENCH_KEY.encode() if " keys" in name else b""
                 s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                          b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+                          b"%scontent-length: %d\r\nconnection: close\r\n\r\n%s" % (key, len(body), body))
                 if s.recv(12).startswith(b"HTTP/1.1 200"):
                     return p, port
         except OSError:
@@ -340,6 +350,7 @@ WRK_LUA = r'''
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
 wrk.body = io.open(os.getenv("OH_BODY_FILE")):read("*a")
+if os.getenv("OH_AUTH") then wrk.headers["authorization"] = os.getenv("OH_AUTH") end
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %d %d %d %d %d %d %d\n", summary.requests, summary.duration,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
@@ -348,13 +359,19 @@ end
 '''
 
 
-def wrk_run(port, pid):
+# The API key of the "... keys" configurations.
+BENCH_KEY = "sk-bench-0123456789"
+
+
+def wrk_run(port, pid, key=None):
     lua = os.path.join(WORK, "post.lua")
     open(lua, "w").write(WRK_LUA)
     body = os.path.join(WORK, "body.json")
     open(body, "w").write(CHAT_BODY)
     # Warm-up (pools, caches), then the measured run.
     env = dict(os.environ, OH_BODY_FILE=body)
+    if key:
+        env["OH_AUTH"] = f"Bearer {key}"
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", "-c64", "-d2s", "-s", lua, url],
                    env=env, capture_output=True)

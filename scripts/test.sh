@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+# The shared-limits tests start a real Redis.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server (the shared-limits tests start one)..." >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
 
 # The repository needs nothing beside it: no file but the documentation may name a path
 # out of it (the recorded vLLM outputs live in tests/fixtures/).

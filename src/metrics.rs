@@ -181,6 +181,16 @@ pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static SHARED_LIMITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "vllm_edge_shared_limits_admissions_total",
+        "Admissions of requests whose key limits are shared through Redis (auth.shared), by \
+         how they were decided: redis, or local/deny when Redis did not answer in time.",
+        &["via"]
+    )
+    .expect("metric registers once")
+});
+
 pub static AUTH_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "vllm_edge_auth_refused_total",

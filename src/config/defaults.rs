@@ -126,6 +126,10 @@ pub const AFFINITY_LONG_LIVED_AFTER: Duration = Duration::from_secs(20);
 /// cache, and it no longer counts against its home's share).
 pub const AFFINITY_KEY_IDLE: Duration = Duration::from_secs(60);
 
+/// The longest an admission waits for the Redis that shares key limits (`auth.shared`)
+/// before the fallback: Redis answers in well under a millisecond on a LAN.
+pub const SHARED_LIMITS_TIMEOUT: Duration = Duration::from_millis(100);
+
 pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -119,6 +119,31 @@ pub(super) struct FileAuth {
     /// Clients must present one of the keys in this file.
     #[serde(default)]
     pub(super) api_keys_file: Option<String>,
+    /// The keys' limits counted together with every gateway using the same Redis.
+    #[serde(default)]
+    pub(super) shared: Option<FileShared>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileShared {
+    /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS.
+    #[serde(default)]
+    pub(super) redis: Option<String>,
+    /// A file holding Redis's password (kept out of the URL and this file).
+    #[serde(default)]
+    pub(super) password_file: Option<String>,
+    #[serde(default)]
+    pub(super) on_redis_error: Option<OnRedisError>,
+    #[serde(default)]
+    pub(super) timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum OnRedisError {
+    Local,
+    Deny,
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,6 +23,7 @@ use crate::auth::{ApiKeys, Secret};
 use crate::cors::Cors;
 use crate::tls::{BackendTls, LoadedCert, TlsFiles};
 
+mod auth;
 pub mod defaults;
 mod error;
 mod file;
@@ -86,6 +87,9 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// The keys clients must present; `None` means no authentication.
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// Where the keys' limits are counted with other gateways' (`auth.shared`); `None`:
+    /// each gateway counts its own.
+    pub shared_limits: Option<Arc<crate::auth::shared::SharedLimits>>,
     /// Cross-origin requests from web pages; `None`: off (see `cors.rs`).
     pub cors: Option<Cors>,
     pub backends: Vec<BackendConfig>,

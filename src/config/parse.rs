@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::auth::{api_keys, shared_limits};
 use super::error::{locate_key, plain_words, strip_key_prefix, strip_location, syntax_words};
 use super::file::*;
 use super::{
     affinity, client_limits, defaults, flow, BackendConfig, Config, ConfigError, HealthPolicy,
     Listener, ListenerTls, Policy, Timeouts,
 };
-use crate::auth::{ApiKeys, Secret};
+use crate::auth::Secret;
 use crate::cors::Cors;
 use crate::tls::{client_config, BackendTls, TlsFiles, TlsPart};
 
@@ -49,7 +50,7 @@ impl Check<'_> {
 
     /// A path the file names, relative to the file's directory, made absolute (messages
     /// show where it was looked for).
-    fn resolve(&self, p: &str) -> PathBuf {
+    pub(super) fn resolve(&self, p: &str) -> PathBuf {
         let joined = self.base.join(p);
         std::path::absolute(&joined).unwrap_or(joined)
     }
@@ -102,7 +103,7 @@ impl Found {
 }
 
 /// `d`, or `default` when the file leaves the key out.
-fn dur(d: Option<HumanDuration>, default: Duration) -> Duration {
+pub(super) fn dur(d: Option<HumanDuration>, default: Duration) -> Duration {
     d.map_or(default, |d| d.0)
 }
 
@@ -126,6 +127,7 @@ impl Config {
             found.take(separate_addresses(&c, l, *a));
         }
         let api_keys = found.take(api_keys(&c, &file.auth));
+        let shared_limits = found.take(shared_limits(&c, &file.auth));
         let cors = found.take(cors(&c, &file.cors));
         let upstream_ca_file = file.upstream.ca_file.as_deref().map(|p| c.resolve(p));
         let fleet = found.take(backends(&c, file.backends, upstream_ca_file.as_deref()));
@@ -142,6 +144,7 @@ impl Config {
             Some(listeners),
             Some((admin, admin_token)),
             Some(api_keys),
+            Some(shared_limits),
             Some(cors),
             Some(fleet),
             Some(routing),
@@ -154,8 +157,21 @@ impl Config {
             Some(limits),
             Some(flow),
         ) = (
-            listeners, admin, api_keys, cors, fleet, routing, upstream, health, timeouts,
-            discovery, server, affinity, limits, flow,
+            listeners,
+            admin,
+            api_keys,
+            shared_limits,
+            cors,
+            fleet,
+            routing,
+            upstream,
+            health,
+            timeouts,
+            discovery,
+            server,
+            affinity,
+            limits,
+            flow,
         )
         else {
             return Err(found.into_error());
@@ -169,6 +185,7 @@ impl Config {
             admin,
             admin_token,
             api_keys,
+            shared_limits,
             cors,
             backends: fleet.backends,
             groups: fleet.groups,
@@ -407,22 +424,6 @@ fn admin(c: &Check, file: Option<FileAdmin>) -> Result<(SocketAddr, Option<Secre
         }
     };
     Ok((address.0, token))
-}
-
-/// `auth:`: the API keys file, read and checked (every mistake in it, by line).
-fn api_keys(c: &Check, auth: &FileAuth) -> Result<Option<Arc<ApiKeys>>, ConfigError> {
-    match &auth.api_keys_file {
-        None => Ok(None),
-        Some(f) => ApiKeys::load(&c.resolve(f))
-            .map(|k| Some(Arc::new(k)))
-            .map_err(|all| {
-                ConfigError::all(
-                    all.into_iter()
-                        .map(|m| c.invalid("auth.api_keys_file", m))
-                        .collect(),
-                )
-            }),
-    }
 }
 
 /// `cors:`.

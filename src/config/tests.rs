@@ -493,3 +493,75 @@ fn a_kv_events_group_member_reads_its_own_address() {
         })
     );
 }
+
+#[test]
+fn shared_limits_are_read_and_bad_ones_located() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.txt"), "team sk-team rpm=6\n").unwrap();
+    std::fs::write(dir.path().join("redis.pw"), "s3cret\n").unwrap();
+    let at = |extra: &str| {
+        let path = dir.path().join("gateway.yaml");
+        let text = format!("{MINIMAL}auth:\n  api_keys_file: keys.txt\n{extra}");
+        Config::parse(&text, &path)
+    };
+    assert!(at("").unwrap().shared_limits.is_none(), "off by default");
+    let c =
+        at("  shared:\n    redis: redis://10.0.0.5:6379\n    password_file: redis.pw\n").unwrap();
+    let s = c.shared_limits.unwrap();
+    let s = s.settings();
+    assert_eq!(
+        (
+            s.on_error,
+            s.timeout,
+            s.password.as_ref().map(|p| p.expose())
+        ),
+        (
+            crate::auth::shared::OnRedisError::Local,
+            defaults::SHARED_LIMITS_TIMEOUT,
+            Some("s3cret")
+        )
+    );
+    for (extra, key, words) in [
+        (
+            "  shared:\n    on_redis_error: deny\n",
+            "`auth.shared`",
+            "`redis` is missing",
+        ),
+        (
+            "  shared:\n    redis: http://10.0.0.5\n",
+            "`auth.shared.redis`",
+            "not a Redis URL",
+        ),
+        (
+            "  shared:\n    redis: redis://10.0.0.5\n    on_redis_error: ignore\n",
+            "auth.shared.on_redis_error",
+            "local",
+        ),
+        (
+            "  shared:\n    redis: redis://10.0.0.5\n    password_file: nope.pw\n",
+            "`auth.shared.password_file`",
+            "nope.pw",
+        ),
+        (
+            "  shared:\n    redis: redis://10.0.0.5\n    timeout: 0s\n",
+            "`auth.shared.timeout`",
+            "above 0",
+        ),
+    ] {
+        let e = at(extra).unwrap_err().to_string();
+        assert!(
+            e.contains("gateway.yaml:1") && e.contains(key) && e.contains(words),
+            "{extra}: {e}"
+        );
+    }
+    // Sharing the keys' limits needs keys.
+    let e = parse(&format!(
+        "{MINIMAL}auth:\n  shared:\n    redis: redis://10.0.0.5\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("`auth.shared`") && e.contains("api_keys_file"),
+        "{e}"
+    );
+}

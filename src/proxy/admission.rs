@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use pingora::prelude::*;
 use pingora::proxy::Session;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::body::{self, BodyError};
@@ -16,7 +17,8 @@ use super::respond::{
     respond_key_limited, BEARER_CHALLENGE,
 };
 use super::Gateway;
-use crate::auth::{Denied, Priority};
+use crate::auth::shared::{Refused, SharedLimits, Via};
+use crate::auth::{Denied, Identified, Priority};
 use crate::cors;
 use crate::flow;
 use crate::openai::{self, ApiError, Route};
@@ -119,7 +121,8 @@ impl Gateway {
     }
 
     async fn check_key(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Answered> {
-        let Some(keys) = self.config.load().api_keys.clone() else {
+        let cfg = self.config.load();
+        let Some(keys) = cfg.api_keys.clone() else {
             return Ok(false);
         };
         if ctx.route == Route::Health {
@@ -130,21 +133,62 @@ impl Gateway {
             .headers
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let (why, err) = match keys.admit(presented, Instant::now()) {
+        let admitted = match &cfg.shared_limits {
+            None => keys.admit(presented, Instant::now()),
+            Some(shared) => match keys.identify(presented) {
+                // Counted in one round trip with its prompt's tokens, once they are known.
+                Ok(id) if ctx.route == Route::Inference => {
+                    ctx.pending_key = Some(id);
+                    return Ok(false);
+                }
+                Ok(id) => return self.admit_shared(session, ctx, shared, &id, 0).await,
+                Err(denied) => Err(denied),
+            },
+        };
+        match admitted {
             Ok(permit) => {
                 ctx.key = Some(permit);
-                return Ok(false);
+                Ok(false)
             }
-            Err(Denied::Limited {
-                key,
-                message,
-                retry_after,
-            }) => return respond_key_limited(session, ctx, &key, message, retry_after).await,
-            Err(Denied::Missing) => ("missing", ApiError::missing_api_key()),
-            Err(Denied::Invalid) => ("invalid", ApiError::invalid_api_key()),
+            Err(denied) => respond_denied(session, ctx, denied).await,
+        }
+    }
+
+    /// Counts a request of key `id` whose prompt is about `prompt` tokens against the
+    /// limits shared through Redis; `Ok(true)` when it was refused (answered).
+    async fn admit_shared(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        shared: &Arc<SharedLimits>,
+        id: &Identified,
+        prompt: u64,
+    ) -> Result<Answered> {
+        let (verdict, via) = shared.admit(id, prompt).await;
+        let label = match (via, &verdict) {
+            (Via::Redis, _) => "redis",
+            (Via::Local, Err(Refused::Unavailable)) => "deny",
+            (Via::Local, _) => "local",
         };
-        crate::metrics::AUTH_REFUSED.with_label_values(&[why]).inc();
-        respond_error_with(session, ctx, &err, &[BEARER_CHALLENGE]).await
+        crate::metrics::SHARED_LIMITS
+            .with_label_values(&[label])
+            .inc();
+        match verdict {
+            Ok(permit) => {
+                ctx.key = Some(permit);
+                Ok(false)
+            }
+            Err(Refused::Limited(denied)) => respond_denied(session, ctx, denied).await,
+            Err(Refused::Unavailable) => {
+                let err = ApiError::new(
+                    503,
+                    "ServiceUnavailableError",
+                    "The gateway cannot reach the store its API keys' limits are shared \
+                     through; retry shortly.",
+                );
+                respond_error_with(session, ctx, &err, &[("retry-after", "1")]).await
+            }
+        }
     }
 
     /// The routes the gateway answers itself: health, the fleet's models, its version and
@@ -233,14 +277,33 @@ impl Gateway {
         }
         routed.tokens =
             routing::prefix::tokens_of(self.config.load_full(), snap.clone(), &routed).await;
+        // Counted when the model has a tokenizer, else estimated from its bytes.
+        let prompt = routed
+            .tokens
+            .as_ref()
+            .map_or(routed.info.prompt_bytes / routing::BYTES_PER_TOKEN, |t| {
+                t.ids.len()
+            }) as u64;
+        if let Some(id) = ctx.pending_key.take() {
+            let answered = match cfg.shared_limits.clone() {
+                Some(shared) => {
+                    self.admit_shared(session, ctx, &shared, &id, prompt)
+                        .await?
+                }
+                // A reload turned sharing off meanwhile: counted here, as it now is.
+                None => match id.admit_local(Instant::now()) {
+                    Ok(permit) => {
+                        ctx.key = Some(permit);
+                        false
+                    }
+                    Err(denied) => respond_denied(session, ctx, denied).await?,
+                },
+            };
+            if answered {
+                return Ok(true);
+            }
+        }
         if let Some(k) = ctx.key.as_ref().filter(|k| k.counts_tokens()) {
-            // Counted when the model has a tokenizer, else estimated from its bytes.
-            let prompt = routed
-                .tokens
-                .as_ref()
-                .map_or(routed.info.prompt_bytes / routing::BYTES_PER_TOKEN, |t| {
-                    t.ids.len()
-                }) as u64;
             if let Err(Denied::Limited {
                 key,
                 message,
@@ -379,6 +442,26 @@ async fn preflight(session: &mut Session, ctx: &mut RequestCtx) -> Result<Answer
         Some(asked) => answer_preflight(session, ctx, asked).await,
         None => Ok(false),
     }
+}
+
+/// The answer to a request its key does not admit: 401 without a valid key, 429 over a
+/// limit.
+async fn respond_denied(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    denied: Denied,
+) -> Result<Answered> {
+    let (why, err) = match denied {
+        Denied::Limited {
+            key,
+            message,
+            retry_after,
+        } => return respond_key_limited(session, ctx, &key, message, retry_after).await,
+        Denied::Missing => ("missing", ApiError::missing_api_key()),
+        Denied::Invalid => ("invalid", ApiError::invalid_api_key()),
+    };
+    crate::metrics::AUTH_REFUSED.with_label_values(&[why]).inc();
+    respond_error_with(session, ctx, &err, &[BEARER_CHALLENGE]).await
 }
 
 /// A request head the gateway refuses before reading the body: too large or too many

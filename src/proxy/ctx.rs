@@ -89,6 +89,8 @@ pub struct RequestCtx {
     pub(super) status: u16,
     /// The client's API key (when keys are required): its name, and its concurrency slot.
     pub(super) key: Option<Permit>,
+    /// With `auth.shared`: the request's key, to be counted once its prompt is known.
+    pub(super) pending_key: Option<crate::auth::Identified>,
     /// Visible ASCII (see [`request_id`]).
     pub(super) request_id: HeaderValue,
     /// Whether, and how, its answers are marked for a web page of another origin.
@@ -146,6 +148,7 @@ impl RequestCtx {
             first_byte: None,
             bytes_out: 0,
             usage_tail: None,
+            pending_key: None,
             sse_events: 0,
             tokens_reserved: 0,
             class: crate::auth::Priority::Normal,

@@ -100,6 +100,12 @@ impl Reloader {
         if !unanswered.is_empty() {
             tracing::warn!(backends = %unanswered.join(", "), "these host names did not resolve now; their backends stay at the addresses they had");
         }
+        if let (Some(old), Some(shared)) = (&cur.shared_limits, new.shared_limits.as_mut()) {
+            // The same Redis: its connection and the leases of running requests are kept.
+            if old.settings().same_as(shared.settings()) {
+                *shared = old.clone();
+            }
+        }
         if let (Some(old), Some(keys)) = (&cur.api_keys, new.api_keys.as_mut()) {
             Arc::get_mut(keys)
                 .expect("a freshly loaded config is not shared")

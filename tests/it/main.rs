@@ -17,6 +17,7 @@ mod observability;
 mod reload;
 mod resilience;
 mod selection;
+mod shared_limits;
 mod sim;
 mod startup;
 mod streams;

@@ -22,7 +22,10 @@
 //! metrics only ever see a key's name (by default `key:` and 8 hex digits of its hash).
 //!
 //! Limits are counted per key and survive a reload for a key that is still listed
-//! ([`ApiKeys::adopt_counters`]).
+//! ([`ApiKeys::adopt_counters`]). With `auth.shared`, every gateway pointing at the same
+//! Redis counts them together ([`shared`]).
+
+pub mod shared;
 
 use parking_lot::Mutex;
 use std::fmt;
@@ -175,6 +178,74 @@ pub enum Denied {
     },
 }
 
+/// A request whose key is known, not yet counted against its limits.
+#[derive(Debug, Clone)]
+pub struct Identified {
+    pub name: Arc<str>,
+    pub limits: KeyLimits,
+    counters: Arc<KeyCounters>,
+}
+
+impl Identified {
+    /// Counts the request against its key's limits in this gateway's memory.
+    pub fn admit_local(&self, now: Instant) -> Result<Permit, Denied> {
+        let c = &self.counters;
+        let limits = &self.limits;
+        if let Some(max) = limits.max_concurrent {
+            if c.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
+                c.in_flight.fetch_sub(1, Ordering::Relaxed);
+                return Err(Denied::Limited {
+                    key: self.name.to_string(),
+                    message: format!(
+                        "This key already has {max} requests in progress, its limit; retry when \
+                         one finishes."
+                    ),
+                    retry_after: 1,
+                });
+            }
+        } else {
+            c.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        // From here the slot is held; the permit gives it back on every path.
+        let permit = Permit {
+            key: self.name.clone(),
+            counters: c.clone(),
+            tokens_per_minute: limits.tokens_per_minute,
+            weight: limits.weight.unwrap_or(1),
+            priority: limits.priority,
+            hold: Hold::Local,
+        };
+        // Before `rpm`, which takes a request's token: a refused request costs nothing.
+        if let Some(tpm) = limits.tokens_per_minute {
+            let balance = refill(&c.tokens.lock(), f64::from(tpm), now);
+            if balance <= 0.0 {
+                return Err(out_of_tokens(&self.name, tpm, balance));
+            }
+        }
+        if let Some(rpm) = limits.requests_per_minute {
+            if let Err(wait) = take_token(c, rpm, now) {
+                return Err(Denied::Limited {
+                    key: self.name.to_string(),
+                    message: format!(
+                        "This key is limited to {rpm} requests per minute; retry later."
+                    ),
+                    retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+                });
+            }
+        }
+        Ok(permit)
+    }
+}
+
+/// Where an admitted request's counts are held.
+#[derive(Debug)]
+enum Hold {
+    /// In this gateway's [`KeyCounters`].
+    Local,
+    /// In Redis ([`shared`]): its lease, and its tokens, settled there when it ends.
+    Shared(shared::Hold),
+}
+
 /// An admitted request's hold on its key's concurrency slot.
 #[derive(Debug)]
 pub struct Permit {
@@ -186,9 +257,27 @@ pub struct Permit {
     pub weight: u32,
     /// The key's class when the fleet is full (`priority=`).
     pub priority: Priority,
+    hold: Hold,
 }
 
 impl Permit {
+    /// A permit counted in Redis: the prompt's tokens were taken there at admission.
+    fn shared(key: &Identified, hold: shared::Hold) -> Permit {
+        Permit {
+            key: key.name.clone(),
+            counters: key.counters.clone(),
+            tokens_per_minute: key.limits.tokens_per_minute,
+            weight: key.limits.weight.unwrap_or(1),
+            priority: key.limits.priority,
+            hold: Hold::Shared(hold),
+        }
+    }
+
+    /// Whether its counts are in Redis (its tokens already reserved at admission).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.hold, Hold::Shared(_))
+    }
+
     /// Whether the key has a `tpm` limit, so that its requests' tokens must be charged.
     pub fn counts_tokens(&self) -> bool {
         self.tokens_per_minute.is_some()
@@ -198,7 +287,7 @@ impl Permit {
     /// body is read, before it is sent: refused, as admission would be, when requests
     /// admitted with it (a burst) have used the balance up meanwhile.
     pub fn reserve(&self, tokens: u64, now: Instant) -> Result<(), Denied> {
-        let Some(tpm) = self.tokens_per_minute else {
+        let Some(tpm) = self.tokens_per_minute.filter(|_| !self.is_shared()) else {
             return Ok(());
         };
         let mut b = self.counters.tokens.lock();
@@ -214,6 +303,12 @@ impl Permit {
     /// Settles a request that `used` tokens against the `reserved` ones: the difference
     /// is taken, or given back (a request that failed used none).
     pub fn settle(&self, used: u64, reserved: u64, now: Instant) {
+        if let Hold::Shared(h) = &self.hold {
+            // Sent with the lease's release when the permit is dropped.
+            h.delta
+                .store(used as i64 - reserved as i64, Ordering::Relaxed);
+            return;
+        }
         if let Some(tpm) = self.tokens_per_minute {
             let mut b = self.counters.tokens.lock();
             let balance = refill(&b, f64::from(tpm), now);
@@ -236,7 +331,17 @@ fn out_of_tokens(key: &str, tpm: u32, balance: f64) -> Denied {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match &mut self.hold {
+            Hold::Local => {
+                self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+            Hold::Shared(h) => h.limits.end(shared::Settle {
+                name: self.key.clone(),
+                lease: h.lease.take(),
+                tpm: self.tokens_per_minute.unwrap_or(0),
+                delta: h.delta.load(Ordering::Relaxed),
+            }),
+        }
     }
 }
 
@@ -336,57 +441,25 @@ impl ApiKeys {
         self.entries.get(hit as usize)
     }
 
-    /// Admits a request carrying `authorization` (the header's value, if any), counting it
-    /// against its key's limits.
-    pub fn admit(&self, authorization: Option<&[u8]>, now: Instant) -> Result<Permit, Denied> {
+    /// The key a request carries in `authorization` (the header's value, if any), not yet
+    /// counted against its limits.
+    pub fn identify(&self, authorization: Option<&[u8]>) -> Result<Identified, Denied> {
         let token = match authorization {
             None => return Err(Denied::Missing),
             Some(v) => bearer(v).ok_or(Denied::Invalid)?,
         };
         let e = self.find(token).ok_or(Denied::Invalid)?;
-        let c = &e.counters;
-        if let Some(max) = e.limits.max_concurrent {
-            if c.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
-                c.in_flight.fetch_sub(1, Ordering::Relaxed);
-                return Err(Denied::Limited {
-                    key: e.name.to_string(),
-                    message: format!(
-                        "This key already has {max} requests in progress, its limit; retry when \
-                         one finishes."
-                    ),
-                    retry_after: 1,
-                });
-            }
-        } else {
-            c.in_flight.fetch_add(1, Ordering::Relaxed);
-        }
-        // From here the slot is held; the permit gives it back on every path.
-        let permit = Permit {
-            key: e.name.clone(),
-            counters: c.clone(),
-            tokens_per_minute: e.limits.tokens_per_minute,
-            weight: e.limits.weight.unwrap_or(1),
-            priority: e.limits.priority,
-        };
-        // Before `rpm`, which takes a request's token: a refused request costs nothing.
-        if let Some(tpm) = e.limits.tokens_per_minute {
-            let balance = refill(&c.tokens.lock(), f64::from(tpm), now);
-            if balance <= 0.0 {
-                return Err(out_of_tokens(&e.name, tpm, balance));
-            }
-        }
-        if let Some(rpm) = e.limits.requests_per_minute {
-            if let Err(wait) = take_token(c, rpm, now) {
-                return Err(Denied::Limited {
-                    key: e.name.to_string(),
-                    message: format!(
-                        "This key is limited to {rpm} requests per minute; retry later."
-                    ),
-                    retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
-                });
-            }
-        }
-        Ok(permit)
+        Ok(Identified {
+            name: e.name.clone(),
+            limits: e.limits,
+            counters: e.counters.clone(),
+        })
+    }
+
+    /// Admits a request carrying `authorization` (the header's value, if any), counting it
+    /// against its key's limits in this gateway's memory.
+    pub fn admit(&self, authorization: Option<&[u8]>, now: Instant) -> Result<Permit, Denied> {
+        self.identify(authorization)?.admit_local(now)
     }
 }
 
