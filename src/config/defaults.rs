@@ -130,6 +130,10 @@ pub const AFFINITY_KEY_IDLE: Duration = Duration::from_secs(60);
 /// before the fallback: Redis answers in well under a millisecond on a LAN.
 pub const SHARED_LIMITS_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// The share of new traces sampled when `tracing.otlp` is on (a caller's own decision,
+/// in its `traceparent`, is always followed): all, as OpenTelemetry's default sampler.
+pub const OTLP_SAMPLE_RATIO: f64 = 1.0;
+
 pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

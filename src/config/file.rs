@@ -41,6 +41,27 @@ pub(super) struct FileConfig {
     pub(super) flow_control: FileFlow,
     #[serde(default)]
     pub(super) log: FileLog,
+    #[serde(default)]
+    pub(super) tracing: FileTracing,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileTracing {
+    /// Request spans exported to an OpenTelemetry collector.
+    #[serde(default)]
+    pub(super) otlp: Option<FileOtlp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileOtlp {
+    /// The collector's OTLP/HTTP URL (`http://HOST:4318`, or its `/v1/traces`).
+    #[serde(default)]
+    pub(super) endpoint: Option<String>,
+    /// The share of new traces sampled (0 to 1); a caller's decision is followed.
+    #[serde(default)]
+    pub(super) sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

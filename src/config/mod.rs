@@ -30,6 +30,7 @@ mod file;
 mod parse;
 #[cfg(test)]
 mod tests;
+mod traces;
 
 pub use error::ConfigError;
 pub use file::{parse_duration, parse_size, preferred_address};
@@ -75,6 +76,14 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, fields at the top level (for log shippers).
     Json,
+}
+
+/// `tracing.otlp`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpSettings {
+    /// Where spans are POSTed (its path is `/v1/traces` unless the file gave another).
+    pub endpoint: String,
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +149,8 @@ pub struct Config {
     pub graceful_shutdown_timeout: Duration,
     pub upgrade_sock: PathBuf,
     pub log_format: LogFormat,
+    /// Request spans to an OpenTelemetry collector (`tracing.otlp`); `None`: off.
+    pub otlp: Option<OtlpSettings>,
     /// Write one access-log line per request (target `access`).
     pub access_log: bool,
     /// What is legal but probably not meant (a backend URL without a port, a host name

@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::auth::{api_keys, shared_limits};
 use super::error::{locate_key, plain_words, strip_key_prefix, strip_location, syntax_words};
 use super::file::*;
+use super::traces::otlp;
 use super::{
     affinity, client_limits, defaults, flow, BackendConfig, Config, ConfigError, HealthPolicy,
     Listener, ListenerTls, Policy, Timeouts,
@@ -128,6 +129,7 @@ impl Config {
         }
         let api_keys = found.take(api_keys(&c, &file.auth));
         let shared_limits = found.take(shared_limits(&c, &file.auth));
+        let otlp = found.take(otlp(&c, &file.tracing));
         let cors = found.take(cors(&c, &file.cors));
         let upstream_ca_file = file.upstream.ca_file.as_deref().map(|p| c.resolve(p));
         let fleet = found.take(backends(&c, file.backends, upstream_ca_file.as_deref()));
@@ -145,6 +147,7 @@ impl Config {
             Some((admin, admin_token)),
             Some(api_keys),
             Some(shared_limits),
+            Some(otlp),
             Some(cors),
             Some(fleet),
             Some(routing),
@@ -161,6 +164,7 @@ impl Config {
             admin,
             api_keys,
             shared_limits,
+            otlp,
             cors,
             fleet,
             routing,
@@ -218,6 +222,7 @@ impl Config {
             graceful_shutdown_timeout: server.graceful_shutdown_timeout,
             upgrade_sock: server.upgrade_sock,
             log_format: file.log.format.unwrap_or_default(),
+            otlp,
             access_log: file.log.access.unwrap_or(true),
             warnings: c.warnings.into_inner(),
         })

@@ -565,3 +565,53 @@ fn shared_limits_are_read_and_bad_ones_located() {
         "{e}"
     );
 }
+
+#[test]
+fn otlp_settings_are_read_and_bad_ones_located() {
+    assert_eq!(parse(MINIMAL).unwrap().otlp, None, "off by default");
+    let at = |extra: &str| parse(&format!("{MINIMAL}tracing:\n  otlp:\n{extra}"));
+    let c = at("    endpoint: http://otel:4318\n").unwrap();
+    assert_eq!(
+        c.otlp,
+        Some(OtlpSettings {
+            endpoint: "http://otel:4318/v1/traces".into(),
+            sample_ratio: defaults::OTLP_SAMPLE_RATIO
+        })
+    );
+    let c = at("    endpoint: https://otel.example/custom/path\n    sample_ratio: 0.25\n").unwrap();
+    assert_eq!(
+        c.otlp.unwrap(),
+        OtlpSettings {
+            endpoint: "https://otel.example/custom/path".into(),
+            sample_ratio: 0.25
+        }
+    );
+    for (extra, key, words) in [
+        (
+            "    sample_ratio: 0.5\n",
+            "`tracing.otlp`",
+            "`endpoint` is missing",
+        ),
+        (
+            "    endpoint: grpc://otel:4317\n",
+            "`tracing.otlp.endpoint`",
+            "http://",
+        ),
+        (
+            "    endpoint: otel:4318\n",
+            "`tracing.otlp.endpoint`",
+            "http://",
+        ),
+        (
+            "    endpoint: http://otel:4318\n    sample_ratio: 1.5\n",
+            "`tracing.otlp.sample_ratio`",
+            "between 0 and 1",
+        ),
+    ] {
+        let e = at(extra).unwrap_err().to_string();
+        assert!(
+            e.starts_with("test.yaml:1") && e.contains(key) && e.contains(words),
+            "{extra}: {e}"
+        );
+    }
+}

@@ -91,6 +91,8 @@ pub struct RequestCtx {
     pub(super) key: Option<Permit>,
     /// With `auth.shared`: the request's key, to be counted once its prompt is known.
     pub(super) pending_key: Option<crate::auth::Identified>,
+    /// Its spans, when requests are traced.
+    pub(super) trace: Option<super::trace::RequestTrace>,
     /// Visible ASCII (see [`request_id`]).
     pub(super) request_id: HeaderValue,
     /// Whether, and how, its answers are marked for a web page of another origin.
@@ -149,6 +151,7 @@ impl RequestCtx {
             bytes_out: 0,
             usage_tail: None,
             pending_key: None,
+            trace: None,
             sse_events: 0,
             tokens_reserved: 0,
             class: crate::auth::Priority::Normal,
@@ -165,6 +168,15 @@ impl RequestCtx {
         self.in_flight
             .as_ref()
             .map_or("-", |g| g.backend().name.as_str())
+    }
+
+    /// The name of its key (admitted, or the one a limit refused), `-` without one.
+    pub(super) fn key_name(&self) -> &str {
+        self.key
+            .as_ref()
+            .map(|k| &*k.key)
+            .or(self.refused_key.as_deref())
+            .unwrap_or("-")
     }
 }
 

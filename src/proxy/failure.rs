@@ -204,6 +204,9 @@ impl Gateway {
         crate::metrics::UPSTREAM_ERRORS
             .with_label_values(&[ctx.backend_name(), metric_kind])
             .inc();
+        if let Some(t) = ctx.trace.as_mut() {
+            t.end_attempt(Some(format!("{metric_kind}: {e}")));
+        }
         if let Some(guard) = ctx.in_flight.take() {
             let b = guard.backend();
             if b.health.record_failure(

@@ -31,6 +31,7 @@ pub mod gate;
 mod outcome;
 mod respond;
 pub mod retry_budget;
+pub mod trace;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -69,6 +70,8 @@ pub struct Gateway {
     placer: Arc<affinity::Placer>,
     /// The queues requests wait in while every replica of their model is full.
     flow: Arc<crate::flow::FlowControl>,
+    /// Request spans to an OpenTelemetry collector (`tracing.otlp`).
+    traces: Option<Arc<trace::Traces>>,
 }
 
 /// The connection-pool group of gated connections (`HttpPeer::group_key`): a stream's
@@ -118,7 +121,14 @@ impl Gateway {
             gate: Arc::new(gate::GateConnector::new(config.clone())),
             config,
             fleet,
+            traces: None,
         }
+    }
+
+    /// Requests are traced to this exporter.
+    pub fn with_traces(mut self, traces: Option<Arc<trace::Traces>>) -> Gateway {
+        self.traces = traces;
+        self
     }
 
     /// The deadlines of one attempt for this kind of request.
@@ -161,6 +171,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(t) = &self.traces {
+            ctx.trace = Some(t.request(session.req_header()));
+        }
         self.admit(session, ctx).await
     }
 
@@ -213,6 +226,9 @@ impl ProxyHttp for Gateway {
         ctx.chosen_by = Some((chosen.reason, chosen.score_s));
         let backend = &snap.backends[chosen.index].backend;
         ctx.attempts += 1;
+        if let (Some(t), Some(rt)) = (&self.traces, ctx.trace.as_mut()) {
+            rt.attempt(t, &backend.name, ctx.attempts);
+        }
         // Streams tell us when prefill ends (the first chunk); non-streaming answers only
         // come at the end, so their prefill is not tracked.
         let prefill = if info.stream {
@@ -312,6 +328,10 @@ impl ProxyHttp for Gateway {
             req.insert_header("x-forwarded-for", chain)?;
         }
         req.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+        if let (Some(t), Some(rt)) = (&self.traces, ctx.trace.as_ref()) {
+            // The replica's spans (vLLM's `--otlp-traces-endpoint`) join under this attempt.
+            rt.inject(t, req);
+        }
         // The client's key is ours to check, never the replica's to see; a backend that
         // wants a key gets its own.
         let backend_key = ctx

@@ -17,11 +17,11 @@ impl Gateway {
         let model = ctx.info.as_ref().map_or("-", |i| i.model.as_str());
         let usage = ctx.usage_tail.take().and_then(|t| t.usage());
         let cfg = self.config.load();
+        // Pingora's error, else why the gateway refused the request itself.
+        let error = e.map(|e| e.to_string()).or_else(|| ctx.refused.clone());
         if cfg.access_log && crate::proxy::access_log::enabled() {
             let header = session.req_header();
             let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
-            // Pingora's error, else why the gateway refused the request itself.
-            let error = e.map(|e| e.to_string()).or_else(|| ctx.refused.clone());
             let line = crate::proxy::access_log::Line {
                 request_id: ctx.request_id(),
                 client: session
@@ -38,12 +38,7 @@ impl Gateway {
                     .chosen_by
                     .and_then(|(_, s)| s)
                     .map(|s| (s * 1e5).round() / 100.0),
-                key: ctx
-                    .key
-                    .as_ref()
-                    .map(|k| &*k.key)
-                    .or(ctx.refused_key.as_deref())
-                    .unwrap_or("-"),
+                key: ctx.key_name(),
                 status: ctx.status,
                 attempts: ctx.attempts,
                 queued_ms: ctx.queued.map(ms),
@@ -57,6 +52,20 @@ impl Gateway {
                 error: error.as_deref().unwrap_or(""),
             };
             crate::proxy::access_log::write(&line, cfg.log_format);
+        }
+        if let Some(t) = ctx.trace.take() {
+            t.finish(super::trace::Finished {
+                status: ctx.status,
+                model,
+                key: ctx.key_name(),
+                backend: ctx.backend_name(),
+                attempts: ctx.attempts,
+                stream: ctx.info.as_ref().is_some_and(|i| i.stream),
+                queued: ctx.queued,
+                first_byte: ctx.first_byte,
+                tokens: usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+                error: error.as_deref(),
+            });
         }
         if let Some(u) = usage {
             crate::metrics::TOKENS

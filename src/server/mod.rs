@@ -37,6 +37,7 @@ use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::flow::FlowControl;
 use crate::observe::scraper::Scraper;
+use crate::proxy::trace::Traces;
 use crate::proxy::{Gateway, Traffic};
 use crate::routing::affinity::Placer;
 use crate::server::reload::Reloader;
@@ -130,19 +131,29 @@ pub fn run(config: Config, sockets: Sockets) -> ! {
         },
     );
     let flow = FlowControl::new(live.clone(), fleet.clone());
+    let traces = match config.otlp.as_ref().map(Traces::start) {
+        None => None,
+        Some(Ok(t)) => Some(Arc::new(t)),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "traces are off: the OTLP exporter did not start");
+            None
+        }
+    };
     let gateway = Gateway::new(
         live.clone(),
         fleet.clone(),
         placer.clone(),
         traffic.clone(),
         flow.clone(),
-    );
+    )
+    .with_traces(traces.clone());
     let drainer = background_service(
         "drain",
         Drainer {
             traffic,
             grace_period: config.grace_period,
             flow: flow.clone(),
+            traces,
         },
     );
     let queues = background_service("flow", FlowService { flow: flow.clone() });
@@ -319,6 +330,8 @@ struct Drainer {
     traffic: Arc<Traffic>,
     grace_period: Duration,
     flow: Arc<FlowControl>,
+    /// Its spans still queued are sent before the process exits.
+    traces: Option<Arc<Traces>>,
 }
 
 /// Lets queued requests go when a scrape shows room (`FlowControl::run`); runs through a
@@ -364,6 +377,9 @@ impl BackgroundService for Drainer {
             after_ms = started.elapsed().as_millis() as u64,
             "no request in flight: exiting"
         );
+        if let Some(t) = self.traces.clone() {
+            let _ = tokio::task::spawn_blocking(move || t.flush()).await;
+        }
         std::process::exit(0);
     }
 }

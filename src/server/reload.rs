@@ -541,6 +541,7 @@ fn keep_restart_only(cur: &Config, new: &mut Config) -> Vec<&'static str> {
     );
     keep!(upgrade_sock, "server.upgrade_sock");
     keep!(log_format, "log.format");
+    keep!(otlp, "tracing.otlp");
     keep!(upstream_ca_file, "upstream.ca_file");
     keep!(keepalive_pool_size, "upstream.keepalive_pool_size");
     keep!(scrape_interval, "discovery.scrape_interval");

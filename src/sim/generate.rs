@@ -120,7 +120,7 @@ impl Sim {
     }
 
     /// Counts a generation request and keeps what tests read of it (`/sim/state`): its
-    /// body's digest (returned), its `x-forwarded-for`.
+    /// body's digest (returned), its `x-forwarded-for` and `traceparent`.
     fn note_arrival(&self, req: &Request) -> String {
         let body_digest = digest(&req.body);
         {
@@ -131,6 +131,7 @@ impl Sim {
             d.push_back(body_digest.clone());
         }
         *self.forwarded_for.lock() = req.header("x-forwarded-for").map(str::to_string);
+        *self.traceparent.lock() = req.header("traceparent").map(str::to_string);
         self.requests.fetch_add(1, Ordering::Relaxed);
         body_digest
     }

@@ -58,6 +58,9 @@ pub struct Sim {
     digests: Mutex<VecDeque<String>>,
     /// The `x-forwarded-for` of the last generation request (for `/sim/state`).
     forwarded_for: Mutex<Option<String>>,
+    /// The W3C `traceparent` of the last generation request (for `/sim/state`): where
+    /// vLLM would hang its own spans.
+    traceparent: Mutex<Option<String>>,
     next_id: AtomicU64,
     restart: tokio::sync::Notify,
     restart_down: Mutex<Duration>,
@@ -225,6 +228,7 @@ impl Sim {
             disconnects: AtomicU64::new(0),
             digests: Mutex::new(VecDeque::new()),
             forwarded_for: Mutex::new(None),
+            traceparent: Mutex::new(None),
             next_id: AtomicU64::new(1),
             restart: tokio::sync::Notify::new(),
             restart_down: Mutex::new(Duration::ZERO),
@@ -423,6 +427,7 @@ impl Sim {
             "steps": st.steps,
             "body_digests": self.digests.lock().iter().collect::<Vec<_>>(),
             "forwarded_for": *self.forwarded_for.lock(),
+            "traceparent": *self.traceparent.lock(),
             "faults": self.faults(),
         })
     }

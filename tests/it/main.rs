@@ -22,3 +22,4 @@ mod sim;
 mod startup;
 mod streams;
 mod support;
+mod traces;
