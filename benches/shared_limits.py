@@ -67,7 +67,7 @@ def main():
     lines = [f"Measured {started}, {RUNS} interleaved runs of {oh.SECONDS} s (wrk -c64, ~1 KB chat "
              f"bodies, fake backends answering at once); medians (min–max). Gateway on core 0; wrk, "
              f"the backends and redis-server on core 1.", "",
-             "| gateway | requests/s | vs no keys | p50 ms | p99 ms | CPU µs per request | Redis commands per request |",
+             "| gateway | requests/s | vs no keys | p50 ms | p99 ms | CPU µs per request | Redis commands per request (a script's own calls included) |",
              "|---|---|---|---|---|---|---|"]
     base = oh.median_spread([r["rps"] for r in results[CONFIGS[0]]])
     for c in CONFIGS:
