@@ -343,10 +343,32 @@ fn urls_sizes_and_durations() {
 
 #[test]
 fn shipped_configs_are_valid() {
-    for f in ["conf/vllm-edge.yaml", "conf/minimal.yaml"] {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
-        Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in [
+        "conf/vllm-edge.yaml",
+        "conf/minimal.yaml",
+        "deploy/gateway.yaml",
+    ] {
+        Config::load(&root.join(f)).unwrap_or_else(|e| panic!("{e}"));
     }
+    // The Kubernetes ConfigMap's configuration, with the keys where the Secret is mounted.
+    let manifests = std::fs::read_to_string(root.join("deploy/kubernetes/gateway.yaml")).unwrap();
+    let map: serde_yaml::Value = manifests
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).unwrap())
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("a ConfigMap");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::copy(
+        root.join("deploy/api-keys"),
+        dir.path().join("keys/api-keys"),
+    )
+    .unwrap();
+    let conf = dir.path().join("vllm-edge.yaml");
+    std::fs::write(&conf, map["data"]["vllm-edge.yaml"].as_str().unwrap()).unwrap();
+    let c = Config::load(&conf).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.shared_limits.is_some() && c.api_keys.is_some());
 }
 
 mod properties {
