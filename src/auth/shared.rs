@@ -60,6 +60,9 @@ pub struct SharedSettings {
     /// `redis://HOST:PORT[/DB]` or `rediss://` (TLS).
     pub url: String,
     pub password: Option<Secret>,
+    /// PEM certificates of the CA that signed a `rediss://` Redis's certificate, when it
+    /// is not one the system trusts.
+    pub ca: Option<Vec<u8>>,
     pub on_error: OnRedisError,
     /// The longest an admission waits for Redis.
     pub timeout: Duration,
@@ -71,6 +74,7 @@ impl SharedSettings {
         self.url == other.url
             && self.password.as_ref().map(Secret::expose)
                 == other.password.as_ref().map(Secret::expose)
+            && self.ca == other.ca
             && self.on_error == other.on_error
             && self.timeout == other.timeout
     }
@@ -158,7 +162,17 @@ impl SharedLimits {
             let with_password = info.redis_settings().clone().set_password(p.expose());
             info = info.set_redis_settings(with_password);
         }
-        let client = Client::open(info).map_err(|e| format!("{}: {e}", redact(&settings.url)))?;
+        let client = match &settings.ca {
+            None => Client::open(info),
+            Some(pem) => Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+        }
+        .map_err(|e| format!("{}: {e}", redact(&settings.url)))?;
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(SharedLimits {
             settings,

@@ -52,6 +52,19 @@ pub(super) fn shared_limits(
             Secret::read(&c.resolve(f)).map_err(|m| c.invalid("auth.shared.password_file", m))?,
         ),
     };
+    let ca = match &sh.ca_file {
+        None => None,
+        Some(f) if !url.starts_with("rediss://") => {
+            return Err(c.invalid(
+                "auth.shared.ca_file",
+                format!("`{f}` is for a Redis reached over TLS (`rediss://`), and `redis` is not"),
+            ))
+        }
+        Some(f) => Some(
+            std::fs::read(c.resolve(f))
+                .map_err(|e| c.invalid("auth.shared.ca_file", format!("cannot read `{f}`: {e}")))?,
+        ),
+    };
     let timeout = dur(sh.timeout, defaults::SHARED_LIMITS_TIMEOUT);
     if timeout.is_zero() {
         return Err(c.invalid("auth.shared.timeout", "must be above 0"));
@@ -59,6 +72,7 @@ pub(super) fn shared_limits(
     SharedLimits::new(SharedSettings {
         url: url.clone(),
         password,
+        ca,
         on_error: match sh.on_redis_error {
             None | Some(OnRedisError::Local) => shared::OnRedisError::Local,
             Some(OnRedisError::Deny) => shared::OnRedisError::Deny,

@@ -154,6 +154,10 @@ pub(super) struct FileShared {
     /// A file holding Redis's password (kept out of the URL and this file).
     #[serde(default)]
     pub(super) password_file: Option<String>,
+    /// PEM CA certificates a `rediss://` Redis's certificate is checked against (default:
+    /// the system's).
+    #[serde(default)]
+    pub(super) ca_file: Option<String>,
     #[serde(default)]
     pub(super) on_redis_error: Option<OnRedisError>,
     #[serde(default)]

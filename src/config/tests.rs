@@ -569,6 +569,16 @@ fn shared_limits_are_read_and_bad_ones_located() {
             "`auth.shared.timeout`",
             "above 0",
         ),
+        (
+            "  shared:\n    redis: redis://10.0.0.5\n    ca_file: redis.pw\n",
+            "`auth.shared.ca_file`",
+            "rediss://",
+        ),
+        (
+            "  shared:\n    redis: rediss://10.0.0.5\n    ca_file: nope.pem\n",
+            "`auth.shared.ca_file`",
+            "cannot read",
+        ),
     ] {
         let e = at(extra).unwrap_err().to_string();
         assert!(

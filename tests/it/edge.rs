@@ -5,61 +5,6 @@ use crate::support::*;
 use futures_util::StreamExt;
 use std::time::Duration;
 
-/// A test CA and certificates it signs, made at test time.
-struct Pki {
-    ca: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
-}
-
-/// A certificate and its key, as PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-    der: Vec<u8>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-        let ca = p.self_signed(&ca_key).unwrap();
-        Pki { ca, ca_key }
-    }
-
-    fn leaf(&self, names: &[&str], expired: bool) -> Leaf {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p =
-            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
-
-    fn client(&self, http1_only: bool) -> reqwest::Client {
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.pem().as_bytes()).unwrap())
-            .tls_info(true)
-            .timeout(Duration::from_secs(30));
-        if http1_only {
-            b = b.http1_only();
-        }
-        b.build().unwrap()
-    }
-}
-
 fn tls_listener(cert: &str, key: &str) -> String {
     format!("  - address: 127.0.0.1:0\n    tls:\n      cert: {cert}\n      key: {key}\n")
 }

@@ -21,24 +21,40 @@ impl Redis {
     /// Starts one on a free port (asked of the kernel, then given to Redis; another
     /// process may take it in between, so a start that cannot bind tries another).
     async fn start() -> Redis {
+        Redis::start_with(&[]).await
+    }
+
+    /// Starts one with more `redis-server` arguments.
+    async fn start_with(extra: &[&str]) -> Redis {
+        Redis::start_args(|port| {
+            let mut a = vec!["--port".to_string(), port.to_string()];
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        })
+        .await
+    }
+
+    /// Starts one on a free port with the arguments `args(port)` (its port options).
+    async fn start_args(args: impl Fn(u16) -> Vec<String>) -> Redis {
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            if let Some(r) = Redis::start_on(port).await {
+            if let Some(r) = Redis::start_on(port, args(port)).await {
                 return r;
             }
         }
         panic!("redis-server did not start on any of 5 free ports");
     }
 
-    /// Starts one on `port`; `None` when it cannot bind it.
-    async fn start_on(port: u16) -> Option<Redis> {
+    /// Starts one on `port` (`args` say how it listens there); `None` when it cannot bind it.
+    async fn start_on(port: u16, args: Vec<String>) -> Option<Redis> {
         let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--logfile", ""])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -284,7 +300,7 @@ async fn redis_gone_mid_load_falls_back_within_its_timeout_and_recovers() {
     );
 
     // Redis is back on its port: admissions go through it again, without a restart.
-    let _redis = Redis::start_on(port)
+    let _redis = Redis::start_on(port, vec!["--port".into(), port.to_string()])
         .await
         .expect("redis-server restarts on its port");
     let before = counter(
@@ -310,4 +326,120 @@ async fn redis_gone_mid_load_falls_back_within_its_timeout_and_recovers() {
         .await
     );
     assert!(local.log().contains("shared limits: Redis answers again"));
+}
+
+#[tokio::test]
+async fn a_redis_with_a_password_is_shared_with_the_password_file_and_not_without() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret-pw"]).await;
+    let backend = sim(&["m"]).await;
+    let shared = |pw: bool| {
+        let mut b = Gateway::builder(&[&backend])
+            .file("keys.txt", "team sk-team rpm=2\n")
+            .file("redis.pw", "s3cret-pw\n");
+        let pw_line = if pw {
+            "\n    password_file: redis.pw"
+        } else {
+            ""
+        };
+        b = b.yaml(&format!(
+            "auth:\n  api_keys_file: keys.txt\n  shared:\n    redis: {}{pw_line}",
+            redis.url()
+        ));
+        b.start()
+    };
+    let (a, b) = (shared(true).await, shared(true).await);
+    let statuses = [
+        status_of(chat(&a, "sk-team", 1, false)).await,
+        status_of(chat(&b, "sk-team", 1, false)).await,
+        status_of(chat(&a, "sk-team", 1, false)).await,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+    // Without the password Redis refuses the gateway: it counts alone, and says why.
+    let c = shared(false).await;
+    assert_eq!(status_of(chat(&c, "sk-team", 1, false)).await, 200);
+    let m = c.metrics_text().await;
+    assert_eq!(
+        counter(
+            &m,
+            "vllm_edge_shared_limits_admissions_total{via=\"local\"}"
+        ),
+        1,
+        "{m}"
+    );
+    assert!(
+        c.log().contains("shared limits: Redis failed"),
+        "{}",
+        c.log()
+    );
+}
+
+#[tokio::test]
+async fn a_redis_over_tls_is_shared_when_its_ca_is_given() {
+    let pki = Pki::new("redis");
+    let leaf = pki.leaf(&["127.0.0.1", "localhost"], false);
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (cert, key, ca) = (
+        file("redis.crt", &leaf.cert),
+        file("redis.key", &leaf.key),
+        file("ca.crt", &pki.ca.pem()),
+    );
+    let redis = Redis::start_args(|port| {
+        let mut a: Vec<String> = vec!["--port".into(), "0".into(), "--tls-port".into()];
+        a.push(port.to_string());
+        for (k, v) in [
+            ("--tls-cert-file", &cert),
+            ("--tls-key-file", &key),
+            ("--tls-ca-cert-file", &ca),
+        ] {
+            a.push(k.into());
+            a.push(v.clone());
+        }
+        a.extend(["--tls-auth-clients".into(), "no".into()]);
+        a
+    })
+    .await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let backend = sim(&["m"]).await;
+    let gws = gateways(
+        2,
+        &backend,
+        "team sk-team rpm=2\n",
+        &format!("redis: {url}\nca_file: {ca}"),
+    )
+    .await;
+    let statuses = [
+        status_of(chat(&gws[0], "sk-team", 1, false)).await,
+        status_of(chat(&gws[1], "sk-team", 1, false)).await,
+        status_of(chat(&gws[0], "sk-team", 1, false)).await,
+    ];
+    assert_eq!(statuses, [200, 200, 429], "{}", gws[0].log_unusual());
+    let m = gws[1].metrics_text().await;
+    assert_eq!(
+        counter(
+            &m,
+            "vllm_edge_shared_limits_admissions_total{via=\"redis\"}"
+        ),
+        1,
+        "{m}"
+    );
+    // Without the CA the certificate is not trusted: the gateway counts alone.
+    let alone = gateways(
+        1,
+        &backend,
+        "team sk-team rpm=2\n",
+        &format!("redis: {url}"),
+    )
+    .await
+    .remove(0);
+    assert_eq!(status_of(chat(&alone, "sk-team", 1, false)).await, 200);
+    assert!(
+        alone.log().contains("shared limits: Redis failed"),
+        "{}",
+        alone.log()
+    );
 }
