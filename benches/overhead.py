@@ -477,6 +477,23 @@ def median_spread(values):
     return med, min(values), max(values)
 
 
+def rewrite_section(path, name, heading, text):
+    """Replaces the text between `<!-- NAME: rewritten ... -->` and `<!-- /NAME -->` in the
+    Markdown file `path` (a benchmark's own section of RESULTS.md), or appends it under
+    `## HEADING` the first time. Nothing when `path` is empty or absent."""
+    if not path or not os.path.exists(path):
+        return
+    section = f"<!-- {name}: rewritten by benches/{name}.sh -->\n{text}\n<!-- /{name} -->"
+    doc = open(path).read()
+    pattern = re.compile(rf"<!-- {re.escape(name)}: rewritten.*?<!-- /{re.escape(name)} -->", re.S)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: section, doc)
+    else:
+        doc = doc.rstrip("\n") + f"\n\n## {heading}\n\n" + section + "\n"
+    open(path, "w").write(doc)
+    print(f"(figures written to {path})", flush=True)
+
+
 def fmt(values, digits=1, scale=1.0):
     ms = median_spread([v * scale if v is not None else None for v in values])
     if ms == "-":

@@ -83,16 +83,7 @@ def main():
                      f"{oh.fmt([r['redis_ops_per_request'] for r in rs], 2) if 'shared' in c else '-'} |")
     text = "\n".join(lines)
     print("\n" + text, flush=True)
-    if RESULTS and os.path.exists(RESULTS):
-        section = f"<!-- shared-limits: rewritten by benches/shared-limits.sh -->\n{text}\n<!-- /shared-limits -->"
-        doc = open(RESULTS).read()
-        pattern = re.compile(r"<!-- shared-limits: rewritten.*?<!-- /shared-limits -->", re.S)
-        if pattern.search(doc):
-            doc = pattern.sub(lambda _: section, doc)
-        else:
-            doc = doc.rstrip("\n") + "\n\n## Shared limits\n\n" + section + "\n"
-        open(RESULTS, "w").write(doc)
-        print(f"(figures written to {RESULTS})", flush=True)
+    oh.rewrite_section(RESULTS, "shared-limits", "Shared limits", text)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ streams; events/s per core: relayed at saturation per second of the router's CPU
 
 import json
 import os
-import re
 import resource
 import shutil
 import statistics
@@ -313,18 +312,8 @@ def report(configs, results, requests, started):
     eps_ratio = ratio(med(per_cpu_second(ed)), med(per_cpu_second(ng)))
     text = "\n".join(lines)
     print("\n" + text, flush=True)
-    if RESULTS and os.path.exists(RESULTS):
-        section = (f"<!-- stream-cost: rewritten by benches/stream-cost.sh -->\n{text}\n\n"
-                   f"`stream-cost: vllm-edge/nginx cpu-per-event {cpu_ratio}, events/s {eps_ratio}`\n"
-                   f"<!-- /stream-cost -->")
-        doc = open(RESULTS).read()
-        pattern = re.compile(r"<!-- stream-cost: rewritten.*?<!-- /stream-cost -->", re.S)
-        if pattern.search(doc):
-            doc = pattern.sub(lambda _: section, doc)
-        else:
-            doc = doc.rstrip("\n") + "\n\n## Streaming cost\n\n" + section + "\n"
-        open(RESULTS, "w").write(doc)
-        print(f"(figures written to {RESULTS})", flush=True)
+    oh.rewrite_section(RESULTS, "stream-cost", "Streaming cost",
+                       f"{text}\n\n`stream-cost: vllm-edge/nginx cpu-per-event {cpu_ratio}, events/s {eps_ratio}`")
     print(f"stream-cost: vllm-edge/nginx cpu-per-event {cpu_ratio}, events/s {eps_ratio}", flush=True)
 
 

@@ -92,6 +92,21 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A chat completion through `gw` with these extra headers, answered 200 in full.
+async fn chat_ok(gw: &Gateway, headers: &[(&str, &str)]) {
+    let mut req = http1().post(gw.url("/v1/chat/completions"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req
+        .json(&chat_body("m", "hello", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+}
+
 /// Spans received until `n` arrived (or the time ran out).
 async fn spans(rx: &mut mpsc::UnboundedReceiver<Span>, n: usize) -> Vec<Span> {
     let mut out = Vec::new();
@@ -123,16 +138,12 @@ async fn a_request_span_continues_the_callers_trace_and_parents_the_replicas_req
     // The caller's trace, sampled: followed although new traces are sampled at 0.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
-    let r = http1()
-        .post(gw.url("/v1/chat/completions"))
-        .header("authorization", "Bearer sk-a")
-        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
-        .json(&chat_body("m", "hello", false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.bytes().await.unwrap();
+    let parent = format!("00-{trace_id}-{caller_span}-01");
+    chat_ok(
+        &gw,
+        &[("authorization", "Bearer sk-a"), ("traceparent", &parent)],
+    )
+    .await;
 
     let got = spans(&mut rx, 2).await;
     assert_eq!(got.len(), 2, "{got:?}\n{}", gw.log_unusual());
@@ -199,32 +210,21 @@ async fn unsampled_requests_cost_no_span_and_send_their_decision_on() {
         .start()
         .await;
     // A new trace at ratio 0: not sampled, and the replica is told so (flag 00).
-    let r = http1()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body("m", "hello", false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.bytes().await.unwrap();
+    chat_ok(&gw, &[]).await;
     let sent = backend.sim.state()["traceparent"]
         .as_str()
         .expect("a traceparent reached the replica")
         .to_string();
     assert!(sent.starts_with("00-") && sent.ends_with("-00"), "{sent}");
     // Then a sampled caller's request: its spans are the only ones exported.
-    let r = http1()
-        .post(gw.url("/v1/chat/completions"))
-        .header(
+    chat_ok(
+        &gw,
+        &[(
             "traceparent",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
-        .json(&chat_body("m", "hello", false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.bytes().await.unwrap();
+        )],
+    )
+    .await;
     // Had the first request been exported, its spans (ended first) would be among the
     // first two.
     let got = spans(&mut rx, 2).await;
