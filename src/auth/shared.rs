@@ -83,6 +83,8 @@ impl SharedSettings {
 /// How a request was admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
+    /// The key has no limit: nothing was asked of Redis.
+    Unlimited,
     Redis,
     /// Redis did not answer in time (or is backing off): the gateway's own counts.
     Local,
@@ -210,7 +212,7 @@ impl SharedLimits {
             && l.tokens_per_minute.is_none()
         {
             // Nothing to count: no round trip.
-            return (Ok(self.permit(key, None)), Via::Redis);
+            return (Ok(self.permit(key, None)), Via::Unlimited);
         }
         if self.backing_off() {
             return (self.fallback(key, prompt), Via::Local);

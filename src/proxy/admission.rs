@@ -166,13 +166,16 @@ impl Gateway {
     ) -> Result<Answered> {
         let (verdict, via) = shared.admit(id, prompt).await;
         let label = match (via, &verdict) {
-            (Via::Redis, _) => "redis",
-            (Via::Local, Err(Refused::Unavailable)) => "deny",
-            (Via::Local, _) => "local",
+            (Via::Unlimited, _) => None,
+            (Via::Redis, _) => Some("redis"),
+            (Via::Local, Err(Refused::Unavailable)) => Some("deny"),
+            (Via::Local, _) => Some("local"),
         };
-        crate::metrics::SHARED_LIMITS
-            .with_label_values(&[label])
-            .inc();
+        if let Some(label) = label {
+            crate::metrics::SHARED_LIMITS
+                .with_label_values(&[label])
+                .inc();
+        }
         match verdict {
             Ok(permit) => {
                 ctx.key = Some(permit);
