@@ -333,6 +333,7 @@ impl Gateway {
         }
         ctx.affinity = routed.affinity;
         ctx.tokens = routed.tokens;
+        ctx.bytes_in = body.len();
         ctx.body = Some(body);
         ctx.class = class;
         let turn = self.wait_turn(session, ctx, &routed.info.model).await;

@@ -57,8 +57,11 @@ pub struct RequestCtx {
     _active: Active,
     pub(super) started: Instant,
     pub(super) route: Route,
-    /// The full request body: the replay source for every attempt.
+    /// The full request body: the replay source for every attempt, dropped (with
+    /// `tokens`) once the answer's first body byte is relayed, when no attempt can follow.
     pub(super) body: Option<Bytes>,
+    /// The request body's length as sent to replicas.
+    pub(super) bytes_in: usize,
     pub(super) info: Option<RoutingInfo>,
     /// The request's prefix-affinity key, when the policy uses affinity.
     pub(super) affinity: Option<AffinityKey>,
@@ -91,8 +94,9 @@ pub struct RequestCtx {
     pub(super) key: Option<Permit>,
     /// With `auth.shared`: the request's key, to be counted once its prompt is known.
     pub(super) pending_key: Option<crate::auth::Identified>,
-    /// Its spans, when requests are traced.
-    pub(super) trace: Option<super::trace::RequestTrace>,
+    /// Its spans, when requests are traced (boxed: over 500 bytes that every open stream
+    /// would carry, traced or not).
+    pub(super) trace: Option<Box<super::trace::RequestTrace>>,
     /// Visible ASCII (see [`request_id`]).
     pub(super) request_id: HeaderValue,
     /// Whether, and how, its answers are marked for a web page of another origin.
@@ -127,6 +131,7 @@ impl RequestCtx {
             started: Instant::now(),
             route: Route::NotFound,
             body: None,
+            bytes_in: 0,
             info: None,
             affinity: None,
             tokens: None,
@@ -189,5 +194,17 @@ impl RequestCtx {
     /// The process's traffic this request counts in.
     pub(super) fn traffic(&self) -> &Traffic {
         &self._active.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A request's context lives in Pingora's connection future for as long as the
+    /// request's stream is open: its size is paid by every open stream (it was 1,392
+    /// bytes before the trace was boxed).
+    #[test]
+    fn the_context_stays_small() {
+        let size = std::mem::size_of::<super::RequestCtx>();
+        assert!(size <= 900, "RequestCtx is {size} bytes");
     }
 }

@@ -177,7 +177,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if let Some(t) = &self.traces {
-            ctx.trace = Some(t.request(session.req_header()));
+            ctx.trace = Some(Box::new(t.request(session.req_header())));
         }
         self.admit(session, ctx).await
     }
@@ -472,6 +472,11 @@ impl ProxyHttp for Gateway {
             }
             if !ctx.got_body {
                 ctx.got_body = true;
+                // The answer's head has gone to the client: no other attempt can follow,
+                // so the replay copy of the prompt (and its tokens) need not live as long
+                // as the stream does.
+                ctx.body = None;
+                ctx.tokens = None;
                 ctx.first_byte.get_or_insert_with(|| ctx.started.elapsed());
                 if let Some(g) = ctx.in_flight.as_mut() {
                     g.first_byte();

@@ -44,7 +44,7 @@ impl Gateway {
                 queued_ms: ctx.queued.map(ms),
                 ttfb_ms: ctx.first_byte.map(ms),
                 duration_ms: ms(duration),
-                bytes_in: ctx.body.as_ref().map_or(0, |b| b.len()),
+                bytes_in: ctx.bytes_in,
                 bytes_out: ctx.bytes_out,
                 prompt_tokens: usage.map(|u| u.prompt_tokens),
                 completion_tokens: usage.map(|u| u.completion_tokens),
@@ -54,7 +54,7 @@ impl Gateway {
             crate::proxy::access_log::write(&line, cfg.log_format);
         }
         if let Some(t) = ctx.trace.take() {
-            t.finish(super::trace::Finished {
+            (*t).finish(super::trace::Finished {
                 status: ctx.status,
                 model,
                 key: ctx.key_name(),
