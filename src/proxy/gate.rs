@@ -28,7 +28,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -250,7 +250,6 @@ impl Gate {
             Some(d) => {
                 if d.sleep.deadline() > due {
                     d.sleep.as_mut().reset(due);
-                    d.waker = None;
                 }
                 d.due = due;
                 d.why = why;
@@ -260,7 +259,6 @@ impl Gate {
                     sleep: Box::pin(tokio::time::sleep_until(due)),
                     due,
                     why,
-                    waker: None,
                 })
             }
         }
@@ -346,16 +344,8 @@ impl Gate {
         let Some(d) = &mut self.deadline else {
             return Poll::Pending;
         };
-        // Polled again by the task it already wakes, and not fired: nothing to do. A stream
-        // waits here after every event, and this spares each wait the timer's poll.
-        if !d.sleep.is_elapsed() && d.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            return Poll::Pending;
-        }
         loop {
             if d.sleep.as_mut().poll(cx).is_pending() {
-                if !d.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    d.waker = Some(cx.waker().clone());
-                }
                 return Poll::Pending;
             }
             if d.sleep.deadline() >= d.due {
@@ -364,7 +354,6 @@ impl Gate {
             // Progress moved the deadline since the timer was set.
             let due = d.due;
             d.sleep.as_mut().reset(due);
-            d.waker = None;
         }
         let why = d.why;
         // Once passed, the connection is done with: Pingora drops it after the error.
@@ -380,8 +369,6 @@ struct Deadline {
     sleep: Pin<Box<Sleep>>,
     due: Instant,
     why: Expired,
-    /// The waker `sleep` was last polled with, until it is reset.
-    waker: Option<Waker>,
 }
 
 /// What the bytes held so far begin with.
