@@ -405,14 +405,13 @@ async fn closed_by_peer(mut probe: tokio::net::TcpStream, within: Duration) -> b
     .is_ok()
 }
 
-/// The read buffer under TLS of a client connection. Pingora's default (64 KiB) is
-/// zero-filled when a connection is accepted and stays resident for as long as the
-/// connection is open, a stream's whole answer; a TLS record is at most 16 KiB, read a
-/// header and a record at a time, so 16 KiB spares those reads a system call each.
-/// A plain-HTTP connection has none: Pingora reads a request head into a buffer of its
-/// own and a body straight into the body's, so a buffer beneath them only adds a copy
-/// and 16 KiB to every open connection. Measured in `benches/stream-cost.sh` (memory
-/// per open stream).
+/// The read buffer under TLS of a client connection (Pingora's default is 64 KiB, held
+/// for as long as the connection is open, a stream's whole answer): a TLS record is at
+/// most 16 KiB, read a header and a record at a time, so 16 KiB spares those reads a
+/// system call each. A plain-HTTP connection has none: Pingora reads a request head into
+/// a buffer of its own and a body straight into the body's, so a buffer beneath them only
+/// added a copy and the pages a read touched (4-5 KiB per open stream, measured with
+/// `benches/stream-cost.sh`).
 const TLS_CLIENT_READ_BUFFER: usize = 16 * 1024;
 
 /// How long a listener may take, once its service started, to accept a first connection.
