@@ -62,8 +62,11 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
-        // `/health` and `/ready` tell nothing worth a token, and probes rarely carry one.
-        if !matches!(path.as_str(), "/health" | "/ready" | "/dashboard") {
+        // The probes tell nothing worth a token, and probes rarely carry one.
+        if !matches!(
+            path.as_str(),
+            "/health" | "/ready" | "/serving" | "/dashboard"
+        ) {
             if let Some(token) = &self.config.load().admin_token {
                 let presented = session
                     .req_header()
@@ -105,6 +108,18 @@ impl ServeHttp for AdminApp {
                     if ready { 200 } else { 503 },
                     "application/json",
                     body.into_bytes(),
+                )
+            }
+            // The gateway can answer, whatever its fleet (with OpenAI-style 503s when no
+            // replica is healthy): the readiness a Kubernetes Service wants, so that a
+            // fleet that is down does not take every gateway out and turn those answers
+            // into refused connections.
+            "/serving" => {
+                let ready = self.ready.load(Ordering::Relaxed);
+                reply(
+                    if ready { 200 } else { 503 },
+                    "application/json",
+                    format!("{{\"serving\":{ready}}}").into_bytes(),
                 )
             }
             "/dashboard" => reply(

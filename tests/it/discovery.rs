@@ -71,6 +71,10 @@ async fn models_are_the_union_of_healthy_backends_and_requests_follow_their_mode
         c.get(gw.admin_url("/ready")).send().await.unwrap().status(),
         503
     );
+    // It still answers (with OpenAI-style errors): a Service keeps it.
+    let serving = c.get(gw.admin_url("/serving")).send().await.unwrap();
+    assert_eq!(serving.status(), 200);
+    assert_eq!(serving.text().await.unwrap(), r#"{"serving":true}"#);
 }
 
 #[tokio::test]

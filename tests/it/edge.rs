@@ -712,7 +712,9 @@ async fn admin_api_is_separate_and_token_protected() {
         assert_eq!(r.status(), 200, "{path}");
     }
     // Probes need no token.
-    assert_eq!(get("/health", None).await.unwrap().status(), 200);
+    for path in ["/health", "/ready", "/serving"] {
+        assert_eq!(get(path, None).await.unwrap().status(), 200, "{path}");
+    }
     assert!(!gw.log().contains("admin-secret"));
 }
 
